@@ -1,0 +1,35 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The installed marker is rebuilt when pyproject.toml changes.
+STAMP_DEMO := $(VENV)/.installed-demo
+STAMP_DEV := $(VENV)/.installed-dev
+
+.PHONY: demo test install clean benchmarks
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP_DEMO): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[demo]"
+	touch $@
+
+$(STAMP_DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@ $(STAMP_DEMO)
+
+install: $(STAMP_DEMO)
+
+demo: $(STAMP_DEMO)
+	$(BIN)/fewvision demo
+
+test: $(STAMP_DEV)
+	$(BIN)/python -m pytest -q
+
+benchmarks: $(STAMP_DEV)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,131 @@
+"""Backbones: one create function from a spec string.
+
+====================================  ==========================================================================
+spec                                  what it loads
+====================================  ==========================================================================
+``openclip:MODEL[/TAG]``              open_clip architecture with a pretrained tag (weights via the model hub)
+``openclip:MODEL@PATH``               open_clip architecture with local weights; MODEL may be a config JSON path
+``hf:REPO_OR_PATH``                   a transformers CLIP or SigLIP model
+``timm:NAME[@PATH|@random]``          a timm image model (image-only)
+``texture``                           built-in, weight-free multi-scale Gabor texture features (image-only)
+====================================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from .base import Backbone, BackboneError, WeightsUnavailable
+
+DEFAULT_CLIP_SPEC = "openclip:ViT-B-32/laion2b_s34b_b79k"
+
+
+def _openclip(spec: str, **kw) -> Backbone:
+    from .openclip import OpenClipBackbone
+
+    return OpenClipBackbone(spec, **kw)
+
+
+def _hf(spec: str, **kw) -> Backbone:
+    from .hf import HFClipBackbone
+
+    return HFClipBackbone(spec, **kw)
+
+
+def _timm(spec: str, **kw) -> Backbone:
+    from .timm_backbone import TimmBackbone
+
+    return TimmBackbone(spec, **kw)
+
+
+def _texture(spec: str, **kw) -> Backbone:
+    from .texture import TextureBackbone
+
+    kw.pop("cache_dir", None)
+    kw.pop("download", None)
+    kw.pop("device", None)
+    return TextureBackbone(**kw)
+
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {
+    "openclip": _openclip,
+    "hf": _hf,
+    "timm": _timm,
+    "texture": _texture,
+}
+
+
+def backbone_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def with_weights(spec: str, weights: str | None) -> str:
+    """Apply ``--weights PATH`` to a spec: ``openclip:M/TAG`` -> ``openclip:M@PATH``, ``hf:X`` -> ``hf:PATH``."""
+    if not weights:
+        return spec
+    kind, _, rest = spec.partition(":")
+    if kind == "openclip":
+        from .openclip import parse_openclip_spec
+
+        model, _, _ = parse_openclip_spec(rest)
+        return f"openclip:{model}@{weights}"
+    if kind == "timm":
+        return f"timm:{rest.split('@', 1)[0]}@{weights}"
+    if kind == "hf":
+        return f"hf:{weights}"
+    raise BackboneError(f"--weights does not apply to backbone '{spec}'")
+
+
+def create_backbone(
+    spec: str, *, cache_dir: str | None = None, download: bool = True, device: str = "cpu", weights: str | None = None
+) -> Backbone:
+    """Create a backbone from its spec. Raises :class:`BackboneError` (or :class:`WeightsUnavailable`)."""
+    spec = with_weights(spec.strip(), weights)
+    kind = spec.split(":", 1)[0]
+    factory = _REGISTRY.get(kind)
+    if factory is None:
+        raise BackboneError(f"unknown backbone '{spec}': expected one of {', '.join(k + ':...' for k in backbone_kinds())}")
+    if kind != "texture" and ":" not in spec:
+        raise BackboneError(f"backbone '{spec}' needs a model after '{kind}:'")
+    return factory(spec, cache_dir=cache_dir, download=download, device=device)
+
+
+__all__ = ["Backbone", "BackboneError", "WeightsUnavailable", "create_backbone", "backbone_kinds", "DEFAULT_CLIP_SPEC"]
+
+
+def weights_location(spec: str, cache_dir: str | None = None) -> str:
+    """Where the weights of ``spec`` live or would be downloaded to (a hub-cache folder or the local path)."""
+    from ..paths import weights_dir
+
+    kind, _, rest = spec.partition(":")
+    hub_folder = lambda repo: str(weights_dir(cache_dir) / ("models--" + repo.replace("/", "--")))  # noqa: E731
+    if kind == "texture":
+        return "texture: built in, no weights"
+    if kind == "openclip":
+        import open_clip
+
+        from .openclip import hub_repo_and_file, parse_openclip_spec
+
+        model, tag, path = parse_openclip_spec(rest)
+        if path:
+            return path
+        if tag is None:
+            raise BackboneError(f"'{spec}' names no pretrained tag")
+        cfg = open_clip.get_pretrained_cfg(model, tag)
+        if not cfg.get("hf_hub"):
+            raise BackboneError(f"'{spec}' is not a known open_clip MODEL/TAG pair")
+        return hub_folder(hub_repo_and_file(cfg)[0])
+    if kind == "hf":
+        return rest if os.path.exists(rest) else hub_folder(rest)
+    if kind == "timm":
+        import timm
+
+        name, _, path = rest.partition("@")
+        if path:
+            return path
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not getattr(cfg, "hf_hub_id", None):
+            raise BackboneError(f"timm model '{name}' has no hub weights")
+        return hub_folder(cfg.hf_hub_id)
+    raise BackboneError(f"unknown backbone '{spec}'")

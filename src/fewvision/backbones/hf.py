@@ -1,0 +1,90 @@
+"""transformers CLIP / SigLIP models: ``hf:REPO_OR_PATH``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..paths import weights_dir
+from .base import Backbone, BackboneError, make_id
+from .weights import file_digest, hub_snapshot
+
+
+class HFPixelTransform:
+    """A transformers image processor wrapped as PIL -> tensor, picklable for decoding workers."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image):
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"HFPixelTransform({self.processor.to_dict()})"
+
+
+class HFClipBackbone(Backbone):
+    has_text = True
+
+    def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
+        try:
+            from transformers import AutoModel, AutoProcessor
+        except ImportError:  # pragma: no cover - depends on the install
+            raise BackboneError("hf: backbones need transformers: pip install 'fewvision[hf]'") from None
+        self.spec = spec
+        target = spec.split(":", 1)[1]
+        local = Path(target).expanduser()
+        folder = local if local.exists() else hub_snapshot(spec, target, cache=weights_dir(cache_dir), download=download)
+        try:
+            self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
+            self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise BackboneError(f"{folder}: cannot load a transformers model from here ({err})") from None
+        if not hasattr(self.model, "get_image_features"):
+            raise BackboneError(f"'{spec}' is not a CLIP-style model (no get_image_features)")
+        self.is_siglip = "siglip" in type(self.model).__name__.lower()
+        self._preprocess = HFPixelTransform(self.processor.image_processor)
+        self._device = torch.device(device)
+        self._id = make_id("hf", file_digest(folder), repr(self._preprocess))
+
+    @property
+    def preprocess(self):
+        return self._preprocess
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        size = self.model.config.vision_config.image_size
+        return (size, size)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixels.to(self._device))
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        padding = "max_length" if self.is_siglip else True
+        tokens = self.processor.tokenizer(list(texts), padding=padding, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.get_text_features(**{k: v.to(self._device) for k, v in tokens.items()})
+        out = out if torch.is_tensor(out) else out.pooler_output
+        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model.vision_model(pixel_values=pixels.to(self._device))
+        tokens = out.last_hidden_state.float()
+        n = tokens.shape[1]
+        side = int(n**0.5)
+        if side * side != n:  # a class token in front
+            tokens = tokens[:, 1:]
+            side = int((n - 1) ** 0.5)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)

@@ -1,0 +1,198 @@
+"""Images -> features, through the cache.
+
+For a list of image files: hash each file, read what the cache already holds, decode and preprocess the rest in
+parallel workers (torch DataLoader), encode them in batches under ``torch.inference_mode`` and write each batch to
+the cache in one transaction. Files that cannot be read are skipped with their reason; the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones.base import Backbone
+from .cache import FeatureCache, NullCache
+from .images import BadImage, Skipped, load_image, sha256_file
+from .progress import progress_bar
+
+BASE_VIEW = "base"
+GLOBAL = "global"
+PATCH = "patch"
+
+
+@dataclass
+class Features:
+    """Features of the images that could be read, in input order, and the files that could not."""
+
+    paths: list[str]
+    shas: list[str]
+    features: np.ndarray  # [N, D] for global features, [N, C, h, w] for patch features
+    skipped: list[Skipped] = field(default_factory=list)
+    encoded: int = 0  # how many images went through the encoder (0 on a fully warm cache)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.features, dtype=np.float32))
+
+
+class AugmentedView:
+    """A seeded random view of an image (RandomResizedCrop scale 0.5-1, horizontal flip), the same every run.
+
+    Applied to the PIL image before the backbone's own preprocessing, so preprocessing stays in one place.
+    """
+
+    def __init__(self, index: int, seed: int = 0, scale: tuple[float, float] = (0.5, 1.0)):
+        self.index, self.seed, self.scale = index, seed, scale
+
+    @property
+    def id(self) -> str:
+        return f"rrc{self.scale[0]}-{self.scale[1]}+hflip:s{self.seed}:{self.index}"
+
+    def __call__(self, image: Image.Image, sha: str) -> Image.Image:
+        import torchvision.transforms.v2.functional as F
+        from torchvision.transforms import RandomResizedCrop
+
+        rng = random.Random(f"{self.seed}:{self.index}:{sha}")
+        state = torch.random.get_rng_state()
+        torch.manual_seed(rng.getrandbits(63))
+        try:
+            top, left, h, w = RandomResizedCrop.get_params(image, scale=self.scale, ratio=(3 / 4, 4 / 3))
+        finally:
+            torch.random.set_rng_state(state)
+        image = F.resized_crop(image, top, left, h, w, [image.height, image.width],
+                               interpolation=F.InterpolationMode.BICUBIC)
+        return F.horizontal_flip(image) if rng.random() < 0.5 else image
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, shas, preprocess, view):
+        self.paths, self.shas, self.preprocess, self.view = paths, shas, preprocess, view
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            image = load_image(self.paths[i])
+            if self.view is not None:
+                image = self.view(image, self.shas[i])
+            return i, self.preprocess(image), None
+        except BadImage as err:
+            return i, None, err.reason
+        except Exception as err:  # noqa: BLE001 - a transform failing on one odd image must not stop the batch
+            return i, None, f"cannot preprocess ({type(err).__name__}: {err})"
+
+
+def _collate(items):
+    return items
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
+def hash_files(paths: Sequence[str]) -> tuple[list[str | None], dict[int, str]]:
+    """sha256 of each file (None where it cannot be read, with the reason), in threads (hashing releases the GIL)."""
+
+    def one(p):
+        try:
+            return sha256_file(p), None
+        except OSError as err:
+            return None, f"cannot read file ({err.strerror or err})"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(one, paths))
+    return [sha for sha, _ in results], {i: why for i, (_, why) in enumerate(results) if why is not None}
+
+
+def encode_files(
+    backbone: Backbone,
+    paths: Sequence[str | os.PathLike],
+    cache: FeatureCache | NullCache | None = None,
+    *,
+    kind: str = GLOBAL,
+    view: AugmentedView | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
+    description: str = "encoding",
+    dtype: np.dtype = np.float32,
+) -> Features:
+    """Features of ``paths`` from ``backbone`` (``kind`` 'global' or 'patch'), reading and filling ``cache``."""
+    cache = cache if cache is not None else NullCache()
+    paths = [str(p) for p in paths]
+    shas, bad = hash_files(paths)
+    view_id = f"{kind}:{view.id if view is not None else BASE_VIEW}"
+    readable = [i for i, s in enumerate(shas) if s is not None]
+    cached = cache.get_many({(shas[i], view_id) for i in readable})
+    by_index: dict[int, np.ndarray] = {}
+    todo = []
+    for i in readable:
+        hit = cached.get((shas[i], view_id))
+        if hit is not None:
+            by_index[i] = hit
+        else:
+            todo.append(i)
+
+    encode: Callable[[torch.Tensor], torch.Tensor] = (
+        backbone.encode_images if kind == GLOBAL else backbone.patch_features
+    )
+    if todo:
+        dataset = _DecodeDataset([paths[i] for i in todo], [shas[i] for i in todo], backbone.preprocess, view)
+        n_workers = default_workers() if workers is None else workers
+        n_workers = 0 if len(todo) < 2 * batch_size else n_workers
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=n_workers, collate_fn=_collate,
+            persistent_workers=False, prefetch_factor=4 if n_workers else None,
+        )
+        with progress_bar(len(todo), description, enabled=progress) as advance:
+            for items in loader:
+                good = [(j, t) for j, t, err in items if err is None]
+                for j, _, err in items:
+                    if err is not None:
+                        bad[todo[j]] = err
+                if good:
+                    batch = torch.stack([t for _, t in good])
+                    with torch.inference_mode():
+                        out = encode(batch).float().cpu().numpy().astype(dtype, copy=False)
+                    new = {}
+                    for (j, _), vec in zip(good, out):
+                        by_index[todo[j]] = vec
+                        new[(shas[todo[j]], view_id)] = vec
+                    cache.put_many(new)
+                advance(len(items))
+
+    order = [i for i in range(len(paths)) if i in by_index]
+    skipped = [Skipped(paths[i], bad[i]) for i in sorted(bad)]
+    if order:
+        feats = np.stack([by_index[i] for i in order]).astype(np.float32, copy=False)
+    else:
+        feats = np.zeros((0, 0), dtype=np.float32)
+    return Features(
+        paths=[paths[i] for i in order],
+        shas=[shas[i] for i in order],
+        features=feats,
+        skipped=skipped,
+        encoded=sum(1 for i in todo if i in by_index),
+    )
+
+
+def encode_images_in_memory(backbone: Backbone, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+    """Encode PIL images (no cache): used by the service and by tests."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]])
+        out.append(backbone.encode_images(batch))
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def as_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    return [Path(p) for p in paths]

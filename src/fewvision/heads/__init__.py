@@ -1,0 +1,29 @@
+"""Classification heads behind one create function (see ``base.ClassifierHead`` for the protocol)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import ClassifierHead, NotFitted
+from .prototype import PrototypeHead
+from .zeroshot import ZeroShotHead
+
+_REGISTRY: dict[str, Callable[..., ClassifierHead]] = {
+    "zeroshot": ZeroShotHead,
+    "prototype": PrototypeHead,
+}
+
+
+def head_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def create_head(method: str, **params) -> ClassifierHead:
+    try:
+        factory = _REGISTRY[method]
+    except KeyError:
+        raise ValueError(f"unknown method '{method}': expected one of {', '.join(_REGISTRY)}") from None
+    return factory(**params)
+
+
+__all__ = ["ClassifierHead", "NotFitted", "create_head", "head_names", "ZeroShotHead", "PrototypeHead"]

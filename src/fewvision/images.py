@@ -1,0 +1,142 @@
+"""Reading images safely: every format a camera or a tool may write, and a clear reason when a file is unusable.
+
+All decoding goes through :func:`load_image`; it returns an RGB PIL image or raises :class:`BadImage` whose message
+names the file and the reason. Callers that process batches catch it, record the skip and go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+# Refuse decompression bombs: above this many pixels a file is reported, not decoded (PIL's default warns at 89M).
+MAX_PIXELS = 64_000_000
+
+
+class BadImage(ValueError):
+    """A file that cannot be used as an image. ``str(err)`` is one line: '<path>: <reason>'."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit and float images are rescaled by their own range, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            arr = arr / 65535.0
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        gray = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite on white: transparent pixels of a product photo are background, and black would look like a defect.
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if im.mode != "RGB":
+        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB
+    return im
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` fully into an RGB image, applying its EXIF orientation. Raises :class:`BadImage`."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise BadImage(path, f"cannot read file ({err.strerror or err})") from None
+    if stat.S_ISDIR(st.st_mode):  # checked before the size: some file systems report 0 bytes for a directory
+        raise BadImage(path, "is a directory, not an image file")
+    size = st.st_size
+    if size == 0:
+        raise BadImage(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise BadImage(path, f"{w}x{h} pixels is over the limit of {max_pixels:,}")
+                if w == 0 or h == 0:
+                    raise BadImage(path, "image has zero width or height")
+                im.load()  # forces a full decode, so truncation is caught here and not later
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage(path, "not an image (unknown or unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(path, f"too many pixels ({err})") from None
+    except OSError as err:
+        msg = str(err)
+        if "truncated" in msg.lower() or "broken data stream" in msg.lower():
+            raise BadImage(path, f"truncated or corrupt image data ({msg})") from None
+        raise BadImage(path, f"cannot decode ({msg})") from None
+    except (ValueError, SyntaxError, TypeError, MemoryError, IndexError, struct.error) as err:
+        raise BadImage(path, f"corrupt image ({type(err).__name__}: {err})") from None
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def iter_image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and directories (recursively) into a sorted, de-duplicated list of image paths.
+
+    A path given explicitly is kept whatever its suffix (so a bad file named by the user is reported, not ignored);
+    files found by walking a directory are kept when their suffix is an image suffix.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_path(q)))
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    seen: set[Path] = set()
+    unique = []
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def describe_skips(skipped: Sequence[Skipped]) -> str:
+    if not skipped:
+        return "no files skipped"
+    return f"{len(skipped)} file(s) skipped"
