@@ -1,0 +1,190 @@
+"""Classification metrics for small factory test sets, with percentile-bootstrap confidence intervals.
+
+Predictions may contain ``-1`` ("unknown": the model abstained). An abstention is wrong for accuracy, a missed
+detection (false negative) for its true class, and gets its own ``unknown`` column in the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
+
+UNKNOWN = -1
+UNKNOWN_LABEL = "unknown"
+CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+# The bootstrap builds confusion matrices for this many (resample, item) pairs at a time, to bound memory.
+_BOOT_CHUNK_ITEMS = 4_000_000
+
+
+def _check_inputs(y_true, y_pred, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.ndim != 1 or y_pred.ndim != 1 or len(y_true) != len(y_pred):
+        raise ValueError(f"y_true and y_pred must be 1-D of the same length, got {y_true.shape} and {y_pred.shape}")
+    if len(y_true) == 0:
+        raise ValueError("no test items: cannot compute metrics on an empty set")
+    if n_classes < 1:
+        raise ValueError("class_names is empty")
+    for name, arr in (("y_true", y_true), ("y_pred", y_pred)):
+        if not np.issubdtype(arr.dtype, np.integer):
+            if not np.all(np.equal(np.mod(arr, 1), 0)):
+                raise ValueError(f"{name} must hold integer class indices")
+    y_true = y_true.astype(np.int64)
+    y_pred = y_pred.astype(np.int64)
+    if y_true.min() < 0 or y_true.max() >= n_classes:
+        raise ValueError(f"y_true holds indices outside 0..{n_classes - 1}")
+    if y_pred.min() < UNKNOWN or y_pred.max() >= n_classes:
+        raise ValueError(f"y_pred holds indices outside -1..{n_classes - 1}")
+    return y_true, y_pred
+
+
+def _metrics_from_confusions(cm: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy and macro-F1 from a stack of confusion matrices ``(B, C, C+1)``.
+
+    Column ``C`` counts abstentions. Matches scikit-learn: balanced accuracy averages recall over the classes present
+    in y_true; macro-F1 averages over all C classes with 0 for a class that has no tp, fp or fn (zero_division=0).
+    """
+    c = cm.shape[1]
+    tp = np.diagonal(cm[:, :, :c], axis1=1, axis2=2).astype(np.float64)
+    support = cm.sum(axis=2).astype(np.float64)
+    predicted = cm[:, :, :c].sum(axis=1).astype(np.float64)
+    present = support > 0
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+    denom = support + predicted  # = 2tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "accuracy": tp.sum(axis=1) / n,
+        "balanced_accuracy": recall.sum(axis=1) / present.sum(axis=1),
+        "macro_f1": f1.mean(axis=1),
+    }
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    n_classes: int,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile-bootstrap intervals over test items for accuracy, balanced accuracy and macro-F1 (vectorised)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    n, c = len(y_true), n_classes
+    # One code per item: cell index in a C x (C+1) matrix, abstentions (-1) mapped to the last column.
+    codes = y_true * (c + 1) + np.where(y_pred == UNKNOWN, c, y_pred)
+    cells = c * (c + 1)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ITEMS // n)
+    values: dict[str, list[np.ndarray]] = {k: [] for k in CI_METRICS}
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        idx = rng.integers(0, n, size=(b, n))
+        flat = codes[idx] + (np.arange(b) * cells)[:, None]
+        cm = np.bincount(flat.ravel(), minlength=b * cells).reshape(b, c, c + 1)
+        for k, v in _metrics_from_confusions(cm, n).items():
+            values[k].append(v)
+    alpha = 1.0 - confidence
+    out = {}
+    for k in CI_METRICS:
+        lo, hi = np.quantile(np.concatenate(values[k]), [alpha / 2, 1 - alpha / 2])
+        out[k] = [float(lo), float(hi)]
+    return out
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    # Mean recall over the classes present in y_true; abstentions (-1) or classes predicted but absent from the
+    # test set are expected here, so scikit-learn's "y_pred contains classes not in y_true" warning is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y_true, y_pred))
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Point metrics (scikit-learn), per-class table, confusion matrix and bootstrap CIs, as a JSON-ready dict."""
+    class_names = [str(n) for n in class_names]
+    c = len(class_names)
+    y_true, y_pred = _check_inputs(y_true, y_pred, c)
+    labels = list(range(c))
+    n = len(y_true)
+    n_unknown = int((y_pred == UNKNOWN).sum())
+
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
+    cm = np.zeros((c, c + 1), dtype=np.int64)
+    np.add.at(cm, (y_true, np.where(y_pred == UNKNOWN, c, y_pred)), 1)
+    confusion_labels = list(class_names)
+    if n_unknown:
+        confusion_labels.append(UNKNOWN_LABEL)
+    else:
+        cm = cm[:, :c]
+
+    metrics: dict[str, Any] = {
+        "n": n,
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class": {
+            name: {
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": cm.tolist(),
+        "confusion_labels": confusion_labels,
+        "class_names": class_names,
+    }
+    if n_unknown:
+        metrics["n_unknown"] = n_unknown
+    metrics["ci"] = bootstrap_ci(y_true, y_pred, c, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
+    metrics["ci_method"] = {"method": "percentile bootstrap over test items", "n_bootstrap": int(n_bootstrap),
+                            "seed": int(seed), "confidence": float(confidence)}
+    return metrics
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def save_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``metrics`` as indented JSON, atomically."""
+    return atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,103 @@
+import pytest
+import torch
+from PIL import Image
+
+from fewvision.backbones import create_backbone, weights_location, with_weights
+from fewvision.backbones.base import BackboneError, WeightsUnavailable
+
+
+@pytest.fixture
+def hub_down(monkeypatch):
+    # A closed port on loopback: the hub probe fails at once whatever network the machine has.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+@pytest.mark.parametrize("spec", ["openclip:ViT-B-32/laion2b_s34b_b79k", "timm:resnet18", "hf:openai/clip-vit-base-patch32"])
+def test_offline_failure_is_fast_and_explains_how_to_supply_weights(spec, hub_down, tmp_path, monkeypatch):
+    # "Fast" means: only cache look-ups reach the hub client, never a download with its minute of retries.
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    with pytest.raises(WeightsUnavailable) as err:
+        create_backbone(spec, cache_dir=str(tmp_path))
+    assert all(calls), "a network download was attempted"
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert spec in msg and "--weights PATH" in msg and "fewvision models pull" in msg and str(tmp_path) in msg
+
+
+def test_hf_hub_offline_env_is_honoured(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="HF_HUB_OFFLINE"):
+        create_backbone("openclip:RN50/openai", cache_dir=str(tmp_path))
+
+
+def test_local_weights_file_loads_and_id_follows_the_weights(tiny_clip, tiny_clip_config, tmp_path):
+    image = Image.new("RGB", (40, 30), (120, 30, 200))
+    pixels = tiny_clip.preprocess(image)[None]
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_clip.model.state_dict(), path)
+    loaded = create_backbone(f"openclip:{tiny_clip_config}@{path}")
+    torch.testing.assert_close(loaded.encode_images(pixels), tiny_clip.encode_images(pixels))
+    # --weights is the same as @PATH
+    same = create_backbone(f"openclip:{tiny_clip_config}", weights=str(path))
+    assert same.id == loaded.id
+
+    state = tiny_clip.model.state_dict()
+    state["visual.proj"] = state["visual.proj"] * 2
+    other = tmp_path / "tiny2.pt"
+    torch.save(state, other)
+    assert create_backbone(f"openclip:{tiny_clip_config}@{other}").id != loaded.id
+
+
+def test_random_init_is_deterministic(tiny_clip_config, tiny_clip):
+    assert create_backbone(f"openclip:{tiny_clip_config}").id == tiny_clip.id
+
+
+def test_backbone_contract(tiny_clip):
+    pixels = torch.stack([tiny_clip.preprocess(Image.new("RGB", (64, 64), (i * 40, 0, 0))) for i in range(3)])
+    feats = tiny_clip.encode_images(pixels)
+    assert feats.shape == (3, 32) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
+    text = tiny_clip.encode_text(["a", "b"])
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    assert tiny_clip.patch_features(pixels).shape == (3, 64, 4, 4)
+
+
+def test_spec_errors(tmp_path):
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        create_backbone("nope:thing")
+    with pytest.raises(BackboneError, match="unknown open_clip model"):
+        create_backbone("openclip:NotAModel/openai")
+    with pytest.raises(BackboneError, match="not a pretrained tag"):
+        create_backbone("openclip:ViT-B-32/not-a-tag")
+    with pytest.raises(BackboneError, match="not found"):
+        create_backbone(f"openclip:ViT-B-32@{tmp_path / 'missing.pt'}")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(BackboneError, match="bad.json"):
+        create_backbone(f"openclip:{bad}")
+
+
+def test_with_weights_and_locations(tmp_path):
+    assert with_weights("openclip:ViT-B-32/openai", "/w.pt") == "openclip:ViT-B-32@/w.pt"
+    assert with_weights("timm:resnet18", "/w.pt") == "timm:resnet18@/w.pt"
+    assert with_weights("hf:org/model", "/dir") == "hf:/dir"
+    loc = weights_location("openclip:ViT-B-32/laion2b_s34b_b79k", str(tmp_path))
+    assert loc.startswith(str(tmp_path)) and "laion--CLIP-ViT-B-32-laion2B-s34B-b79K" in loc
+
+
+def test_timm_random_patch_features():
+    bb = create_backbone("timm:resnet18@random")
+    pixels = torch.randn(2, 3, 224, 224)
+    assert bb.encode_images(pixels).shape == (2, 512)
+    maps = bb.patch_features(pixels)
+    assert maps.shape[0] == 2 and maps.shape[1] == 128 + 256 and maps.shape[-1] == 28
