@@ -248,6 +248,20 @@ def _root(version: bool = typer.Option(False, "--version", help="print the versi
         raise typer.Exit()
 
 
+# Command groups that live in their own modules; each module defines ``register(app)``.
+EXTENSIONS: list[str] = []
+
+
+def _register_extensions() -> None:
+    import importlib
+
+    for name in EXTENSIONS:
+        importlib.import_module(f"fewvision.{name}").register(app)
+
+
+_register_extensions()
+
+
 def main() -> None:
     _quiet_libraries()
     try:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from .base import ClassifierHead, NotFitted
 from .prototype import PrototypeHead
 from .zeroshot import ZeroShotHead
 
-_REGISTRY: dict[str, Callable[..., ClassifierHead]] = {
+_REGISTRY: dict[str, type[ClassifierHead]] = {
     "zeroshot": ZeroShotHead,
     "prototype": PrototypeHead,
 }
@@ -16,6 +14,10 @@ _REGISTRY: dict[str, Callable[..., ClassifierHead]] = {
 
 def head_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def head_classes() -> dict[str, type[ClassifierHead]]:
+    return dict(_REGISTRY)
 
 
 def create_head(method: str, **params) -> ClassifierHead:
