@@ -5,6 +5,7 @@ import torch
 from fewvision.heads import PrototypeHead, ZeroShotHead
 from fewvision.modelfile import FewVisionModel, ModelFileError, load, read_metadata, save_model
 from fewvision.prompts import ClassSpec
+from fewvision.support import Support
 
 
 def _support(seed=0, n=30, d=32, c=3):
@@ -16,7 +17,7 @@ def _support(seed=0, n=30, d=32, c=3):
 
 def test_prototype_save_load_identical(tmp_path, tiny_clip):
     feats, labels = _support()
-    head = PrototypeHead().fit(feats, labels, ["a", "b", "c"])
+    head = PrototypeHead().fit(Support(feats, labels, ["a", "b", "c"]))
     path = save_model(tmp_path / "m.fvm", FewVisionModel(head, tiny_clip.spec, tiny_clip.id, _backbone=tiny_clip))
     loaded = load(path)
     assert loaded.class_names == ["a", "b", "c"]
@@ -28,7 +29,7 @@ def test_prototype_save_load_identical(tmp_path, tiny_clip):
 
 def test_zeroshot_save_load_keeps_class_specs(tmp_path, tiny_clip):
     specs = [ClassSpec("ok", descriptions=["clean"]), ClassSpec("scratch", synonyms=["scuff"])]
-    head = ZeroShotHead(specs, ["simple"]).fit(backbone=tiny_clip)
+    head = ZeroShotHead(specs, ["simple"]).fit(Support.text_only([], tiny_clip))
     path = save_model(tmp_path / "z.fvm", FewVisionModel(head, tiny_clip.spec, tiny_clip.id))
     loaded = load(path)
     feats, _ = _support(d=32)
@@ -40,7 +41,7 @@ def test_backbone_mismatch_is_refused(tmp_path, tiny_clip):
     from fewvision.backbones import create_backbone
 
     feats, labels = _support(d=512)
-    head = PrototypeHead().fit(feats, labels, ["a", "b", "c"])
+    head = PrototypeHead().fit(Support(feats, labels, ["a", "b", "c"]))
     path = save_model(tmp_path / "m.fvm", FewVisionModel(head, "timm:resnet18@random", "timm-deadbeef"))
     model = load(path)
     with pytest.raises(ModelFileError, match="different weights or preprocessing"):

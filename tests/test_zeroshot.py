@@ -7,6 +7,7 @@ from PIL import Image
 from fewvision.decide import UNKNOWN, apply_unknown_threshold
 from fewvision.heads import ZeroShotHead
 from fewvision.prompts import ClassSpec, PromptError, load_class_file, resolve_templates
+from fewvision.support import Support
 
 CLASSES = ["ok", "scratch", "dent", "stain"]
 
@@ -20,7 +21,7 @@ def _images(n=6, seed=0):
 def test_matches_open_clip_zero_shot_classifier(tiny_clip, template_set):
     pixels = torch.stack([tiny_clip.preprocess(im) for im in _images()])
     feats = tiny_clip.encode_images(pixels)
-    head = ZeroShotHead(CLASSES, [template_set]).fit(backbone=tiny_clip)
+    head = ZeroShotHead(CLASSES, [template_set]).fit(Support.text_only([], tiny_clip))
     ours = head.predict_proba(feats)
 
     templates = open_clip.OPENAI_IMAGENET_TEMPLATES if template_set == "openai" else open_clip.SIMPLE_IMAGENET_TEMPLATES
@@ -37,7 +38,7 @@ def test_matches_open_clip_zero_shot_classifier(tiny_clip, template_set):
 
 def test_class_embedding_is_normalised_mean_of_normalised_prompts(tiny_clip):
     spec = ClassSpec("scratch", synonyms=["scuff"], descriptions=["a thin bright line"])
-    head = ZeroShotHead([spec, ClassSpec("ok")], ["a photo of {}."]).fit(backbone=tiny_clip)
+    head = ZeroShotHead([spec, ClassSpec("ok")], ["a photo of {}."]).fit(Support.text_only([], tiny_clip))
     prompts = ["a photo of scratch.", "a photo of scuff.", "a thin bright line"]
     emb = tiny_clip.encode_text(prompts)
     expected = torch.nn.functional.normalize(emb.mean(0), dim=0)
@@ -86,4 +87,4 @@ def test_no_text_tower_is_a_clear_error():
 
     bb = create_backbone("timm:resnet18@random")
     with pytest.raises(BackboneError, match="no text tower"):
-        ZeroShotHead(["a", "b"]).fit(backbone=bb)
+        ZeroShotHead(["a", "b"]).fit(Support.text_only([], bb))

@@ -22,6 +22,7 @@ from .features import Features, encode_files
 from .heads import ClassifierHead, create_head
 from .images import Skipped, iter_image_files
 from .prompts import ClassSpec, check_classes, parse_class_names
+from .support import Support
 
 
 @dataclass
@@ -84,7 +85,9 @@ def classify(
 ) -> Predictions:
     """Zero-shot classification of image files and folders into ``classes``."""
     bb = as_backbone(backbone, cache_dir)
-    head = create_head("zeroshot", classes=as_classes(classes), templates=templates).fit(backbone=bb)
+    specs = as_classes(classes)
+    head = create_head("zeroshot", classes=specs, templates=templates).fit(
+        Support.text_only([c.name for c in specs], bb))
     paths = iter_image_files(inputs)
     feats = encode(bb, paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress, batch_size=batch_size,
                    workers=workers)
@@ -132,7 +135,8 @@ def evaluate_zeroshot(
     """Zero-shot accuracy on a labelled dataset (class names from the dataset unless ``classes`` is given)."""
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes if classes is not None else dataset.class_names)
-    head = create_head("zeroshot", classes=specs, templates=templates).fit(backbone=bb)
+    head = create_head("zeroshot", classes=specs, templates=templates).fit(
+        Support.text_only([c.name for c in specs], bb))
     feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     return evaluate_predictions(predictions_from(head, feats, unknown_threshold), dataset)
 
@@ -158,7 +162,7 @@ def evaluate_prototype(
         split_of = {it.path: it.split for it in dataset.items}
         pool = np.array([i for i, p in enumerate(feats.paths) if split_of[p] == "train"], dtype=np.int64)
     support = sample_shots(labels, shots, seed, pool)
-    head = create_head("prototype").fit(feats.tensor[support], labels[support], dataset.class_names)
+    head = create_head("prototype").fit(Support(feats.tensor[support], labels[support], dataset.class_names, bb))
     rest = np.setdiff1d(np.arange(len(labels)) if not dataset.has_splits else np.array(
         [i for i, p in enumerate(feats.paths) if split_of[p] != "train"], dtype=np.int64), support)
     test = Features([feats.paths[i] for i in rest], [feats.shas[i] for i in rest], feats.features[rest],

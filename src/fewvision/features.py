@@ -26,6 +26,8 @@ from .progress import progress_bar
 BASE_VIEW = "base"
 GLOBAL = "global"
 PATCH = "patch"
+# Feature kinds and the backbone method that computes each (the kind is part of the cache key).
+ENCODERS = {GLOBAL: "encode_images", PATCH: "patch_features"}
 
 
 @dataclass
@@ -142,9 +144,9 @@ def encode_files(
         else:
             todo.append(i)
 
-    encode: Callable[[torch.Tensor], torch.Tensor] = (
-        backbone.encode_images if kind == GLOBAL else backbone.patch_features
-    )
+    if kind not in ENCODERS:
+        raise ValueError(f"unknown feature kind '{kind}': expected one of {', '.join(ENCODERS)}")
+    encode: Callable[[torch.Tensor], torch.Tensor] = getattr(backbone, ENCODERS[kind])
     if todo:
         dataset = _DecodeDataset([paths[i] for i in todo], [shas[i] for i in todo], backbone.preprocess, view)
         n_workers = default_workers() if workers is None else workers

@@ -1,7 +1,8 @@
 """The protocol every classification head follows (scikit-learn style).
 
-Parameters go in ``__init__`` and nothing is computed there. ``fit`` learns from L2-normalised image features
-(and, for text-based heads, the backbone's text tower); fitted attributes end in ``_``. ``predict_proba`` returns
+Parameters go in ``__init__`` and nothing is computed there. ``fit(support)`` learns from a
+:class:`fewvision.support.Support` (L2-normalised cached image features, labels, class names, and the backbone for
+heads that need its towers); fitted attributes end in ``_``. ``predict_proba`` returns
 an ``[N, C]`` array of class probabilities in the order of ``class_names_``.
 
 Saving is generic: ``state()`` returns the fitted tensors (every ``*_`` attribute that is a tensor) and a JSON
@@ -14,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..prompts import ClassSpec
+
+if TYPE_CHECKING:
+    from ..support import Support
 
 
 class NotFitted(RuntimeError):
@@ -59,9 +63,8 @@ class ClassifierHead(ABC):
     class_names_: list[str]
 
     @abstractmethod
-    def fit(self, features: torch.Tensor | None, labels: Sequence[int] | None, class_names: Sequence[str],
-            backbone=None) -> "ClassifierHead":
-        """Learn from support features [N, D] with integer labels; text heads may get features=None."""
+    def fit(self, support: "Support") -> "ClassifierHead":
+        """Learn from the support set (features [N, D], labels, class names, backbone)."""
 
     @abstractmethod
     def logits(self, features: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,10 @@ are not arbitrarily sharp or flat whatever the backbone's feature geometry.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 
+from ..support import Support
 from .base import ClassifierHead
 
 SCALE_GRID = np.geomspace(1.0, 1000.0, 61)
@@ -50,13 +49,9 @@ class PrototypeHead(ClassifierHead):
     def __init__(self, scale: float | None = None):
         self.scale = scale
 
-    def fit(self, features, labels, class_names: Sequence[str], backbone=None) -> "PrototypeHead":
-        features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    def fit(self, support: Support) -> "PrototypeHead":
+        features, labels, class_names = support.features, support.labels, support.class_names
         n = len(class_names)
-        missing = [class_names[c] for c in range(n) if not (labels == c).any()]
-        if missing:
-            raise ValueError(f"no support images for class(es): {', '.join(missing)}")
         self.prototypes_ = torch.nn.functional.normalize(class_means(features, labels, n), dim=-1)
         self.scale_ = float(self.scale) if self.scale is not None else leave_one_out_scale(features, labels, n)
         self.class_names_ = list(class_names)

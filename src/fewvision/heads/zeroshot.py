@@ -12,6 +12,7 @@ import torch
 
 from ..backbones.base import BackboneError
 from ..prompts import ClassSpec, resolve_templates
+from ..support import Support
 from .base import ClassifierHead
 
 
@@ -38,10 +39,11 @@ class ZeroShotHead(ClassifierHead):
         self.classes = classes
         self.templates = templates
 
-    def fit(self, features=None, labels=None, class_names=None, backbone=None) -> "ZeroShotHead":
+    def fit(self, support: Support) -> "ZeroShotHead":
+        backbone = support.backbone
         if backbone is None:
             raise ValueError("ZeroShotHead.fit needs the backbone (its text tower builds the classifier)")
-        classes = self.classes if self.classes is not None else list(class_names or [])
+        classes = self.classes if self.classes is not None else list(support.class_names)
         self.classes_ = [c if isinstance(c, ClassSpec) else ClassSpec(str(c)) for c in classes]
         self.templates_ = resolve_templates(self.templates)
         self.weights_ = text_classifier(backbone, self.classes_, self.templates_)
