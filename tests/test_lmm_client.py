@@ -1,0 +1,225 @@
+"""The OpenAI-compatible LMM client against a real HTTP server on 127.0.0.1 (tests/lmm_server.py)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewvision.images import sha256_file
+from fewvision.lmm import ChatCompletionsClient, create_lmm, is_refusal
+from fewvision.lmm.answer_cache import AnswerCache
+from fewvision.lmm.client import chat_completions_url
+
+from lmm_server import ScriptedLMMServer, by_image, raw, reply, slow, status
+
+
+@pytest.fixture()
+def images(tmp_path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(6):
+        p = tmp_path / f"img{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(p)
+        out.append(p)
+    return out
+
+
+def client(server, tmp_path, **kw) -> ChatCompletionsClient:
+    params = dict(timeout=2.0, retries=2, backoff=0.01, concurrency=2, cache_dir=str(tmp_path / "cache"))
+    params.update(kw)
+    return ChatCompletionsClient(server.url, "scripted-vlm", **params)
+
+
+def test_endpoint_from_base_url():
+    assert chat_completions_url("http://localhost:11434") == "http://localhost:11434/v1/chat/completions"
+    assert chat_completions_url("http://localhost:11434/v1/") == "http://localhost:11434/v1/chat/completions"
+    assert chat_completions_url("https://api.openai.com/v1/chat/completions") == \
+        "https://api.openai.com/v1/chat/completions"
+    with pytest.raises(ValueError, match="http"):
+        chat_completions_url("localhost:11434")
+
+
+def test_request_format_and_api_key(images, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("FEWVISION_LMM_API_KEY", "sk-test-123")
+    sha = sha256_file(images[0])
+    with ScriptedLMMServer(by_image({sha: reply("a woven fabric, with a hole")})) as server:
+        answer = client(server, tmp_path).ask(images[0], "What is this?")
+    assert answer.usable and answer.text == "a woven fabric, with a hole" and not answer.cached
+    (req,) = server.requests
+    assert req.path == "/v1/chat/completions"
+    assert req.sha256 == sha and req.mime == "image/jpeg"  # the file's own bytes, as a base64 data URL
+    assert req.prompt == "What is this?" and req.model == "scripted-vlm" and req.temperature == 0
+    assert req.authorization == "Bearer sk-test-123"
+
+
+def test_openai_key_is_the_fallback_and_tiff_is_sent_as_png(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEWVISION_LMM_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    tif = tmp_path / "gray16.tif"
+    Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 200)).save(tif)
+    with ScriptedLMMServer(lambda req: reply("a gradient")) as server:
+        assert client(server, tmp_path).ask(tif, "q").text == "a gradient"
+    (req,) = server.requests
+    assert req.authorization == "Bearer sk-openai" and req.mime == "image/png"
+
+
+def test_5xx_is_retried_then_succeeds(images, tmp_path):
+    sha = sha256_file(images[0])
+    script = by_image({sha: [status(500), status(503), reply("fabric with a stain")]})
+    with ScriptedLMMServer(script) as server:
+        answer = client(server, tmp_path, retries=3).ask(images[0], "q")
+    assert answer.usable and answer.text == "fabric with a stain"
+    assert server.count == 3
+
+
+def test_5xx_until_giving_up(images, tmp_path):
+    with ScriptedLMMServer(lambda req: status(500, "model crashed")) as server:
+        answer = client(server, tmp_path, retries=2).ask(images[0], "q")
+    assert not answer.usable
+    assert "HTTP 500" in answer.error and "model crashed" in answer.error and "3 attempts" in answer.error
+    assert server.count == 3  # the first try and two retries, no more
+
+
+def test_4xx_is_not_retried(images, tmp_path):
+    with ScriptedLMMServer(lambda req: status(400, "model does not support images")) as server:
+        answer = client(server, tmp_path, retries=3).ask(images[0], "q")
+    assert not answer.usable and answer.error.startswith("HTTP 400") and "support images" in answer.error
+    assert server.count == 1
+
+
+def test_slow_answer_times_out_after_retries(images, tmp_path):
+    with ScriptedLMMServer(lambda req: slow(1.0, "late"), max_delay=1.0) as server:
+        answer = client(server, tmp_path, timeout=0.2, retries=1).ask(images[0], "q")
+    assert not answer.usable and "timed out after 0.2 s" in answer.error
+    assert server.count == 2
+
+
+def test_slow_then_fast_recovers(images, tmp_path):
+    sha = sha256_file(images[0])
+    with ScriptedLMMServer(by_image({sha: [slow(1.0), reply("a knit")]}), max_delay=1.0) as server:
+        answer = client(server, tmp_path, timeout=0.2, retries=1).ask(images[0], "q")
+    assert answer.usable and answer.text == "a knit" and server.count == 2
+
+
+def test_connection_refused_is_reported(images, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = ChatCompletionsClient(f"http://127.0.0.1:{port}", "m", retries=1, backoff=0.01, cache_dir=str(tmp_path))
+    answer = c.ask(images[0], "q")
+    assert not answer.usable and "cannot connect" in answer.error and c.requests == 2
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b'{"choices": [{"message": {"content": "trunc', "malformed JSON"),
+    (b'{"object": "error"}', "no choices"),
+    (b'{"choices": [{"message": {"role": "assistant", "content": "   "}}]}', "empty answer"),
+    (b'{"choices": [{"message": {"role": "assistant", "content": null}}]}', "empty answer"),
+])
+def test_unusable_responses_are_not_cached(images, tmp_path, body, reason):
+    with ScriptedLMMServer(lambda req: raw(body)) as server:
+        c = client(server, tmp_path)
+        first = c.ask(images[0], "q")
+        second = c.ask(images[0], "q")
+    assert not first.usable and reason in first.error
+    assert not second.usable and not second.cached
+    assert server.count == 2  # one request each (a 200 with a bad body is not retried), nothing cached
+
+
+def test_refusal_is_unusable_and_cached(images, tmp_path):
+    with ScriptedLMMServer(lambda req: reply("I'm sorry, but I can't help with identifying this.")) as server:
+        c = client(server, tmp_path)
+        first = c.ask(images[0], "q")
+        second = c.ask(images[0], "q")
+    assert not first.usable and first.error.startswith("refusal")
+    assert not second.usable and second.cached and server.count == 1
+
+
+@pytest.mark.parametrize("text", [
+    "I'm sorry, I cannot help with that.",
+    "Sorry, I can't assist with this request.",
+    "I cannot identify people or objects in this image.",
+    "I am unable to analyze images.",
+    "I'm not able to view images.",
+    "As an AI language model, I do not see images.",
+    "I apologize, but this request is not supported.",
+])
+def test_refusal_heuristic_positives(text):
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "A piece of woven fabric. Attribute: a small hole near the centre.",
+    "I can't see any defect; the fabric looks clean and uniform.",
+    "The object is a textile; its attribute is that it is not damaged.",
+    "Fabric with a stain. Sorry, the image is a bit blurry.",  # apology outside the first sentence
+])
+def test_refusal_heuristic_negatives(text):
+    assert not is_refusal(text)
+
+
+def test_second_run_sends_zero_requests(images, tmp_path):
+    shas = [sha256_file(p) for p in images]
+    answers = {s: reply(f"answer {i}") for i, s in enumerate(shas)}
+    items = [(str(p), "Which object?") for p in images]
+    with ScriptedLMMServer(by_image(answers)) as server:
+        first = client(server, tmp_path).ask_many(items)
+        assert server.count == len(images)
+        second = client(server, tmp_path).ask_many(items)  # a new client: the answers come from disk
+        assert server.count == len(images)
+        other_prompt = client(server, tmp_path).ask_many([(p, "Another question?") for p, _ in items[:2]])
+        other_model = ChatCompletionsClient(server.url, "another-model", cache_dir=str(tmp_path / "cache"),
+                                            backoff=0.01).ask_many(items[:1])
+    assert [a.text for a in first] == [f"answer {i}" for i in range(len(images))]
+    assert [a.text for a in second] == [a.text for a in first] and all(a.cached for a in second)
+    assert not any(a.cached for a in other_prompt) and not other_model[0].cached
+    assert server.count == len(images) + 3
+    assert len(AnswerCache(str(tmp_path / "cache"))) == len(images) + 3
+
+
+def test_no_cache_sends_again(images, tmp_path):
+    with ScriptedLMMServer(lambda req: reply("x")) as server:
+        client(server, tmp_path, use_cache=False).ask(images[0], "q")
+        client(server, tmp_path, use_cache=False).ask(images[0], "q")
+    assert server.count == 2
+
+
+def test_concurrency_is_bounded_and_order_kept(images, tmp_path):
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0}
+
+    def script(req):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.15)
+        with lock:
+            state["now"] -= 1
+        return reply(req.sha256)
+
+    with ScriptedLMMServer(script) as server:
+        answers = client(server, tmp_path, concurrency=3).ask_many([(str(p), "q") for p in images])
+    assert [a.text for a in answers] == [sha256_file(p) for p in images]
+    assert 2 <= state["max"] <= 3
+
+
+def test_unreadable_image_sends_nothing(tmp_path):
+    with ScriptedLMMServer(lambda req: reply("x")) as server:
+        answer = client(server, tmp_path).ask(tmp_path / "missing.jpg", "q")
+    assert not answer.usable and "cannot read image" in answer.error and server.count == 0
+
+
+def test_create_lmm_checks_arguments(tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        create_lmm("http://127.0.0.1:9", None)
+    with pytest.raises(ValueError, match="expected an http"):
+        create_lmm("ftp://x", "m")
+    with pytest.raises(ValueError, match="concurrency"):
+        create_lmm("http://127.0.0.1:9", "m", concurrency=0)
