@@ -174,4 +174,103 @@ def evaluate_prototype(
     return ev
 
 
+LMM_METHODS = ("slac", "tlac")
+
+
+def _lmm_head(method: str, specs: list[ClassSpec], bb: Backbone, templates, prompt, choice_prompt, top_k,
+              cache_dir, use_cache):
+    if method not in LMM_METHODS:
+        raise ValueError(f"unknown LMM method '{method}': expected one of {', '.join(LMM_METHODS)}")
+    params: dict = {"classes": specs, "templates": templates}
+    if prompt:
+        params["prompt"] = prompt
+    if method == "tlac":
+        params["top_k"] = top_k
+        if choice_prompt:
+            params["choice_prompt"] = choice_prompt
+    return create_head(method, **params).fit(
+        Support(None, None, [c.name for c in specs], bb, cache_dir=cache_dir, use_cache=use_cache))
+
+
+def predictions_with_lmm(head, feats: Features, lmm, unknown_threshold: float | None = None) -> Predictions:
+    """Rows of an LMM-augmented head (slac/tlac): ``note`` carries the LMM's answer or the fallback taken,
+    ``decision`` the path (see the heads' docs)."""
+    names = list(head.class_names_)
+    if len(feats.paths) == 0:
+        return Predictions(names, [], feats.skipped, feats.encoded)
+    # Validates the threshold and the class names before any request is sent.
+    apply_unknown_threshold(np.zeros((1, len(names))), names, unknown_threshold)
+    out = head.predict_with_lmm(feats.tensor, feats.paths, lmm, shas=feats.shas)
+    rows = []
+    for i, path in enumerate(feats.paths):
+        label = names[int(out.index[i])]
+        if unknown_threshold is not None and out.proba[i, out.index[i]] < unknown_threshold:
+            label = UNKNOWN
+        rows.append({"path": path, "label": label,
+                     "probabilities": {n: float(v) for n, v in zip(names, out.proba[i])},
+                     "note": out.notes[i], "decision": out.paths[i]})
+    return Predictions(names, rows, feats.skipped, feats.encoded)
+
+
+def classify_with_lmm(
+    inputs: Sequence[str | os.PathLike],
+    classes: Sequence[str | ClassSpec] | str,
+    *,
+    backbone: str | Backbone,
+    lmm,
+    method: str = "slac",
+    templates: Sequence[str] | None = None,
+    prompt: str | None = None,
+    choice_prompt: str | None = None,
+    top_k: int = 3,
+    unknown_threshold: float | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> Predictions:
+    """SLAC / TLAC: CLIP features through the feature cache, plus a large multimodal model asked about each image.
+
+    ``lmm`` is a :class:`fewvision.lmm.LMMBackend` (e.g. ``fewvision.lmm.create_lmm(url, model)``). Unreadable files
+    are skipped before any request; an image without a usable answer falls back to CLIP zero-shot (row ``note``).
+    """
+    bb = as_backbone(backbone, cache_dir)
+    specs = as_classes(classes)
+    head = _lmm_head(method, specs, bb, templates, prompt, choice_prompt, top_k, cache_dir, use_cache)
+    feats = encode(bb, iter_image_files(inputs), cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+                   batch_size=batch_size, workers=workers)
+    return predictions_with_lmm(head, feats, lmm, unknown_threshold)
+
+
+def evaluate_with_lmm(
+    dataset: Dataset,
+    *,
+    backbone: str | Backbone,
+    lmm,
+    method: str = "slac",
+    classes: Sequence[str | ClassSpec] | None = None,
+    templates: Sequence[str] | None = None,
+    prompt: str | None = None,
+    choice_prompt: str | None = None,
+    top_k: int = 3,
+    unknown_threshold: float | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> Evaluation:
+    """SLAC / TLAC accuracy on a labelled dataset; ``metrics['decisions']`` counts the decision paths taken."""
+    bb = as_backbone(backbone, cache_dir)
+    specs = as_classes(classes if classes is not None else dataset.class_names)
+    head = _lmm_head(method, specs, bb, templates, prompt, choice_prompt, top_k, cache_dir, use_cache)
+    feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    ev = evaluate_predictions(predictions_with_lmm(head, feats, lmm, unknown_threshold), dataset)
+    counts: dict[str, int] = {}
+    for row in ev.predictions.rows:
+        counts[row["decision"]] = counts.get(row["decision"], 0) + 1
+    ev.metrics["decisions"] = counts
+    ev.metrics["lmm"] = lmm.describe()
+    return ev
+
+
 __all__ = ["classify", "evaluate_zeroshot", "evaluate_prototype", "Predictions", "Evaluation", "UNKNOWN"]

@@ -69,6 +69,27 @@ def _backbone(spec: str, weights: Optional[str], cache_dir: Optional[str]):
     return create_backbone(spec, weights=weights, cache_dir=cache_dir)
 
 
+LMM_METHODS = ("slac", "tlac")
+LMM_URL_HELP = "OpenAI-compatible server for --method slac|tlac, e.g. http://localhost:11434/v1 (Ollama); 'local' runs --lmm-model in-process"
+
+
+def _lmm(method: str, url: Optional[str], model: Optional[str], timeout: float, concurrency: int,
+         cache_dir: Optional[str], no_cache: bool):
+    """The LMM asked by --method slac|tlac (None for other methods)."""
+    if method not in LMM_METHODS:
+        if url or model:
+            raise UserError("--lmm-url and --lmm-model apply only to --method slac or tlac")
+        return None
+    if not url:
+        raise UserError(f"--method {method} needs --lmm-url (e.g. http://localhost:11434/v1 for Ollama, or 'local')")
+    if not model:
+        raise UserError(f"--method {method} needs --lmm-model (e.g. llava, qwen2.5vl, or a local model folder)")
+    from .lmm import create_lmm
+
+    return create_lmm(url, model, timeout=timeout, concurrency=concurrency, cache_dir=cache_dir,
+                      use_cache=not no_cache)
+
+
 def write_rows(path: Path, rows: list[dict], class_names: list[str], skipped) -> None:
     """CSV or JSONL (by suffix), written to a temp file and renamed, so a crash never leaves half a file."""
     suffix = path.suffix.lower()
@@ -119,27 +140,46 @@ def classify(
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="cache root (default $FEWVISION_CACHE_DIR or ~/.cache/fewvision)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    method: str = typer.Option("zeroshot", "--method", help="zeroshot | slac | tlac (slac/tlac ask an LMM)"),
+    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", help=LMM_URL_HELP),
+    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", help="LMM name on the server, or a local folder"),
+    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, help="seconds per LMM request"),
+    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, help="LMM requests in flight at most"),
+    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", help="the stage-1 question (SLAC's by default)"),
+    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, help="candidates from CLIP and from SLAC (tlac)"),
 ) -> None:
     """Zero-shot classification: one row per image with its label and the probability of each class."""
     from .api import classify as run_classify
+    from .api import classify_with_lmm
 
+    if method not in ("zeroshot", *LMM_METHODS):
+        raise UserError(f"unknown method '{method}': expected zeroshot, slac or tlac")
     specs = _classes(classes, classes_file)
     if specs is None:
         raise UserError("give the classes with --classes or --classes-file")
+    lmm = _lmm(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
     bb = _backbone(backbone, weights, cache_dir)
-    preds = run_classify(images, specs, backbone=bb, templates=template or None, unknown_threshold=unknown_threshold,
-                         cache_dir=cache_dir, use_cache=not no_cache, progress=True, batch_size=batch_size)
+    if lmm is not None:
+        preds = classify_with_lmm(images, specs, backbone=bb, lmm=lmm, method=method, templates=template or None,
+                                  prompt=lmm_prompt, top_k=lmm_top_k, unknown_threshold=unknown_threshold,
+                                  cache_dir=cache_dir, use_cache=not no_cache, progress=True, batch_size=batch_size)
+    else:
+        preds = run_classify(images, specs, backbone=bb, templates=template or None,
+                             unknown_threshold=unknown_threshold, cache_dir=cache_dir, use_cache=not no_cache,
+                             progress=True, batch_size=batch_size)
     if out:
         write_rows(out, preds.rows, preds.class_names, preds.skipped)
         info(f"wrote {out}")
     else:
         for r in preds.rows:
-            typer.echo(f"{r['path']}\t{r['label']}\t{max(r['probabilities'].values()):.3f}")
+            note = f"\t{r['note']}" if r.get("note") else ""
+            typer.echo(f"{r['path']}\t{r['label']}\t{max(r['probabilities'].values()):.3f}{note}")
     if report:
         from .report import write_classification_report
 
+        extra = {"backbone": bb.spec, **({"method": method, "lmm": lmm.describe()} if lmm is not None else {})}
         page = write_classification_report(report, title="fewvision classify", metrics=None, rows=preds.rows,
-                                           class_names=preds.class_names, extra={"backbone": bb.spec})
+                                           class_names=preds.class_names, extra=extra)
         info(f"report: {page}")
     _summary(len(preds.rows), preds.skipped)
 
@@ -147,7 +187,7 @@ def classify(
 @app.command("eval")
 def evaluate(
     dataset: str = typer.Argument(..., help="'textile', a CSV manifest, an MVTec folder or a folder of class folders"),
-    method: str = typer.Option("zeroshot", "--method", help="zeroshot | prototype"),
+    method: str = typer.Option("zeroshot", "--method", help="zeroshot | prototype | slac | tlac"),
     classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="classes with descriptions (zeroshot)"),
     backbone: str = typer.Option("openclip:ViT-B-32/laion2b_s34b_b79k", "--backbone", help=DEFAULT_BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, "--weights"),
@@ -159,6 +199,12 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", help="folder for an HTML report"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
     no_cache: bool = typer.Option(False, "--no-cache"),
+    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", help=LMM_URL_HELP),
+    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", help="LMM name on the server, or a local folder"),
+    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, help="seconds per LMM request"),
+    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, help="LMM requests in flight at most"),
+    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", help="the stage-1 question (SLAC's by default)"),
+    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, help="candidates from CLIP and from SLAC (tlac)"),
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores and bootstrap 95% intervals on a labelled dataset."""
     from .api import evaluate_prototype, evaluate_zeroshot
@@ -174,8 +220,17 @@ def evaluate(
     elif method == "prototype":
         ev = evaluate_prototype(data, backbone=bb, shots=shots, seed=seed, cache_dir=cache_dir,
                                 use_cache=not no_cache, progress=True)
+    elif method in LMM_METHODS:
+        from .api import evaluate_with_lmm
+
+        lmm = _lmm(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
+        ev = evaluate_with_lmm(data, backbone=bb, lmm=lmm, method=method, classes=_classes(None, classes_file),
+                               templates=template or None, prompt=lmm_prompt, top_k=lmm_top_k,
+                               unknown_threshold=unknown_threshold, cache_dir=cache_dir, use_cache=not no_cache,
+                               progress=True)
+        info("decisions: " + ", ".join(f"{k} {v}" for k, v in sorted(ev.metrics["decisions"].items())))
     else:
-        raise UserError(f"unknown method '{method}': expected zeroshot or prototype")
+        raise UserError(f"unknown method '{method}': expected zeroshot, prototype, slac or tlac")
     ev.metrics.update({"method": method, "backbone": bb.spec, "backbone_id": bb.id, "dataset": data.name})
     save_metrics(ev.metrics, out)
     m = ev.metrics

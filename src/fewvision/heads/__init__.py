@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from .base import ClassifierHead, NotFitted
 from .prototype import PrototypeHead
+from .slac import SLACHead
+from .tlac import TLACHead
 from .zeroshot import ZeroShotHead
 
 _REGISTRY: dict[str, type[ClassifierHead]] = {
     "zeroshot": ZeroShotHead,
     "prototype": PrototypeHead,
+    "slac": SLACHead,
+    "tlac": TLACHead,
 }
 
 
