@@ -5,7 +5,7 @@ spec                                  what it loads
 ====================================  ==========================================================================
 ``openclip:MODEL[/TAG]``              open_clip architecture with a pretrained tag (weights via the model hub)
 ``openclip:MODEL@PATH``               open_clip architecture with local weights; MODEL may be a config JSON path
-``hf:REPO_OR_PATH``                   a transformers CLIP or SigLIP model
+``hf:REPO_OR_PATH``                   a transformers CLIP or SigLIP model, or a BLIP image-text retrieval model
 ``timm:NAME[@PATH|@random]``          a timm image model (image-only)
 ``texture``                           built-in, weight-free multi-scale Gabor texture features (image-only)
 ====================================  ==========================================================================
@@ -27,9 +27,33 @@ def _openclip(spec: str, **kw) -> Backbone:
     return OpenClipBackbone(spec, **kw)
 
 
+def _hf_model_type(spec: str, cache_dir: str | None = None, download: bool = True) -> str | None:
+    """``model_type`` from the config.json of an ``hf:`` spec (a local folder, else the hub cache or the hub)."""
+    import json
+    from pathlib import Path
+
+    from ..paths import weights_dir
+    from .weights import hub_file
+
+    target = spec.split(":", 1)[1]
+    local = Path(target).expanduser()
+    if local.exists():
+        config = local / "config.json"
+    else:
+        config = hub_file(spec, target, ["config.json"], cache=weights_dir(cache_dir), download=download)
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _hf(spec: str, **kw) -> Backbone:
     from .hf import HFClipBackbone
 
+    if _hf_model_type(spec, kw.get("cache_dir"), kw.get("download", True)) == "blip":
+        from .blip import BlipBackbone
+
+        return BlipBackbone(spec, **kw)
     return HFClipBackbone(spec, **kw)
 
 
