@@ -87,7 +87,7 @@ def classify(
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes)
     head = create_head("zeroshot", classes=specs, templates=templates).fit(
-        Support.text_only([c.name for c in specs], bb))
+        Support.text_only([c.name for c in specs], bb, cache_dir, use_cache))
     paths = iter_image_files(inputs)
     feats = encode(bb, paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress, batch_size=batch_size,
                    workers=workers)
@@ -136,7 +136,7 @@ def evaluate_zeroshot(
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes if classes is not None else dataset.class_names)
     head = create_head("zeroshot", classes=specs, templates=templates).fit(
-        Support.text_only([c.name for c in specs], bb))
+        Support.text_only([c.name for c in specs], bb, cache_dir, use_cache))
     feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     return evaluate_predictions(predictions_from(head, feats, unknown_threshold), dataset)
 

@@ -76,5 +76,6 @@ class Support:
                    feats.paths, cache_dir, use_cache, feats.skipped)
 
     @classmethod
-    def text_only(cls, class_names: Sequence[str], backbone) -> "Support":
-        return cls(None, None, list(class_names), backbone)
+    def text_only(cls, class_names: Sequence[str], backbone, cache_dir: str | None = None,
+                  use_cache: bool = True) -> "Support":
+        return cls(None, None, list(class_names), backbone, cache_dir=cache_dir, use_cache=use_cache)

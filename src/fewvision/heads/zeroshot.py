@@ -6,17 +6,34 @@ of open_clip's ``build_zero_shot_classifier``); logits are ``logit_scale * <norm
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..backbones.base import BackboneError
+from ..cache import open_cache
 from ..prompts import ClassSpec, resolve_templates
 from ..support import Support
 from .base import ClassifierHead
 
 
-def text_classifier(backbone, classes: Sequence[ClassSpec], templates: Sequence[str]) -> torch.Tensor:
+def encode_prompts(backbone, prompts: Sequence[str], cache=None) -> torch.Tensor:
+    """Normalised text embeddings [T, D], read from and written to the feature cache when one is given."""
+    if cache is None:
+        return backbone.encode_text(prompts)
+    keys = [(hashlib.sha256(p.encode()).hexdigest(), TEXT_VIEW) for p in prompts]
+    found = cache.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    if todo:
+        new = backbone.encode_text([prompts[i] for i in todo]).numpy()
+        cache.put_many({keys[i]: vec for i, vec in zip(todo, new)})
+        found.update({keys[i]: vec for i, vec in zip(todo, new)})
+    return torch.from_numpy(np.stack([found[k] for k in keys]).astype(np.float32))
+
+
+def text_classifier(backbone, classes: Sequence[ClassSpec], templates: Sequence[str], cache=None) -> torch.Tensor:
     """[D, C] matrix of class embeddings from a backbone's text tower."""
     if not backbone.has_text:
         raise BackboneError(
@@ -26,9 +43,12 @@ def text_classifier(backbone, classes: Sequence[ClassSpec], templates: Sequence[
     columns = []
     for spec in classes:
         prompts = spec.prompts(templates)
-        emb = backbone.encode_text(prompts)  # already L2-normalised per prompt
+        emb = encode_prompts(backbone, prompts, cache)  # already L2-normalised per prompt
         columns.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=0))
     return torch.stack(columns, dim=1)
+
+
+TEXT_VIEW = "text"  # cache view of prompt embeddings, keyed by the prompt's sha256
 
 
 class ZeroShotHead(ClassifierHead):
@@ -46,7 +66,8 @@ class ZeroShotHead(ClassifierHead):
         classes = self.classes if self.classes is not None else list(support.class_names)
         self.classes_ = [c if isinstance(c, ClassSpec) else ClassSpec(str(c)) for c in classes]
         self.templates_ = resolve_templates(self.templates)
-        self.weights_ = text_classifier(backbone, self.classes_, self.templates_)
+        cache = open_cache(backbone.id, support.cache_dir, enabled=support.use_cache)
+        self.weights_ = text_classifier(backbone, self.classes_, self.templates_, cache)
         self.logit_scale_ = float(backbone.logit_scale)
         self.class_names_ = [c.name for c in self.classes_]
         return self
