@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from .base import ClassifierHead, NotFitted
+from .clip_adapter import ClipAdapterHead
+from .linear import LinearHead
 from .prototype import PrototypeHead
+from .tip import TipAdapterFHead, TipAdapterHead
 from .slac import SLACHead
 from .tlac import TLACHead
 from .zeroshot import ZeroShotHead
@@ -13,6 +16,10 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "prototype": PrototypeHead,
     "slac": SLACHead,
     "tlac": TLACHead,
+    "linear": LinearHead,
+    "tip": TipAdapterHead,
+    "tip-f": TipAdapterFHead,
+    "clip-adapter": ClipAdapterHead,
 }
 
 

@@ -3,9 +3,14 @@ Wang et al. 2019, SimpleShot), predicting by cosine similarity to the re-normali
 
 The softmax temperature is fitted on the support set by leave-one-out negative log-likelihood, so probabilities
 are not arbitrarily sharp or flat whatever the backbone's feature geometry.
+
+With ``text_weight`` a > 0 the prototype logits are blended with the zero-shot text classifier of a CLIP backbone:
+``logits = (1 - a) * proto_logits + a * zeroshot_logits`` (docs/methods/prototype.md).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,20 +48,42 @@ def leave_one_out_scale(features: torch.Tensor, labels: torch.Tensor, n_classes:
     return best
 
 
+class _NeedsTextWhenBlended:
+    """``needs_text`` is False for the class (image-only by default) and True for an instance blending with text."""
+
+    def __get__(self, head, owner=None) -> bool:
+        return head is not None and float(head.text_weight) > 0
+
+
 class PrototypeHead(ClassifierHead):
     method = "prototype"
+    needs_text = _NeedsTextWhenBlended()
 
-    def __init__(self, scale: float | None = None):
+    def __init__(self, scale: float | None = None, text_weight: float = 0.0, templates: Sequence[str] | None = None,
+                 seed: int = 0):
         self.scale = scale
+        self.text_weight = text_weight
+        self.templates = templates
+        self.seed = seed  # prototypes are deterministic; kept so every head takes a seed
 
     def fit(self, support: Support) -> "PrototypeHead":
+        from .textual import zeroshot_classifier
+
+        if not 0.0 <= float(self.text_weight) <= 1.0:
+            raise ValueError(f"text_weight must be in [0, 1], got {self.text_weight}")
         features, labels, class_names = support.features, support.labels, support.class_names
         n = len(class_names)
         self.prototypes_ = torch.nn.functional.normalize(class_means(features, labels, n), dim=-1)
         self.scale_ = float(self.scale) if self.scale is not None else leave_one_out_scale(features, labels, n)
+        if self.needs_text:
+            self.text_weights_, self.text_scale_ = zeroshot_classifier(support, self.templates)
         self.class_names_ = list(class_names)
         return self
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         feats = torch.nn.functional.normalize(features.float(), dim=-1)
-        return self.scale_ * feats @ self.prototypes_.T
+        proto = self.scale_ * feats @ self.prototypes_.T
+        if not self.needs_text:
+            return proto
+        a = float(self.text_weight)
+        return (1 - a) * proto + a * self.text_scale_ * feats @ self.text_weights_

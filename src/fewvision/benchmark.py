@@ -1,0 +1,242 @@
+"""Compare few-shot methods honestly on the user's own labelled images.
+
+For every method x shots x seed: ``shots`` support images per class are drawn (seeded) from the train split, the
+head is fitted on their cached features, and accuracy / balanced accuracy are measured on the held-out split. A
+dataset without splits gets a seeded stratified split, recorded in the output. Features are computed once per
+feature kind through the cache and reused by every cell. Results: mean and standard deviation over seeds per
+(method, shots), fit time and trainable parameters, in results.csv, results.json and accuracy_vs_shots.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+from .api import as_backbone
+from .backbones.base import Backbone
+from .datasets import Dataset, sample_shots, stratified_split
+from .features import Features
+from .fewshot import as_dataset, encode, feature_kind, make_head
+from .heads import head_names
+from .support import Support
+
+CSV_COLUMNS = ["method", "shots", "n_seeds", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
+               "balanced_accuracy_std", "fit_seconds", "n_trainable_parameters"]
+TRAINING_FREE_SHOTS = 0  # the row of methods that use no support images (zero-shot)
+
+
+@dataclass
+class BenchmarkResult:
+    rows: list[dict]  # one per (method, shots): means and standard deviations over seeds
+    runs: list[dict]  # one per (method, shots, seed)
+    skipped: list[dict] = field(default_factory=list)  # {"method", "reason"}
+    setup: dict = field(default_factory=dict)
+
+
+def parse_list(text: str | Sequence, kind: Callable = str, what: str = "value") -> list:
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        out = [kind(s) for s in items if s != ""]
+    except ValueError:
+        raise ValueError(f"cannot read '{text}' as a comma-separated list of {what}s") from None
+    if not out:
+        raise ValueError(f"no {what} given")
+    return out
+
+
+def split_indices(dataset: Dataset, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(train, test) indices: the dataset's own splits when it has them, else a seeded stratified split."""
+    if dataset.has_splits:
+        train = np.array([i for i, it in enumerate(dataset.items) if it.split == "train"], dtype=np.int64)
+        test = np.array([i for i, it in enumerate(dataset.items) if it.split != "train"], dtype=np.int64)
+        if not len(train) or not len(test):
+            raise ValueError(f"{dataset.name}: a dataset with splits needs a 'train' split and a held-out split")
+        return train, test, {"kind": "dataset", "train": len(train), "test": len(test)}
+    train, test = stratified_split(dataset.labels, test_fraction, seed)
+    return train, test, {"kind": "stratified", "test_fraction": test_fraction, "seed": seed,
+                         "train": len(train), "test": len(test)}
+
+
+def _skip_reason(method: str, params: dict, backbone: Backbone) -> str | None:
+    head = make_head(method, 0, **params)
+    if head.needs_text and not backbone.has_text:
+        return f"needs a text tower; backbone '{backbone.spec}' is image-only"
+    return None
+
+
+def run_benchmark(
+    data: Dataset | str | os.PathLike,
+    methods: Sequence[str],
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: int = 3,
+    *,
+    backbone: str | Backbone,
+    weights: str | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
+    test_fraction: float = 0.5,
+    split_seed: int = 0,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    echo: Callable[[str], None] = lambda _: None,
+) -> BenchmarkResult:
+    """Run the grid and return the aggregated rows (see module docstring)."""
+    known = head_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(known)}")
+    if seeds < 1 or any(k < 1 for k in shots):
+        raise ValueError("seeds and shots must be >= 1")
+    dataset = as_dataset(data)
+    bb = as_backbone(backbone, cache_dir, weights)
+    params = params or {}
+    train, test, split = split_indices(dataset, test_fraction, split_seed)
+    labels = dataset.labels
+
+    skipped, runnable = [], []
+    for m in dict.fromkeys(methods):
+        reason = _skip_reason(m, params.get(m, {}), bb)
+        if reason:
+            skipped.append({"method": m, "reason": reason})
+            echo(f"skipping {m}: {reason}")
+        else:
+            runnable.append(m)
+
+    features: dict[str, tuple[Features, dict[str, int]]] = {}
+
+    def features_of(kind: str):
+        if kind not in features:
+            feats = encode(bb, dataset.paths, kind, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+                           description=f"{kind} features")
+            features[kind] = (feats, {p: i for i, p in enumerate(feats.paths)})
+        return features[kind]
+
+    runs = []
+    for method in runnable:
+        probe = make_head(method, 0, **params.get(method, {}))
+        kind = feature_kind(probe)
+        feats, row_of = features_of(kind)
+        base, base_rows = features_of("global")
+        test_rows = np.array([row_of[dataset.paths[i]] for i in test if dataset.paths[i] in row_of], dtype=np.int64)
+        y_test = labels[[i for i in test if dataset.paths[i] in row_of]]
+        grid = [TRAINING_FREE_SHOTS] if method == "zeroshot" else list(shots)
+        for k in grid:
+            for seed in range(1 if k == TRAINING_FREE_SHOTS else seeds):
+                readable = np.array([i for i in train if dataset.paths[i] in base_rows], dtype=np.int64)
+                chosen = sample_shots(labels, k, seed, readable) if k else readable[:0]
+                head = make_head(method, seed, **params.get(method, {}))
+                if k:
+                    rows = [base_rows[dataset.paths[i]] for i in chosen]
+                    support = Support(base.features[rows], labels[chosen], dataset.class_names, bb,
+                                      [dataset.paths[i] for i in chosen], cache_dir, use_cache)
+                else:
+                    support = Support(None, None, list(dataset.class_names), bb, cache_dir=cache_dir,
+                                      use_cache=use_cache)
+                start = time.perf_counter()
+                head.fit(support)
+                fit_seconds = time.perf_counter() - start
+                pred = head.predict(feats.features[test_rows])
+                runs.append({"method": method, "shots": k, "seed": seed,
+                             "accuracy": float(accuracy_score(y_test, pred)),
+                             "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
+                             "fit_seconds": fit_seconds, "n_trainable_parameters": head.n_trainable_parameters()})
+                echo(f"{method} {k}-shot seed {seed}: accuracy {runs[-1]['accuracy']:.4f}")
+
+    rows = aggregate(runs)
+    setup = {"dataset": dataset.name, "n_images": len(dataset), "classes": list(dataset.class_names),
+             "backbone": bb.spec, "backbone_id": bb.id, "methods": list(methods), "shots": list(shots),
+             "seeds": list(range(seeds)), "split": split,
+             "test_images": [dataset.paths[i] for i in test] if split["kind"] == "stratified" else None,
+             "skipped_images": sorted({s.path for f, _ in features.values() for s in f.skipped})}
+    return BenchmarkResult(rows, runs, skipped, setup)
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Mean and standard deviation (ddof=1 over seeds; 0 for a single seed) per (method, shots)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["shots"]), []).append(r)
+    out = []
+    for (method, k), group in groups.items():
+        row = {"method": method, "shots": k, "n_seeds": len(group)}
+        for metric in ("accuracy", "balanced_accuracy"):
+            values = np.array([g[metric] for g in group])
+            row[f"{metric}_mean"] = float(values.mean())
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        row["fit_seconds"] = float(np.mean([g["fit_seconds"] for g in group]))
+        row["n_trainable_parameters"] = int(max(g["n_trainable_parameters"] for g in group))
+        out.append(row)
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def accuracy_plot(result: BenchmarkResult) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    trained = sorted({r["shots"] for r in result.rows if r["shots"] > 0})
+    for method in dict.fromkeys(r["method"] for r in result.rows):
+        rows = sorted((r for r in result.rows if r["method"] == method), key=lambda r: r["shots"])
+        if rows[0]["shots"] == TRAINING_FREE_SHOTS and trained:
+            ax.axhline(rows[0]["accuracy_mean"], linestyle="--", color="grey", label=f"{method} (no shots)")
+            continue
+        x = [r["shots"] for r in rows]
+        mean = np.array([r["accuracy_mean"] for r in rows])
+        std = np.array([r["accuracy_std"] for r in rows])
+        ax.plot(x, mean, marker="o", label=method)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    if trained:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(trained, [str(k) for k in trained])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("accuracy (held-out split)")
+    ax.set_title(f"{result.setup.get('dataset', '')} - {result.setup.get('backbone', '')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(result: BenchmarkResult, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """results.csv, results.json and accuracy_vs_shots.png in ``out_dir``, each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.rows)
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "png": out / "accuracy_vs_shots.png"}
+    _write_atomic(paths["csv"], text.getvalue().encode())
+    doc = {"setup": result.setup, "rows": result.rows, "runs": result.runs, "skipped": result.skipped}
+    _write_atomic(paths["json"], json.dumps(doc, indent=2, allow_nan=False).encode())
+    _write_atomic(paths["png"], accuracy_plot(result))
+    return paths
+
+
+__all__ = ["run_benchmark", "write_outputs", "BenchmarkResult", "aggregate", "parse_list"]

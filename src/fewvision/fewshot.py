@@ -1,0 +1,240 @@
+"""Few-shot models end to end: fit a head on a few labelled images, calibrate it, save it, predict, evaluate.
+
+>>> model = fit("textile", "prototype", backbone="texture", shots=8, calibrate_fraction=0.2, alpha=0.1)
+>>> save_model("textile.fvm", model)
+>>> predict(load("textile.fvm"), ["new_photos/"], abstain=True).labels
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .api import Evaluation, Predictions, as_backbone, evaluate_predictions
+from .backbones.base import Backbone, BackboneError
+from .cache import open_cache
+from .conformal import abstain_labels, calibrate_conformal, fit_temperature, prediction_sets, set_labels, set_metrics
+from .datasets import Dataset, Item, load_dataset, sample_shots, stratified_split
+from .decide import apply_unknown_threshold
+from .features import GLOBAL, Features, encode_files, hash_files
+from .heads import ClassifierHead, create_head
+from .heads.base import _to_json
+from .images import iter_image_files
+from .modelfile import FewVisionModel, load, probabilities, save_model
+from .support import Support
+
+
+def feature_kind(head: ClassifierHead) -> str:
+    """The cached feature kind a head predicts from ('global' unless the head says otherwise, e.g. pre-projection)."""
+    return getattr(head, "feature_kind", GLOBAL)
+
+
+def make_head(method: str, seed: int = 0, **params) -> ClassifierHead:
+    """A registered head; ``seed`` is passed to heads that take one (zero-shot has nothing random)."""
+    from .heads import head_classes
+
+    cls = head_classes().get(method)
+    if cls is not None and "seed" in inspect.signature(cls.__init__).parameters:
+        params["seed"] = seed
+    return create_head(method, **params)
+
+
+def check_text(head: ClassifierHead, backbone: Backbone) -> None:
+    if head.needs_text and not backbone.has_text:
+        raise BackboneError(f"method '{head.method}' needs a text tower, which backbone '{backbone.spec}' lacks; "
+                            "use a CLIP backbone or an image-only method (prototype, linear)")
+
+
+def as_dataset(data: Dataset | str | os.PathLike | Sequence[str | os.PathLike],
+               labels: Sequence[str] | None = None) -> Dataset:
+    """A Dataset from a Dataset, a dataset source ('textile', CSV, folder) or image paths with their labels."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        if labels is not None:
+            raise ValueError("labels are only taken with a list of image paths, not with a dataset source")
+        return load_dataset(data)
+    paths = [str(p) for p in data]
+    if labels is None or len(labels) != len(paths):
+        raise ValueError(f"{len(paths)} image paths need as many labels, got {0 if labels is None else len(labels)}")
+    classes = sorted({str(lab) for lab in labels})
+    if len(classes) < 2:
+        raise ValueError(f"at least two classes are needed, got {classes}")
+    return Dataset("images", [Item(p, str(lab)) for p, lab in zip(paths, labels)], classes, "list")
+
+
+def encode(backbone: Backbone, paths: Sequence[str], kind: str = GLOBAL, *, cache_dir: str | None = None,
+           use_cache: bool = True, progress: bool = False, description: str = "encoding") -> Features:
+    cache = open_cache(backbone.id, cache_dir, enabled=use_cache)
+    return encode_files(backbone, paths, cache, kind=kind, progress=progress, description=description)
+
+
+def fit(
+    data: Dataset | str | os.PathLike | Sequence[str | os.PathLike],
+    method: str,
+    backbone: str | Backbone,
+    shots: int | None = None,
+    seed: int = 0,
+    *,
+    labels: Sequence[str] | None = None,
+    weights: str | None = None,
+    calibrate_fraction: float = 0.0,
+    alpha: float | None = None,
+    conformal: str = "lac",
+    mondrian: bool = False,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    **params: Any,
+) -> FewVisionModel:
+    """Fit ``method`` on ``shots`` images per class (all when None) of the train split (or the whole dataset).
+
+    With ``calibrate_fraction`` > 0 a seeded, stratified share of those images is held out (never used for fitting)
+    to fit the temperature and, with ``alpha``, split-conformal thresholds (``conformal`` 'lac' or 'aps',
+    ``mondrian`` for per-class thresholds).
+    """
+    dataset = as_dataset(data, labels)
+    if not 0.0 <= calibrate_fraction < 1.0:
+        raise ValueError(f"calibrate fraction must be in [0, 1), got {calibrate_fraction}")
+    if alpha is not None and calibrate_fraction <= 0:
+        raise ValueError("conformal prediction sets (--alpha) need held-out calibration images: "
+                         "give --calibrate-fraction (e.g. 0.3)")
+    if shots is not None and shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    bb = as_backbone(backbone, cache_dir, weights)
+    head = make_head(method, seed, **params)
+    check_text(head, bb)
+
+    y = dataset.labels
+    pool = np.arange(len(dataset))
+    if dataset.has_splits:
+        pool = np.array([i for i, it in enumerate(dataset.items) if it.split == "train"], dtype=np.int64)
+        if len(pool) == 0:
+            raise ValueError(f"{dataset.name}: the dataset has splits but no 'train' split to fit on")
+    calib = np.zeros(0, dtype=np.int64)
+    if calibrate_fraction > 0:
+        keep, held = stratified_split(y[pool], calibrate_fraction, seed)
+        pool, calib = pool[keep], pool[held]
+    chosen = sample_shots(y, shots, seed, pool) if shots else pool
+    support = Support.from_files(bb, [dataset.paths[i] for i in chosen], y[chosen], dataset.class_names,
+                                 cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    head.fit(support)
+
+    shas, _ = hash_files(support.paths)
+    info = {"method": method, "params": _to_json(head.get_params()), "shots": shots, "seed": seed,
+            "dataset": dataset.name, "class_names": list(dataset.class_names), "n_support": len(support.paths),
+            "support_counts": np.bincount(support.labels.numpy(), minlength=support.n_classes).tolist(),
+            "fitted_on_sha256": [s for s in shas if s], "n_trainable_parameters": head.n_trainable_parameters()}
+    model = FewVisionModel(head, bb.spec, bb.id, info=info, _backbone=bb)
+    if len(calib):
+        calibrate(model, [dataset.paths[i] for i in calib], y[calib], alpha=alpha, score=conformal,
+                  mondrian=mondrian, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    return model
+
+
+def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int], *, alpha: float | None = None,
+              score: str = "lac", mondrian: bool = False, cache_dir: str | None = None, use_cache: bool = True,
+              progress: bool = False) -> FewVisionModel:
+    """Fit the temperature (and conformal thresholds when ``alpha`` is given) on held-out labelled images."""
+    feats = encode(model.backbone(cache_dir), list(paths), feature_kind(model.head), cache_dir=cache_dir,
+                   use_cache=use_cache, progress=progress, description="calibration")
+    label_of = dict(zip(paths, labels))
+    y = np.array([int(label_of[p]) for p in feats.paths], dtype=np.int64)
+    model.decision.pop("temperature", None)
+    logp = np.log(np.clip(probabilities(model, feats.tensor).astype(np.float64), 1e-300, None))
+    temperature = fit_temperature(logp, y)
+    nll = lambda lp: float(-lp[np.arange(len(y)), y].mean())  # noqa: E731
+    model.decision["temperature"] = temperature
+    calibrated = probabilities(model, feats.tensor)
+    model.decision["calibration"] = {"n": int(len(y)), "nll_before": nll(logp),
+                                     "nll_after": nll(np.log(np.clip(calibrated.astype(np.float64), 1e-300, None)))}
+    calib_shas, _ = hash_files(feats.paths)
+    model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + [s for s in calib_shas if s]
+    if alpha is not None:
+        model.decision["conformal"] = calibrate_conformal(calibrated, y, alpha, score, mondrian)
+    return model
+
+
+def predictions(model: FewVisionModel, feats: Features, *, abstain: bool = False,
+                unknown_threshold: float | None = None) -> Predictions:
+    """Rows (path, label, calibrated probabilities and, with conformal thresholds, the prediction set)."""
+    names = model.class_names
+    conformal = model.decision.get("conformal")
+    if abstain and not conformal:
+        raise ValueError("--abstain needs conformal thresholds in the model: fit it with --alpha and "
+                         "--calibrate-fraction")
+    if not feats.paths:
+        return Predictions(names, [], feats.skipped, feats.encoded)
+    proba = probabilities(model, feats.tensor)
+    labels = apply_unknown_threshold(proba, names, unknown_threshold)
+    rows = [{"path": p, "label": lab, "probabilities": {n: float(v) for n, v in zip(names, pr)}}
+            for p, lab, pr in zip(feats.paths, labels, proba)]
+    if conformal:
+        sets = prediction_sets(proba, conformal)
+        for row, members in zip(rows, set_labels(sets, names)):
+            row["set"] = members
+            row["note"] = "set=" + "|".join(members)
+        if abstain:
+            for row, lab in zip(rows, abstain_labels(proba, sets, names)):
+                row["label"] = lab
+    return Predictions(names, rows, feats.skipped, feats.encoded)
+
+
+def predict(model: FewVisionModel | str | os.PathLike, inputs: Sequence[str | os.PathLike], *, abstain: bool = False,
+            unknown_threshold: float | None = None, weights: str | None = None, cache_dir: str | None = None,
+            use_cache: bool = True, progress: bool = False) -> Predictions:
+    """Classify image files and folders with a fitted model (calibrated probabilities; ``review`` when abstaining)."""
+    model = model if isinstance(model, FewVisionModel) else load(model)
+    feats = encode(model.backbone(cache_dir, weights), [str(p) for p in iter_image_files(inputs)],
+                   feature_kind(model.head), cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    return predictions(model, feats, abstain=abstain, unknown_threshold=unknown_threshold)
+
+
+def evaluate_model(model: FewVisionModel | str | os.PathLike, dataset: Dataset | str | os.PathLike, *,
+                   abstain: bool = False, weights: str | None = None, cache_dir: str | None = None,
+                   use_cache: bool = True, progress: bool = False, n_bootstrap: int = 1000) -> Evaluation:
+    """The zero-shot evaluation's metrics for a fitted model, on the dataset's test images.
+
+    Images of a 'train' split and images the model was fitted or calibrated on (matched by content hash) are left
+    out, so the numbers are never measured on the support set. With conformal thresholds the metrics add empirical
+    coverage, mean set size and per-class coverage.
+    """
+    model = model if isinstance(model, FewVisionModel) else load(model)
+    data = as_dataset(dataset)
+    missing = sorted(set(data.class_names) - set(model.class_names))
+    if missing:
+        raise ValueError(f"dataset '{data.name}' has classes {missing} that the model does not know "
+                         f"(model classes: {model.class_names})")
+    items = [it for it in data.items if it.split != "train"]
+    feats = encode(model.backbone(cache_dir, weights), [it.path for it in items], feature_kind(model.head),
+                   cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    fitted = set(model.info.get("fitted_on_sha256", []))
+    keep = [i for i, s in enumerate(feats.shas) if s not in fitted]
+    if not keep:
+        raise ValueError(f"dataset '{data.name}': every image was used to fit or calibrate this model; "
+                         "evaluate on other images")
+    test = Features([feats.paths[i] for i in keep], [feats.shas[i] for i in keep], feats.features[keep],
+                    feats.skipped, feats.encoded)
+    preds = predictions(model, test, abstain=abstain)
+    ev = evaluate_predictions(preds, data, n_bootstrap=n_bootstrap)
+    ev.metrics["n_excluded_fit_images"] = len(feats.paths) - len(keep)
+    conformal = model.decision.get("conformal")
+    if conformal:
+        index = {n: i for i, n in enumerate(model.class_names)}
+        sets = np.array([[n in r["set"] for n in model.class_names] for r in preds.rows], dtype=bool)
+        y = np.array([index[t] for t in ev.truths], dtype=np.int64)
+        ev.metrics.update(set_metrics(sets, y, model.class_names))
+        ev.metrics.update({"conformal_alpha": conformal["alpha"], "conformal_score": conformal["score"],
+                           "mondrian": conformal["mondrian"]})
+        if abstain:
+            ev.metrics["review_rate"] = float(np.mean([r["label"] == "review" for r in preds.rows]))
+    ev.metrics.update({"method": model.head.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
+                       "dataset": data.name, "temperature": model.decision.get("temperature")})
+    return ev
+
+
+__all__ = ["fit", "predict", "evaluate_model", "calibrate", "load", "save_model", "as_dataset", "make_head"]
