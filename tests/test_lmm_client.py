@@ -223,3 +223,74 @@ def test_create_lmm_checks_arguments(tmp_path):
         create_lmm("ftp://x", "m")
     with pytest.raises(ValueError, match="concurrency"):
         create_lmm("http://127.0.0.1:9", "m", concurrency=0)
+
+
+# --- the local transformers backend, on a tiny random LLaVA built offline -------------------------------------------
+
+_LLAVA_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "user", ":", "assistant", "which", "object", "is",
+                "present", "in", "the", "image", "?", "fabric", "hole", "a", "with", "also", "tell", "its",
+                "attribute", "."]
+_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                  "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                  "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast)
+
+    vocab = {w: i for i, w in enumerate(_LLAVA_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>", additional_special_tokens=["<image>"])
+    config = LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, image_size=32, patch_size=8,
+                           num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, projection_dim=16),
+        image_token_index=4, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   chat_template=_CHAT_TEMPLATE, num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
+
+
+def test_local_vlm_answers_greedily_and_caches(tiny_llava, images, tmp_path):
+    import torch
+
+    from fewvision.images import load_image
+    from fewvision.lmm.local import LocalVLM
+
+    lmm = create_lmm("local", str(tiny_llava), cache_dir=str(tmp_path / "cache"))
+    assert isinstance(lmm, LocalVLM) and lmm.model_id.startswith("local:")
+    question = "Which object is present in the image? Also tell its attribute."
+    first = lmm.ask(images[0], question)
+    # The same generation done by hand with transformers: greedy, the chat template, the new tokens only.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = lmm.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = lmm.processor(images=[load_image(images[0])], text=[text], return_tensors="pt")
+    with torch.inference_mode():
+        out = lmm.model.generate(**inputs, max_new_tokens=lmm.max_new_tokens, do_sample=False)
+    expected = lmm.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert first.text == expected.strip() and first.text and first.usable
+    assert lmm.requests == 1
+    again = LocalVLM(str(tiny_llava), cache_dir=str(tmp_path / "cache")).ask(images[0], question)
+    assert again.cached and again.text == first.text
+    answers = lmm.ask_many([(str(p), question) for p in images[:3]])
+    assert lmm.requests == 3 and answers[0].cached and all(a.text for a in answers)
+
+
+def test_local_vlm_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from fewvision.backbones.base import WeightsUnavailable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="HuggingFaceTB/SmolVLM-256M-Instruct"):
+        create_lmm("local", "HuggingFaceTB/SmolVLM-256M-Instruct", cache_dir=str(tmp_path))
