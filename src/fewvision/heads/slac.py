@@ -1,5 +1,5 @@
-"""SLAC: Single-stage LMM Augmented CLIP (Munir et al., "TLAC: Two-stage LMM Augmented CLIP for Zero-Shot
-Classification", arXiv 2503.12206).
+"""SLAC: Single-stage LMM Augmented CLIP ("TLAC: Two-stage LMM Augmented CLIP for Zero-Shot Classification",
+arXiv 2503.12206; docs/methods/slac-tlac.md).
 
 A large multimodal model (LMM) is shown the image and asked "Which object is present in the image? Also tell its
 attribute."; its free-text answer is embedded with the backbone's text tower and the image gets the class whose
