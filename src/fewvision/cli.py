@@ -186,7 +186,9 @@ def classify(
 
 @app.command("eval")
 def evaluate(
-    dataset: str = typer.Argument(..., help="'textile', a CSV manifest, an MVTec folder or a folder of class folders"),
+    dataset: str = typer.Argument(..., help="'textile', a CSV manifest, an MVTec folder or a folder of class folders"
+                                  " - or a fitted model file (.fvm), followed by the dataset"),
+    model_dataset: Optional[str] = typer.Argument(None, metavar="[DATASET]", help="the dataset, after a model file"),
     method: str = typer.Option("zeroshot", "--method", help="zeroshot | prototype | slac | tlac"),
     classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="classes with descriptions (zeroshot)"),
     backbone: str = typer.Option("openclip:ViT-B-32/laion2b_s34b_b79k", "--backbone", help=DEFAULT_BACKBONE_HELP),
@@ -205,8 +207,20 @@ def evaluate(
     lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, help="LMM requests in flight at most"),
     lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", help="the stage-1 question (SLAC's by default)"),
     lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, help="candidates from CLIP and from SLAC (tlac)"),
+    abstain: bool = typer.Option(False, "--abstain", help="model files: 'review' when the conformal set is not one class"),
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores and bootstrap 95% intervals on a labelled dataset."""
+    from .modelfile import is_model_file
+
+    if is_model_file(dataset):
+        from .cli_fewshot import evaluate_model_command
+
+        if model_dataset is None:
+            raise UserError(f"{dataset}: give the dataset to evaluate the model on: fewvision eval MODEL.fvm DATASET")
+        return evaluate_model_command(Path(dataset), model_dataset, out=out, report=report, abstain=abstain,
+                                      weights=weights, cache_dir=cache_dir, no_cache=no_cache)
+    if model_dataset is not None:
+        raise UserError(f"a second argument ('{model_dataset}') is only taken after a model file (.fvm)")
     from .api import evaluate_prototype, evaluate_zeroshot
     from .datasets import load_dataset
     from .evaluation import save_metrics
@@ -304,7 +318,7 @@ def _root(version: bool = typer.Option(False, "--version", help="print the versi
 
 
 # Command groups that live in their own modules; each module defines ``register(app)``.
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["cli_anomaly", "cli_fewshot"]
 
 
 def _register_extensions() -> None:

@@ -21,7 +21,7 @@ def _load_all() -> None:
         importlib.import_module(f"fewvision.anomaly.{module}")
 
 
-MODULES: list[str] = []
+MODULES: list[str] = ["patchcore", "padim", "winclip", "autoencoder", "stpm"]
 
 
 def anomaly_head_classes() -> dict[str, type[AnomalyHead]]:

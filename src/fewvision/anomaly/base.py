@@ -2,14 +2,20 @@
 
 A head learns from good images only. It declares what it consumes (``inputs``):
 
-* ``"patches"`` - patch feature maps ``[N, C, h, w]`` from ``backbone.patch_features`` (cached like image features);
+* ``"patches"`` - patch feature maps ``[N, C, h, w]`` from ``backbone.patch_features`` (cached like image features).
+  ``fit`` receives either one tensor or an iterable of such tensors (chunks of images, so that a fit can stream
+  over more images than fit in memory); :func:`iter_chunks` turns either into chunks. ``score`` receives a tensor.
 * ``"pixels"``  - preprocessed images ``[N, 3, H, W]`` from ``backbone.preprocess`` (AE, VAE, STPM students);
-* ``"backbone"`` - the head calls the backbone itself (e.g. WinCLIP needs text and multi-scale windows).
+* ``"backbone"`` - the head calls the backbone itself (e.g. WinCLIP needs text and multi-scale windows); it
+  receives the preprocessed images ``[N, 3, H, W]`` like a ``"pixels"`` head.
 
 ``fit(inputs, backbone)`` learns; ``score(inputs, backbone)`` returns raw anomaly maps ``[N, h, w]`` (any
 resolution) and image scores ``[N]``. Turning raw maps into maps at input resolution with Gaussian smoothing is
-done once, for every head, by :func:`fewvision.anomaly.postprocess.finish_maps` - the only post-processing code
-path, used by fit-time calibration, prediction, evaluation and any export alike.
+done once, for every head, by :func:`fewvision.anomaly.postprocess.finish` (which calls ``finish_maps``) - the
+only post-processing code path, used by fit-time calibration, prediction, evaluation and any export alike.
+
+``image_score`` says where the image score comes from: ``"head"`` (the head's own image score, e.g. PatchCore's
+re-weighted nearest-neighbour distance) or ``"map_max"`` (the maximum of the finished, smoothed map, e.g. PaDiM).
 
 Persistence is as for classification heads: ``state()`` / ``from_state()``; the generic implementation stores
 every ``*_`` tensor attribute and JSON-able ``*_`` attribute plus the ``__init__`` parameters.
@@ -18,19 +24,22 @@ every ``*_`` tensor attribute and JSON-able ``*_`` attribute plus the ``__init__
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Iterable, Iterator
 
 import torch
 
 from ..heads.base import ClassifierHead
 
+IMAGE_SCORE_SOURCES = ("head", "map_max")
+
 
 class AnomalyHead(ABC):
     method: str = ""
     inputs: str = "patches"
+    image_score: str = "head"
 
     @abstractmethod
-    def fit(self, inputs: torch.Tensor | None, backbone=None) -> "AnomalyHead":
+    def fit(self, inputs: torch.Tensor | Iterable[torch.Tensor] | None, backbone=None) -> "AnomalyHead":
         """Learn the distribution of good images."""
 
     @abstractmethod
@@ -48,3 +57,15 @@ class AnomalyHead(ABC):
 
     def n_trainable_parameters(self) -> int:
         return 0
+
+
+def iter_chunks(inputs: torch.Tensor | Iterable[torch.Tensor], chunk: int = 32) -> Iterator[torch.Tensor]:
+    """Chunks ``[n, C, h, w]`` (float32) of a tensor or of an iterable of tensors; empty chunks are dropped."""
+    if torch.is_tensor(inputs):
+        for start in range(0, len(inputs), chunk):
+            yield inputs[start : start + chunk].float()
+        return
+    for part in inputs:
+        part = torch.as_tensor(part)
+        if len(part):
+            yield part.float()

@@ -1,0 +1,439 @@
+"""Model-level anomaly detection: fit from good images with a calibrated threshold, score files, evaluate.
+
+>>> from fewvision.anomaly.api import fit_anomaly, score_files
+>>> model = fit_anomaly(["good/"], method="patchcore", backbone="texture", target_false_reject=0.05)
+>>> result = score_files(model, ["incoming/"])
+>>> result.rows[0]["score"], result.rows[0]["is_anomalous"]
+
+``fit_anomaly`` fits the head on part of the good images and sets the threshold on the held-out rest with the
+split-conformal rule (:mod:`fewvision.anomaly.threshold`), so the false-reject rate on new good images is at most
+``target_false_reject`` (for images exchangeable with the given ones). Every score - calibration, prediction,
+evaluation, a saved and re-loaded model - goes through :func:`_score_chunks`, which calls
+:func:`fewvision.anomaly.postprocess.finish`, the only post-processing path.
+
+Patch features are read and written through the feature cache (``encode_files(kind="patch")``, stored as float16)
+one chunk of images at a time, so neither fitting nor scoring holds every image's features at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..backbones import create_backbone
+from ..backbones.base import Backbone
+from ..cache import open_cache
+from ..datasets import GOOD, Dataset, DatasetError, load_dataset
+from ..features import PATCH, encode_files
+from ..images import BadImage, Skipped, iter_image_files, load_image
+from ..modelfile import FewVisionModel
+from . import create_anomaly_head
+from .base import AnomalyHead
+from .postprocess import DEFAULT_SIGMA, finish, mask_view
+from .threshold import ThresholdError, conformal_threshold, f1_threshold, min_calibration_size, recall_threshold
+
+DEFAULT_ANOMALY_BACKBONE = "timm:wide_resnet50_2"
+DEFAULT_METHOD = "patchcore"
+DEFAULT_HOLDOUT_FRACTION = 0.2
+DEFAULT_CHUNK_IMAGES = 32
+PATCH_CACHE_DTYPE = np.float16
+
+
+@dataclass
+class AnomalyPredictions:
+    """One row per readable image (path, score, is_anomalous), its map (in ``maps``, same order) and the skips."""
+
+    rows: list[dict]
+    maps: np.ndarray | None
+    threshold: float | None
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([r["score"] for r in self.rows], dtype=np.float64)
+
+
+@dataclass
+class AnomalyEvaluation:
+    metrics: dict[str, Any]
+    predictions: AnomalyPredictions
+    is_defect: np.ndarray
+    masks: list[np.ndarray | None] = field(default_factory=list)
+
+
+def _as_backbone(backbone: str | Backbone, cache_dir: str | None, weights: str | None) -> Backbone:
+    return backbone if isinstance(backbone, Backbone) else create_backbone(backbone, cache_dir=cache_dir, weights=weights)
+
+
+# --- inputs for the heads ----------------------------------------------------------------------------------------
+class _Recorder:
+    """Collects skipped files and the paths actually used while chunks are produced."""
+
+    def __init__(self) -> None:
+        self.skipped: list[Skipped] = []
+        self.used: list[str] = []
+
+
+def _patch_chunks(backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
+                  rec: _Recorder, progress: bool) -> Iterator[tuple[list[str], torch.Tensor]]:
+    for start in range(0, len(paths), chunk_images):
+        feats = encode_files(backbone, paths[start : start + chunk_images], cache, kind=PATCH, batch_size=batch_size,
+                             workers=0, progress=progress, description="patch features", dtype=PATCH_CACHE_DTYPE)
+        rec.skipped += feats.skipped
+        if feats.paths:
+            rec.used += feats.paths
+            yield feats.paths, torch.from_numpy(feats.features)
+
+
+def _pixel_chunks(backbone: Backbone, paths: Sequence[str], chunk_images: int,
+                  rec: _Recorder) -> Iterator[tuple[list[str], torch.Tensor]]:
+    for start in range(0, len(paths), chunk_images):
+        ok, tensors = [], []
+        for p in paths[start : start + chunk_images]:
+            try:
+                tensors.append(backbone.preprocess(load_image(p)))
+                ok.append(p)
+            except BadImage as err:
+                rec.skipped.append(Skipped(p, err.reason))
+            except Exception as err:  # noqa: BLE001 - one odd image must not stop the batch
+                rec.skipped.append(Skipped(p, f"cannot preprocess ({type(err).__name__}: {err})"))
+        if ok:
+            rec.used += ok
+            yield ok, torch.stack(tensors)
+
+
+def _chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
+            rec: _Recorder, progress: bool):
+    if head.inputs == "patches":
+        return _patch_chunks(backbone, paths, cache, chunk_images, batch_size, rec, progress)
+    if head.inputs in ("pixels", "backbone"):
+        return _pixel_chunks(backbone, paths, chunk_images, rec)
+    raise ValueError(f"{type(head).__name__}.inputs must be 'patches', 'pixels' or 'backbone', got {head.inputs!r}")
+
+
+def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, *, size: tuple[int, int],
+                  sigma: float, chunk_images: int, batch_size: int, rec: _Recorder,
+                  progress: bool) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """(paths, finished maps [n, H, W], image scores [n]) per chunk: the one scoring path."""
+    for ok, inputs in _chunks(head, backbone, paths, cache, chunk_images, batch_size, rec, progress):
+        with torch.inference_mode():
+            raw, scores = head.score(inputs, backbone)
+            maps, scores = finish(head, raw, scores, size, sigma)
+        yield ok, maps, scores
+
+
+# --- fit ------------------------------------------------------------------------------------------------------
+def _head(method: str, seed: int, params: dict) -> AnomalyHead:
+    from . import anomaly_head_classes
+
+    classes = anomaly_head_classes()
+    if method not in classes:
+        return create_anomaly_head(method, **params)  # raises the "unknown method" error
+    accepted = inspect.signature(classes[method].__init__).parameters
+    if "seed" in accepted and "seed" not in params:
+        params = {**params, "seed": seed}
+    unknown = sorted(set(params) - set(accepted) - {"self"})
+    if unknown:
+        raise ValueError(f"method '{method}' has no parameter(s) {', '.join(unknown)}; it accepts "
+                         f"{', '.join(p for p in accepted if p != 'self')}")
+    return create_anomaly_head(method, **params)
+
+
+def _split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_hold = int(round(n * holdout_fraction))
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+def fit_anomaly(
+    good: Sequence[str | os.PathLike] | str | os.PathLike,
+    method: str = DEFAULT_METHOD,
+    backbone: str | Backbone = DEFAULT_ANOMALY_BACKBONE,
+    *,
+    target_false_reject: float = 0.01,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
+    seed: int = 0,
+    sigma: float = DEFAULT_SIGMA,
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    batch_size: int = 16,
+    chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    **params: Any,
+) -> FewVisionModel:
+    """Fit ``method`` on good images (files and/or folders) and calibrate its threshold on held-out good images.
+
+    ``holdout_fraction`` of the good images (seeded) are not used for fitting; their scores set the threshold for
+    a false-reject rate of ``target_false_reject`` (split conformal). Raises ``ValueError`` (``ThresholdError``)
+    before any feature is computed when too few images would be held out for that rate.
+    """
+    if isinstance(good, (str, os.PathLike)):
+        good = [good]
+    paths = [str(p) for p in iter_image_files(good)]
+    if not paths:
+        raise ValueError(f"no good images found in {', '.join(map(str, good)) or '(nothing given)'}")
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    fit_idx, hold_idx = _split(len(paths), holdout_fraction, seed)
+    need = min_calibration_size(target_false_reject)
+    if len(hold_idx) < need:
+        raise ThresholdError(
+            f"a false-reject rate of {target_false_reject:g} needs at least {need} held-out good images for the "
+            f"conformal guarantee, but holding out {holdout_fraction:g} of {len(paths)} good images gives "
+            f"{len(hold_idx)}: supply at least {int(np.ceil(need / holdout_fraction))} good images, raise the "
+            f"hold-out fraction, or raise the target false-reject rate"
+        )
+    if len(fit_idx) == 0:
+        raise ValueError(f"no good images left to fit on after holding out {len(hold_idx)} of {len(paths)}")
+    bb = _as_backbone(backbone, cache_dir, weights)
+    head = _head(method, seed, dict(params))
+    cache = open_cache(bb.id, cache_dir, enabled=use_cache)
+    size = tuple(int(v) for v in bb.input_size)
+
+    fit_rec = _Recorder()
+    fit_paths = [paths[i] for i in fit_idx]
+    if head.inputs == "patches":
+        def stream():
+            for _, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress):
+                yield x
+            if not fit_rec.used:
+                raise ValueError(_none_readable(fit_paths, fit_rec))
+
+        head.fit(stream(), bb)
+    else:
+        parts = [x for _, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress)]
+        if not parts:
+            raise ValueError(_none_readable(fit_paths, fit_rec))
+        head.fit(torch.cat(parts), bb)
+    if not fit_rec.used:
+        raise ValueError(_none_readable(fit_paths, fit_rec))
+
+    cal_rec = _Recorder()
+    cal_scores, low, high = [], [], []
+    for _, maps, scores in _score_chunks(head, bb, [paths[i] for i in hold_idx], cache, size=size, sigma=sigma,
+                                         chunk_images=chunk_images, batch_size=batch_size, rec=cal_rec,
+                                         progress=progress):
+        cal_scores.append(scores.double().numpy())
+        flat = maps.flatten(1)
+        low.append(flat.median(dim=1).values.numpy())
+        high.append(flat.amax(dim=1).numpy())
+    cal = np.concatenate(cal_scores) if cal_scores else np.zeros(0)
+    threshold = conformal_threshold(cal, target_false_reject)
+    map_low = float(np.median(np.concatenate(low)))
+    map_high = float(np.max(np.concatenate(high)))
+    decision = {
+        "threshold": threshold,
+        "rule": "score > threshold",
+        "calibration": "split-conformal",
+        "target_false_reject": float(target_false_reject),
+        "n_calibration": int(len(cal)),
+        "calibration_scores": sorted(float(v) for v in cal),
+        "holdout_fraction": float(holdout_fraction),
+        "sigma": float(sigma),
+        "map_size": list(size),
+        # Heat-map colour range: the median good pixel maps to the bottom, twice the hottest good pixel's excess to
+        # the top, so good images stay in the lower half of the colour map.
+        "heatmap_range": [map_low, map_low + 2.0 * max(map_high - map_low, 1e-12)],
+    }
+    info = {
+        "method": method,
+        "seed": int(seed),
+        "n_fit_images": len(fit_rec.used),
+        "n_calibration_images": int(len(cal)),
+        "skipped": [f"{s.path}: {s.reason}" for s in (fit_rec.skipped + cal_rec.skipped)[:20]],
+        "n_skipped": len(fit_rec.skipped) + len(cal_rec.skipped),
+    }
+    model = FewVisionModel(head, bb.spec, bb.id, task="anomaly", decision=decision, info=info)
+    return model.bind(bb)
+
+
+def _none_readable(paths: Sequence[str], rec: _Recorder) -> str:
+    first = f" (first: {rec.skipped[0].path}: {rec.skipped[0].reason})" if rec.skipped else ""
+    return f"none of the {len(paths)} good image(s) to fit on could be read{first}"
+
+
+def rethreshold(model: FewVisionModel, target_false_reject: float) -> FewVisionModel:
+    """A new conformal threshold from the stored held-out good scores (no refit)."""
+    cal = model.decision.get("calibration_scores")
+    if not cal:
+        raise ThresholdError("this model stores no held-out good scores to recalibrate from")
+    model.decision = {**model.decision, "threshold": conformal_threshold(cal, target_false_reject),
+                      "target_false_reject": float(target_false_reject)}
+    return model
+
+
+# --- scoring --------------------------------------------------------------------------------------------------
+def _settings(model: FewVisionModel, backbone: Backbone) -> tuple[tuple[int, int], float]:
+    size = model.decision.get("map_size") or list(backbone.input_size)
+    return (int(size[0]), int(size[1])), float(model.decision.get("sigma", DEFAULT_SIGMA))
+
+
+def score_files(
+    model: FewVisionModel,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    keep_maps: bool = True,
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    batch_size: int = 16,
+    chunk_images: int = DEFAULT_CHUNK_IMAGES,
+) -> AnomalyPredictions:
+    """Score image files and/or folders; unreadable files are skipped with their reason."""
+    if model.task != "anomaly":
+        raise ValueError(f"this is a {model.task} model, not an anomaly model")
+    paths = [str(p) for p in iter_image_files(inputs)]
+    return _score_paths(model, paths, keep_maps=keep_maps, weights=weights, cache_dir=cache_dir, use_cache=use_cache,
+                        progress=progress, batch_size=batch_size, chunk_images=chunk_images)
+
+
+def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool, weights: str | None,
+                 cache_dir: str | None, use_cache: bool, progress: bool, batch_size: int,
+                 chunk_images: int) -> AnomalyPredictions:
+    bb = model.backbone(cache_dir=cache_dir, weights=weights)
+    size, sigma = _settings(model, bb)
+    cache = open_cache(bb.id, cache_dir, enabled=use_cache)
+    threshold = model.decision.get("threshold")
+    rec = _Recorder()
+    rows, maps = [], []
+    for ok, m, s in _score_chunks(model.head, bb, paths, cache, size=size, sigma=sigma, chunk_images=chunk_images,
+                                  batch_size=batch_size, rec=rec, progress=progress):
+        for p, v in zip(ok, s.tolist()):
+            rows.append({"path": p, "score": float(v),
+                         "is_anomalous": None if threshold is None else bool(v > threshold)})
+        if keep_maps:
+            maps.append(m.numpy().astype(np.float32, copy=False))
+    stacked = (np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)) if keep_maps else None
+    return AnomalyPredictions(rows, stacked, threshold, rec.skipped)
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------
+def good_label_of(dataset: Dataset, good_label: str | None = None) -> str:
+    """The label of good images: ``good_label``, else 'good', else 'nominal' (the textile set)."""
+    names = set(dataset.class_names)
+    if good_label is not None:
+        if good_label not in names:
+            raise DatasetError(f"{dataset.root or dataset.name}: no class '{good_label}' (classes: "
+                               f"{', '.join(dataset.class_names)})")
+        return good_label
+    for cand in (GOOD, "nominal"):
+        if cand in names:
+            return cand
+    raise DatasetError(f"{dataset.root or dataset.name}: no 'good' folder (classes: {', '.join(dataset.class_names)});"
+                       " name the good class with --good-label")
+
+
+def test_items(dataset: Dataset) -> Dataset:
+    """The MVTec test split (the train split is good images for fitting); every item for other layouts."""
+    if dataset.layout == "mvtec":
+        return dataset.split("test")
+    return dataset
+
+
+def _load_mask(path: str, preprocess, size) -> np.ndarray:
+    try:
+        return mask_view(load_image(path), preprocess, size)
+    except BadImage as err:
+        raise DatasetError(f"{path}: cannot read the ground-truth mask ({err.reason})") from None
+
+
+def evaluate_anomaly(
+    model: FewVisionModel,
+    dataset: Dataset | str | os.PathLike,
+    *,
+    good_label: str | None = None,
+    recall: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    batch_size: int = 16,
+    chunk_images: int = DEFAULT_CHUNK_IMAGES,
+) -> AnomalyEvaluation:
+    """Image metrics at the model's threshold (plus AUROC interval, F1-optimal and recall thresholds), per-defect-
+    type AUROC, and pixel AUROC / AUPRO when ground-truth masks exist. The model's training images must not be in
+    the test set (for MVTec only the test split is used)."""
+    from .metrics import auroc_bootstrap_ci, aupro, image_metrics, pixel_auroc
+
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    good = good_label_of(data, good_label)
+    data = test_items(data)
+    if not len(data):
+        raise DatasetError(f"{data.root or data.name}: no test images")
+    by_path = {it.path: it for it in data.items}
+    preds = _score_paths(model, data.paths, keep_maps=True, weights=weights, cache_dir=cache_dir,
+                         use_cache=use_cache, progress=progress, batch_size=batch_size, chunk_images=chunk_images)
+    items = [by_path[r["path"]] for r in preds.rows]
+    for r, it in zip(preds.rows, items):
+        r["true"] = it.label
+    is_defect = np.array([it.label != good for it in items], dtype=bool)
+    scores = preds.scores
+    threshold = model.decision.get("threshold")
+    metrics: dict[str, Any] = image_metrics(scores, is_defect, threshold)
+    metrics.update({"n": len(items), "n_skipped": len(preds.skipped), "good_label": good,
+                    "target_false_reject": model.decision.get("target_false_reject")})
+    notes: list[str] = []
+    if is_defect.any() and (~is_defect).any():
+        metrics["image_auroc_ci"] = auroc_bootstrap_ci(scores, is_defect, n_bootstrap=n_bootstrap, seed=seed)
+        metrics["ci_method"] = {"method": "percentile bootstrap, good and defective images resampled separately",
+                                "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": 0.95}
+        labelled: dict[str, Any] = {}
+        for name, pick in (("f1_optimal", lambda: f1_threshold(scores, is_defect)),
+                           (f"recall_{recall:g}", lambda: recall_threshold(scores, is_defect, recall))):
+            try:
+                t = pick()
+                labelled[name] = image_metrics(scores, is_defect, t)
+                for k in ("n_good", "n_defect", "image_auroc", "image_aupr"):
+                    labelled[name].pop(k, None)
+            except ThresholdError as err:
+                labelled[name] = {"error": str(err)}
+        metrics["labelled_thresholds"] = labelled
+        per_type = {}
+        for label in sorted({it.label for it in items} - {good}):
+            sel = np.array([it.label in (good, label) for it in items])
+            m = image_metrics(scores[sel], is_defect[sel], threshold)
+            per_type[label] = {k: m.get(k) for k in ("n_defect", "image_auroc", "image_aupr", "miss_rate")}
+        metrics["per_defect_type"] = per_type
+    else:
+        notes.append("image AUROC needs both good and defective test images")
+
+    masks: list[np.ndarray | None] = [None] * len(items)
+    with_mask = [i for i, it in enumerate(items) if it.mask]
+    if with_mask and preds.maps is not None:
+        bb = model.backbone(cache_dir=cache_dir, weights=weights)
+        size, _ = _settings(model, bb)
+        use = [i for i, d in enumerate(is_defect) if not d] + with_mask
+        for i in with_mask:
+            masks[i] = _load_mask(items[i].mask, bb.preprocess, size)
+        for i in use:
+            if masks[i] is None:
+                masks[i] = np.zeros(size, dtype=bool)
+        missing = int(is_defect.sum()) - len(with_mask)
+        if missing:
+            notes.append(f"{missing} defective image(s) without a mask are left out of the pixel metrics")
+        sel_maps = [preds.maps[i] for i in use]
+        sel_masks = [masks[i] for i in use]
+        if any(m.any() for m in sel_masks):
+            metrics["pixel_auroc"] = pixel_auroc(sel_maps, sel_masks)
+            metrics["aupro"] = aupro(sel_maps, sel_masks)
+            metrics["aupro_fpr_limit"] = 0.3
+            metrics["n_pixel_images"] = len(use)
+        else:
+            notes.append("the ground-truth masks are empty: no pixel metrics")
+    if notes:
+        metrics["notes"] = notes
+    return AnomalyEvaluation(metrics, preds, is_defect, masks)
+
+
+__all__ = ["fit_anomaly", "score_files", "evaluate_anomaly", "rethreshold", "AnomalyPredictions",
+           "AnomalyEvaluation", "DEFAULT_ANOMALY_BACKBONE", "good_label_of", "test_items"]

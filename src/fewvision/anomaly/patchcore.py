@@ -1,0 +1,213 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+* Locally aware patch features: the backbone's mid-level feature maps (``patch_features``; for a timm CNN the
+  stages in ``feature_layers``, default 2 and 3, brought to the first stage's grid), each position averaged over
+  its ``p x p`` neighbourhood (Eq. 1-2, p = 3).
+* Memory bank: greedy k-center coreset (Alg. 1; Sener & Savarese 2018) of all training patches, distances taken on
+  a seeded Johnson-Lindenstrauss random projection to 128 dimensions; ``coreset_ratio`` of the patches are kept.
+* Anomaly map: distance of each test patch to its nearest memory item (faiss ``IndexFlatL2``).
+* Image score (Eq. 6-7): ``s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*`` with
+  ``s*`` the largest patch distance, ``m_test*`` that patch, ``m*`` its nearest memory item and ``N_b(m*)`` the
+  ``num_neighbors`` nearest memory items of ``m*`` (``m*`` itself included, as in the reference code).
+
+Streaming fit with bounded memory: the training patches of one chunk of images are embedded, reduced to
+``min(1, stream_oversample * coreset_ratio)`` of themselves by the same greedy k-center on the same projection,
+and only the kept patches are carried forward; a final greedy k-center over the union of the kept patches selects
+``ceil(coreset_ratio * all patches)`` memory items. Peak memory is therefore one chunk of raw patches
+(``chunk_images * h * w * C`` floats) plus ``stream_oversample * coreset_ratio * N * h * w * C`` floats for the kept
+patches - never every patch of every image. With a single chunk the coreset is the exact paper algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import register
+from .base import AnomalyHead, iter_chunks
+
+
+def aggregate_neighbourhood(maps: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """Eq. 2: average of every position's ``p x p`` neighbourhood (zero-padded at the border, stride 1)."""
+    if pool_size <= 1:
+        return maps
+    return F.avg_pool2d(maps, kernel_size=pool_size, stride=1, padding=pool_size // 2)
+
+
+def flatten_patches(maps: torch.Tensor) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N * h * w, C]`` (image-major, then row-major positions)."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def greedy_coreset(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-center selection (PatchCore Alg. 1) on rows of ``z``: indices of ``k`` rows, starting at a random one.
+
+    Each step adds the row farthest (Euclidean) from everything selected so far. The loop runs on one thread: each
+    step is a memory-bound matrix-vector product over ``z`` for which thread hand-off costs more than it saves
+    (measured: 2.5 ms per step on 1 thread vs 14 ms on 2 for 31k x 128 on a shared 2-core machine).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _greedy_coreset(z, k, generator)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy_coreset(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    n = len(z)
+    if k >= n:
+        return torch.arange(n)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    z = z.float().contiguous()
+    sq = (z * z).sum(1)
+    selected = torch.empty(k, dtype=torch.long)
+    i = int(torch.randint(n, (1,), generator=generator))
+    min_d = torch.full((n,), float("inf"))
+    for step in range(k):
+        selected[step] = i
+        d = sq - 2.0 * torch.mv(z, z[i]) + sq[i]
+        torch.minimum(min_d, d, out=min_d)
+        min_d[i] = -1.0  # never picked again, even with rounding
+        i = int(torch.argmax(min_d))
+    return selected
+
+
+@register
+class PatchCore(AnomalyHead):
+    method = "patchcore"
+    inputs = "patches"
+    image_score = "head"
+
+    def __init__(
+        self,
+        coreset_ratio: float = 0.1,
+        projection_dim: int = 128,
+        num_neighbors: int = 9,
+        pool_size: int = 3,
+        stream_oversample: float = 2.0,
+        chunk_images: int = 32,
+        seed: int = 0,
+    ):
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.num_neighbors = num_neighbors
+        self.pool_size = pool_size
+        self.stream_oversample = stream_oversample
+        self.chunk_images = chunk_images
+        self.seed = seed
+
+    # --- fit ----------------------------------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.projection_dim < 1 or self.num_neighbors < 1 or self.chunk_images < 1:
+            raise ValueError("projection_dim, num_neighbors and chunk_images must be >= 1")
+        if self.stream_oversample < 1:
+            raise ValueError(f"stream_oversample must be >= 1, got {self.stream_oversample}")
+        if self.pool_size < 1 or self.pool_size % 2 == 0:
+            raise ValueError(f"pool_size must be an odd number >= 1, got {self.pool_size}")
+
+    def _projection(self, channels: int, generator: torch.Generator) -> torch.Tensor | None:
+        if channels <= self.projection_dim:
+            return None  # already low-dimensional: distances on the features themselves
+        return torch.randn(channels, self.projection_dim, generator=generator) / math.sqrt(self.projection_dim)
+
+    def fit(self, inputs: torch.Tensor | Iterable[torch.Tensor], backbone=None) -> "PatchCore":
+        self._check_params()
+        generator = torch.Generator().manual_seed(int(self.seed))
+        projection = None
+        channels = grid = None
+        kept: list[torch.Tensor] = []
+        pending: torch.Tensor | None = None  # the last chunk, not yet reduced (kept raw if it is the only one)
+        n_patches = n_images = 0
+        keep_ratio = min(1.0, self.stream_oversample * self.coreset_ratio)
+
+        def reduce(emb: torch.Tensor) -> torch.Tensor:
+            k = math.ceil(keep_ratio * len(emb))
+            z = emb if projection is None else emb @ projection
+            return emb[greedy_coreset(z, k, generator)]
+
+        for chunk in iter_chunks(inputs, self.chunk_images):
+            if chunk.ndim != 4:
+                raise ValueError(f"patchcore expects patch maps [N, C, h, w], got shape {tuple(chunk.shape)}")
+            if channels is None:
+                channels, grid = chunk.shape[1], tuple(chunk.shape[-2:])
+                projection = self._projection(channels, generator)
+            elif chunk.shape[1] != channels or tuple(chunk.shape[-2:]) != grid:
+                raise ValueError(f"patch maps changed shape during fit: {tuple(chunk.shape[1:])} after "
+                                 f"{(channels, *grid)}")
+            if pending is not None:
+                kept.append(reduce(pending))
+            pending = flatten_patches(aggregate_neighbourhood(chunk, self.pool_size))
+            n_patches += len(pending)
+            n_images += len(chunk)
+        if pending is None:
+            raise ValueError("patchcore needs at least one good image to fit")
+        kept.append(reduce(pending) if kept else pending)
+        union = torch.cat(kept) if len(kept) > 1 else kept[0]
+        del kept, pending
+        k = max(1, math.ceil(self.coreset_ratio * n_patches))
+        z = union if projection is None else union @ projection
+        self.memory_bank_ = union[greedy_coreset(z, k, generator)].contiguous()
+        self.grid_ = list(grid)
+        self.n_train_images_ = int(n_images)
+        self.n_train_patches_ = int(n_patches)
+        self._index = None
+        return self
+
+    # --- score --------------------------------------------------------------------------------------------------
+    def _faiss_index(self):
+        index = getattr(self, "_index", None)
+        if index is None:
+            import faiss
+
+            bank = np.ascontiguousarray(self.memory_bank_.float().numpy())
+            index = faiss.IndexFlatL2(bank.shape[1])
+            index.add(bank)
+            self._index = index
+        return index
+
+    def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Euclidean distances [n, k], indices [n, k]) of the ``k`` nearest memory items of each query row."""
+        index = self._faiss_index()
+        k = min(k, index.ntotal)
+        d2, idx = index.search(np.ascontiguousarray(queries.float().numpy()), k)
+        return torch.from_numpy(d2).clamp_min(0).sqrt(), torch.from_numpy(idx).long()
+
+    def score(self, inputs: torch.Tensor, backbone=None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_fitted()
+        x = torch.as_tensor(inputs).float()
+        if x.ndim != 4 or x.shape[1] != self.memory_bank_.shape[1]:
+            raise ValueError(f"patchcore was fitted on {self.memory_bank_.shape[1]}-channel patch maps, got shape "
+                             f"{tuple(x.shape)}")
+        n, _, h, w = x.shape
+        if n == 0:
+            return torch.zeros(0, h, w), torch.zeros(0)
+        emb = flatten_patches(aggregate_neighbourhood(x, self.pool_size))
+        dist, nn_idx = self.nearest(emb, 1)
+        patch_scores = dist[:, 0].view(n, h * w)
+        return patch_scores.view(n, h, w), self._reweight(patch_scores, nn_idx[:, 0].view(n, h * w), emb.view(n, h * w, -1))
+
+    def _reweight(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Eq. 7 for every image (rows of ``patch_scores``)."""
+        rows = torch.arange(len(patch_scores))
+        best = patch_scores.argmax(dim=1)
+        s_star = patch_scores[rows, best]
+        if self.num_neighbors <= 1:
+            return s_star
+        m_test = emb[rows, best]  # [n, C]
+        m_star_idx = nn_idx[rows, best]  # [n]
+        bank = self.memory_bank_.float()
+        _, support = self.nearest(bank[m_star_idx], self.num_neighbors)
+        # m* first, then its other nearest memory items (m* may not come first when the bank holds duplicates).
+        others = [row[row != i][: support.shape[1] - 1] for row, i in zip(support, m_star_idx)]
+        neighbourhood = torch.stack([torch.cat([i.view(1), o]) for i, o in zip(m_star_idx, others)])
+        distances = torch.linalg.norm(m_test.unsqueeze(1) - bank[neighbourhood], dim=-1)  # [n, b]
+        weights = 1.0 - torch.softmax(distances.double(), dim=1)[:, 0].float()
+        return weights * s_star

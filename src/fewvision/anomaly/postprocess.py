@@ -1,0 +1,120 @@
+"""The one post-processing path: raw head maps -> anomaly maps at input resolution -> image scores.
+
+Every consumer (fit-time calibration of the threshold, prediction, evaluation, saved models) goes through
+:func:`finish`, so a model scores the same wherever it runs (anomalib #2747 came from two such paths drifting).
+
+* ``finish_maps``: bilinear up-sampling to the backbone's input size, then a Gaussian blur with sigma 4 as in
+  PatchCore (Roth et al. 2022, Sec. 3.3) and PaDiM / anomalib (kernel size ``2 * int(4 * sigma + 0.5) + 1``,
+  reflect padding).
+* ``finish``: the above plus the image score the head asks for (its own, or the maximum of the finished map).
+
+It also maps ground-truth masks and display images into the same geometry as the maps (see :func:`input_view`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SIGMA = 4.0
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
+    """Separable Gaussian blur of ``[N, H, W]`` maps (reflect padding; sigma <= 0 returns the input)."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps)
+    r = (len(k) - 1) // 2
+    x = maps.unsqueeze(1)
+    # Reflect padding needs pad < size; very small maps fall back to replicate padding.
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def finish_maps(raw_maps: torch.Tensor | np.ndarray, size: tuple[int, int], sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
+    """Raw maps ``[N, h, w]`` -> maps ``[N, H, W]`` (float32): bilinear up-sampling to ``size``, Gaussian blur."""
+    maps = torch.as_tensor(np.asarray(raw_maps) if not torch.is_tensor(raw_maps) else raw_maps).float()
+    if maps.ndim != 3:
+        raise ValueError(f"raw anomaly maps must be [N, h, w], got shape {tuple(maps.shape)}")
+    size = (int(size[0]), int(size[1]))
+    if tuple(maps.shape[-2:]) != size and len(maps):
+        maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return gaussian_blur(maps, sigma) if len(maps) else maps.reshape(0, *size)
+
+
+def finish(head, raw_maps: torch.Tensor, image_scores: torch.Tensor, size: tuple[int, int],
+           sigma: float = DEFAULT_SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(finished maps [N, H, W], image scores [N]) for a head's raw output; the only place either is computed."""
+    maps = finish_maps(raw_maps, size, sigma)
+    source = getattr(head, "image_score", "head")
+    if source == "map_max":
+        scores = maps.flatten(1).amax(dim=1) if len(maps) else torch.zeros(0)
+    elif source == "head":
+        scores = torch.as_tensor(image_scores).float().reshape(-1)
+    else:
+        raise ValueError(f"{type(head).__name__}.image_score must be 'head' or 'map_max', got {source!r}")
+    if len(scores) != len(maps):
+        raise ValueError(f"{type(head).__name__} returned {len(scores)} image scores for {len(maps)} maps")
+    return maps, scores
+
+
+# --- masks and display images in the geometry of the maps -------------------------------------------------------
+def _affine_ends(preprocess) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel values ``preprocess`` gives to a black and a white image (None if not a per-channel affine map)."""
+    from PIL import Image
+
+    lo = preprocess(Image.new("RGB", (64, 64), (0, 0, 0)))
+    hi = preprocess(Image.new("RGB", (64, 64), (255, 255, 255)))
+    if not (torch.is_tensor(lo) and lo.ndim == 3):
+        return None
+    lo = lo.float().flatten(1).mean(1)
+    hi = hi.float().flatten(1).mean(1)
+    if not torch.all((hi - lo).abs() > 1e-6):
+        return None
+    return lo.view(-1, 1, 1), hi.view(-1, 1, 1)
+
+
+def input_view(image, preprocess, size: tuple[int, int]) -> np.ndarray:
+    """An image (PIL) in the geometry of the maps: ``[H, W, 3]`` floats in 0..1.
+
+    The backbone's own preprocessing (resize, crop, normalisation) is applied and the per-channel normalisation is
+    undone using what it does to a black and a white image, so any crop or resize matches the maps exactly. A
+    preprocessing that is not a per-channel affine map of the pixels falls back to a plain resize.
+    """
+    ends = _affine_ends(preprocess)
+    if ends is not None:
+        x = preprocess(image.convert("RGB")).float()
+        if x.ndim == 3 and tuple(x.shape[-2:]) == tuple(size):
+            lo, hi = ends
+            x = ((x - lo) / (hi - lo)).clamp(0, 1)
+            if x.shape[0] == 1:
+                x = x.expand(3, -1, -1)
+            return x[:3].permute(1, 2, 0).numpy()
+    arr = np.asarray(image.convert("RGB").resize((size[1], size[0])), dtype=np.float32) / 255.0
+    return arr
+
+
+def mask_view(mask, preprocess, size: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask (PIL, any mode; non-zero = defect) in the geometry of the maps: ``[H, W]`` bool."""
+    from PIL import Image
+
+    binary = (np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255
+    rgb = Image.fromarray(binary, mode="L").convert("RGB")
+    return input_view(rgb, preprocess, size)[..., 0] >= 0.5
+
+
+def kernel_size(sigma: float = DEFAULT_SIGMA) -> int:
+    return 2 * int(4.0 * sigma + 0.5) + 1 if sigma > 0 else 1
+
+
+__all__ = ["finish", "finish_maps", "gaussian_blur", "input_view", "mask_view", "DEFAULT_SIGMA", "kernel_size"]
