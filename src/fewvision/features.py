@@ -26,8 +26,9 @@ from .progress import progress_bar
 BASE_VIEW = "base"
 GLOBAL = "global"
 PATCH = "patch"
+PRE_PROJECTION = "preproj"  # image features before CLIP's last visual projection (ProLIP)
 # Feature kinds and the backbone method that computes each (the kind is part of the cache key).
-ENCODERS = {GLOBAL: "encode_images", PATCH: "patch_features"}
+ENCODERS = {GLOBAL: "encode_images", PATCH: "patch_features", PRE_PROJECTION: "encode_pre_projection"}
 
 
 @dataclass

@@ -159,6 +159,42 @@ class OpenClipBackbone(Backbone):
         side = int(round(n**0.5))
         return tokens.float().transpose(1, 2).reshape(b, d, side, n // side)
 
+    # --- the last visual projection (ProLIP trains it on cached pre-projection features) -------------------
+    @property
+    def projection_name(self) -> str:
+        """State-dict name of the last visual projection: ViT ``visual.proj``, ResNet ``attnpool.c_proj.weight``."""
+        from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.transformer import VisionTransformer
+
+        visual = self.model.visual
+        if isinstance(visual, ModifiedResNet):
+            return "visual.attnpool.c_proj.weight"
+        if isinstance(visual, VisionTransformer) and visual.proj is not None:
+            return "visual.proj"
+        raise BackboneError(f"backbone '{self.spec}': its image tower has no separate last projection "
+                            "(supported: open_clip ViT with 'proj', ModifiedResNet)")
+
+    def visual_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the last visual projection as (W [width, D], b [D]) with embedding = pre-projection @ W + b."""
+        name, visual = self.projection_name, self.model.visual
+        if name == "visual.proj":
+            weight = visual.proj.detach().float().clone()
+            return weight, torch.zeros(weight.shape[1])
+        c_proj = visual.attnpool.c_proj
+        return c_proj.weight.detach().float().t().clone(), c_proj.bias.detach().float().clone()
+
+    def encode_pre_projection(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch -> image features just before the last projection [B, width] (float32)."""
+        name, visual = self.projection_name, self.model.visual
+        with torch.inference_mode():
+            x = pixels.to(self._device)
+            if name == "visual.proj":
+                pooled, _ = visual._pool(visual.transformer(visual._embeds(x)))
+                return pooled.float()
+            for stage in (visual.stem, visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+                x = stage(x)
+            return _attnpool_without_output_projection(visual.attnpool, x).float()
+
 
 def resolve_pretrained_file(spec: str, cfg: dict, cache: Path, download: bool) -> Path:
     """The local path of a pretrained tag's checkpoint, from the cache or the hub."""
@@ -178,3 +214,27 @@ def hub_repo_and_file(cfg: dict) -> tuple[str, str]:
         return hub.rstrip("/"), ""
     repo_id, filename = hub.rsplit("/", 1)
     return repo_id, filename
+
+
+def _attnpool_without_output_projection(pool, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's AttentionPool2d.forward with an identity output projection: the input of ``c_proj``.
+
+    ``c_proj`` is applied inside ``multi_head_attention_forward`` (no module call to hook), so it is replaced by
+    the identity there; multiplying by an identity matrix is exact.
+    """
+    import torch.nn.functional as F
+
+    x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]).permute(2, 0, 1)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    width = x.shape[-1]
+    x, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=width, num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=torch.eye(width, dtype=x.dtype, device=x.device),
+        out_proj_bias=torch.zeros(width, dtype=x.dtype, device=x.device),
+        use_separate_proj_weight=True, training=pool.training, need_weights=False,
+    )
+    return x[0]

@@ -6,8 +6,9 @@ from .base import ClassifierHead, NotFitted
 from .clip_adapter import ClipAdapterHead
 from .linear import LinearHead
 from .prototype import PrototypeHead
-from .tip import TipAdapterFHead, TipAdapterHead
+from .prolip import ProLIPHead
 from .slac import SLACHead
+from .tip import TipAdapterFHead, TipAdapterHead
 from .tlac import TLACHead
 from .zeroshot import ZeroShotHead
 
@@ -20,6 +21,7 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "tip": TipAdapterHead,
     "tip-f": TipAdapterFHead,
     "clip-adapter": ClipAdapterHead,
+    "prolip": ProLIPHead,
 }
 
 
