@@ -16,7 +16,7 @@ import torch
 
 from ..support import Support
 from .base import ClassifierHead
-from .textual import minibatches, seeded_generator, zeroshot_classifier
+from .textual import minibatches, seeded_generator, single_thread, zeroshot_classifier
 
 
 class ClipAdapterHead(ClassifierHead):
@@ -47,14 +47,15 @@ class ClipAdapterHead(ClassifierHead):
         batches_per_epoch = -(-len(feats) // int(self.batch_size))
         opt = torch.optim.AdamW(params, lr=float(self.lr), weight_decay=float(self.weight_decay))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, int(self.epochs) * batches_per_epoch))
-        for _ in range(int(self.epochs)):
-            for idx in minibatches(len(feats), int(self.batch_size), generator):
-                logits = self._logits(feats[idx], down.weight, up.weight)
-                loss = torch.nn.functional.cross_entropy(logits, support.labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                schedule.step()
+        with single_thread():
+            for _ in range(int(self.epochs)):
+                for idx in minibatches(len(feats), int(self.batch_size), generator):
+                    logits = self._logits(feats[idx], down.weight, up.weight)
+                    loss = torch.nn.functional.cross_entropy(logits, support.labels[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    schedule.step()
         self.down_ = down.weight.detach().clone()
         self.up_ = up.weight.detach().clone()
         self.class_names_ = list(support.class_names)

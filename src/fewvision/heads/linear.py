@@ -62,7 +62,7 @@ class LinearHead(ClassifierHead):
         self.bias_ = torch.from_numpy(bias)
 
     def _fit_from_text(self, support: Support, feats: torch.Tensor) -> None:
-        from .textual import zeroshot_classifier
+        from .textual import single_thread, zeroshot_classifier
 
         text, scale = zeroshot_classifier(support, self.templates)
         # ProLIP's validation-free rule lambda = 1/N (N shots per class) unless given.
@@ -80,7 +80,8 @@ class LinearHead(ClassifierHead):
             loss.backward()
             return loss
 
-        opt.step(closure)
+        with single_thread():
+            opt.step(closure)
         self.weight_ = (scale * v).detach().clone()
         self.bias_ = b.detach().clone()
         self.text_reg_ = lam

@@ -19,7 +19,7 @@ import torch
 
 from ..support import Support
 from .base import ClassifierHead
-from .textual import minibatches, one_hot, seeded_generator, zeroshot_classifier
+from .textual import minibatches, one_hot, seeded_generator, single_thread, zeroshot_classifier
 
 
 class TipAdapterHead(ClassifierHead):
@@ -45,7 +45,8 @@ class TipAdapterHead(ClassifierHead):
         return clip_logits + float(self.alpha) * affinity @ self.values_
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self._logits(torch.nn.functional.normalize(features.float(), dim=-1), self.keys_)
+        # Features arrive L2-normalised (the Backbone contract), exactly as the zero-shot head takes them.
+        return self._logits(features.float(), self.keys_)
 
 
 class TipAdapterFHead(TipAdapterHead):
@@ -66,13 +67,14 @@ class TipAdapterFHead(TipAdapterHead):
         batches_per_epoch = -(-len(feats) // int(self.batch_size))
         opt = torch.optim.AdamW([keys], lr=float(self.lr), eps=1e-4)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, int(self.epochs) * batches_per_epoch))
-        for _ in range(int(self.epochs)):
-            for idx in minibatches(len(feats), int(self.batch_size), generator):
-                loss = torch.nn.functional.cross_entropy(self._logits(feats[idx], keys), support.labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                schedule.step()
+        with single_thread():
+            for _ in range(int(self.epochs)):
+                for idx in minibatches(len(feats), int(self.batch_size), generator):
+                    loss = torch.nn.functional.cross_entropy(self._logits(feats[idx], keys), support.labels[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    schedule.step()
         self.keys_ = keys.detach().clone()
         return self
 

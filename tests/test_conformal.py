@@ -1,0 +1,89 @@
+import math
+
+import numpy as np
+import pytest
+
+from fewvision.conformal import (REVIEW, abstain_labels, calibrate_conformal, conformal_quantile, fit_temperature,
+                                 nonconformity, prediction_sets, set_metrics)
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sample(n, c=5, seed=0, temperature=1.0, spread=2.0):
+    """Logits and labels drawn from softmax(logits / temperature); class frequencies deliberately unequal."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, spread, size=(n, c)) + np.linspace(0, 1.5, c)
+    p = _softmax(logits / temperature)
+    labels = (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    return logits, labels
+
+
+def test_temperature_recovers_known_temperature():
+    logits, labels = _sample(20000, temperature=2.5, seed=1)
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+    logits, labels = _sample(20000, temperature=0.5, seed=2)
+    assert fit_temperature(logits, labels) == pytest.approx(0.5, rel=0.05)
+
+
+def test_finite_sample_quantile():
+    scores = np.arange(1, 10) / 10.0  # n = 9
+    assert conformal_quantile(scores, 0.1) == pytest.approx(0.9)  # ceil(10 * 0.9) = 9th smallest
+    assert conformal_quantile(scores, 0.5) == pytest.approx(0.5)  # ceil(10 * 0.5) = 5th smallest
+    assert math.isinf(conformal_quantile(scores[:5], 0.1))  # ceil(6 * 0.9) = 6 > 5: keep every class
+
+
+def test_aps_score_is_mass_at_or_above_the_class():
+    p = np.array([[0.5, 0.2, 0.3]])
+    np.testing.assert_allclose(nonconformity(p, "aps"), [[0.5, 1.0, 0.8]])
+    np.testing.assert_allclose(nonconformity(p, "lac"), [[0.5, 0.8, 0.7]])
+
+
+@pytest.mark.parametrize("score", ["lac", "aps"])
+@pytest.mark.parametrize("mondrian", [False, True])
+def test_coverage_on_a_large_test_set(score, mondrian):
+    alpha = 0.1
+    # A miscalibrated model (the data are sharper than its probabilities): coverage must hold anyway.
+    cal_logits, cal_y = _sample(3000, seed=3, temperature=0.7)
+    test_logits, test_y = _sample(30000, seed=4, temperature=0.7)
+    conformal = calibrate_conformal(_softmax(cal_logits), cal_y, alpha, score, mondrian)
+    sets = prediction_sets(_softmax(test_logits), conformal)
+    metrics = set_metrics(sets, test_y, [f"c{i}" for i in range(5)])
+    assert metrics["coverage"] >= 1 - alpha - 0.015
+    assert metrics["coverage"] <= 1 - alpha + 0.04  # valid, not trivially by returning every class
+    assert metrics["mean_set_size"] < 5
+    if mondrian:
+        assert len(set(conformal["thresholds"])) == 5
+        for cls, cov in metrics["coverage_per_class"].items():
+            assert cov >= 1 - alpha - 0.03, cls
+
+
+@pytest.mark.parametrize("score", ["lac", "aps"])
+def test_sets_shrink_as_alpha_grows(score):
+    cal_logits, cal_y = _sample(3000, seed=5)
+    test_logits, test_y = _sample(5000, seed=6)
+    sizes = []
+    for alpha in (0.02, 0.05, 0.1, 0.2, 0.4):
+        sets = prediction_sets(_softmax(test_logits), calibrate_conformal(_softmax(cal_logits), cal_y, alpha, score))
+        sizes.append(set_metrics(sets, test_y)["mean_set_size"])
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+    assert sizes[0] > sizes[-1] + 0.5
+
+
+def test_abstain_routes_ambiguous_and_empty_sets_to_review():
+    proba = np.array([[0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.4, 0.3, 0.3]])
+    sets = np.array([[True, False, False], [True, True, False], [False, False, False]])
+    assert abstain_labels(proba, sets, ["a", "b", "c"]) == ["a", REVIEW, REVIEW]
+    with pytest.raises(ValueError, match="review"):
+        abstain_labels(proba, sets, ["a", "review", "c"])
+
+
+def test_bad_alpha_and_score():
+    p = _softmax(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="alpha"):
+        calibrate_conformal(p, np.arange(4) % 3, 1.5)
+    with pytest.raises(ValueError, match="unknown conformal score"):
+        calibrate_conformal(p, np.arange(4) % 3, 0.1, "raps")
