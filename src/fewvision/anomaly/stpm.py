@@ -4,11 +4,11 @@ The teacher is the backbone's CNN (a timm model) with frozen weights; the studen
 initialised, trained on good images only to reproduce the teacher's feature pyramid (``layers``: timm feature levels,
 1-3 = ResNet ``layer1``-``layer3`` as in the paper).
 
-With ``F_t^l, F_s^l`` the level-l feature maps and ``^`` the L2 normalisation along channels (paper eq. 1-3):
+With ``F_t^l, F_s^l`` the level-l feature maps and ``^`` the L2 normalisation along channels (the paper's section 3):
 
 * ``l^l(i, j) = 0.5 * || F^_t^l(i, j) - F^_s^l(i, j) ||^2``
 * training loss: ``sum_l (1 / (h_l w_l)) sum_ij l^l(i, j)`` (averaged over the batch; all level weights 1);
-* anomaly map: the per-level maps ``l^l`` upsampled bilinearly and multiplied over levels (eq. 4; ``aggregation="sum"``
+* anomaly map: the per-level maps ``l^l`` upsampled bilinearly and multiplied over levels (``aggregation="sum"``
   adds them instead); image score: the mean of the ``top_k`` largest map values (1 = the maximum, as the paper).
 
 Raw maps are returned at the resolution of the first (finest) level; ``postprocess.finish_maps`` upsamples them to
