@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .base import ClassifierHead, NotFitted
 from .clip_adapter import ClipAdapterHead
+from .coop import CoOpHead
 from .linear import LinearHead
+from .lora import LoRAHead
 from .prototype import PrototypeHead
 from .prolip import ProLIPHead
 from .slac import SLACHead
@@ -22,6 +24,8 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "tip-f": TipAdapterFHead,
     "clip-adapter": ClipAdapterHead,
     "prolip": ProLIPHead,
+    "coop": CoOpHead,
+    "lora": LoRAHead,
 }
 
 
