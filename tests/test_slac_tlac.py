@@ -268,3 +268,13 @@ def test_cli_lmm_option_errors(tmp_path, textile_subset, monkeypatch, capsys, ar
     code, err = run_cli(monkeypatch, capsys, "classify", textile_subset / "local", "--classes", "a,b",
                         "--backbone", "texture", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_files_are_skipped_before_any_request(tiny_clip, paths, zeroshot, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with ScriptedLMMServer(lambda req: reply(prompt_of("global"))) as server:
+        preds = classify_with_lmm([paths[0], str(broken), paths[1]], CLASSES, backbone=tiny_clip, method="slac",
+                                  lmm=lmm_for(server, tmp_path), templates=TEMPLATE)
+    assert [r["path"] for r in preds.rows] == [paths[0], paths[1]] and all(r["label"] == "global" for r in preds.rows)
+    assert [s.path for s in preds.skipped] == [str(broken)] and server.count == 2
