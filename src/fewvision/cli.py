@@ -20,9 +20,9 @@ import typer
 
 from . import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Zero-shot and few-shot image classification and anomaly detection for visual inspection.")
-models_app = typer.Typer(no_args_is_help=True, help="List, download and locate model weights.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List, download and locate model weights.")
 app.add_typer(models_app, name="models")
 
 DEFAULT_BACKBONE_HELP = "backbone spec: openclip:MODEL[/TAG] | openclip:MODEL@PATH | hf:REPO | timm:NAME | texture"
