@@ -145,6 +145,7 @@ def test_test_time_variant(tiny_clip, textile_split):
     frozen = ProLIPHead(**params, tta_lr=0.0).fit(Support.text_only(names, tiny_clip))
     np.testing.assert_allclose(frozen.predict_proba_images(tiny_clip, images), plain, atol=1e-6)
     tuned_head = ProLIPHead(**params, tta_lr=1e-2).fit(Support.text_only(names, tiny_clip))
+    assert tuned_head.feature_kind == "images" and zero_shot.feature_kind == "preproj"
     tuned = tuned_head.predict_proba_images(tiny_clip, images)
     assert np.abs(tuned - plain).max() > 1e-4
     np.testing.assert_allclose(tuned.sum(1), 1.0, atol=1e-5)

@@ -181,7 +181,8 @@ class OpenClipBackbone(Backbone):
             weight = visual.proj.detach().float().clone()
             return weight, torch.zeros(weight.shape[1])
         c_proj = visual.attnpool.c_proj
-        return c_proj.weight.detach().float().t().clone(), c_proj.bias.detach().float().clone()
+        weight = c_proj.weight.detach().float().t().clone(memory_format=torch.contiguous_format)
+        return weight, c_proj.bias.detach().float().clone()
 
     def encode_pre_projection(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch -> image features just before the last projection [B, width] (float32)."""
