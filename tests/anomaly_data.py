@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from fewvision.backbones.base import Backbone, make_id
 
 MARGIN = 40
 
@@ -79,3 +83,36 @@ def build_mvtec(root: Path, good_images: Sequence[Path], *, n_train: int, n_test
             bad.save(root / "test" / kind / f"{p.stem}.png")
             mask.save(root / "ground_truth" / kind / f"{p.stem}_mask.png")
     return root
+
+
+class PixelPatchBackbone(Backbone):
+    """A tiny, weight-free backbone for plumbing tests: 64x64 input, patch features = the 4x4 pixel blocks of the
+    normalised image (48 values each) on a 16x16 grid. Fast enough to run many fits in a test."""
+
+    spec = "test:pixel-patches"
+
+    def __init__(self, size: int = 64):
+        from torchvision import transforms
+
+        self.size = size
+        self._preprocess = transforms.Compose([
+            transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+            transforms.Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25]),
+        ])
+        self._id = make_id("test-pixel-patches", "none", repr(self._preprocess))
+
+    @property
+    def preprocess(self):
+        return self._preprocess
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.flatten(1)
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = pixels.shape
+        blocks = F.unfold(pixels.float(), kernel_size=4, stride=4)  # [n, c*16, (h/4)*(w/4)]
+        return blocks.view(n, c * 16, h // 4, w // 4)

@@ -62,7 +62,8 @@ class PaDiM(AnomalyHead):
                 shift = x.mean(0)
                 s1 = torch.zeros_like(shift)
                 s2 = torch.zeros(x.shape[2], x.shape[1], x.shape[1], dtype=torch.float64)
-            xc = (x - shift).permute(2, 0, 1)  # [P, n, d]
+            # contiguous: a batched matmul on a permuted view is ~50x slower on some CPU builds (measured)
+            xc = (x - shift).permute(2, 0, 1).contiguous()  # [P, n, d]
             s1 += xc.sum(1).T
             s2 += xc.transpose(1, 2) @ xc
             n += len(chunk)
@@ -84,7 +85,7 @@ class PaDiM(AnomalyHead):
         if x.ndim != 4 or list(x.shape[-2:]) != list(self.grid_) or int(self.channel_index_.max()) >= x.shape[1]:
             raise ValueError(f"padim was fitted on patch maps with a {tuple(self.grid_)} grid, got shape {tuple(x.shape)}")
         n, _, h, w = x.shape
-        delta = (x[:, self.channel_index_].flatten(2) - self.mean_).permute(2, 0, 1)  # [P, n, d]
+        delta = (x[:, self.channel_index_].flatten(2) - self.mean_).permute(2, 0, 1).contiguous()  # [P, n, d]
         dist2 = ((delta @ self.inv_covariance_) * delta).sum(-1)  # [P, n]
         maps = dist2.clamp_min(0).sqrt().T.reshape(n, h, w)
         return maps, maps.flatten(1).amax(1) if n else torch.zeros(0)

@@ -104,13 +104,21 @@ def input_view(image, preprocess, size: tuple[int, int]) -> np.ndarray:
     return arr
 
 
-def mask_view(mask, preprocess, size: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask (PIL, any mode; non-zero = defect) in the geometry of the maps: ``[H, W]`` bool."""
+MASK_COVERAGE = 0.25
+
+
+def mask_view(mask, preprocess, size: tuple[int, int], coverage: float = MASK_COVERAGE) -> np.ndarray:
+    """A ground-truth mask (PIL, any mode; non-zero = defect) in the geometry of the maps: ``[H, W]`` bool.
+
+    The mask goes through the backbone's own resize and crop; a map pixel is a defect pixel when at least
+    ``coverage`` of it is defect. A quarter (not a half) so that a 2-3 px scratch survives down-scaling instead of
+    vanishing from the evaluation.
+    """
     from PIL import Image
 
     binary = (np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255
     rgb = Image.fromarray(binary, mode="L").convert("RGB")
-    return input_view(rgb, preprocess, size)[..., 0] >= 0.5
+    return input_view(rgb, preprocess, size)[..., 0] >= coverage
 
 
 def kernel_size(sigma: float = DEFAULT_SIGMA) -> int:

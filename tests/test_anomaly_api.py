@@ -1,0 +1,167 @@
+"""The model-level anomaly API on real textile images with a tiny weight-free backbone: fit with a conformal
+threshold, save / load / score identically, bad input, mixed image sizes, evaluation with masks, the report."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomaly_data import PixelPatchBackbone, build_mvtec
+from fewvision.anomaly.api import evaluate_anomaly, fit_anomaly, rethreshold, score_files
+from fewvision.anomaly.threshold import ThresholdError
+from fewvision.modelfile import load, save_model
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return PixelPatchBackbone(size=64)
+
+
+@pytest.fixture(scope="module")
+def nominal(textile_root):
+    return sorted((textile_root / "nominal").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory, nominal):
+    d = tmp_path_factory.mktemp("good")
+    for p in nominal[:30]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mvtec(tmp_path_factory, nominal):
+    return build_mvtec(tmp_path_factory.mktemp("mvtec") / "textile", nominal[40:], n_train=20, n_test_good=8,
+                       n_per_defect=6, seed=0)
+
+
+@pytest.mark.parametrize("method", ["patchcore", "padim"])
+def test_fit_calibrates_and_a_saved_model_scores_identically(tmp_path, bb, good_dir, nominal, method):
+    model = fit_anomaly(good_dir, method, bb, target_false_reject=0.2, holdout_fraction=0.2, seed=0,
+                        use_cache=False)
+    d = model.decision
+    assert model.task == "anomaly" and d["n_calibration"] == 6 and model.info["n_fit_images"] == 24
+    cal = np.array(d["calibration_scores"])
+    assert d["threshold"] == pytest.approx(np.sort(cal)[int(np.ceil(7 * 0.8)) - 1])  # the 6th of 6: max
+    assert (cal > d["threshold"]).mean() <= 0.2
+    probe = [str(p) for p in nominal[100:106]]
+    before = score_files(model, probe, use_cache=False)
+    assert before.maps.shape == (6, 64, 64) and np.isfinite(before.scores).all()
+    path = save_model(tmp_path / "m.fvm", model)
+    again = load(path).bind(bb)
+    after = score_files(again, probe, use_cache=False)
+    assert np.array_equal(before.scores, after.scores) and np.array_equal(before.maps, after.maps)
+    assert [r["is_anomalous"] for r in after.rows] == [bool(s > d["threshold"]) for s in after.scores]
+    # A cached second pass (patch maps stored as float16) scores within float16 rounding of the uncached one.
+    warm = score_files(again, probe, use_cache=True)
+    warm2 = score_files(again, probe, use_cache=True)
+    assert np.array_equal(warm.scores, warm2.scores)
+    assert np.allclose(warm.scores, before.scores, rtol=2e-2)
+
+
+def test_too_few_held_out_images_is_refused_before_any_work(monkeypatch, bb, good_dir):
+    import fewvision.anomaly.api as api
+
+    def boom(*a, **k):
+        raise AssertionError("features were computed")
+
+    monkeypatch.setattr(api, "encode_files", boom)
+    with pytest.raises(ThresholdError, match=r"needs at least 99 held-out good images.*gives 6.*at least 495"):
+        fit_anomaly(good_dir, "patchcore", bb, target_false_reject=0.01, holdout_fraction=0.2, use_cache=False)
+
+
+def test_no_good_images_and_unreadable_ones(tmp_path, bb, nominal):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no good images found"):
+        fit_anomaly(empty, "patchcore", bb, target_false_reject=0.5, use_cache=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(5):
+        (broken / f"b{i}.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"none of the 4 good image\(s\) to fit on could be read \(first: .*b\d.png: "):
+        fit_anomaly(broken, "patchcore", bb, target_false_reject=0.5, holdout_fraction=0.2, use_cache=False)
+    with pytest.raises(ValueError, match="has no parameter"):
+        fit_anomaly(nominal[:10], "patchcore", bb, target_false_reject=0.5, use_cache=False, coreset=0.1)
+
+
+def test_mixed_sizes_and_bad_files_in_a_batch(tmp_path, bb, nominal):
+    good = tmp_path / "good"
+    good.mkdir()
+    sizes = [(250, 250), (180, 320), (400, 300), (97, 131)]
+    for i, p in enumerate(nominal[:16]):
+        with Image.open(p) as im:
+            im.convert("RGB").resize(sizes[i % 4]).save(good / f"g{i}.png")
+    (good / "zz_truncated.jpg").write_bytes(nominal[0].read_bytes()[:300])
+    model = fit_anomaly(good, "patchcore", bb, target_false_reject=0.25, holdout_fraction=0.25, use_cache=False)
+    assert model.info["n_skipped"] == 1 and "zz_truncated.jpg" in model.info["skipped"][0]
+    batch = [nominal[50], tmp_path / "missing-later.png", nominal[51]]
+    (tmp_path / "missing-later.png").write_bytes(b"")
+    res = score_files(model, batch, use_cache=False)
+    assert [r["path"] for r in res.rows] == [str(nominal[50]), str(nominal[51])]
+    assert len(res.skipped) == 1 and "empty file" in res.skipped[0].reason
+    # A new target rate from the stored held-out scores, without refitting.
+    before = model.decision["threshold"]
+    rethreshold(model, 0.5)
+    assert model.decision["threshold"] <= before
+
+
+def test_evaluate_on_mvtec_layout_with_masks_and_report(tmp_path, bb, mvtec):
+    from fewvision.anomaly_report import write_anomaly_report
+
+    model = fit_anomaly(mvtec / "train" / "good", "patchcore", bb, target_false_reject=0.25, holdout_fraction=0.25,
+                        use_cache=False)
+    ev = evaluate_anomaly(model, mvtec, n_bootstrap=200, use_cache=False)
+    m = ev.metrics
+    assert (m["n_good"], m["n_defect"]) == (8, 12)
+    for key in ("image_auroc", "image_aupr", "image_f1", "threshold", "pixel_auroc", "aupro", "image_auroc_ci"):
+        assert key in m
+    assert set(m["per_defect_type"]) == {"scratch", "spot"}
+    # Pasted defects are obvious even to raw-pixel patches; the pixel metrics must be far above chance (0.5 / ~0.15).
+    assert m["pixel_auroc"] > 0.8 and m["aupro"] > 0.4
+    assert sum(mk is not None and mk.any() for mk in ev.masks) == 12
+    page = write_anomaly_report(tmp_path / "rep", title="t", rows=ev.predictions.rows, maps=ev.predictions.maps,
+                                preprocess=bb.preprocess, heatmap_range=model.decision["heatmap_range"],
+                                threshold=model.decision["threshold"], metrics=m, is_defect=ev.is_defect,
+                                masks=ev.masks)
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") >= 2 + 2 * 8  # histogram, ROC, 8 highest + 8 lowest overlays
+    assert "http://" not in html and "https://" not in html
+
+
+def test_folder_with_good_and_defect_subfolders(tmp_path, bb, mvtec, nominal):
+    root = tmp_path / "inspection"
+    shutil.copytree(mvtec / "test", root)
+    model = fit_anomaly(mvtec / "train" / "good", "padim", bb, target_false_reject=0.25, holdout_fraction=0.25,
+                        use_cache=False)
+    ev = evaluate_anomaly(model, root, n_bootstrap=100, use_cache=False)
+    assert ev.metrics["n_good"] == 8 and ev.metrics["n_defect"] == 12
+    assert "pixel_auroc" not in ev.metrics  # no masks in this layout
+    with pytest.raises(ValueError, match="no 'good' folder"):
+        shutil.move(str(root / "good"), str(root / "ok"))
+        evaluate_anomaly(model, root, use_cache=False)
+
+
+def test_heads_receive_a_stream_not_one_big_tensor(monkeypatch, bb, good_dir):
+    from fewvision.anomaly.patchcore import PatchCore
+
+    seen = []
+    real_fit = PatchCore.fit
+
+    def spy(self, inputs, backbone=None):
+        assert not torch.is_tensor(inputs)
+
+        def watch():
+            for x in inputs:
+                seen.append(len(x))
+                yield x
+
+        return real_fit(self, watch(), backbone)
+
+    monkeypatch.setattr(PatchCore, "fit", spy)
+    fit_anomaly(good_dir, "patchcore", bb, target_false_reject=0.2, holdout_fraction=0.2, use_cache=False,
+                chunk_images=10)
+    assert seen == [10, 10, 4]
