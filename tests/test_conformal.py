@@ -87,3 +87,18 @@ def test_bad_alpha_and_score():
         calibrate_conformal(p, np.arange(4) % 3, 1.5)
     with pytest.raises(ValueError, match="unknown conformal score"):
         calibrate_conformal(p, np.arange(4) % 3, 0.1, "raps")
+
+
+def test_temperature_is_applied_as_the_model_file_applies_it():
+    import torch
+
+    from fewvision.conformal import apply_temperature
+    from fewvision.heads import PrototypeHead
+    from fewvision.modelfile import FewVisionModel, probabilities
+    from fewvision.support import Support
+
+    feats = torch.nn.functional.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    head = PrototypeHead().fit(Support(feats, torch.arange(12) % 3, ["a", "b", "c"]))
+    model = FewVisionModel(head, "texture", "texture-0", decision={"temperature": 2.7})
+    np.testing.assert_allclose(apply_temperature(head.predict_proba(feats), 2.7), probabilities(model, feats),
+                               rtol=1e-6)

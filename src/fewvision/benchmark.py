@@ -25,8 +25,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from .api import as_backbone
 from .backbones.base import Backbone
 from .datasets import Dataset, sample_shots, stratified_split
-from .features import Features
-from .fewshot import as_dataset, encode, feature_kind, make_head
+from .features import GLOBAL, Features
+from .fewshot import IMAGES, as_dataset, encode, feature_kind, images_proba, make_head
 from .heads import head_names
 from .support import Support
 
@@ -123,11 +123,12 @@ def run_benchmark(
 
     runs = []
     for method in runnable:
-        probe = make_head(method, 0, **params.get(method, {}))
-        kind = feature_kind(probe)
-        feats, row_of = features_of(kind)
-        base, base_rows = features_of("global")
-        test_rows = np.array([row_of[dataset.paths[i]] for i in test if dataset.paths[i] in row_of], dtype=np.int64)
+        kind = feature_kind(make_head(method, 0, **params.get(method, {})))
+        base, base_rows = features_of(GLOBAL)
+        # Heads that adapt the towers predict from the images themselves; the others from cached features.
+        feats, row_of = (base, base_rows) if kind == IMAGES else features_of(kind)
+        test_paths = [dataset.paths[i] for i in test if dataset.paths[i] in row_of]
+        test_rows = np.array([row_of[p] for p in test_paths], dtype=np.int64)
         y_test = labels[[i for i in test if dataset.paths[i] in row_of]]
         grid = [TRAINING_FREE_SHOTS] if method == "zeroshot" else list(shots)
         for k in grid:
@@ -145,7 +146,10 @@ def run_benchmark(
                 start = time.perf_counter()
                 head.fit(support)
                 fit_seconds = time.perf_counter() - start
-                pred = head.predict(feats.features[test_rows])
+                if kind == IMAGES:
+                    pred = images_proba(head, bb, test_paths).proba.argmax(axis=1)
+                else:
+                    pred = head.predict(feats.features[test_rows])
                 runs.append({"method": method, "shots": k, "seed": seed,
                              "accuracy": float(accuracy_score(y_test, pred)),
                              "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),

@@ -46,6 +46,15 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
     return float(math.exp(res.x))
 
 
+def apply_temperature(proba: np.ndarray, temperature: float | None) -> np.ndarray:
+    """softmax(log p / T): temperature scaling of probabilities (as ``modelfile.probabilities`` applies it)."""
+    if not temperature or temperature == 1.0:
+        return proba
+    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-300, None)) / float(temperature)
+    p = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def nonconformity(proba: np.ndarray, score: str) -> np.ndarray:
     """Score of every (image, class) pair, [N, C]; a class enters the set when its score is <= the threshold."""
     proba = np.asarray(proba, dtype=np.float64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,20 +17,80 @@ import numpy as np
 from .api import Evaluation, Predictions, as_backbone, evaluate_predictions
 from .backbones.base import Backbone, BackboneError
 from .cache import open_cache
-from .conformal import abstain_labels, calibrate_conformal, fit_temperature, prediction_sets, set_labels, set_metrics
+from .conformal import (abstain_labels, apply_temperature, calibrate_conformal, fit_temperature, prediction_sets,
+                        set_labels, set_metrics)
 from .datasets import Dataset, Item, load_dataset, sample_shots, stratified_split
 from .decide import apply_unknown_threshold
 from .features import GLOBAL, Features, encode_files, hash_files
 from .heads import ClassifierHead, create_head
 from .heads.base import _to_json
-from .images import iter_image_files
-from .modelfile import FewVisionModel, load, probabilities, save_model
+from .images import BadImage, Skipped, iter_image_files, load_image
+from .modelfile import FewVisionModel, load, save_model
 from .support import Support
 
 
+IMAGES = "images"  # the feature kind of heads that predict from PIL images (``predict_proba_images``)
+IMAGE_CHUNK = 64  # images decoded at a time for such heads, to bound memory
+
+
 def feature_kind(head: ClassifierHead) -> str:
-    """The cached feature kind a head predicts from ('global' unless the head says otherwise, e.g. pre-projection)."""
+    """What a head predicts from: a cached feature kind ('global' unless the head says otherwise, e.g. pre-projection
+    features) or 'images' (heads that adapt the towers and take PIL images through ``predict_proba_images``)."""
     return getattr(head, "feature_kind", GLOBAL)
+
+
+@dataclass
+class Scored:
+    """Raw (uncalibrated) class probabilities of the readable files, in input order, and the skipped files."""
+
+    paths: list[str]
+    shas: list[str]
+    proba: np.ndarray
+    skipped: list[Skipped] = field(default_factory=list)
+    encoded: int = 0
+
+    def subset(self, keep: Sequence[int]) -> "Scored":
+        keep = list(keep)
+        return Scored([self.paths[i] for i in keep], [self.shas[i] for i in keep], self.proba[keep], self.skipped,
+                      self.encoded)
+
+
+def images_proba(head: ClassifierHead, backbone: Backbone, paths: Sequence[str]) -> Scored:
+    """Probabilities from a head that takes PIL images, decoding ``IMAGE_CHUNK`` files at a time."""
+    shas, bad = hash_files(paths)
+    skipped = [Skipped(paths[i], why) for i, why in bad.items()]
+    ok, chunks, pending = [], [], []
+
+    def flush():
+        if pending:
+            chunks.append(head.predict_proba_images(backbone, [im for _, im in pending]))
+            ok.extend(i for i, _ in pending)
+            pending.clear()
+
+    for i, path in enumerate(paths):
+        if i in bad:
+            continue
+        try:
+            pending.append((i, load_image(path)))
+        except BadImage as err:
+            skipped.append(Skipped(path, err.reason))
+        if len(pending) >= IMAGE_CHUNK:
+            flush()
+    flush()
+    proba = np.concatenate(chunks) if chunks else np.zeros((0, len(head.class_names_)), dtype=np.float32)
+    return Scored([paths[i] for i in ok], [shas[i] for i in ok], proba, skipped, len(ok))
+
+
+def score_files(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], *, cache_dir: str | None = None,
+                use_cache: bool = True, progress: bool = False, description: str = "encoding") -> Scored:
+    """A head's raw probabilities for image files: from cached features of its kind, or from the images."""
+    kind = feature_kind(head)
+    if kind == IMAGES:
+        return images_proba(head, backbone, list(paths))
+    feats = encode(backbone, list(paths), kind, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+                   description=description)
+    proba = head.predict_proba(feats.tensor) if feats.paths else np.zeros((0, len(head.class_names_)), np.float32)
+    return Scored(feats.paths, feats.shas, proba, feats.skipped, feats.encoded)
 
 
 def make_head(method: str, seed: int = 0, **params) -> ClassifierHead:
@@ -140,26 +200,23 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
               score: str = "lac", mondrian: bool = False, cache_dir: str | None = None, use_cache: bool = True,
               progress: bool = False) -> FewVisionModel:
     """Fit the temperature (and conformal thresholds when ``alpha`` is given) on held-out labelled images."""
-    feats = encode(model.backbone(cache_dir), list(paths), feature_kind(model.head), cache_dir=cache_dir,
-                   use_cache=use_cache, progress=progress, description="calibration")
+    scored = score_files(model.head, model.backbone(cache_dir), list(paths), cache_dir=cache_dir,
+                         use_cache=use_cache, progress=progress, description="calibration")
     label_of = dict(zip(paths, labels))
-    y = np.array([int(label_of[p]) for p in feats.paths], dtype=np.int64)
-    model.decision.pop("temperature", None)
-    logp = np.log(np.clip(probabilities(model, feats.tensor).astype(np.float64), 1e-300, None))
+    y = np.array([int(label_of[p]) for p in scored.paths], dtype=np.int64)
+    logp = np.log(np.clip(scored.proba.astype(np.float64), 1e-300, None))
     temperature = fit_temperature(logp, y)
-    nll = lambda lp: float(-lp[np.arange(len(y)), y].mean())  # noqa: E731
+    calibrated = apply_temperature(scored.proba, temperature)
+    nll = lambda p: float(-np.log(np.clip(p[np.arange(len(y)), y].astype(np.float64), 1e-300, None)).mean())  # noqa: E731
     model.decision["temperature"] = temperature
-    calibrated = probabilities(model, feats.tensor)
-    model.decision["calibration"] = {"n": int(len(y)), "nll_before": nll(logp),
-                                     "nll_after": nll(np.log(np.clip(calibrated.astype(np.float64), 1e-300, None)))}
-    calib_shas, _ = hash_files(feats.paths)
-    model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + [s for s in calib_shas if s]
+    model.decision["calibration"] = {"n": int(len(y)), "nll_before": nll(scored.proba), "nll_after": nll(calibrated)}
+    model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + list(scored.shas)
     if alpha is not None:
         model.decision["conformal"] = calibrate_conformal(calibrated, y, alpha, score, mondrian)
     return model
 
 
-def predictions(model: FewVisionModel, feats: Features, *, abstain: bool = False,
+def predictions(model: FewVisionModel, scored: Scored, *, abstain: bool = False,
                 unknown_threshold: float | None = None) -> Predictions:
     """Rows (path, label, calibrated probabilities and, with conformal thresholds, the prediction set)."""
     names = model.class_names
@@ -167,13 +224,11 @@ def predictions(model: FewVisionModel, feats: Features, *, abstain: bool = False
     if abstain and not conformal:
         raise ValueError("--abstain needs conformal thresholds in the model: fit it with --alpha and "
                          "--calibrate-fraction")
-    if not feats.paths:
-        return Predictions(names, [], feats.skipped, feats.encoded)
-    proba = probabilities(model, feats.tensor)
+    proba = apply_temperature(scored.proba, model.decision.get("temperature"))
     labels = apply_unknown_threshold(proba, names, unknown_threshold)
     rows = [{"path": p, "label": lab, "probabilities": {n: float(v) for n, v in zip(names, pr)}}
-            for p, lab, pr in zip(feats.paths, labels, proba)]
-    if conformal:
+            for p, lab, pr in zip(scored.paths, labels, proba)]
+    if conformal and rows:
         sets = prediction_sets(proba, conformal)
         for row, members in zip(rows, set_labels(sets, names)):
             row["set"] = members
@@ -181,7 +236,7 @@ def predictions(model: FewVisionModel, feats: Features, *, abstain: bool = False
         if abstain:
             for row, lab in zip(rows, abstain_labels(proba, sets, names)):
                 row["label"] = lab
-    return Predictions(names, rows, feats.skipped, feats.encoded)
+    return Predictions(names, rows, scored.skipped, scored.encoded)
 
 
 def predict(model: FewVisionModel | str | os.PathLike, inputs: Sequence[str | os.PathLike], *, abstain: bool = False,
@@ -189,9 +244,9 @@ def predict(model: FewVisionModel | str | os.PathLike, inputs: Sequence[str | os
             use_cache: bool = True, progress: bool = False) -> Predictions:
     """Classify image files and folders with a fitted model (calibrated probabilities; ``review`` when abstaining)."""
     model = model if isinstance(model, FewVisionModel) else load(model)
-    feats = encode(model.backbone(cache_dir, weights), [str(p) for p in iter_image_files(inputs)],
-                   feature_kind(model.head), cache_dir=cache_dir, use_cache=use_cache, progress=progress)
-    return predictions(model, feats, abstain=abstain, unknown_threshold=unknown_threshold)
+    scored = score_files(model.head, model.backbone(cache_dir, weights), [str(p) for p in iter_image_files(inputs)],
+                         cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    return predictions(model, scored, abstain=abstain, unknown_threshold=unknown_threshold)
 
 
 def evaluate_model(model: FewVisionModel | str | os.PathLike, dataset: Dataset | str | os.PathLike, *,
@@ -210,18 +265,16 @@ def evaluate_model(model: FewVisionModel | str | os.PathLike, dataset: Dataset |
         raise ValueError(f"dataset '{data.name}' has classes {missing} that the model does not know "
                          f"(model classes: {model.class_names})")
     items = [it for it in data.items if it.split != "train"]
-    feats = encode(model.backbone(cache_dir, weights), [it.path for it in items], feature_kind(model.head),
-                   cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    scored = score_files(model.head, model.backbone(cache_dir, weights), [it.path for it in items],
+                         cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     fitted = set(model.info.get("fitted_on_sha256", []))
-    keep = [i for i, s in enumerate(feats.shas) if s not in fitted]
+    keep = [i for i, s in enumerate(scored.shas) if s not in fitted]
     if not keep:
         raise ValueError(f"dataset '{data.name}': every image was used to fit or calibrate this model; "
                          "evaluate on other images")
-    test = Features([feats.paths[i] for i in keep], [feats.shas[i] for i in keep], feats.features[keep],
-                    feats.skipped, feats.encoded)
-    preds = predictions(model, test, abstain=abstain)
+    preds = predictions(model, scored.subset(keep), abstain=abstain)
     ev = evaluate_predictions(preds, data, n_bootstrap=n_bootstrap)
-    ev.metrics["n_excluded_fit_images"] = len(feats.paths) - len(keep)
+    ev.metrics["n_excluded_fit_images"] = len(scored.paths) - len(keep)
     conformal = model.decision.get("conformal")
     if conformal:
         index = {n: i for i, n in enumerate(model.class_names)}

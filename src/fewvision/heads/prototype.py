@@ -40,12 +40,11 @@ def leave_one_out_scale(features: torch.Tensor, labels: torch.Tensor, n_classes:
     protos = torch.nn.functional.normalize(means, dim=-1)
     sims = feats @ protos.T
     sims[torch.arange(len(labels)), labels] = (feats * torch.nn.functional.normalize(own, dim=-1)).sum(-1)
-    best, best_nll = 100.0, float("inf")
-    for scale in SCALE_GRID:
-        nll = torch.nn.functional.cross_entropy(scale * sims, labels).item()
-        if nll < best_nll:
-            best, best_nll = float(scale), nll
-    return best
+    # Every grid scale at once: [S, N, C] log-softmax, mean NLL per scale.
+    scales = torch.as_tensor(SCALE_GRID, dtype=torch.float32)[:, None, None]
+    logp = torch.log_softmax(scales * sims[None], dim=-1)
+    nll = -logp[:, torch.arange(len(labels)), labels].mean(dim=1)
+    return float(SCALE_GRID[int(torch.argmin(nll))])
 
 
 class _NeedsTextWhenBlended:
