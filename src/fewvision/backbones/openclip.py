@@ -1,8 +1,9 @@
 """open_clip models: ``openclip:MODEL[/TAG]`` (hub weights), ``openclip:MODEL@PATH`` (local weights).
 
 MODEL is an open_clip architecture name or a path to an open_clip model-config JSON, so custom and tiny
-architectures load the same way. A config JSON with neither tag nor path gets a seeded random initialisation
-(useful for tests and for benchmarking speed); a named architecture with no tag takes its first listed tag.
+architectures load the same way. A config JSON with neither tag nor path, or any MODEL with ``@random``, gets a
+seeded random initialisation (for tests and speed benchmarks); a named architecture with no tag takes its first
+listed tag.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class OpenClipBackbone(Backbone):
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if tags:
                 tag = tags[0]
+        if path == "random":  # explicit seeded random initialisation of a named architecture
+            path, is_config_file = None, True
         weight_file: Path | None = None
         quick_gelu = False
         preprocess_cfg: dict = {}
