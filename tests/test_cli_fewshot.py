@@ -8,7 +8,7 @@ import pytest
 
 from fewvision.cli import main
 
-IMAGE_ONLY = "timm:resnet18@random"
+IMAGE_ONLY = "texture"
 CLASSES = {"nominal", "local", "global"}
 
 

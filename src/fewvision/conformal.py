@@ -120,10 +120,12 @@ def set_labels(sets: np.ndarray, class_names: list[str]) -> list[list[str]]:
     return [[class_names[c] for c in np.flatnonzero(row)] for row in sets]
 
 
-def abstain_labels(proba: np.ndarray, sets: np.ndarray, class_names: list[str]) -> list[str]:
-    """The top class where the set is exactly that one class, ``review`` otherwise."""
+def abstain_labels(sets: np.ndarray, class_names: list[str]) -> list[str]:
+    """The one class of a singleton set, ``review`` for an empty or ambiguous set.
+
+    With Mondrian thresholds a singleton set can hold a class other than the most probable one; the set is the
+    decision with the coverage guarantee, so its member is the label.
+    """
     if REVIEW in class_names:
         raise ValueError(f"a class is named '{REVIEW}', which --abstain uses for images sent to review")
-    top = np.asarray(proba).argmax(axis=1)
-    single = sets.sum(axis=1) == 1
-    return [class_names[t] if ok and sets[i, t] else REVIEW for i, (t, ok) in enumerate(zip(top, single))]
+    return [class_names[int(np.flatnonzero(row)[0])] if row.sum() == 1 else REVIEW for row in sets]

@@ -234,7 +234,7 @@ def predictions(model: FewVisionModel, scored: Scored, *, abstain: bool = False,
             row["set"] = members
             row["note"] = "set=" + "|".join(members)
         if abstain:
-            for row, lab in zip(rows, abstain_labels(proba, sets, names)):
+            for row, lab in zip(rows, abstain_labels(sets, names)):
                 row["label"] = lab
     return Predictions(names, rows, scored.skipped, scored.encoded)
 
