@@ -253,7 +253,8 @@ def test_patchcore_memory_stays_bounded_when_streaming(monkeypatch):
             produced.append(i)
             yield _features(4, seed=i)
 
-    head = PatchCore(coreset_ratio=0.1, chunk_images=4, stream_oversample=2.0, seed=0).fit(chunks())
+    head = PatchCore(coreset_ratio=0.1, chunk_images=4, exact_max_images=8, stream_oversample=2.0, seed=0)
+    head.fit(chunks())
     per_chunk = 4 * 36
     total = 6 * per_chunk
     assert produced == list(range(6))
@@ -262,6 +263,10 @@ def test_patchcore_memory_stays_bounded_when_streaming(monkeypatch):
     assert sizes[:-1] == [per_chunk] * 6
     assert sizes[-1] == 6 * math.ceil(0.2 * per_chunk) < total
     assert head.n_train_patches_ == total and head.n_train_images_ == 24
+    # Up to exact_max_images: one coreset over every patch (the paper's algorithm).
+    sizes.clear()
+    PatchCore(coreset_ratio=0.1, chunk_images=4, exact_max_images=24, seed=0).fit(_features(4, seed=i) for i in range(6))
+    assert sizes == [total]
 
 
 def test_patchcore_single_chunk_is_the_exact_coreset_and_is_seeded():

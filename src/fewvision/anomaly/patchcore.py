@@ -10,12 +10,13 @@
   ``s*`` the largest patch distance, ``m_test*`` that patch, ``m*`` its nearest memory item and ``N_b(m*)`` the
   ``num_neighbors`` nearest memory items of ``m*`` (``m*`` itself included, as in the reference code).
 
-Streaming fit with bounded memory: the training patches of one chunk of images are embedded, reduced to
-``min(1, stream_oversample * coreset_ratio)`` of themselves by the same greedy k-center on the same projection,
-and only the kept patches are carried forward; a final greedy k-center over the union of the kept patches selects
-``ceil(coreset_ratio * all patches)`` memory items. Peak memory is therefore one chunk of raw patches
-(``chunk_images * h * w * C`` floats) plus ``stream_oversample * coreset_ratio * N * h * w * C`` floats for the kept
-patches - never every patch of every image. With a single chunk the coreset is the exact paper algorithm.
+Streaming fit with bounded memory: up to ``exact_max_images`` images the patches are kept and one greedy k-center
+runs over all of them (the paper's algorithm, exactly). Beyond that, the training patches of each chunk of
+``chunk_images`` images are reduced as they arrive to ``min(1, stream_oversample * coreset_ratio)`` of themselves by
+the same greedy k-center on the same projection, and only the kept patches are carried forward; a final greedy
+k-center over the union selects ``ceil(coreset_ratio * all patches)`` memory items. Peak memory is therefore at most
+``(exact_max_images + chunk_images) * h * w * C`` floats of raw patches plus
+``stream_oversample * coreset_ratio * N * h * w * C`` floats of kept ones - never every patch of every image.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class PatchCore(AnomalyHead):
         pool_size: int = 3,
         stream_oversample: float = 2.0,
         chunk_images: int = 32,
+        exact_max_images: int = 96,
         seed: int = 0,
     ):
         self.coreset_ratio = coreset_ratio
@@ -100,6 +102,7 @@ class PatchCore(AnomalyHead):
         self.pool_size = pool_size
         self.stream_oversample = stream_oversample
         self.chunk_images = chunk_images
+        self.exact_max_images = exact_max_images
         self.seed = seed
 
     # --- fit ----------------------------------------------------------------------------------------------------
@@ -108,6 +111,8 @@ class PatchCore(AnomalyHead):
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.projection_dim < 1 or self.num_neighbors < 1 or self.chunk_images < 1:
             raise ValueError("projection_dim, num_neighbors and chunk_images must be >= 1")
+        if self.exact_max_images < 0:
+            raise ValueError(f"exact_max_images must be >= 0, got {self.exact_max_images}")
         if self.stream_oversample < 1:
             raise ValueError(f"stream_oversample must be >= 1, got {self.stream_oversample}")
         if self.pool_size < 1 or self.pool_size % 2 == 0:
@@ -123,8 +128,8 @@ class PatchCore(AnomalyHead):
         generator = torch.Generator().manual_seed(int(self.seed))
         projection = None
         channels = grid = None
-        kept: list[torch.Tensor] = []
-        pending: torch.Tensor | None = None  # the last chunk, not yet reduced (kept raw if it is the only one)
+        kept: list[torch.Tensor] = []  # reduced chunks
+        raw: list[torch.Tensor] = []  # chunks not reduced yet (all of them while n_images <= exact_max_images)
         n_patches = n_images = 0
         keep_ratio = min(1.0, self.stream_oversample * self.coreset_ratio)
 
@@ -142,16 +147,16 @@ class PatchCore(AnomalyHead):
             elif chunk.shape[1] != channels or tuple(chunk.shape[-2:]) != grid:
                 raise ValueError(f"patch maps changed shape during fit: {tuple(chunk.shape[1:])} after "
                                  f"{(channels, *grid)}")
-            if pending is not None:
-                kept.append(reduce(pending))
-            pending = flatten_patches(aggregate_neighbourhood(chunk, self.pool_size))
-            n_patches += len(pending)
+            raw.append(flatten_patches(aggregate_neighbourhood(chunk, self.pool_size)))
+            n_patches += len(raw[-1])
             n_images += len(chunk)
-        if pending is None:
+            if n_images > self.exact_max_images:  # streaming from now on: reduce every chunk as it comes
+                kept += [reduce(r) for r in raw]
+                raw = []
+        if n_images == 0:
             raise ValueError("patchcore needs at least one good image to fit")
-        kept.append(reduce(pending) if kept else pending)
-        union = torch.cat(kept) if len(kept) > 1 else kept[0]
-        del kept, pending
+        union = torch.cat(kept + raw)
+        del kept, raw
         k = max(1, math.ceil(self.coreset_ratio * n_patches))
         z = union if projection is None else union @ projection
         self.memory_bank_ = union[greedy_coreset(z, k, generator)].contiguous()
