@@ -165,3 +165,12 @@ def test_heads_receive_a_stream_not_one_big_tensor(monkeypatch, bb, good_dir):
     fit_anomaly(good_dir, "patchcore", bb, target_false_reject=0.2, holdout_fraction=0.2, use_cache=False,
                 chunk_images=10)
     assert seen == [10, 10, 4]
+
+
+def test_patchcore_on_clip_vit_patch_tokens(tiny_clip, nominal):
+    model = fit_anomaly(nominal[:10], "patchcore", tiny_clip, target_false_reject=0.5, holdout_fraction=0.2,
+                        use_cache=False)
+    grid = model.head.grid_
+    assert grid == [4, 4]  # 64 px / patch 16: the ViT's patch tokens
+    res = score_files(model, nominal[200:203], use_cache=False)
+    assert res.maps.shape == (3, 64, 64) and np.isfinite(res.scores).all()
