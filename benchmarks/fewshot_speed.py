@@ -125,13 +125,14 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     goals = "all goals met" if not failures else "goals missed: " + "; ".join(failures)
+    load = f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (timings scale with competing jobs)"
     markdown = (
         "## Few-shot heads: fit and predict cost (`benchmarks/fewshot_speed.py`)\n\n"
         f"Fit: {N_CLASSES} classes x {SHOTS} shots of cached features (D = {dim}; ProLIP: pre-projection width "
         f"{width}), default parameters, median of {args.repeats}. Predict overhead: head `predict_proba` on a batch "
         f"of {BATCH} against the {args.model} image encoder on the same batch ({1000 * encode_s:.0f} ms, random "
         f"weights). Goals: {', '.join(GOAL_FIT_METHODS)} fit < {GOAL_FIT_SECONDS:.0f} s; overhead < "
-        f"{100 * GOAL_OVERHEAD:.0f} %. Result: {goals}.\n\n"
+        f"{100 * GOAL_OVERHEAD:.0f} %. Result: {goals}. {load}.\n\n"
         + table(["method", "trainable parameters", "fit seconds", "fits timed", "predict overhead"], rows)
         + ("\n\nNot timed here: " + "; ".join(left_out) + "." if left_out else "")
     )

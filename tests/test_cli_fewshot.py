@@ -4,8 +4,6 @@ import csv
 import json
 import sys
 
-import pytest
-
 from fewvision.cli import main
 
 IMAGE_ONLY = "texture"

@@ -207,7 +207,9 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
     logp = np.log(np.clip(scored.proba.astype(np.float64), 1e-300, None))
     temperature = fit_temperature(logp, y)
     calibrated = apply_temperature(scored.proba, temperature)
-    nll = lambda p: float(-np.log(np.clip(p[np.arange(len(y)), y].astype(np.float64), 1e-300, None)).mean())  # noqa: E731
+    def nll(proba: np.ndarray) -> float:
+        return float(-np.log(np.clip(proba[np.arange(len(y)), y].astype(np.float64), 1e-300, None)).mean())
+
     model.decision["temperature"] = temperature
     model.decision["calibration"] = {"n": int(len(y)), "nll_before": nll(scored.proba), "nll_after": nll(calibrated)}
     model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + list(scored.shas)
