@@ -84,11 +84,11 @@ def classify(
     workers: int | None = None,
 ) -> Predictions:
     """Zero-shot classification of image files and folders into ``classes``."""
+    paths = iter_image_files(inputs)  # a missing input is reported before any model is loaded
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes)
     head = create_head("zeroshot", classes=specs, templates=templates).fit(
         Support.text_only([c.name for c in specs], bb, cache_dir, use_cache))
-    paths = iter_image_files(inputs)
     feats = encode(bb, paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress, batch_size=batch_size,
                    workers=workers)
     return predictions_from(head, feats, unknown_threshold)
@@ -235,10 +235,11 @@ def classify_with_lmm(
     ``lmm`` is a :class:`fewvision.lmm.LMMBackend` (e.g. ``fewvision.lmm.create_lmm(url, model)``). Unreadable files
     are skipped before any request; an image without a usable answer falls back to CLIP zero-shot (row ``note``).
     """
+    paths = iter_image_files(inputs)  # a missing input is reported before any model is loaded
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes)
     head = _lmm_head(method, specs, bb, templates, prompt, choice_prompt, top_k, cache_dir, use_cache)
-    feats = encode(bb, iter_image_files(inputs), cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+    feats = encode(bb, paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
                    batch_size=batch_size, workers=workers)
     return predictions_with_lmm(head, feats, lmm, unknown_threshold)
 

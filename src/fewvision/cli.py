@@ -150,6 +150,7 @@ def classify(
 ) -> None:
     """Zero-shot classification: one row per image with its label and the probability of each class."""
     from .api import classify as run_classify
+    from .images import iter_image_files
     from .api import classify_with_lmm
 
     if method not in ("zeroshot", *LMM_METHODS):
@@ -158,6 +159,7 @@ def classify(
     if specs is None:
         raise UserError("give the classes with --classes or --classes-file")
     lmm = _lmm(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
+    images = iter_image_files(images)  # a missing input is reported before any model is loaded
     bb = _backbone(backbone, weights, cache_dir)
     if lmm is not None:
         preds = classify_with_lmm(images, specs, backbone=bb, lmm=lmm, method=method, templates=template or None,

@@ -13,8 +13,9 @@ SHOW_AFTER_S = 1.0
 
 @contextlib.contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    # disable=None: tqdm hides the bar when stderr is not a terminal (CI logs, pipes)
     bar = tqdm(total=total, desc=description, unit="img", delay=SHOW_AFTER_S, file=sys.stderr,
-               disable=not enabled, dynamic_ncols=True, leave=False)
+               disable=None if enabled else True, dynamic_ncols=True, leave=False)
     try:
         yield bar.update
     finally:
