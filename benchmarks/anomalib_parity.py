@@ -15,7 +15,7 @@ Set-up (identical on both sides):
   PIL-decoded RGB images;
 * images: textile (conformal-clip-data). Train: 200 good images for PaDiM, 50 for PatchCore (see N_TRAIN).
   Test: 100 good + 100 local + 100 global. fewvision's ``fit_anomaly`` additionally holds out 20% more good images
-  to set its conformal threshold (target false-reject 0.05); scoring them is part of fewvision's fit time;
+  to set its conformal threshold (target false-reject 0.1); scoring them is part of fewvision's fit time;
 * PatchCore: coreset 10 %, 9 neighbours, 3x3 neighbourhood averaging. PaDiM: 100 random channels, eps 0.01; the
   channel subset fewvision draws is handed to anomalib (its own draw depends on global RNG state), so both model
   the same channels.
@@ -72,7 +72,7 @@ def worker_fewvision(job: dict) -> dict:
     torch.manual_seed(0)
     bb = create_backbone(f"timm:resnet18@{job['weights']}")
     t0, c0 = time.perf_counter(), time.process_time()
-    model = fit_anomaly(job["train_pool"], job["method"], bb, target_false_reject=0.05,
+    model = fit_anomaly(job["train_pool"], job["method"], bb, target_false_reject=0.1,
                         holdout_fraction=HOLDOUT_FRACTION, seed=0, use_cache=False, batch_size=BATCH)
     fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     fit_peak = _peak_mb()
@@ -272,9 +272,10 @@ def main() -> None:
                              "yes" if abs(d) <= 0.01 else "**no**", am["auroc"][split], dm,
                              "yes" if abs(dm) <= 0.01 else "**no**"])
         rows_speed.append([method, N_TRAIN[method], f"{fv['fit_s']:.1f} ({fv['fit_cpu_s']:.0f})",
-                           f"{an['fit_s']:.1f} ({an['fit_cpu_s']:.0f})", fv["fit_s"] / an["fit_s"],
-                           f"{fv['predict_s']:.1f} ({fv['predict_cpu_s']:.0f})",
-                           f"{an['predict_s']:.1f} ({an['predict_cpu_s']:.0f})", fv["predict_s"] / an["predict_s"],
+                           f"{an['fit_s']:.1f} ({an['fit_cpu_s']:.0f})", f"{am['fit_s']:.1f} ({am['fit_cpu_s']:.0f})",
+                           fv["fit_s"] / an["fit_s"], f"{fv['predict_s']:.1f} ({fv['predict_cpu_s']:.0f})",
+                           f"{an['predict_s']:.1f} ({an['predict_cpu_s']:.0f})",
+                           f"{am['predict_s']:.1f} ({am['predict_cpu_s']:.0f})", fv["predict_s"] / an["predict_s"],
                            round(fv["peak_mb"]), round(an["peak_mb"])])
     corr = {(m, side): float(np.corrcoef(results[("fewvision", m)]["scores"], results[(side, m)]["scores"])[0, 1])
             for m in METHODS for side in ("anomalib", "anomalib-matched")}
@@ -306,21 +307,28 @@ def main() -> None:
         "",
         "### Wall time (s) and peak memory (MB)",
         "",
-        table(["method", "good images fitted", "fit fewvision s (CPU s)", "fit anomalib s (CPU s)", "fit ratio",
-               "predict fewvision s (CPU s)", "predict anomalib s (CPU s)", "predict ratio (300 images)",
+        table(["method", "good images fitted", "fit fewvision s (CPU s)", "fit anomalib s (CPU s)",
+               "fit anomalib matched s (CPU s)", "fit ratio", "predict fewvision s (CPU s)",
+               "predict anomalib s (CPU s)", "predict anomalib matched s (CPU s)", "predict ratio (300 images)",
                "peak MB fewvision", "peak MB anomalib"], rows_speed),
         "",
-        "Wall times are from a machine shared with other work, so they carry its load at the time; the CPU seconds "
-        "(all threads of the process) are less sensitive to it. Both libraries spend most of the time in the same "
-        "backbone forward passes (fewvision's timm backbone also runs layer4, which `forward_intermediates` computes "
-        "unless told to stop early), so for PaDiM the ratio is bounded near 1 - the feature cache, not the head, is "
-        "where fewvision saves time on a second pass.",
+        "Wall times are from a machine shared with other work, so they carry its load at the time; CPU seconds (all "
+        "threads of the process) vary less but still do. The *anomalib matched* columns run the same computation as "
+        "*anomalib* a second time (only the layer combination differs): their spread is the run-to-run noise of "
+        "this machine. Outside PatchCore's coreset, both libraries spend their time in the same backbone forward "
+        "passes (fewvision's timm backbone also runs layer4, which `forward_intermediates` computes unless told to "
+        "stop early, and fewvision's fit also scores its held-out good images); the feature cache, which this "
+        "benchmark turns off, is where fewvision saves those passes on a second run.",
         "",
         "PatchCore memory items: fewvision "
         f"{results[('fewvision', 'patchcore')]['memory_items']}, anomalib "
-        f"{results[('anomalib', 'patchcore')]['memory_items']}. fewvision streams the fit (per-chunk coresets of "
-        "32 images, then a final coreset; see docs/methods/patchcore.md); anomalib holds every training patch and "
-        "runs one coreset over all of them.",
+        f"{results[('anomalib', 'patchcore')]['memory_items']}. With at most 96 images fewvision runs one coreset "
+        "over all patches like anomalib (beyond that it streams: per-chunk coresets, then a final one; see "
+        "docs/methods/patchcore.md); its coreset is faster because each greedy step is one matrix-vector product "
+        "on a 128-dimensional projection, on one thread, where anomalib materialises the difference to every "
+        "patch in about 300 dimensions. The remaining PatchCore difference in the matched run comes from the "
+        "memory banks themselves: a different random projection (dense 128-d vs sparse ~300-d) and start point "
+        "select a different coreset, which random-weight features are sensitive to.",
     ]
     text = "\n".join(md)
     print(text)
