@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import platform
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from fewvision.atomic import atomic_write_text
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = (
@@ -33,11 +34,7 @@ def write_section(name: str, markdown: str, path: Path = DOC) -> None:
     block = f"<!-- BEGIN {name} -->\n{markdown.rstrip()}\n\n_Machine: {machine()}._\n<!-- END {name} -->"
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".benchmarks.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def table(headers: list[str], rows: list[list]) -> str:

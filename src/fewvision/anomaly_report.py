@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .anomaly.postprocess import input_view
-from .evaluation import atomic_write_text
+from .atomic import atomic_path, atomic_write_text
 from .images import BadImage, load_image
 from .report import _CSS, _e, _img, _kv_table, _png_data_uri
 
@@ -55,17 +54,9 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write an RGB array as PNG atomically."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _png_uri(rgb: np.ndarray, max_px: int = 256) -> str:

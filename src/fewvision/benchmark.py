@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from .features import GLOBAL, Features
 from .fewshot import IMAGES, as_dataset, encode, feature_kind, images_proba, make_head
 from .heads import head_names
 from .support import Support
+from .atomic import atomic_open
 
 CSV_COLUMNS = ["method", "shots", "n_seeds", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
                "balanced_accuracy_std", "fit_seconds", "n_trainable_parameters"]
@@ -184,14 +184,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
 
 
 def accuracy_plot(result: BenchmarkResult) -> bytes:

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -19,6 +18,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .atomic import atomic_open
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Zero-shot and few-shot image classification and anomaly detection for visual inspection.")
@@ -95,28 +95,21 @@ def write_rows(path: Path, rows: list[dict], class_names: list[str], skipped) ->
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise UserError(f"{path}: --out must end in .csv or .jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            if suffix == ".csv":
-                extra = [k for k in ("true", "note") if any(k in r for r in rows)]
-                w = csv.writer(fh)
-                w.writerow(["path", "label", *extra, *[f"p_{n}" for n in class_names], "error"])
-                for r in rows:
-                    w.writerow([r["path"], r["label"], *[r.get(k, "") for k in extra],
-                                *[f"{r['probabilities'][n]:.6f}" for n in class_names], ""])
-                for s in skipped:
-                    w.writerow([s.path, "", *[""] * len(extra), *[""] * len(class_names), s.reason])
-            else:
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
-                for s in skipped:
-                    fh.write(json.dumps({"path": s.path, "label": None, "error": s.reason}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, newline="") as fh:
+        if suffix == ".csv":
+            extra = [k for k in ("true", "note") if any(k in r for r in rows)]
+            w = csv.writer(fh)
+            w.writerow(["path", "label", *extra, *[f"p_{n}" for n in class_names], "error"])
+            for r in rows:
+                w.writerow([r["path"], r["label"], *[r.get(k, "") for k in extra],
+                            *[f"{r['probabilities'][n]:.6f}" for n in class_names], ""])
+            for s in skipped:
+                w.writerow([s.path, "", *[""] * len(extra), *[""] * len(class_names), s.reason])
+        else:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+            for s in skipped:
+                fh.write(json.dumps({"path": s.path, "label": None, "error": s.reason}) + "\n")
 
 
 def _summary(n_ok: int, skipped) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from .atomic import atomic_open
 
 ANOMALY_BACKBONE_HELP = ("backbone spec: timm:NAME (hub weights) | timm:NAME@PATH | timm:NAME@random | texture "
                          "(built in, no weights) | openclip:MODEL[/TAG]")
@@ -61,27 +61,20 @@ def write_anomaly_rows(path: Path, rows: list[dict], skipped) -> None:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise _user_error(f"{path}: --out must end in .csv or .jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            if suffix == ".csv":
-                w = csv.writer(fh)
-                w.writerow(["path", "score", "is_anomalous", "heatmap", "error"])
-                for r in rows:
-                    flag = "" if r["is_anomalous"] is None else str(bool(r["is_anomalous"])).lower()
-                    w.writerow([r["path"], f"{r['score']:.6g}", flag, r.get("heatmap", ""), ""])
-                for s in skipped:
-                    w.writerow([s.path, "", "", "", s.reason])
-            else:
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
-                for s in skipped:
-                    fh.write(json.dumps({"path": s.path, "score": None, "is_anomalous": None, "error": s.reason}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, newline="") as fh:
+        if suffix == ".csv":
+            w = csv.writer(fh)
+            w.writerow(["path", "score", "is_anomalous", "heatmap", "error"])
+            for r in rows:
+                flag = "" if r["is_anomalous"] is None else str(bool(r["is_anomalous"])).lower()
+                w.writerow([r["path"], f"{r['score']:.6g}", flag, r.get("heatmap", ""), ""])
+            for s in skipped:
+                w.writerow([s.path, "", "", "", s.reason])
+        else:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+            for s in skipped:
+                fh.write(json.dumps({"path": s.path, "score": None, "is_anomalous": None, "error": s.reason}) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
+
+from .atomic import atomic_write_text
 
 UNKNOWN = -1
 UNKNOWN_LABEL = "unknown"
@@ -163,26 +164,6 @@ def classification_metrics(
     metrics["ci_method"] = {"method": "percentile bootstrap over test items", "n_bootstrap": int(n_bootstrap),
                             "seed": int(seed), "confidence": float(confidence)}
     return metrics
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def save_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path
 
 FORMAT = "fewvision-model"
 FORMAT_VERSION = 1
@@ -94,15 +95,8 @@ def save_model(path: str | os.PathLike, model: FewVisionModel) -> Path:
     payload = {f"head/{k}": v.contiguous() for k, v in tensors.items()}
     if not payload:  # safetensors needs at least one tensor to be a valid file for every reader
         payload["head/__empty__"] = torch.zeros(1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(payload, tmp, metadata={"fewvision": json.dumps(meta, allow_nan=False)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(payload, str(tmp), metadata={"fewvision": json.dumps(meta, allow_nan=False)})
     return path
 
 

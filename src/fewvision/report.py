@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .evaluation import atomic_write_text
+from .atomic import atomic_write_text
 from .images import BadImage, load_image
 
 THUMB_PX = 128
