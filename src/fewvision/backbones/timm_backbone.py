@@ -78,7 +78,7 @@ class TimmBackbone(Backbone):
             raise BackboneError(f"timm model '{self.spec}' does not expose intermediate feature maps")
         with torch.inference_mode():
             maps = self.model.forward_intermediates(
-                pixels.to(self._device), indices=list(self.feature_layers), intermediates_only=True
+                pixels.to(self._device), indices=list(self.feature_layers), intermediates_only=True, stop_early=True
             )
         size = maps[0].shape[-2:]
         maps = [m if m.shape[-2:] == size else torch.nn.functional.interpolate(m, size=size, mode="bilinear") for m in maps]
