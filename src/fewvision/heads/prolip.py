@@ -23,6 +23,7 @@ from ..prompts import ClassSpec, resolve_templates
 from ..support import Support
 from .base import ClassifierHead
 from .zeroshot import text_classifier
+from .textual import single_thread
 
 PRE_PROJECTION = "preproj"
 
@@ -120,9 +121,10 @@ class ProLIPHead(ClassifierHead):
         else:
             views = None
         torch.manual_seed(self.seed)
-        self.projection_, self.losses_ = fit_projection(
-            views, support.labels, weight0, self.bias_, self.text_weights_, self.logit_scale_,
-            self.regularization_, steps, self.lr)
+        with single_thread():  # small full-batch matrices: a second thread costs more than it computes
+            self.projection_, self.losses_ = fit_projection(
+                views, support.labels, weight0, self.bias_, self.text_weights_, self.logit_scale_,
+                self.regularization_, steps, self.lr)
         self.class_names_ = [c.name for c in self.classes_]
         return self
 
