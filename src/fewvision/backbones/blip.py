@@ -49,10 +49,7 @@ class BlipBackbone(Backbone):
     has_text = True
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
-        try:
-            from transformers import AutoProcessor, BlipForImageTextRetrieval
-        except ImportError:  # pragma: no cover - depends on the install
-            raise BackboneError("hf: backbones need transformers: pip install 'fewvision[hf]'") from None
+        from transformers import AutoProcessor, BlipForImageTextRetrieval  # heavy import, only when this backbone is used
         self.spec = spec
         target = spec.split(":", 1)[1]
         local = Path(target).expanduser()

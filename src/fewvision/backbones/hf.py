@@ -29,10 +29,7 @@ class HFClipBackbone(Backbone):
     has_text = True
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
-        try:
-            from transformers import AutoModel, AutoProcessor
-        except ImportError:  # pragma: no cover - depends on the install
-            raise BackboneError("hf: backbones need transformers: pip install 'fewvision[hf]'") from None
+        from transformers import AutoModel, AutoProcessor  # heavy import, only when this backbone is used
         self.spec = spec
         target = spec.split(":", 1)[1]
         local = Path(target).expanduser()

@@ -26,10 +26,7 @@ class LocalVLM(LMMBackend):
     def __init__(self, model: str, *, cache_dir: str | None = None, use_cache: bool = True, download: bool = True,
                  device: str = "cpu", max_new_tokens: int = 64):
         super().__init__(cache_dir, use_cache)
-        try:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-        except ImportError:  # pragma: no cover - depends on the install
-            raise BackboneError("a local LMM needs transformers: pip install 'fewvision[hf]'") from None
+        from transformers import AutoModelForImageTextToText, AutoProcessor  # heavy import, only when this backbone is used
         target = model.removeprefix("local:").strip()
         local = Path(target).expanduser()
         folder = local if local.exists() else hub_snapshot(f"local:{target}", target, cache=weights_dir(cache_dir),
