@@ -111,3 +111,16 @@ def test_save_metrics_atomic_json(tmp_path):
     assert json.loads(text) == m
     assert text.startswith("{\n  ")  # indent=2
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from fewvision.atomic import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "out.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
