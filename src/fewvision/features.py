@@ -99,7 +99,10 @@ def _collate(items):
 
 
 def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1)))
+    """Decoding workers: none on 1-2 cores, where a worker takes CPU the encoder needs (measured in
+    benchmarks/classify_speed.py); otherwise half the cores, at most 4."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
 
 
 def hash_files(paths: Sequence[str]) -> tuple[list[str | None], dict[int, str]]:
