@@ -35,12 +35,14 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 Key = tuple[str, str]  # (image sha256, view id)
 
 
-class FeatureCache:
-    """Features of one backbone. ``get_many``/``put_many`` work on ``{(sha256, view): array}``."""
+class SqliteStore:
+    """One SQLite file shared by threads and processes: a connection per thread (and per process after a fork),
+    WAL journal, a busy timeout instead of lock errors, and writes that are single transactions."""
 
-    def __init__(self, backbone_id: str, root: str | os.PathLike | None = None):
-        self.backbone_id = backbone_id
-        self.path = features_dir(root) / f"{backbone_id}.sqlite"
+    schema = ""
+
+    def __init__(self, path: Path):
+        self.path = path
         self._local = threading.local()
 
     def _conn(self) -> sqlite3.Connection:
@@ -50,10 +52,43 @@ class FeatureCache:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('backbone_id', ?)", (self.backbone_id,))
+            conn.executescript(self.schema)
             self._local.conn, self._local.pid = conn, os.getpid()
+            self._opened(conn)
         return conn
+
+    def _opened(self, conn: sqlite3.Connection) -> None:
+        """Hook for one-off set-up of a new connection."""
+
+    def _write(self, sql: str, rows: list[tuple]) -> None:
+        """``executemany`` in one transaction: either every row is written or none is."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class FeatureCache(SqliteStore):
+    """Features of one backbone. ``get_many``/``put_many`` work on ``{(sha256, view): array}``."""
+
+    schema = _SCHEMA
+
+    def __init__(self, backbone_id: str, root: str | os.PathLike | None = None):
+        super().__init__(features_dir(root) / f"{backbone_id}.sqlite")
+        self.backbone_id = backbone_id
+
+    def _opened(self, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('backbone_id', ?)", (self.backbone_id,))
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, np.ndarray]:
         keys = list(keys)
@@ -83,24 +118,10 @@ class FeatureCache:
         for (sha, view), arr in items.items():
             arr = np.ascontiguousarray(arr)
             rows.append((sha, view, arr.dtype.str, ",".join(map(str, arr.shape)), arr.tobytes()))
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?)", rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        self._write("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?)", rows)
 
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM features").fetchone()[0]
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
 
 class NullCache:
     """Used with ``--no-cache``: remembers nothing."""

@@ -9,14 +9,11 @@ failures (timeouts, HTTP errors, malformed responses) are not, so the next run a
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
 import time
 from pathlib import Path
 
+from ..cache import SqliteStore
 from ..paths import cache_dir
-
-BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -34,23 +31,13 @@ def answers_path(root: str | os.PathLike | None = None) -> Path:
     return cache_dir(root) / "lmm" / "answers.sqlite"
 
 
-class AnswerCache:
+class AnswerCache(SqliteStore):
     """``get(sha, model, prompt) -> str | None`` and ``put(sha, model, prompt, answer)``; safe across threads."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.path = answers_path(root)
-        self._local = threading.local()
+    schema = _SCHEMA
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
+    def __init__(self, root: str | os.PathLike | None = None):
+        super().__init__(answers_path(root))
 
     def get(self, sha256: str, model: str, prompt: str) -> str | None:
         row = self._conn().execute(
@@ -59,25 +46,11 @@ class AnswerCache:
         return None if row is None else row[0]
 
     def put(self, sha256: str, model: str, prompt: str, answer: str) -> None:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
-                         (sha256, model, prompt, answer, time.time()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        self._write("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+                    [(sha256, model, prompt, answer, time.time())])
 
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
 
 class NullAnswerCache:
     """Used with ``--no-cache``: remembers nothing."""
