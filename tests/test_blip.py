@@ -152,3 +152,43 @@ def test_hf_clip_folders_still_load_as_clip(tmp_path):
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
                   tokenizer=tokenizer).save_pretrained(folder)
     assert isinstance(create_backbone(f"hf:{folder}"), HFClipBackbone)
+
+
+def test_hf_clip_backbone_matches_transformers(tmp_path):
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from fewvision.backbones import create_backbone
+
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=20, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=16, image_size=32, patch_size=8, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=20), projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    folder = tmp_path / "clip"
+    model.save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    bb = create_backbone(f"hf:{folder}")
+
+    image = Image.new("RGB", (50, 40), (200, 30, 90))
+    pixels = bb.preprocess(image)[None]
+    with torch.no_grad():
+        ref_pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        ref_image = model.get_image_features(pixel_values=ref_pixels)
+        ref_image = ref_image if torch.is_tensor(ref_image) else ref_image.pooler_output
+        tokens = tokenizer(["a photo", "of a photo"], padding=True, return_tensors="pt")
+        ref_text = model.get_text_features(**tokens)
+        ref_text = ref_text if torch.is_tensor(ref_text) else ref_text.pooler_output
+    torch.testing.assert_close(pixels, ref_pixels)
+    torch.testing.assert_close(bb.encode_images(pixels), torch.nn.functional.normalize(ref_image, dim=-1))
+    torch.testing.assert_close(bb.encode_text(["a photo", "of a photo"]), torch.nn.functional.normalize(ref_text, dim=-1))
+    assert bb.patch_features(pixels).shape == (1, 16, 4, 4)
+    assert bb.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
