@@ -133,33 +133,10 @@ def test_offline_hub_id_fails_fast_and_clearly(tmp_path, monkeypatch):
     assert "hf:Salesforce/blip-itm-base-coco" in message and "--weights" in message and "\n" not in message
 
 
-def test_hf_clip_folders_still_load_as_clip(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from fewvision.backbones import create_backbone
-    from fewvision.backbones.hf import HFClipBackbone
-
-    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>"])}
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=20, max_position_embeddings=16),
-                        vision_config=dict(hidden_size=16, image_size=32, patch_size=8, num_hidden_layers=1,
-                                           num_attention_heads=2, intermediate_size=20), projection_dim=8)
-    folder = tmp_path / "clip"
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
-                  tokenizer=tokenizer).save_pretrained(folder)
-    assert isinstance(create_backbone(f"hf:{folder}"), HFClipBackbone)
-
-
-def test_hf_clip_backbone_matches_transformers(tmp_path):
+def _save_tiny_hf_clip(tmp_path):
+    """A random transformers CLIP with an offline tokenizer, saved as a model folder."""
     import torch
-    from PIL import Image
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from fewvision.backbones import create_backbone
 
     vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>"])}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
@@ -176,6 +153,24 @@ def test_hf_clip_backbone_matches_transformers(tmp_path):
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
                               tokenizer=tokenizer)
     processor.save_pretrained(folder)
+    return folder, model, processor, tokenizer
+
+
+def test_hf_clip_folders_still_load_as_clip(tmp_path):
+    from fewvision.backbones import create_backbone
+    from fewvision.backbones.hf import HFClipBackbone
+
+    folder, _, _, _ = _save_tiny_hf_clip(tmp_path)
+    assert isinstance(create_backbone(f"hf:{folder}"), HFClipBackbone)
+
+
+def test_hf_clip_backbone_matches_transformers(tmp_path):
+    import torch
+    from PIL import Image
+
+    from fewvision.backbones import create_backbone
+
+    folder, model, processor, tokenizer = _save_tiny_hf_clip(tmp_path)
     bb = create_backbone(f"hf:{folder}")
 
     image = Image.new("RGB", (50, 40), (200, 30, 90))

@@ -26,9 +26,9 @@ class WeightsUnavailable(BackboneError):
 class Backbone(ABC):
     """An image encoder, optionally with a text tower.
 
-    Subclasses set ``spec`` (what the user typed), implement ``preprocess``, ``forward_images`` and, when they have
-    a text tower, ``encode_text``. ``id`` changes whenever the weights or the preprocessing change: it keys the
-    feature cache and is stored in saved models.
+    Subclasses set ``spec`` (what the user typed), ``_preprocess`` and ``_device``, implement ``forward_images``
+    and, when they have a text tower, ``encode_text``. ``id`` changes whenever the weights or the preprocessing
+    change: it keys the feature cache and is stored in saved models.
     """
 
     spec: str
@@ -44,11 +44,15 @@ class Backbone(ABC):
     def name(self) -> str:
         return self.spec
 
+    # Set by every subclass's __init__.
+    _preprocess: Callable[[Image.Image], torch.Tensor]
+    _device: torch.device = torch.device("cpu")
+
     # --- preprocessing (the only place it happens) ---------------------------------------------------------
     @property
-    @abstractmethod
     def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL RGB image -> float tensor [C, H, W]. Picklable, so decoding workers can run it."""
+        return self._preprocess
 
     # --- encoders -----------------------------------------------------------------------------------------
     @abstractmethod
@@ -84,7 +88,7 @@ class Backbone(ABC):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return self._device
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, id={self.id!r})"

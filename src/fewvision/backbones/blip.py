@@ -74,14 +74,6 @@ class BlipBackbone(Backbone):
         self.max_text_tokens = min(int(getattr(self.tokenizer, "model_max_length", limit) or limit), limit)
 
     @property
-    def preprocess(self):
-        return self._preprocess
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def input_size(self) -> tuple[int, int]:
         size = self.model.config.vision_config.image_size
         return (size, size)

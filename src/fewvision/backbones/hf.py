@@ -47,14 +47,6 @@ class HFClipBackbone(Backbone):
         self._id = make_id("hf", file_digest(folder), repr(self._preprocess))
 
     @property
-    def preprocess(self):
-        return self._preprocess
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def input_size(self) -> tuple[int, int]:
         size = self.model.config.vision_config.image_size
         return (size, size)

@@ -122,10 +122,6 @@ class OpenClipBackbone(Backbone):
         self._device = torch.device(device)
 
     @property
-    def preprocess(self):
-        return self._preprocess
-
-    @property
     def input_size(self) -> tuple[int, int]:
         size = self.model.visual.image_size
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -133,10 +129,6 @@ class OpenClipBackbone(Backbone):
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self._device))

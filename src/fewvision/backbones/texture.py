@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Callable
 
 import numpy as np
 import torch
@@ -167,10 +166,6 @@ class TextureBackbone(Backbone):
         self._id = make_id("texture", repr(sorted(params.items())), self._preprocess.describe())
 
     # --- contract ------------------------------------------------------------------------------------------
-    @property
-    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._preprocess
-
     @property
     def input_size(self) -> tuple[int, int]:
         return (self.image_size, self.image_size)

@@ -58,14 +58,6 @@ class TimmBackbone(Backbone):
         self._id = make_id("timm", f"{name}:{weights}", [repr(self._preprocess), self.feature_layers])
 
     @property
-    def preprocess(self):
-        return self._preprocess
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def input_size(self) -> tuple[int, int]:
         return self._input_size
 
