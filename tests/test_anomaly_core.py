@@ -13,6 +13,7 @@ from anomaly_data import PixelPatchBackbone
 from fewvision.anomaly import anomaly_head_classes
 from fewvision.anomaly.metrics import aupro, auroc_bootstrap_ci, image_metrics, pixel_auroc
 from fewvision.anomaly.padim import PaDiM
+from fewvision.backbones.base import pack_layers
 from fewvision.anomaly.patchcore import PatchCore, greedy_coreset
 from fewvision.anomaly.postprocess import finish, finish_maps, gaussian_blur, mask_view
 from fewvision.anomaly.threshold import (
@@ -301,6 +302,26 @@ def test_patchcore_image_score_is_equation_7():
     r, c = divmod(int(maps[0].argmax()), 6)
     assert abs(r - 2) <= 1 and abs(c - 3) <= 1  # the spike, spread over its 3x3 neighbourhood
     assert float(scores[0]) > float(scores[1])
+
+
+def test_patchcore_pools_each_layer_on_its_own_grid_then_upsamples():
+    # Two layers packed like a CNN's layer2 + layer3: the reference computation (paper / anomalib) averages 3x3
+    # neighbourhoods on each layer's grid, up-samples the coarse one bilinearly and concatenates.
+    g = torch.Generator().manual_seed(0)
+    fine, coarse = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 6, 4, 4, generator=g)
+
+    class TwoLayers:
+        def patch_layout(self):
+            return [(4, 8, 8), (6, 4, 4)]
+
+    head = PatchCore(coreset_ratio=1.0).fit(pack_layers([fine, coarse]), TwoLayers())
+    assert head.layers_ == [[4, 8, 8], [6, 4, 4]]
+    pool = torch.nn.AvgPool2d(3, 1, 1)
+    expected = torch.cat([pool(fine), torch.nn.functional.interpolate(pool(coarse), size=(8, 8), mode="bilinear")], 1)
+    expected = expected.permute(0, 2, 3, 1).reshape(-1, 10)
+    assert torch.allclose(head.memory_bank_, expected, atol=1e-5)  # ratio 1: every patch kept, in order
+    maps, _ = PatchCore.from_state(*head.state()).score(pack_layers([fine, coarse]))
+    assert float(maps.abs().max()) < 1e-3  # every test patch is in the memory bank: distance 0
 
 
 # --- PaDiM --------------------------------------------------------------------------------------------------------

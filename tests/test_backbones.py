@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from fewvision.backbones import create_backbone, weights_location, with_weights
-from fewvision.backbones.base import BackboneError, WeightsUnavailable
+from fewvision.backbones.base import BackboneError, WeightsUnavailable, pack_layers, unpack_layers
 
 
 @pytest.fixture
@@ -101,3 +101,37 @@ def test_timm_random_patch_features():
     assert bb.encode_images(pixels).shape == (2, 512)
     maps = bb.patch_features(pixels)
     assert maps.shape[0] == 2 and maps.shape[1] == 128 + 256 and maps.shape[-1] == 28
+    assert bb.patch_layout() == [(128, 28, 28), (256, 14, 14)]
+
+
+def test_timm_patch_features_are_the_unfused_stage_maps_packed_losslessly(monkeypatch):
+    # The fused, channels-last FX graph must compute what the model's own forward_intermediates computes.
+    bb = create_backbone("timm:resnet18@random")
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = bb.model.forward_intermediates(pixels, indices=[2, 3], intermediates_only=True, stop_early=True)
+    layers = unpack_layers(bb.patch_features(pixels), bb.patch_layout())
+    assert [m.shape for m in layers] == [e.shape for e in expected]
+    for got, want in zip(layers, expected):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    # A model timm cannot trace falls back to forward_intermediates, with the same result.
+    import timm.models
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("not traceable")
+
+    monkeypatch.setattr(timm.models, "FeatureGraphNet", untraceable)
+    fallback = create_backbone("timm:resnet18@random")
+    assert torch.allclose(fallback.patch_features(pixels), bb.patch_features(pixels), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fine, coarse", [(28, 14), (29, 15), (30, 7), (5, 5), (8, 3)])
+def test_pack_layers_round_trips_exactly(fine, coarse):
+    maps = [torch.randn(2, 3, fine, fine + 1), torch.randn(2, 4, coarse, coarse + 1)]
+    packed = pack_layers(maps)
+    assert packed.shape == (2, 7, fine, fine + 1)
+    assert torch.equal(packed[:, :3], maps[0])
+    back = unpack_layers(packed, [(3, fine, fine + 1), (4, coarse, coarse + 1)])
+    assert all(torch.equal(a, b) for a, b in zip(back, maps))
+    with pytest.raises(ValueError, match="channels"):
+        unpack_layers(packed, [(3, fine, fine + 1), (5, coarse, coarse + 1)])

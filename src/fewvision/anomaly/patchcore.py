@@ -1,8 +1,9 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
 
-* Locally aware patch features: the backbone's mid-level feature maps (``patch_features``; for a timm CNN the
-  stages in ``feature_layers``, default 2 and 3, brought to the first stage's grid), each position averaged over
-  its ``p x p`` neighbourhood (Eq. 1-2, p = 3).
+* Locally aware patch features (Eq. 1-2, p = 3): the backbone's mid-level feature maps (``patch_features``; for a
+  timm CNN the stages in ``feature_layers``, default 2 and 3). Each layer's map is averaged over every position's
+  ``p x p`` neighbourhood on its own grid, then up-sampled bilinearly to the first layer's grid and concatenated,
+  as the reference implementation and anomalib do (the backbone's layer layout is recorded at fit time).
 * Memory bank: greedy k-center coreset (Alg. 1; Sener & Savarese 2018) of all training patches, distances taken on
   a seeded Johnson-Lindenstrauss random projection to 128 dimensions; ``coreset_ratio`` of the patches are kept.
 * Anomaly map: distance of each test patch to its nearest memory item (faiss ``IndexFlatL2``).
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register
+from ..backbones.base import unpack_layers
 from .base import AnomalyHead, iter_chunks
 
 
@@ -143,11 +145,14 @@ class PatchCore(AnomalyHead):
                 raise ValueError(f"patchcore expects patch maps [N, C, h, w], got shape {tuple(chunk.shape)}")
             if channels is None:
                 channels, grid = chunk.shape[1], tuple(chunk.shape[-2:])
+                layout = backbone.patch_layout() if backbone is not None else None
+                self.layers_ = [list(map(int, layer)) for layer in (layout or [(channels, *grid)])]
+                unpack_layers(chunk[:1], self.layers_)  # checks the layout fits these maps
                 projection = self._projection(channels, generator)
             elif chunk.shape[1] != channels or tuple(chunk.shape[-2:]) != grid:
                 raise ValueError(f"patch maps changed shape during fit: {tuple(chunk.shape[1:])} after "
                                  f"{(channels, *grid)}")
-            raw.append(flatten_patches(aggregate_neighbourhood(chunk, self.pool_size)))
+            raw.append(flatten_patches(self._embed(chunk)))
             n_patches += len(raw[-1])
             n_images += len(chunk)
             if n_images > self.exact_max_images:  # streaming from now on: reduce every chunk as it comes
@@ -165,6 +170,16 @@ class PatchCore(AnomalyHead):
         self.n_train_patches_ = int(n_patches)
         self._index = None
         return self
+
+    def _embed(self, maps: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features of packed maps ``[N, C, h, w]`` -> ``[N, C, h, w]``."""
+        layout = getattr(self, "layers_", None)
+        if not layout or len(layout) == 1:
+            return aggregate_neighbourhood(maps, self.pool_size)
+        size = maps.shape[-2:]
+        pooled = [aggregate_neighbourhood(m, self.pool_size) for m in unpack_layers(maps, layout)]
+        return torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear")
+                          for m in pooled], 1)
 
     # --- score --------------------------------------------------------------------------------------------------
     def _faiss_index(self):
@@ -194,7 +209,7 @@ class PatchCore(AnomalyHead):
         n, _, h, w = x.shape
         if n == 0:
             return torch.zeros(0, h, w), torch.zeros(0)
-        emb = flatten_patches(aggregate_neighbourhood(x, self.pool_size))
+        emb = flatten_patches(self._embed(x))
         dist, nn_idx = self.nearest(emb, 1)
         patch_scores = dist[:, 0].view(n, h * w)
         return patch_scores.view(n, h, w), self._reweight(patch_scores, nn_idx[:, 0].view(n, h * w), emb.view(n, h * w, -1))

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -76,6 +77,11 @@ class Backbone(ABC):
         """Preprocessed batch -> patch features [B, D, h, w] for the anomaly heads (not normalised)."""
         raise BackboneError(f"backbone '{self.spec}' does not provide patch features")
 
+    def patch_layout(self) -> list[tuple[int, int, int]] | None:
+        """(channels, h, w) of each layer packed into ``patch_features`` (see :func:`pack_layers`), or None when
+        the patch features are a single map."""
+        return None
+
     @property
     def logit_scale(self) -> float:
         """Multiplier applied to cosine similarities before the softmax (CLIP's learned temperature)."""
@@ -92,6 +98,46 @@ class Backbone(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, id={self.id!r})"
+
+
+def pack_layers(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Feature maps of several layers -> one tensor on the first (finest) map's grid: every other map is repeated
+    onto that grid (nearest-neighbour up-sampling) and the maps are concatenated along channels.
+
+    Repetition loses nothing: :func:`unpack_layers` returns each layer's own map exactly, so a head can combine the
+    layers its own way (PatchCore averages neighbourhoods on each layer's grid, then up-samples bilinearly; PaDiM
+    uses the packed map as it is, which is the paper's nearest-neighbour combination).
+    """
+    size = maps[0].shape[-2:]
+    return torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest") for m in maps], 1)
+
+
+def _first_source_rows(native: int, packed: int) -> torch.Tensor:
+    """For each of ``native`` rows, the first of ``packed`` rows that nearest-neighbour up-sampling copied it to."""
+    src = (torch.arange(packed, dtype=torch.float64) * (native / packed)).floor().long()  # torch's "nearest" rule
+    first = torch.full((native,), -1, dtype=torch.long)
+    for row in range(packed - 1, -1, -1):
+        first[src[row]] = row
+    if bool((first < 0).any()):
+        raise ValueError(f"a {native}-row map cannot be recovered from a {packed}-row packed grid")
+    return first
+
+
+def unpack_layers(packed: torch.Tensor, layout: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_layers` for ``layout`` = (channels, h, w) per layer."""
+    if sum(int(c) for c, _, _ in layout) != packed.shape[1]:
+        raise ValueError(f"patch maps have {packed.shape[1]} channels, the layer layout {list(layout)} has "
+                         f"{sum(int(c) for c, _, _ in layout)}")
+    maps, start = [], 0
+    for channels, h, w in layout:
+        part = packed[:, start : start + int(channels)]
+        start += int(channels)
+        if tuple(part.shape[-2:]) != (int(h), int(w)):
+            rows = _first_source_rows(int(h), part.shape[-2])
+            cols = _first_source_rows(int(w), part.shape[-1])
+            part = part[:, :, rows][:, :, :, cols]
+        maps.append(part)
+    return maps
 
 
 def make_id(kind: str, weights_digest: str, preprocess_description: object) -> str:
