@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -123,6 +124,21 @@ def test_timm_patch_features_are_the_unfused_stage_maps_packed_losslessly(monkey
     monkeypatch.setattr(timm.models, "FeatureGraphNet", untraceable)
     fallback = create_backbone("timm:resnet18@random")
     assert torch.allclose(fallback.patch_features(pixels), bb.patch_features(pixels), atol=1e-4, rtol=1e-4)
+
+
+def test_timm_patch_features_of_files_match_the_backbone(tmp_path):
+    from fewvision.features import PATCH, encode_files
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (120, 128, 3), dtype=np.uint8)).save(paths[-1])
+    bb = create_backbone("timm:resnet18@random")
+    feats = encode_files(bb, paths, kind=PATCH, batch_size=4, workers=0, progress=False)
+    assert feats.skipped == [] and feats.features.shape == (6, 384, 28, 28)
+    pixels = torch.stack([bb.preprocess(Image.open(p).convert("RGB")) for p in paths[-2:]])
+    assert np.allclose(feats.features[-2:], bb.patch_features(pixels).numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("fine, coarse", [(28, 14), (29, 15), (30, 7), (5, 5), (8, 3)])

@@ -105,20 +105,6 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(4, cores // 2)
 
 
-_END = object()
-
-
-def _prefetched(batches):
-    """Yield from ``batches`` while one background thread prepares the next batch, so that decoding overlaps
-    encoding without worker processes (PIL decoding and torch release the GIL)."""
-    it = iter(batches)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(next, it, _END)
-        while (batch := pending.result()) is not _END:
-            pending = pool.submit(next, it, _END)
-            yield batch
-
-
 def hash_files(paths: Sequence[str]) -> tuple[list[str | None], dict[int, str]]:
     """sha256 of each file (None where it cannot be read, with the reason), in threads (hashing releases the GIL)."""
 
@@ -174,7 +160,7 @@ def encode_files(
             persistent_workers=False, prefetch_factor=4 if n_workers else None,
         )
         with progress_bar(len(todo), description, enabled=progress) as advance:
-            for items in (loader if n_workers else _prefetched(loader)):
+            for items in loader:
                 good = [(j, t) for j, t, err in items if err is None]
                 for j, _, err in items:
                     if err is not None:

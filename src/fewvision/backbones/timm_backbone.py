@@ -58,8 +58,10 @@ class TimmBackbone(Backbone):
         weights = file_digest(weight_file) if weight_file is not None else digest_state_dict(self.model)
         # "packed-nearest": how patch_features combines the layers (part of what the feature cache holds)
         self._id = make_id("timm", f"{name}:{weights}", [repr(self._preprocess), self.feature_layers, "packed-nearest"])
-        self._stage_net = None
         self._layout = None
+        # Built now, not on first use: FX tracing patches torch globally, which breaks any torch module that
+        # another thread runs meanwhile.
+        self._stage_net = _fused_stage_net(self.model, self.feature_layers) or self._intermediates
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -72,24 +74,15 @@ class TimmBackbone(Backbone):
         """Feature maps of the stages in ``feature_layers``, packed into one tensor by :func:`pack_layers` (each
         map repeated onto the first one's grid, so heads can recover every layer exactly)."""
         with torch.inference_mode():
-            maps = self._stages()(pixels.to(self._device).contiguous(memory_format=torch.channels_last))
+            maps = self._stage_net(pixels.to(self._device).contiguous(memory_format=torch.channels_last))
         return pack_layers([m.float().contiguous() for m in maps])
 
     def patch_layout(self) -> list[tuple[int, int, int]]:
         if self._layout is None:
             with torch.inference_mode():
-                maps = self._stages()(torch.zeros(1, 3, *self.input_size, device=self._device))
+                maps = self._stage_net(torch.zeros(1, 3, *self.input_size, device=self._device))
             self._layout = [tuple(int(v) for v in m.shape[1:]) for m in maps]
         return list(self._layout)
-
-    def _stages(self):
-        """Callable: pixels -> the maps of ``feature_layers``. Built once: timm's FX feature extractor on a copy of
-        the model, cut after the last requested stage, with every BatchNorm folded into the convolution before it,
-        in channels-last layout (both measured to matter on CPU: about 2x together for resnet18 on 2 cores, see
-        benchmarks/anomalib_parity.py). Models timm cannot trace run ``forward_intermediates`` instead."""
-        if self._stage_net is None:
-            self._stage_net = _fused_stage_net(self.model, self.feature_layers) or self._intermediates
-        return self._stage_net
 
     def _intermediates(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         if not hasattr(self.model, "forward_intermediates"):
@@ -100,8 +93,11 @@ class TimmBackbone(Backbone):
 
 
 def _fused_stage_net(model: torch.nn.Module, indices: tuple[int, ...]):
-    """The FX graph of ``model`` up to the stages ``indices`` with Conv+BatchNorm pairs fused, or None when timm
-    cannot build one for this model."""
+    """Callable: pixels -> the maps of stages ``indices``, or None when timm cannot trace this model.
+
+    timm's FX feature extractor on a copy of the model, cut after the last requested stage, with every BatchNorm
+    folded into the convolution before it and run in channels-last layout: on CPU both matter (about 2x together
+    for resnet18 on 2 cores, measured against ``forward_intermediates``)."""
     from timm.models import FeatureGraphNet
     from torch.fx.experimental.optimization import fuse
 
