@@ -304,6 +304,21 @@ def test_patchcore_image_score_is_equation_7():
     assert float(scores[0]) > float(scores[1])
 
 
+@pytest.mark.parametrize("k", [1, 5])
+def test_nearest_rows_is_the_exact_search(monkeypatch, k):
+    from fewvision.anomaly import patchcore
+
+    monkeypatch.setattr(patchcore, "_SEARCH_ELEMENTS", 7 * 50)  # 7 query rows per chunk: several chunks
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(50, 6, generator=g), torch.randn(33, 6, generator=g)
+    dist, idx = patchcore.nearest_rows(queries, bank, k)
+    ref = torch.cdist(queries.double(), bank.double())
+    ref_d, ref_i = ref.sort(dim=1)
+    assert torch.equal(idx, ref_i[:, :k])
+    assert torch.allclose(dist.double(), ref_d[:, :k], atol=1e-5)
+    assert patchcore.nearest_rows(queries, bank[:3], 9)[1].shape == (33, 3)  # k capped at the bank size
+
+
 def test_patchcore_pools_each_layer_on_its_own_grid_then_upsamples():
     # Two layers packed like a CNN's layer2 + layer3: the reference computation (paper / anomalib) averages 3x3
     # neighbourhoods on each layer's grid, up-samples the coarse one bilinearly and concatenates.
