@@ -100,9 +100,9 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[tor
     dists, idxs = [], []
     for start in range(0, len(queries), rows):
         q = queries[start : start + rows]
-        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True))
-        d, i = d2.min(1, keepdim=True) if k == 1 else torch.topk(d2, k, dim=1, largest=False)
-        dists.append(d)
+        partial = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)  # |q|^2 is added after ranking: same order per row
+        d, i = partial.min(1, keepdim=True) if k == 1 else torch.topk(partial, k, dim=1, largest=False)
+        dists.append(d + (q * q).sum(1, keepdim=True))
         idxs.append(i)
     if not dists:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
