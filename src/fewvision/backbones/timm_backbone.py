@@ -96,8 +96,8 @@ def _fused_stage_net(model: torch.nn.Module, indices: tuple[int, ...]):
     """Callable: pixels -> the maps of stages ``indices``, or None when timm cannot trace this model.
 
     timm's FX feature extractor on a copy of the model, cut after the last requested stage, with every BatchNorm
-    folded into the convolution before it and run in channels-last layout: on CPU both matter (about 2x together
-    for resnet18 on 2 cores, measured against ``forward_intermediates``)."""
+    folded into the convolution before it and run in channels-last layout, which is faster on CPU than
+    ``forward_intermediates`` (benchmarks/timm_patch_features.py)."""
     from timm.models import FeatureGraphNet
     from torch.fx.experimental.optimization import fuse
 
