@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -57,3 +58,26 @@ def textile_subset(tmp_path_factory, textile_root) -> Path:
         for p in sorted((textile_root / cls).glob("*.jpg"))[:12]:
             shutil.copy(p, root / cls / p.name)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared CPU, OpenMP
+    threads waiting on each other cost far more than they give."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def textile_split():
+    """Few-shot split of the textile images: (class names, 4 train paths per class, their labels, 3 test paths per
+    class)."""
+    from fewvision.datasets import textile
+
+    items = textile().items
+    names = ["nominal", "local", "global"]
+    train = [i for c in names for i in [x for x in items if x.label == c][:4]]
+    test = [i for c in names for i in [x for x in items if x.label == c][100:103]]
+    return names, [i.path for i in train], [names.index(i.label) for i in train], [i.path for i in test]

@@ -14,24 +14,7 @@ from fewvision.modelfile import FewVisionModel, load, save_model
 from fewvision.support import Support
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny; on a shared CPU, OpenMP threads waiting on each other cost far more than they give."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def textile_split():
-    from fewvision.datasets import textile
-
-    items = textile().items
-    names = ["nominal", "local", "global"]
-    train = [i for c in names for i in [x for x in items if x.label == c][:4]]
-    test = [i for c in names for i in [x for x in items if x.label == c][100:103]]
-    return names, [i.path for i in train], [names.index(i.label) for i in train], [i.path for i in test]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
