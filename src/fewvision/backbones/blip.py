@@ -26,10 +26,9 @@ from typing import Sequence
 
 import torch
 
-from ..paths import weights_dir
 from .base import Backbone, BackboneError, make_id
-from .hf import HFPixelTransform
-from .weights import file_digest, hub_snapshot
+from .hf import HFPixelTransform, model_folder
+from .weights import file_digest
 
 RETRIEVAL_ARCH = "BlipForImageTextRetrieval"
 
@@ -51,9 +50,7 @@ class BlipBackbone(Backbone):
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
         from transformers import AutoProcessor, BlipForImageTextRetrieval  # heavy import, only when this backbone is used
         self.spec = spec
-        target = spec.split(":", 1)[1]
-        local = Path(target).expanduser()
-        folder = local if local.exists() else hub_snapshot(spec, target, cache=weights_dir(cache_dir), download=download)
+        folder = model_folder(spec, cache_dir, download)
         archs = read_config(folder).get("architectures") or []
         if archs and RETRIEVAL_ARCH not in archs:
             raise BackboneError(

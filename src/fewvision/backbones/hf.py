@@ -25,15 +25,20 @@ class HFPixelTransform:
         return f"HFPixelTransform({self.processor.to_dict()})"
 
 
+def model_folder(spec: str, cache_dir: str | None, download: bool) -> Path:
+    """The folder of an ``hf:REPO_OR_PATH`` spec: the local path if it exists, else the hub snapshot."""
+    target = spec.split(":", 1)[1]
+    local = Path(target).expanduser()
+    return local if local.exists() else hub_snapshot(spec, target, cache=weights_dir(cache_dir), download=download)
+
+
 class HFClipBackbone(Backbone):
     has_text = True
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
         from transformers import AutoModel, AutoProcessor  # heavy import, only when this backbone is used
         self.spec = spec
-        target = spec.split(":", 1)[1]
-        local = Path(target).expanduser()
-        folder = local if local.exists() else hub_snapshot(spec, target, cache=weights_dir(cache_dir), download=download)
+        folder = model_folder(spec, cache_dir, download)
         try:
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
             self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
