@@ -69,8 +69,8 @@ def _aurocs(scores: list[float], labels: list[str]) -> dict[str, float]:
 def worker_fewvision(job: dict) -> dict:
     import torch
 
-    from fewvision.anomaly.api import fit_anomaly, score_files
     from fewvision.backbones import create_backbone
+    from fewvision.tasks.anomaly import fit_anomaly, score_files
 
     torch.manual_seed(0)
     bb = create_backbone(f"timm:resnet18@{job['weights']}")
@@ -215,8 +215,8 @@ def main() -> None:
     from _report import table, write_section
     from safetensors.torch import save_file
 
-    from fewvision.anomaly.api import _split
-    from fewvision.datasets import textile
+    from fewvision.io.datasets import textile
+    from fewvision.tasks.anomaly import _split
 
     status = anomalib_status(args.anomalib_python)
     if status is not None:

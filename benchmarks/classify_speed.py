@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import table, write_section  # noqa: E402
 
-from fewvision.api import classify  # noqa: E402
 from fewvision.backbones import create_backbone  # noqa: E402
-from fewvision.datasets import textile  # noqa: E402
+from fewvision.io.datasets import textile  # noqa: E402
+from fewvision.tasks.zeroshot import classify  # noqa: E402
 
 CLASSES = ["nominal", "local", "global"]
 

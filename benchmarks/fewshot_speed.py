@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import table, write_section  # noqa: E402
 
-from fewvision.fewshot import IMAGES, feature_kind, make_head  # noqa: E402
 from fewvision.heads import head_names  # noqa: E402
-from fewvision.support import Support  # noqa: E402
+from fewvision.heads.support import Support  # noqa: E402
+from fewvision.tasks.fewshot import IMAGES, feature_kind, make_head  # noqa: E402
 
 N_CLASSES, SHOTS, BATCH = 10, 16, 32
 GOAL_FIT_SECONDS, GOAL_OVERHEAD = 5.0, 0.05

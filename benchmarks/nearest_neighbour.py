@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import table, write_section  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _report import table, write_section  # noqa: E402
 
 from fewvision.anomaly.patchcore import nearest_rows  # noqa: E402
 

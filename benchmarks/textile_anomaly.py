@@ -21,16 +21,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
 from _report import table, write_section  # noqa: E402
 
-import numpy as np  # noqa: E402
-
-from fewvision.anomaly.api import DEFAULT_CHUNK_IMAGES, PATCH_CACHE_DTYPE, fit_anomaly, score_files  # noqa: E402
 from fewvision.backbones import create_backbone  # noqa: E402
-from fewvision.cache import open_cache  # noqa: E402
-from fewvision.datasets import textile_root  # noqa: E402
-from fewvision.features import PATCH, encode_files  # noqa: E402
-from fewvision.images import iter_image_files  # noqa: E402
+from fewvision.features.cache import open_cache  # noqa: E402
+from fewvision.features.encode import PATCH, encode_files  # noqa: E402
+from fewvision.io.datasets import textile_root  # noqa: E402
+from fewvision.io.images import iter_image_files  # noqa: E402
+from fewvision.tasks.anomaly import DEFAULT_CHUNK_IMAGES, PATCH_CACHE_DTYPE, fit_anomaly, score_files  # noqa: E402
 
 METHODS = ("patchcore", "padim")
 N_FIT = 200

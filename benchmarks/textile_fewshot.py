@@ -1,6 +1,6 @@
 """Few-shot methods on the real textile images (nominal / local / global) with the weight-free ``texture`` backbone.
 
-Runs ``fewvision.benchmark.run_benchmark`` - the same code as ``fewvision benchmark`` - over every registered method
+Runs ``fewvision.tasks.benchmark.run_benchmark`` - the same code as ``fewvision benchmark`` - over every registered method
 at 1, 2, 4, 8 and 16 shots with 3 seeds. The textile set has no splits, so a seeded stratified half is held out for
 evaluation (the support shots are drawn from the other half). Methods that need a text tower are listed as skipped.
 
@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import table, write_section  # noqa: E402
 
-from fewvision.benchmark import run_benchmark, write_outputs  # noqa: E402
 from fewvision.heads import head_names  # noqa: E402
+from fewvision.tasks.benchmark import run_benchmark, write_outputs  # noqa: E402
 
 SHOTS = (1, 2, 4, 8, 16)
 

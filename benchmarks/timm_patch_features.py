@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import table, write_section  # noqa: E402
-
 import torch  # noqa: E402
+from _report import table, write_section  # noqa: E402
 
 from fewvision.backbones import create_backbone  # noqa: E402
 from fewvision.backbones.base import unpack_layers  # noqa: E402

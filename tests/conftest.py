@@ -42,7 +42,7 @@ def tiny_clip(tiny_clip_config):
 
 @pytest.fixture(scope="session")
 def textile_root() -> Path:
-    from fewvision.datasets import textile_root
+    from fewvision.io.datasets import textile_root
 
     return textile_root()
 
@@ -74,7 +74,7 @@ def one_thread():
 def textile_split():
     """Few-shot split of the textile images: (class names, 4 train paths per class, their labels, 3 test paths per
     class)."""
-    from fewvision.datasets import textile
+    from fewvision.io.datasets import textile
 
     items = textile().items
     names = ["nominal", "local", "global"]

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from anomaly_data import PixelPatchBackbone, build_mvtec
 from PIL import Image
 
-from anomaly_data import PixelPatchBackbone, build_mvtec
-from fewvision.anomaly.api import evaluate_anomaly, fit_anomaly, rethreshold, score_files
-from fewvision.anomaly.threshold import ThresholdError
+from fewvision.decide.threshold import ThresholdError
 from fewvision.modelfile import load, save_model
+from fewvision.tasks.anomaly import evaluate_anomaly, fit_anomaly, rethreshold, score_files
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_fit_calibrates_and_a_saved_model_scores_identically(tmp_path, bb, good_
 
 
 def test_too_few_held_out_images_is_refused_before_any_work(monkeypatch, bb, good_dir):
-    import fewvision.anomaly.api as api
+    import fewvision.tasks.anomaly as api
 
     def boom(*a, **k):
         raise AssertionError("features were computed")
@@ -110,7 +110,7 @@ def test_mixed_sizes_and_bad_files_in_a_batch(tmp_path, bb, nominal):
 
 
 def test_evaluate_on_mvtec_layout_with_masks_and_report(tmp_path, bb, mvtec):
-    from fewvision.anomaly_report import write_anomaly_report
+    from fewvision.reports.anomaly import write_anomaly_report
 
     model = fit_anomaly(mvtec / "train" / "good", "patchcore", bb, target_false_reject=0.25, holdout_fraction=0.25,
                         use_cache=False)

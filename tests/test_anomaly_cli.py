@@ -7,8 +7,8 @@ import shutil
 import sys
 
 import pytest
-
 from anomaly_data import build_mvtec
+
 from fewvision.cli import main
 
 BACKBONE = "timm:resnet18@random"

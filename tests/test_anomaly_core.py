@@ -6,17 +6,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from anomaly_data import PixelPatchBackbone
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from anomaly_data import PixelPatchBackbone
 from fewvision.anomaly import anomaly_head_classes
-from fewvision.anomaly.metrics import aupro, auroc_bootstrap_ci, image_metrics, pixel_auroc
 from fewvision.anomaly.padim import PaDiM
-from fewvision.backbones.base import pack_layers
 from fewvision.anomaly.patchcore import PatchCore, greedy_coreset
 from fewvision.anomaly.postprocess import finish, finish_maps, gaussian_blur, mask_view
-from fewvision.anomaly.threshold import (
+from fewvision.backbones.base import pack_layers
+from fewvision.decide.threshold import (
     ThresholdError,
     check_not_all_flagged,
     conformal_threshold,
@@ -24,6 +23,7 @@ from fewvision.anomaly.threshold import (
     min_calibration_size,
     recall_threshold,
 )
+from fewvision.metrics.anomaly import aupro, auroc_bootstrap_ci, image_metrics, pixel_auroc
 
 
 # --- post-processing ----------------------------------------------------------------------------------------------

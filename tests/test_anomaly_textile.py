@@ -8,11 +8,11 @@ backbone; the margin absorbs numerical differences between machines and small re
 
 import numpy as np
 import pytest
+from anomaly_data import build_mvtec
 from sklearn.metrics import roc_auc_score
 
-from anomaly_data import build_mvtec
-from fewvision.anomaly.api import evaluate_anomaly, fit_anomaly, score_files
 from fewvision.backbones import create_backbone
+from fewvision.tasks.anomaly import evaluate_anomaly, fit_anomaly, score_files
 
 N_FIT, N_TEST = 30, 30
 

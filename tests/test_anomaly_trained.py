@@ -10,7 +10,7 @@ from fewvision.anomaly.autoencoder import AutoencoderHead, VariationalAutoencode
 from fewvision.anomaly.stpm import StpmHead, level_distances
 from fewvision.backbones import create_backbone
 from fewvision.backbones.base import BackboneError
-from fewvision.images import load_image
+from fewvision.io.images import load_image
 
 SMALL_AE = dict(image_size=64, channels=(16, 32, 64), latent_channels=8, epochs=8, batch_size=8, lr=3e-3, seed=0)
 BLOB = (slice(80, 120), slice(80, 120))  # in the 224 x 224 preprocessed image

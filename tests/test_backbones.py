@@ -127,7 +127,7 @@ def test_timm_patch_features_are_the_unfused_stage_maps_packed_losslessly(monkey
 
 
 def test_timm_patch_features_of_files_match_the_backbone(tmp_path):
-    from fewvision.features import PATCH, encode_files
+    from fewvision.features.encode import PATCH, encode_files
 
     rng = np.random.default_rng(0)
     paths = []

@@ -13,8 +13,14 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "loca
 
 
 def _save_tiny_blip(folder, architecture: str = "retrieval"):
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
-                              BlipImageProcessor, BlipProcessor)
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     text = dict(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=37, max_position_embeddings=64, encoder_hidden_size=32, pad_token_id=0,
@@ -45,7 +51,7 @@ def blip(blip_dir):
 
 @pytest.fixture(scope="module")
 def pixels(blip, textile_subset):
-    from fewvision.images import load_image
+    from fewvision.io.images import load_image
 
     files = [sorted((textile_subset / c).glob("*.jpg"))[0] for c in ("nominal", "local", "global")]
     return torch.stack([blip.preprocess(load_image(p)) for p in files])
@@ -89,9 +95,9 @@ def test_itm_scores_match_transformers_forward_per_pair(blip, pixels):
 
 
 def test_zero_shot_head_and_cache_work_unchanged(blip, textile_subset):
-    from fewvision.api import classify
     from fewvision.heads import create_head
-    from fewvision.support import Support
+    from fewvision.heads.support import Support
+    from fewvision.tasks.zeroshot import classify
 
     classes = ["nominal", "local", "global"]
     paths = [str(p) for c in classes for p in sorted((textile_subset / c).glob("*.jpg"))[:2]]
@@ -100,7 +106,7 @@ def test_zero_shot_head_and_cache_work_unchanged(blip, textile_subset):
     assert preds.encoded == len(paths) and again.encoded == 0  # the feature cache is keyed by the BLIP id
     head = create_head("zeroshot", classes=classes, templates=["a photo of {} ."]).fit(
         Support.text_only(classes, blip))
-    from fewvision.images import load_image
+    from fewvision.io.images import load_image
 
     feats = blip.encode_images(torch.stack([blip.preprocess(load_image(p)) for p in paths]))
     expected = torch.softmax(blip.logit_scale * feats @ blip.encode_text([f"a photo of {c} ." for c in classes]).T, -1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fewvision.cache import FeatureCache, NullCache, cache_path, open_cache
+from fewvision.features.cache import FeatureCache, NullCache, cache_path, open_cache
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -33,7 +33,7 @@ _CONTENT = textwrap.dedent(
     """
 )
 
-# The children import only fewvision.cache: importing the package itself pulls in torch (seconds per process),
+# The children import only fewvision.features.cache: importing the package itself pulls in torch (seconds per process),
 # which would dominate these tests. The cache module and its relative imports are the real ones.
 _IMPORT_CACHE_ONLY = textwrap.dedent(
     """
@@ -160,7 +160,7 @@ def test_put_many_failure_rolls_back(tmp_path):
 
 _WRITER = """
 import sys
-from fewvision.cache import FeatureCache
+from fewvision.features.cache import FeatureCache
 
 root, name, n_batches = sys.argv[2], sys.argv[3], int(sys.argv[4])
 cache = FeatureCache("bb-concurrent", root=root)
@@ -232,7 +232,7 @@ _BIG_FLOATS = 256 * 1024  # 1 MB of float32 per entry
 
 _KILLED_WRITER = f"""
 import sys
-from fewvision.cache import FeatureCache
+from fewvision.features.cache import FeatureCache
 
 root, tag = sys.argv[2], sys.argv[3]
 cache = FeatureCache("bb-kill", root=root)

@@ -88,8 +88,8 @@ def test_benchmark_on_a_tiny_grid(tmp_path, tiny_clip_config, textile_subset):
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_clip, tiny_clip_config, textile_subset, capsys):
     from fewvision.heads import PrototypeHead
+    from fewvision.heads.support import Support
     from fewvision.modelfile import FewVisionModel, save_model
-    from fewvision.support import Support
 
     assert run("fit", textile_subset, "--method", "nope", "--backbone", IMAGE_ONLY, "-o", tmp_path / "m.fvm") == 2
     assert "unknown method 'nope'" in capsys.readouterr().err

@@ -3,8 +3,16 @@ import math
 import numpy as np
 import pytest
 
-from fewvision.conformal import (REVIEW, abstain_labels, calibrate_conformal, conformal_quantile, fit_temperature,
-                                 nonconformity, prediction_sets, set_metrics)
+from fewvision.decide.calibration import fit_temperature
+from fewvision.decide.conformal import (
+    REVIEW,
+    abstain_labels,
+    calibrate_conformal,
+    conformal_quantile,
+    nonconformity,
+    prediction_sets,
+    set_metrics,
+)
 
 
 def _softmax(z):
@@ -91,10 +99,10 @@ def test_bad_alpha_and_score():
 def test_temperature_is_applied_as_the_model_file_applies_it():
     import torch
 
-    from fewvision.conformal import apply_temperature
+    from fewvision.decide.calibration import apply_temperature
     from fewvision.heads import PrototypeHead
+    from fewvision.heads.support import Support
     from fewvision.modelfile import FewVisionModel, probabilities
-    from fewvision.support import Support
 
     feats = torch.nn.functional.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     head = PrototypeHead().fit(Support(feats, torch.arange(12) % 3, ["a", "b", "c"]))

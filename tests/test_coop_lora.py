@@ -6,13 +6,12 @@ import torch
 from PIL import Image
 
 from fewvision.backbones.base import BackboneError
-from fewvision.features import encode_files
+from fewvision.features.encode import encode_files
 from fewvision.heads import ZeroShotHead, create_head
 from fewvision.heads.coop import CoOpHead, encode_text_embeddings
 from fewvision.heads.lora import LoRAHead, split_attention_model
+from fewvision.heads.support import Support
 from fewvision.modelfile import FewVisionModel, load, save_model
-from fewvision.support import Support
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from fewvision.evaluation import _metrics_from_confusions, classification_metrics, save_metrics
+from fewvision.metrics.classification import _metrics_from_confusions, classification_metrics, save_metrics
 
 NAMES = ["ok", "scratch", "dent"]
 # 10 items. Confusion (rows true, cols pred):
@@ -117,7 +117,7 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from fewvision.atomic import atomic_write_text
+    from fewvision.io.atomic import atomic_write_text
 
     path = atomic_write_text(tmp_path / "out.json", "{}")
     mask = os.umask(0)

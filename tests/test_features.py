@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from fewvision.backbones.base import Backbone, make_id
-from fewvision.cache import FeatureCache, NullCache
-from fewvision.features import AugmentedView, Features, encode_files
+from fewvision.features.cache import FeatureCache, NullCache
+from fewvision.features.encode import AugmentedView, Features, encode_files
 
 SIZE = 16
 DIM = 8
@@ -60,7 +60,7 @@ class TinyBackbone(Backbone):
 
 def _expected(backbone: TinyBackbone, path: Path) -> np.ndarray:
     """What the encoder must produce for one file, computed here without encode_files."""
-    from fewvision.images import load_image
+    from fewvision.io.images import load_image
 
     x = Resize16ToTensor()(load_image(path))[None]
     feats = x.flatten(1) @ backbone.weight

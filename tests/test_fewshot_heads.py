@@ -7,9 +7,9 @@ from fewvision.heads import create_head, head_names
 from fewvision.heads.clip_adapter import ClipAdapterHead
 from fewvision.heads.linear import LinearHead
 from fewvision.heads.prototype import PrototypeHead
+from fewvision.heads.support import Support
 from fewvision.heads.tip import TipAdapterFHead, TipAdapterHead
 from fewvision.heads.zeroshot import ZeroShotHead
-from fewvision.support import Support
 
 CLASSES = ["nominal", "local", "global"]
 # Short training for the end-to-end save/load loop; defaults are exercised on synthetic features below.
@@ -111,7 +111,7 @@ def test_clip_adapter(tiny_clip):
 
 
 def test_text_heads_refuse_image_only_backbones():
-    from fewvision.fewshot import check_text
+    from fewvision.tasks.fewshot import check_text
 
     class ImageOnly:
         spec, id, has_text = "timm:resnet18@random", "timm-0", False
@@ -127,8 +127,8 @@ def test_text_heads_refuse_image_only_backbones():
 
 
 def test_save_load_gives_identical_probabilities_for_every_head(tmp_path, tiny_clip, textile_subset):
-    from fewvision.fewshot import fit, predict
     from fewvision.modelfile import load, save_model
+    from fewvision.tasks.fewshot import fit, predict
 
     for method in head_names():
         model = fit(str(textile_subset), method, tiny_clip, shots=4, seed=0, calibrate_fraction=0.25, alpha=0.2,

@@ -6,8 +6,8 @@ shots per class from the other half. The floor is the measured value minus a mar
 
 import numpy as np
 
-from fewvision.benchmark import run_benchmark
-from fewvision.datasets import sample_shots, textile
+from fewvision.io.datasets import sample_shots, textile
+from fewvision.tasks.benchmark import run_benchmark
 
 # Measured on this sample (seed 0, texture-v1 global features, unchanged in v2): linear 0.9667, prototype 0.9333
 # balanced accuracy on the 60 held-out images. The margin (3 of 60 images) allows for numerical differences across platforms and library versions.

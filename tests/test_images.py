@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewvision.images import BadImage, iter_image_files, load_image
-
+from fewvision.io.images import BadImage, iter_image_files, load_image
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lmm_server import ScriptedLMMServer, by_image, raw, reply, slow, status
 from PIL import Image
 
-from fewvision.images import sha256_file
+from fewvision.io.images import sha256_file
 from fewvision.lmm import ChatCompletionsClient, create_lmm, is_refusal
 from fewvision.lmm.answer_cache import AnswerCache
 from fewvision.lmm.client import chat_completions_url
-
-from lmm_server import ScriptedLMMServer, by_image, raw, reply, slow, status
 
 
 @pytest.fixture()
@@ -239,8 +238,13 @@ _CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['conte
 def tiny_llava(tmp_path_factory) -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     vocab = {w: i for i, w in enumerate(_LLAVA_WORDS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -266,7 +270,7 @@ def tiny_llava(tmp_path_factory) -> Path:
 def test_local_vlm_answers_greedily_and_caches(tiny_llava, images, tmp_path):
     import torch
 
-    from fewvision.images import load_image
+    from fewvision.io.images import load_image
     from fewvision.lmm.local import LocalVLM
 
     lmm = create_lmm("local", str(tiny_llava), cache_dir=str(tmp_path / "cache"))

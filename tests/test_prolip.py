@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fewvision.features import encode_files
+from fewvision.features.encode import encode_files
 from fewvision.heads import ZeroShotHead, create_head
 from fewvision.heads.prolip import ProLIPHead, fit_projection
+from fewvision.heads.support import Support
 from fewvision.modelfile import FewVisionModel, load, save_model
-from fewvision.support import Support
 
 TEMPLATES = ["a photo of {}.", "a close-up photo of {}."]
 TINY_RESNET = {

@@ -3,8 +3,8 @@ import re
 import pytest
 from PIL import Image
 
-from fewvision.evaluation import classification_metrics
-from fewvision.report import MAX_MISTAKES, write_classification_report
+from fewvision.metrics.classification import classification_metrics
+from fewvision.reports.classification import MAX_MISTAKES, write_classification_report
 
 NAMES = ["ok", "<script>alert(1)</script>"]
 EVIL = NAMES[1]

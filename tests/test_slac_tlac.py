@@ -16,15 +16,14 @@ import warnings
 
 import numpy as np
 import pytest
-
-from fewvision.api import classify, classify_with_lmm
-from fewvision.heads import create_head
-from fewvision.heads.tlac import CHOICE_PROMPT, parse_choice
-from fewvision.images import sha256_file
-from fewvision.lmm import ChatCompletionsClient
-from fewvision.support import Support
-
 from lmm_server import ScriptedLMMServer, by_image, raw, reply, slow, status
+
+from fewvision.heads import create_head
+from fewvision.heads.support import Support
+from fewvision.heads.tlac import CHOICE_PROMPT, parse_choice
+from fewvision.io.images import sha256_file
+from fewvision.lmm import ChatCompletionsClient
+from fewvision.tasks.zeroshot import classify, classify_with_lmm
 
 CLASSES = ["nominal", "local", "global"]
 TEMPLATE = ["a photo of {}."]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fewvision.backbones.base import Backbone, BackboneError
-from fewvision.backbones.texture import TexturePreprocess, TextureBackbone
+from fewvision.backbones.texture import TextureBackbone, TexturePreprocess
 
 SIZE = 64  # small images keep the tests fast; 64 is a multiple of 2 * stride
 

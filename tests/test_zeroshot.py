@@ -4,10 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fewvision.decide import UNKNOWN, apply_unknown_threshold
+from fewvision.decide.unknown import UNKNOWN, apply_unknown_threshold
 from fewvision.heads import ZeroShotHead
-from fewvision.prompts import ClassSpec, PromptError, load_class_file, resolve_templates
-from fewvision.support import Support
+from fewvision.heads.prompts import ClassSpec, PromptError, load_class_file, resolve_templates
+from fewvision.heads.support import Support
 
 CLASSES = ["ok", "scratch", "dent", "stain"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import classify, evaluate_prototype, evaluate_zeroshot  # noqa: E402
 from .backbones import create_backbone  # noqa: E402
-from .fewshot import evaluate_model, fit, load, predict  # noqa: E402
+from .tasks.fewshot import evaluate_model, evaluate_prototype, fit, load, predict  # noqa: E402
+from .tasks.zeroshot import classify, evaluate_zeroshot  # noqa: E402
 
 __all__ = ["__version__", "classify", "evaluate_zeroshot", "evaluate_prototype", "create_backbone", "fit", "load",
            "predict", "evaluate_model"]

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .io.atomic import atomic_path
 
 FORMAT = "fewvision-model"
 FORMAT_VERSION = 1
@@ -121,8 +121,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load(path: str | os.PathLike) -> FewVisionModel:
     """Read a model file. The backbone is created (and its id checked) when first needed."""
-    from .registry import head_class
-
     meta = read_metadata(path)
     tensors = {k.split("/", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("head/")}
     tensors.pop("__empty__", None)
@@ -134,6 +132,19 @@ def load(path: str | os.PathLike) -> FewVisionModel:
     head = cls.from_state(tensors, meta["head"])
     return FewVisionModel(head, meta["backbone"]["spec"], meta["backbone"]["id"], meta["task"],
                           meta.get("decision", {}), meta.get("info", {}))
+
+
+def head_class(task: str, method: str) -> type:
+    """The head class that implements a saved (task, method); KeyError if unknown."""
+    if task == "classification":
+        from .heads import head_classes
+
+        return head_classes()[method]
+    if task == "anomaly":
+        from .anomaly import anomaly_head_classes
+
+        return anomaly_head_classes()[method]
+    raise KeyError(task)
 
 
 def is_model_file(path: str | os.PathLike) -> bool:

@@ -28,8 +28,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from . import register
 from ..backbones.base import unpack_layers
+from . import register
 from .base import AnomalyHead, iter_chunks
 
 

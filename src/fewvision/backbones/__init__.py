@@ -32,7 +32,7 @@ def _hf_model_type(spec: str, cache_dir: str | None = None, download: bool = Tru
     import json
     from pathlib import Path
 
-    from ..paths import weights_dir
+    from ..io.paths import weights_dir
     from .weights import hub_file
 
     target = spec.split(":", 1)[1]
@@ -120,7 +120,7 @@ __all__ = ["Backbone", "BackboneError", "WeightsUnavailable", "create_backbone",
 
 def weights_location(spec: str, cache_dir: str | None = None) -> str:
     """Where the weights of ``spec`` live or would be downloaded to (a hub-cache folder or the local path)."""
-    from ..paths import weights_dir
+    from ..io.paths import weights_dir
 
     kind, _, rest = spec.partition(":")
     hub_folder = lambda repo: str(weights_dir(cache_dir) / ("models--" + repo.replace("/", "--")))  # noqa: E731

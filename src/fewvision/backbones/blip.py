@@ -48,7 +48,10 @@ class BlipBackbone(Backbone):
     has_text = True
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
-        from transformers import AutoProcessor, BlipForImageTextRetrieval  # heavy import, only when this backbone is used
+        from transformers import (  # heavy import, only when this backbone is used
+            AutoProcessor,
+            BlipForImageTextRetrieval,
+        )
         self.spec = spec
         folder = model_folder(spec, cache_dir, download)
         archs = read_config(folder).get("architectures") or []

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..paths import weights_dir
+from ..io.paths import weights_dir
 from .base import Backbone, BackboneError, make_id
 from .weights import file_digest, hub_snapshot
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..paths import weights_dir
+from ..io.paths import weights_dir
 from .base import Backbone, BackboneError, digest_state_dict, make_id
 from .weights import file_digest, hub_file
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..paths import weights_dir
+from ..io.paths import weights_dir
 from .base import Backbone, BackboneError, digest_state_dict, make_id, pack_layers
 from .weights import file_digest, hub_file
 

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..paths import weights_dir
+from ..io.paths import weights_dir
 from .base import WeightsUnavailable
 
 HUB_PROBE_TIMEOUT_S = 3.0

@@ -7,8 +7,8 @@ from .clip_adapter import ClipAdapterHead
 from .coop import CoOpHead
 from .linear import LinearHead
 from .lora import LoRAHead
-from .prototype import PrototypeHead
 from .prolip import ProLIPHead
+from .prototype import PrototypeHead
 from .slac import SLACHead
 from .tip import TipAdapterFHead, TipAdapterHead
 from .tlac import TLACHead

@@ -1,7 +1,7 @@
 """The protocol every classification head follows (scikit-learn style).
 
 Parameters go in ``__init__`` and nothing is computed there. ``fit(support)`` learns from a
-:class:`fewvision.support.Support` (L2-normalised cached image features, labels, class names, and the backbone for
+:class:`fewvision.heads.support.Support` (L2-normalised cached image features, labels, class names, and the backbone for
 heads that need its towers); fitted attributes end in ``_``. ``predict_proba`` returns
 an ``[N, C]`` array of class probabilities in the order of ``class_names_``.
 
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..prompts import ClassSpec
+from .prompts import ClassSpec
 
 if TYPE_CHECKING:
-    from ..support import Support
+    from .support import Support
 
 
 class NotFitted(RuntimeError):

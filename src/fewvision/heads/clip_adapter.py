@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ..support import Support
 from .base import ClassifierHead
+from .support import Support
 from .textual import minibatches, seeded_generator, single_thread, zeroshot_classifier
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import BackboneError
-from ..support import Support
 from .base import ClassifierHead
+from .support import Support
 
 PLACEHOLDER = "X"
 

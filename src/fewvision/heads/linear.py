@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..support import Support
 from .base import ClassifierHead
+from .support import Support
 
 INITS = ("random", "zeroshot")
 

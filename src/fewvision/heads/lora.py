@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import BackboneError
-from ..prompts import ClassSpec, resolve_templates
-from ..support import Support
 from .base import ClassifierHead, _from_json, _to_json
 from .coop import text_tower
+from .prompts import ClassSpec, resolve_templates
+from .support import Support
 
 TOWERS = {"vision": "visual.", "text": "transformer."}
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
@@ -169,8 +169,8 @@ class LoRAHead(ClassifierHead):
     def fit(self, support: Support) -> "LoRAHead":
         from peft import get_peft_model_state_dict
 
-        from ..features import AugmentedView
-        from ..images import load_image
+        from ..features.encode import AugmentedView
+        from ..io.images import load_image
 
         backbone = support.backbone
         if support.features is None or not support.paths:

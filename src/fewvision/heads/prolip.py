@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cache import open_cache
-from ..prompts import ClassSpec, resolve_templates
-from ..support import Support
+from ..features.cache import open_cache
 from .base import ClassifierHead
-from .zeroshot import text_classifier
+from .prompts import ClassSpec, resolve_templates
+from .support import Support
 from .textual import single_thread
+from .zeroshot import text_classifier
 
 PRE_PROJECTION = "preproj"
 
@@ -89,12 +89,12 @@ class ProLIPHead(ClassifierHead):
 
     @property
     def feature_kind(self) -> str:
-        """What prediction takes: cached pre-projection features ('preproj', see ``fewvision.features.ENCODERS``),
+        """What prediction takes: cached pre-projection features ('preproj', see ``fewvision.features.encode.ENCODERS``),
         or PIL images through ``predict_proba_images`` ('images') for test-time ProLIP, which augments them."""
         return "images" if self.test_time else PRE_PROJECTION
 
     def fit(self, support: Support) -> "ProLIPHead":
-        from ..features import AugmentedView
+        from ..features.encode import AugmentedView
 
         backbone = support.backbone
         if backbone is None or not hasattr(backbone, "visual_projection"):
@@ -156,7 +156,7 @@ class ProLIPHead(ClassifierHead):
         """TPT on W (Shu et al. 2022; ProLIP sec. 4.6): the image plus ``tta_views - 1`` random crops, keep the
         ``tta_keep`` fraction with the lowest entropy, one AdamW step on the entropy of their mean prediction
         (+ lambda ||W - W0||^2), then classify the original image with the tuned W."""
-        from ..features import AugmentedView
+        from ..features.encode import AugmentedView
 
         key = hashlib.sha256(image.tobytes()).hexdigest()
         views = [image] + [AugmentedView(i, self.seed, scale=(0.08, 1.0))(image, key)

@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..support import Support
 from .base import ClassifierHead
+from .support import Support
 
 SCALE_GRID = np.geomspace(1.0, 1000.0, 61)
 

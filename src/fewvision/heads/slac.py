@@ -11,7 +11,7 @@ back to plain CLIP zero-shot (image features against the same class weights), an
 
 The head stays a :class:`ClassifierHead`: ``fit`` builds the zero-shot classifier and ``logits(features)`` is the
 CLIP fallback, so it saves, loads and predicts from cached features like the zero-shot head. The LMM path needs the
-image files: :meth:`SLACHead.predict_with_lmm` (used by :func:`fewvision.api.classify_with_lmm`).
+image files: :meth:`SLACHead.predict_with_lmm` (used by :func:`fewvision.tasks.zeroshot.classify_with_lmm`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..prompts import ClassSpec
-from ..support import Support
+from .prompts import ClassSpec
+from .support import Support
 from .zeroshot import ZeroShotHead
 
 SLAC_PROMPT = "Which object is present in the image? Also tell its attribute."

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..support import Support
+from .support import Support
 
 
 def zeroshot_classifier(support: Support, templates: Sequence[str] | None) -> tuple[torch.Tensor, float]:

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from ..backbones.base import BackboneError
-from ..cache import open_cache
-from ..prompts import ClassSpec, resolve_templates
-from ..support import Support
+from ..features.cache import open_cache
 from .base import ClassifierHead
+from .prompts import ClassSpec, resolve_templates
+from .support import Support
 
 
 def encode_prompts(backbone, prompts: Sequence[str], cache=None) -> torch.Tensor:

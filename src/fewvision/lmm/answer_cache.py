@@ -1,6 +1,6 @@
 """On-disk cache of LMM answers: one SQLite database under the cache root, rows keyed by (image sha256, model, prompt).
 
-The pattern of :mod:`fewvision.cache`: a write is one transaction (a kill -9 mid-write rolls back on the next open),
+The pattern of :mod:`fewvision.features.cache`: a write is one transaction (a kill -9 mid-write rolls back on the next open),
 WAL mode lets several processes share the file, a busy timeout waits instead of failing. Only answers that came
 back from the model are stored (usable ones and refusals, which are deterministic at temperature 0); transport
 failures (timeouts, HTTP errors, malformed responses) are not, so the next run asks again.
@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from ..cache import SqliteStore
-from ..paths import cache_dir
+from ..features.cache import SqliteStore
+from ..io.paths import cache_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (

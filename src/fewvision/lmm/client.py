@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..images import BadImage, load_image, sha256_file
+from ..io.images import BadImage, load_image, sha256_file
 from .answer_cache import NullAnswerCache, open_answer_cache
 
 API_KEY_VARS = ("FEWVISION_LMM_API_KEY", "OPENAI_API_KEY")

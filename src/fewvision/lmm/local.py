@@ -15,8 +15,8 @@ import torch
 
 from ..backbones.base import BackboneError
 from ..backbones.weights import file_digest, hub_snapshot
-from ..images import load_image
-from ..paths import weights_dir
+from ..io.images import load_image
+from ..io.paths import weights_dir
 from .client import LMMBackend, LMMRequestError
 
 
@@ -26,7 +26,10 @@ class LocalVLM(LMMBackend):
     def __init__(self, model: str, *, cache_dir: str | None = None, use_cache: bool = True, download: bool = True,
                  device: str = "cpu", max_new_tokens: int = 64):
         super().__init__(cache_dir, use_cache)
-        from transformers import AutoModelForImageTextToText, AutoProcessor  # heavy import, only when this backbone is used
+        from transformers import (  # heavy import, only when this backbone is used
+            AutoModelForImageTextToText,
+            AutoProcessor,
+        )
         target = model.removeprefix("local:").strip()
         local = Path(target).expanduser()
         folder = local if local.exists() else hub_snapshot(f"local:{target}", target, cache=weights_dir(cache_dir),

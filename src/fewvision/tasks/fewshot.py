@@ -14,20 +14,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .api import Evaluation, Predictions, as_backbone, evaluate_predictions
-from .backbones.base import Backbone, BackboneError
-from .cache import open_cache
-from .conformal import (abstain_labels, apply_temperature, calibrate_conformal, fit_temperature, prediction_sets,
-                        set_labels, set_metrics)
-from .datasets import Dataset, Item, load_dataset, sample_shots, stratified_split
-from .decide import apply_unknown_threshold
-from .features import GLOBAL, Features, encode_files, hash_files
-from .heads import ClassifierHead, create_head
-from .heads.base import _to_json
-from .images import BadImage, Skipped, iter_image_files, load_image
-from .modelfile import FewVisionModel, load, save_model
-from .support import Support
-
+from ..backbones.base import Backbone, BackboneError
+from ..decide.calibration import apply_temperature, fit_temperature
+from ..decide.conformal import abstain_labels, calibrate_conformal, prediction_sets, set_labels, set_metrics
+from ..decide.unknown import apply_unknown_threshold
+from ..features.encode import GLOBAL, Features, hash_files
+from ..heads import ClassifierHead, create_head
+from ..heads.base import _to_json
+from ..heads.support import Support
+from ..io.datasets import Dataset, Item, load_dataset, sample_shots, stratified_split
+from ..io.images import BadImage, Skipped, iter_image_files, load_image
+from ..modelfile import FewVisionModel, load, save_model
+from .common import Evaluation, Predictions, as_backbone, encode, evaluate_predictions, predictions_from
 
 IMAGES = "images"  # the feature kind of heads that predict from PIL images (``predict_proba_images``)
 IMAGE_CHUNK = 64  # images decoded at a time for such heads, to bound memory
@@ -95,7 +93,7 @@ def score_files(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], 
 
 def make_head(method: str, seed: int = 0, **params) -> ClassifierHead:
     """A registered head; ``seed`` is passed to heads that take one (zero-shot has nothing random)."""
-    from .heads import head_classes
+    from ..heads import head_classes
 
     cls = head_classes().get(method)
     if cls is not None and "seed" in inspect.signature(cls.__init__).parameters:
@@ -125,12 +123,6 @@ def as_dataset(data: Dataset | str | os.PathLike | Sequence[str | os.PathLike],
     if len(classes) < 2:
         raise ValueError(f"at least two classes are needed, got {classes}")
     return Dataset("images", [Item(p, str(lab)) for p, lab in zip(paths, labels)], classes, "list")
-
-
-def encode(backbone: Backbone, paths: Sequence[str], kind: str = GLOBAL, *, cache_dir: str | None = None,
-           use_cache: bool = True, progress: bool = False, description: str = "encoding") -> Features:
-    cache = open_cache(backbone.id, cache_dir, enabled=use_cache)
-    return encode_files(backbone, paths, cache, kind=kind, progress=progress, description=description)
 
 
 def fit(
@@ -292,4 +284,37 @@ def evaluate_model(model: FewVisionModel | str | os.PathLike, dataset: Dataset |
     return ev
 
 
-__all__ = ["fit", "predict", "evaluate_model", "calibrate", "load", "save_model", "as_dataset", "make_head"]
+def evaluate_prototype(
+    dataset: Dataset,
+    *,
+    backbone: str | Backbone,
+    shots: int = 10,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> Evaluation:
+    """Class means of ``shots`` random images per class; evaluated on every other image of the dataset."""
+    bb = as_backbone(backbone, cache_dir)
+    feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    label_of = {it.path: it.label for it in dataset.items}
+    index = {c: i for i, c in enumerate(dataset.class_names)}
+    labels = np.array([index[label_of[p]] for p in feats.paths], dtype=np.int64)
+    pool = np.arange(len(labels))
+    if dataset.has_splits:
+        split_of = {it.path: it.split for it in dataset.items}
+        pool = np.array([i for i, p in enumerate(feats.paths) if split_of[p] == "train"], dtype=np.int64)
+    support = sample_shots(labels, shots, seed, pool)
+    head = create_head("prototype").fit(Support(feats.tensor[support], labels[support], dataset.class_names, bb))
+    rest = np.setdiff1d(np.arange(len(labels)) if not dataset.has_splits else np.array(
+        [i for i, p in enumerate(feats.paths) if split_of[p] != "train"], dtype=np.int64), support)
+    test = Features([feats.paths[i] for i in rest], [feats.shas[i] for i in rest], feats.features[rest],
+                    feats.skipped, feats.encoded)
+    ev = evaluate_predictions(predictions_from(head, test), dataset)
+    ev.support_paths = [feats.paths[i] for i in support]
+    ev.metrics["shots"] = shots
+    ev.metrics["seed"] = seed
+    return ev
+
+
+__all__ = ["evaluate_prototype", "fit", "predict", "evaluate_model", "calibrate", "load", "save_model", "as_dataset", "make_head"]

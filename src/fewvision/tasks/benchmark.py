@@ -21,14 +21,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from .api import as_backbone
-from .backbones.base import Backbone
-from .datasets import Dataset, sample_shots, stratified_split
-from .features import GLOBAL, Features
+from ..backbones.base import Backbone
+from ..features.encode import GLOBAL, Features
+from ..heads import head_names
+from ..heads.support import Support
+from ..io.atomic import atomic_open
+from ..io.datasets import Dataset, sample_shots, stratified_split
 from .fewshot import IMAGES, as_dataset, encode, feature_kind, images_proba, make_head
-from .heads import head_names
-from .support import Support
-from .atomic import atomic_open
+from .zeroshot import as_backbone
 
 CSV_COLUMNS = ["method", "shots", "n_seeds", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
                "balanced_accuracy_std", "fit_seconds", "n_trainable_parameters"]

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli import DEFAULT_BACKBONE_HELP, UserError, _summary, info, write_rows
+from .common import DEFAULT_BACKBONE_HELP, UserError, _summary, info, write_rows
 
 PARAM_HELP = "head parameter KEY=VALUE (JSON value), repeatable, e.g. --param text_weight=0.5"
 
@@ -30,7 +30,7 @@ def parse_params(items: List[str]) -> dict:
 
 
 def _check_method(method: str) -> None:
-    from .heads import head_names
+    from ..heads import head_names
 
     if method not in head_names():
         raise UserError(f"unknown method '{method}': expected one of {', '.join(head_names())}")
@@ -55,9 +55,9 @@ def fit_command(
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
     """Fit a few-shot head (and optionally calibrate it) and write one model file."""
-    from .conformal import SCORES
-    from .fewshot import fit
-    from .modelfile import MODEL_SUFFIX, save_model
+    from ..decide.conformal import SCORES
+    from ..modelfile import MODEL_SUFFIX, save_model
+    from ..tasks.fewshot import fit
 
     _check_method(method)
     if conformal not in SCORES:
@@ -87,7 +87,7 @@ def predict_command(
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
     """Classify images with a fitted model: label, calibrated probabilities and (when fitted) the prediction set."""
-    from .fewshot import load, predict
+    from ..tasks.fewshot import load, predict
 
     model = load(model_path)
     preds = predict(model, images, abstain=abstain, unknown_threshold=unknown_threshold, weights=weights,
@@ -100,7 +100,7 @@ def predict_command(
             typer.echo(f"{r['path']}\t{r['label']}\t{max(r['probabilities'].values()):.3f}"
                        + (f"\t{'|'.join(r['set'])}" if "set" in r else ""))
     if report:
-        from .report import write_classification_report
+        from ..reports.classification import write_classification_report
 
         page = write_classification_report(report, title=f"fewvision predict: {model.head.method}", metrics=None,
                                            rows=preds.rows, class_names=preds.class_names,
@@ -112,8 +112,8 @@ def predict_command(
 def evaluate_model_command(model_path: Path, dataset: str, *, out: Path, report: Optional[Path], abstain: bool,
                            weights: Optional[str], cache_dir: Optional[str], no_cache: bool) -> None:
     """``fewvision eval MODEL.fvm DATASET``: metrics of a fitted model on the dataset's held-out images."""
-    from .evaluation import save_metrics
-    from .fewshot import evaluate_model, load
+    from ..metrics.classification import save_metrics
+    from ..tasks.fewshot import evaluate_model, load
 
     model = load(model_path)
     ev = evaluate_model(model, dataset, abstain=abstain, weights=weights, cache_dir=cache_dir,
@@ -126,7 +126,7 @@ def evaluate_model_command(model_path: Path, dataset: str, *, out: Path, report:
                f"{m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}{sets}  (n={m['n']})")
     info(f"wrote {out}")
     if report:
-        from .report import write_classification_report
+        from ..reports.classification import write_classification_report
 
         page = write_classification_report(report, title=f"fewvision eval: {m['method']} on {m['dataset']}",
                                            metrics=m, rows=ev.predictions.rows, class_names=ev.predictions.class_names,
@@ -149,7 +149,7 @@ def benchmark_command(
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
     """Accuracy of several methods at several shot counts, mean and std over seeds, on a held-out split."""
-    from .benchmark import parse_list, run_benchmark, write_outputs
+    from ..tasks.benchmark import parse_list, run_benchmark, write_outputs
 
     method_list = parse_list(methods, str, "method")
     for m in method_list:

@@ -1,4 +1,4 @@
-"""The Python API: the same jobs as the CLI, returning data instead of printing.
+"""Zero-shot classification (CLIP prompts; SLAC / TLAC with an LMM): the same jobs as the CLI, returning data.
 
 >>> from fewvision import classify
 >>> result = classify(["photos/"], classes=["ok", "scratch", "dent"], backbone="openclip:ViT-B-32/laion2b_s34b_b79k")
@@ -8,66 +8,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from .backbones import create_backbone
-from .backbones.base import Backbone
-from .cache import open_cache
-from .datasets import Dataset, sample_shots
-from .decide import UNKNOWN, apply_unknown_threshold
-from .features import Features, encode_files
-from .heads import ClassifierHead, create_head
-from .images import Skipped, iter_image_files
-from .prompts import ClassSpec, check_classes, parse_class_names
-from .support import Support
-
-
-@dataclass
-class Predictions:
-    """One row per readable image (path, label, probabilities) and the files that were skipped."""
-
-    class_names: list[str]
-    rows: list[dict]
-    skipped: list[Skipped] = field(default_factory=list)
-    encoded: int = 0
-
-    @property
-    def labels(self) -> list[str]:
-        return [r["label"] for r in self.rows]
-
-
-def as_backbone(backbone: str | Backbone, cache_dir: str | None = None, weights: str | None = None) -> Backbone:
-    return backbone if isinstance(backbone, Backbone) else create_backbone(backbone, cache_dir=cache_dir, weights=weights)
+from ..backbones.base import Backbone
+from ..decide.unknown import UNKNOWN, apply_unknown_threshold
+from ..features.encode import Features
+from ..heads import create_head
+from ..heads.prompts import ClassSpec, check_classes, parse_class_names
+from ..heads.support import Support
+from ..io.datasets import Dataset
+from ..io.images import iter_image_files
+from .common import Evaluation, Predictions, as_backbone, encode, evaluate_predictions, predictions_from
 
 
 def as_classes(classes: Sequence[str | ClassSpec] | str) -> list[ClassSpec]:
     if isinstance(classes, str):
         return parse_class_names(classes)
     return check_classes([c if isinstance(c, ClassSpec) else ClassSpec(str(c)) for c in classes], "classes")
-
-
-def encode(backbone: Backbone, paths: Sequence[str | os.PathLike], *, cache_dir: str | None = None,
-           use_cache: bool = True, progress: bool = True, batch_size: int = 32, workers: int | None = None,
-           description: str = "encoding") -> Features:
-    cache = open_cache(backbone.id, cache_dir, enabled=use_cache)
-    return encode_files(backbone, paths, cache, batch_size=batch_size, workers=workers, progress=progress,
-                        description=description)
-
-
-def predictions_from(head: ClassifierHead, feats: Features, unknown_threshold: float | None = None) -> Predictions:
-    names = list(head.class_names_)
-    if len(feats.paths) == 0:
-        return Predictions(names, [], feats.skipped, feats.encoded)
-    proba = head.predict_proba(feats.tensor)
-    labels = apply_unknown_threshold(proba, names, unknown_threshold)
-    rows = [
-        {"path": p, "label": lab, "probabilities": {n: float(v) for n, v in zip(names, pr)}}
-        for p, lab, pr in zip(feats.paths, labels, proba)
-    ]
-    return Predictions(names, rows, feats.skipped, feats.encoded)
 
 
 def classify(
@@ -94,33 +53,6 @@ def classify(
     return predictions_from(head, feats, unknown_threshold)
 
 
-@dataclass
-class Evaluation:
-    metrics: dict
-    predictions: Predictions
-    truths: list[str]
-    support_paths: list[str] = field(default_factory=list)
-
-
-def evaluate_predictions(preds: Predictions, dataset: Dataset, n_bootstrap: int = 1000) -> Evaluation:
-    from .evaluation import classification_metrics
-
-    truth_of = {it.path: it.label for it in dataset.items}
-    names = preds.class_names
-    index = {n: i for i, n in enumerate(names)}
-    unknown_truths = sorted({truth_of[r["path"]] for r in preds.rows} - set(names))
-    if unknown_truths:
-        raise ValueError(f"dataset labels {unknown_truths} are not among the classes {names}")
-    truths = [truth_of[r["path"]] for r in preds.rows]
-    y_true = np.array([index[t] for t in truths], dtype=np.int64)
-    y_pred = np.array([index.get(r["label"], -1) for r in preds.rows], dtype=np.int64)
-    metrics = classification_metrics(y_true, y_pred, names, n_bootstrap=n_bootstrap)
-    metrics["n_skipped"] = len(preds.skipped)
-    for row, t in zip(preds.rows, truths):
-        row["true"] = t
-    return Evaluation(metrics, preds, truths)
-
-
 def evaluate_zeroshot(
     dataset: Dataset,
     *,
@@ -139,39 +71,6 @@ def evaluate_zeroshot(
         Support.text_only([c.name for c in specs], bb, cache_dir, use_cache))
     feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     return evaluate_predictions(predictions_from(head, feats, unknown_threshold), dataset)
-
-
-def evaluate_prototype(
-    dataset: Dataset,
-    *,
-    backbone: str | Backbone,
-    shots: int = 10,
-    seed: int = 0,
-    cache_dir: str | None = None,
-    use_cache: bool = True,
-    progress: bool = False,
-) -> Evaluation:
-    """Class means of ``shots`` random images per class; evaluated on every other image of the dataset."""
-    bb = as_backbone(backbone, cache_dir)
-    feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
-    label_of = {it.path: it.label for it in dataset.items}
-    index = {c: i for i, c in enumerate(dataset.class_names)}
-    labels = np.array([index[label_of[p]] for p in feats.paths], dtype=np.int64)
-    pool = np.arange(len(labels))
-    if dataset.has_splits:
-        split_of = {it.path: it.split for it in dataset.items}
-        pool = np.array([i for i, p in enumerate(feats.paths) if split_of[p] == "train"], dtype=np.int64)
-    support = sample_shots(labels, shots, seed, pool)
-    head = create_head("prototype").fit(Support(feats.tensor[support], labels[support], dataset.class_names, bb))
-    rest = np.setdiff1d(np.arange(len(labels)) if not dataset.has_splits else np.array(
-        [i for i, p in enumerate(feats.paths) if split_of[p] != "train"], dtype=np.int64), support)
-    test = Features([feats.paths[i] for i in rest], [feats.shas[i] for i in rest], feats.features[rest],
-                    feats.skipped, feats.encoded)
-    ev = evaluate_predictions(predictions_from(head, test), dataset)
-    ev.support_paths = [feats.paths[i] for i in support]
-    ev.metrics["shots"] = shots
-    ev.metrics["seed"] = seed
-    return ev
 
 
 LMM_METHODS = ("slac", "tlac")
@@ -274,4 +173,5 @@ def evaluate_with_lmm(
     return ev
 
 
-__all__ = ["classify", "evaluate_zeroshot", "evaluate_prototype", "Predictions", "Evaluation", "UNKNOWN"]
+__all__ = ["classify", "evaluate_zeroshot", "classify_with_lmm", "evaluate_with_lmm", "Predictions", "Evaluation",
+           "UNKNOWN"]

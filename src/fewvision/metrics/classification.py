@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
-from .atomic import atomic_write_text
+from ..io.atomic import atomic_write_text
 
 UNKNOWN = -1
 UNKNOWN_LABEL = "unknown"

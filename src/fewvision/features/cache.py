@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .paths import features_dir
+from ..io.paths import features_dir
 
 BUSY_TIMEOUT_S = 60.0
 

@@ -1,124 +1,31 @@
-"""The ``fewvision`` command.
-
-User errors (bad arguments, unreadable class files or datasets, missing weights) print one line and exit 2;
-unexpected runtime errors print one line and exit 1 (``FEWVISION_DEBUG=1`` shows the traceback).
-"""
+"""``fewvision classify`` and ``fewvision eval``: zero-shot (and LMM-assisted) classification and its evaluation."""
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
-import os
-import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from . import __version__
-from .atomic import atomic_open
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Zero-shot and few-shot image classification and anomaly detection for visual inspection.")
-models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List, download and locate model weights.")
-app.add_typer(models_app, name="models")
-
-DEFAULT_BACKBONE_HELP = "backbone spec: openclip:MODEL[/TAG] | openclip:MODEL@PATH | hf:REPO | timm:NAME | texture"
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from .backbones.base import BackboneError
-    from .datasets import DatasetError
-    from .images import BadImage
-    from .prompts import PromptError
-
-    return (UserError, BackboneError, DatasetError, PromptError, BadImage, FileNotFoundError, ValueError)
+from .common import (
+    DEFAULT_BACKBONE_HELP,
+    LMM_METHODS,
+    LMM_URL_HELP,
+    UserError,
+    _backbone,
+    _classes,
+    _lmm,
+    _summary,
+    info,
+    write_rows,
+)
 
 
-def _quiet_libraries() -> None:
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip logs random-init notices at WARNING on the root logger
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+def register(app: typer.Typer) -> None:
+    app.command()(classify)
+    app.command("eval")(evaluate)
 
 
-def info(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
-def _classes(classes: Optional[str], classes_file: Optional[Path]):
-    from .prompts import load_class_file, parse_class_names
-
-    if classes and classes_file:
-        raise UserError("give either --classes or --classes-file, not both")
-    if classes_file:
-        return load_class_file(classes_file)
-    if classes:
-        return parse_class_names(classes)
-    return None
-
-
-def _backbone(spec: str, weights: Optional[str], cache_dir: Optional[str]):
-    from .backbones import create_backbone
-
-    return create_backbone(spec, weights=weights, cache_dir=cache_dir)
-
-
-LMM_METHODS = ("slac", "tlac")
-LMM_URL_HELP = "OpenAI-compatible server for --method slac|tlac, e.g. http://localhost:11434/v1 (Ollama); 'local' runs --lmm-model in-process"
-
-
-def _lmm(method: str, url: Optional[str], model: Optional[str], timeout: float, concurrency: int,
-         cache_dir: Optional[str], no_cache: bool):
-    """The LMM asked by --method slac|tlac (None for other methods)."""
-    if method not in LMM_METHODS:
-        if url or model:
-            raise UserError("--lmm-url and --lmm-model apply only to --method slac or tlac")
-        return None
-    if not url:
-        raise UserError(f"--method {method} needs --lmm-url (e.g. http://localhost:11434/v1 for Ollama, or 'local')")
-    if not model:
-        raise UserError(f"--method {method} needs --lmm-model (e.g. llava, qwen2.5vl, or a local model folder)")
-    from .lmm import create_lmm
-
-    return create_lmm(url, model, timeout=timeout, concurrency=concurrency, cache_dir=cache_dir,
-                      use_cache=not no_cache)
-
-
-def write_rows(path: Path, rows: list[dict], class_names: list[str], skipped) -> None:
-    """CSV or JSONL (by suffix), written to a temp file and renamed, so a crash never leaves half a file."""
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise UserError(f"{path}: --out must end in .csv or .jsonl")
-    with atomic_open(path, newline="") as fh:
-        if suffix == ".csv":
-            extra = [k for k in ("true", "note") if any(k in r for r in rows)]
-            w = csv.writer(fh)
-            w.writerow(["path", "label", *extra, *[f"p_{n}" for n in class_names], "error"])
-            for r in rows:
-                w.writerow([r["path"], r["label"], *[r.get(k, "") for k in extra],
-                            *[f"{r['probabilities'][n]:.6f}" for n in class_names], ""])
-            for s in skipped:
-                w.writerow([s.path, "", *[""] * len(extra), *[""] * len(class_names), s.reason])
-        else:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-            for s in skipped:
-                fh.write(json.dumps({"path": s.path, "label": None, "error": s.reason}) + "\n")
-
-
-def _summary(n_ok: int, skipped) -> None:
-    for s in skipped:
-        info(f"skipped {s.path}: {s.reason}")
-    info(f"{n_ok} image(s) processed, {len(skipped)} skipped")
-
-
-@app.command()
 def classify(
     images: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
     classes: Optional[str] = typer.Option(None, "--classes", help='comma-separated class names, e.g. "ok,scratch"'),
@@ -142,9 +49,9 @@ def classify(
     lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, help="candidates from CLIP and from SLAC (tlac)"),
 ) -> None:
     """Zero-shot classification: one row per image with its label and the probability of each class."""
-    from .api import classify as run_classify
-    from .images import iter_image_files
-    from .api import classify_with_lmm
+    from ..io.images import iter_image_files
+    from ..tasks.zeroshot import classify as run_classify
+    from ..tasks.zeroshot import classify_with_lmm
 
     if method not in ("zeroshot", *LMM_METHODS):
         raise UserError(f"unknown method '{method}': expected zeroshot, slac or tlac")
@@ -170,7 +77,7 @@ def classify(
             note = f"\t{r['note']}" if r.get("note") else ""
             typer.echo(f"{r['path']}\t{r['label']}\t{max(r['probabilities'].values()):.3f}{note}")
     if report:
-        from .report import write_classification_report
+        from ..reports.classification import write_classification_report
 
         extra = {"backbone": bb.spec, **({"method": method, "lmm": lmm.describe()} if lmm is not None else {})}
         page = write_classification_report(report, title="fewvision classify", metrics=None, rows=preds.rows,
@@ -179,7 +86,6 @@ def classify(
     _summary(len(preds.rows), preds.skipped)
 
 
-@app.command("eval")
 def evaluate(
     dataset: str = typer.Argument(..., help="'textile', a CSV manifest, an MVTec folder or a folder of class folders"
                                   " - or a fitted model file (.fvm), followed by the dataset"),
@@ -205,10 +111,10 @@ def evaluate(
     abstain: bool = typer.Option(False, "--abstain", help="model files: 'review' when the conformal set is not one class"),
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores and bootstrap 95% intervals on a labelled dataset."""
-    from .modelfile import is_model_file
+    from ..modelfile import is_model_file
 
     if is_model_file(dataset):
-        from .cli_fewshot import evaluate_model_command
+        from .fewshot import evaluate_model_command
 
         if model_dataset is None:
             raise UserError(f"{dataset}: give the dataset to evaluate the model on: fewvision eval MODEL.fvm DATASET")
@@ -216,9 +122,10 @@ def evaluate(
                                       weights=weights, cache_dir=cache_dir, no_cache=no_cache)
     if model_dataset is not None:
         raise UserError(f"a second argument ('{model_dataset}') is only taken after a model file (.fvm)")
-    from .api import evaluate_prototype, evaluate_zeroshot
-    from .datasets import load_dataset
-    from .evaluation import save_metrics
+    from ..io.datasets import load_dataset
+    from ..metrics.classification import save_metrics
+    from ..tasks.fewshot import evaluate_prototype
+    from ..tasks.zeroshot import evaluate_zeroshot
 
     data = load_dataset(dataset)
     bb = _backbone(backbone, weights, cache_dir)
@@ -230,7 +137,7 @@ def evaluate(
         ev = evaluate_prototype(data, backbone=bb, shots=shots, seed=seed, cache_dir=cache_dir,
                                 use_cache=not no_cache, progress=True)
     elif method in LMM_METHODS:
-        from .api import evaluate_with_lmm
+        from ..tasks.zeroshot import evaluate_with_lmm
 
         lmm = _lmm(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
         ev = evaluate_with_lmm(data, backbone=bb, lmm=lmm, method=method, classes=_classes(None, classes_file),
@@ -247,112 +154,10 @@ def evaluate(
                f"  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
     info(f"wrote {out}")
     if report:
-        from .report import write_classification_report
+        from ..reports.classification import write_classification_report
 
         page = write_classification_report(report, title=f"fewvision eval: {method} on {data.name}", metrics=m,
                                            rows=ev.predictions.rows, class_names=ev.predictions.class_names,
                                            extra={"backbone": bb.spec, "method": method})
         info(f"report: {page}")
     _summary(len(ev.predictions.rows), ev.predictions.skipped)
-
-
-@models_app.command("list")
-def models_list(
-    kind: str = typer.Option("openclip", "--kind", help="openclip | timm"),
-    filter: Optional[str] = typer.Option(None, "--filter", help="substring to match"),
-) -> None:
-    """Known backbones: open_clip MODEL/TAG pairs (or timm models with --kind timm), plus 'texture'."""
-    if kind == "openclip":
-        import open_clip
-
-        names = [f"openclip:{m}/{t}" for m, t in open_clip.list_pretrained()]
-    elif kind == "timm":
-        import timm
-
-        names = [f"timm:{m}" for m in timm.list_models(pretrained=True)]
-    else:
-        raise UserError(f"unknown --kind '{kind}': expected openclip or timm")
-    names.append("texture")
-    for n in names:
-        if not filter or filter.lower() in n.lower():
-            typer.echo(n)
-
-
-@models_app.command("pull")
-def models_pull(spec: str, cache_dir: Optional[str] = typer.Option(None, "--cache-dir")) -> None:
-    """Download a backbone's weights into the cache (run on a connected machine)."""
-    bb = _backbone(spec, None, cache_dir)
-    typer.echo(f"{spec}: ready ({bb.id})")
-
-
-@models_app.command("path")
-def models_path(spec: str, cache_dir: Optional[str] = typer.Option(None, "--cache-dir")) -> None:
-    """Where a backbone's weights are (or would be) cached."""
-    from .backbones import weights_location
-
-    typer.echo(str(weights_location(spec, cache_dir)))
-
-
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="folder for the report and metrics"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-) -> None:
-    """The main job on the textile images: zero-shot with CLIP when its weights are at hand, else prototypes."""
-    from .demo import run_demo
-
-    page = run_demo(out, cache_dir=cache_dir, echo=info)
-    typer.echo(str(page))
-
-
-@app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
-
-
-# Command groups that live in their own modules; each module defines ``register(app)``.
-EXTENSIONS: list[str] = ["cli_anomaly", "cli_fewshot"]
-
-
-def _register_extensions() -> None:
-    import importlib
-
-    for name in EXTENSIONS:
-        importlib.import_module(f"fewvision.{name}").register(app)
-
-
-_register_extensions()
-
-
-def main() -> None:
-    _quiet_libraries()
-    try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        info("aborted")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        info("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
-        import click
-
-        if os.environ.get("FEWVISION_DEBUG"):
-            raise
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        one_line = " ".join(str(exc).split()) or type(exc).__name__
-        if isinstance(exc, _user_error_types()):
-            info(f"error: {one_line}")
-            sys.exit(2)
-        info(f"error: {type(exc).__name__}: {one_line}")
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

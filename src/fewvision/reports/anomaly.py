@@ -15,10 +15,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .anomaly.postprocess import input_view
-from .atomic import atomic_path, atomic_write_text
-from .images import BadImage, load_image
-from .report import _CSS, _e, _img, _kv_table, _png_data_uri
+from ..anomaly.postprocess import input_view
+from ..io.atomic import atomic_path, atomic_write_text
+from ..io.images import BadImage, load_image
+from .page import _CSS, _e, _img, _kv_table, _png_data_uri
 
 N_EXTREMES = 8
 OVERLAY_ALPHA = 0.5

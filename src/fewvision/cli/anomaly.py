@@ -9,21 +9,21 @@ from typing import List, Optional
 
 import typer
 
-from .atomic import atomic_open
+from ..io.atomic import atomic_open
 
 ANOMALY_BACKBONE_HELP = ("backbone spec: timm:NAME (hub weights) | timm:NAME@PATH | timm:NAME@random | texture "
                          "(built in, no weights) | openclip:MODEL[/TAG]")
 
 
 def _user_error(msg: str) -> Exception:
-    from .cli import UserError
+    from .common import UserError
 
     return UserError(msg)
 
 
 def _backbone(spec: str, weights: Optional[str], cache_dir: Optional[str]):
-    from .backbones import create_backbone
-    from .backbones.base import WeightsUnavailable
+    from ..backbones import create_backbone
+    from ..backbones.base import WeightsUnavailable
 
     try:
         return create_backbone(spec, weights=weights, cache_dir=cache_dir)
@@ -47,7 +47,7 @@ def _params(items: List[str]) -> dict:
 
 
 def _load(model_path: Path):
-    from .modelfile import load
+    from ..modelfile import load
 
     model = load(model_path)
     if model.task != "anomaly":
@@ -78,7 +78,7 @@ def write_anomaly_rows(path: Path, rows: list[dict], skipped) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from .cli import info
+    from .common import info
 
     anomaly_app = typer.Typer(no_args_is_help=True, help="Anomaly detection learned from good images only.")
     app.add_typer(anomaly_app, name="anomaly")
@@ -100,8 +100,8 @@ def register(app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache"),
     ) -> None:
         """Fit an anomaly model on good images and calibrate its threshold on held-out good images."""
-        from .anomaly.api import fit_anomaly
-        from .modelfile import MODEL_SUFFIX, save_model
+        from ..modelfile import MODEL_SUFFIX, save_model
+        from ..tasks.anomaly import fit_anomaly
 
         if out.suffix != MODEL_SUFFIX:
             raise _user_error(f"{out}: the model file must end in {MODEL_SUFFIX}")
@@ -128,9 +128,9 @@ def register(app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache"),
     ) -> None:
         """Score images: one row per image with its anomaly score and whether it is over the threshold."""
-        from .anomaly.api import score_files
-        from .anomaly_report import overlay_for, write_png
-        from .images import BadImage
+        from ..io.images import BadImage
+        from ..reports.anomaly import overlay_for, write_png
+        from ..tasks.anomaly import score_files
 
         model = _load(model_path)
         res = score_files(model, images, keep_maps=heatmaps is not None, weights=weights, cache_dir=cache_dir,
@@ -172,8 +172,8 @@ def register(app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache"),
     ) -> None:
         """Image AUROC / AUPR / F1 at the model's threshold; pixel AUROC and AUPRO when masks exist."""
-        from .anomaly.api import evaluate_anomaly
-        from .evaluation import save_metrics
+        from ..metrics.classification import save_metrics
+        from ..tasks.anomaly import evaluate_anomaly
 
         model = _load(model_path)
         ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, weights=weights,
@@ -189,7 +189,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(line)
         info(f"wrote {out}")
         if report:
-            from .anomaly_report import write_anomaly_report
+            from ..reports.anomaly import write_anomaly_report
 
             bb = model.backbone(cache_dir=cache_dir, weights=weights)
             page = write_anomaly_report(

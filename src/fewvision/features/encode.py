@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones.base import Backbone
+from ..backbones.base import Backbone
+from ..io.images import BadImage, Skipped, load_image, sha256_file
+from ..progress import progress_bar
 from .cache import FeatureCache, NullCache
-from .images import BadImage, Skipped, load_image, sha256_file
-from .progress import progress_bar
 
 BASE_VIEW = "base"
 GLOBAL = "global"

@@ -11,46 +11,16 @@ import base64
 import io
 import os
 from collections import Counter
-from html import escape
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .atomic import atomic_write_text
-from .images import BadImage, load_image
+from ..io.atomic import atomic_write_text
+from ..io.images import BadImage, load_image
+from .page import _CSS, _e, _img, _kv_table, _mpl_text, _png_data_uri
 
 THUMB_PX = 128
 MAX_MISTAKES = 60
 MAX_PREDICTIONS = 200
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.thumb{width:140px;text-align:center}.bad{color:#a00;font-size:.85em;max-width:240px;word-break:break-word}
-.path{font-family:monospace;font-size:.85em;word-break:break-all}.note{font-size:.85em;max-width:400px}
-.muted{color:#777}
-"""
-
-
-def _e(value: Any) -> str:
-    return escape("" if value is None else str(value), quote=True)
-
-
-def _mpl_text(text: str) -> str:
-    # Matplotlib parses "$...$" as mathtext; a class name with a dollar sign must be shown literally.
-    return str(text).replace("$", r"\$")
-
-
-def _png_data_uri(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{_e(alt)}">'
-
 
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], row_labels: Sequence[str], col_labels: Sequence[str]) -> str:
     """Confusion-matrix heat map (rows true, columns predicted) with counts in the cells, as a PNG data URI."""
@@ -115,11 +85,6 @@ def _fmt_p(p: float | None) -> str:
     return "–" if p is None else f"{p:.3f}"
 
 
-def _kv_table(items: Mapping[str, Any]) -> str:
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in items.items())
-    return f"<table>{body}</table>"
-
-
 def _image_table(rows: Sequence[Mapping[str, Any]], with_true: bool) -> str:
     head = "<tr><th>image</th><th>file</th>" + ("<th>true</th>" if with_true else "")
     head += "<th>predicted</th><th>probability</th><th>note</th></tr>"
@@ -175,7 +140,7 @@ def write_classification_report(
     """Write ``out_dir/report.html`` (atomically) and return its path.
 
     ``rows``: dicts with ``path``, ``label`` (predicted name), ``true`` (name or None), ``probabilities``
-    (name -> float) and optionally ``note``. ``metrics``: from :func:`fewvision.evaluation.classification_metrics`,
+    (name -> float) and optionally ``note``. ``metrics``: from :func:`fewvision.metrics.classification.classification_metrics`,
     or None for a prediction-only report.
     """
     parts = [f"<h1>{_e(title)}</h1>"]

@@ -11,8 +11,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
-from .backbones import DEFAULT_CLIP_SPEC, create_backbone
-from .backbones.base import WeightsUnavailable
+from ..backbones import DEFAULT_CLIP_SPEC, create_backbone
+from ..backbones.base import WeightsUnavailable
 
 DEMO_SHOTS = 10
 
@@ -22,11 +22,12 @@ def textile_classes_file() -> Path:
 
 
 def run_demo(out: Path, cache_dir: str | None = None, echo: Callable[[str], None] = print) -> Path:
-    from .api import evaluate_prototype, evaluate_zeroshot
-    from .datasets import textile
-    from .evaluation import save_metrics
-    from .prompts import load_class_file
-    from .report import write_classification_report
+    from ..heads.prompts import load_class_file
+    from ..io.datasets import textile
+    from ..metrics.classification import save_metrics
+    from ..reports.classification import write_classification_report
+    from .fewshot import evaluate_prototype
+    from .zeroshot import evaluate_zeroshot
 
     data = textile()
     echo(f"textile images: {len(data)} ({', '.join(f'{k} {v}' for k, v in data.counts().items())})")

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .images import Skipped
+from ..io.images import Skipped
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Support:
 
     def view_features(self, kind: str = "global", view=None) -> torch.Tensor:
         """Features of the support images for another cached view or kind, in the order of ``paths``."""
-        from .cache import open_cache
-        from .features import encode_files
+        from ..features.cache import open_cache
+        from ..features.encode import encode_files
 
         if self.backbone is None or not self.paths:
             raise ValueError("this support set has no backbone and image paths, so it has no other views")
@@ -65,8 +65,8 @@ class Support:
                    class_names: Sequence[str], *, cache_dir: str | None = None, use_cache: bool = True,
                    progress: bool = False) -> "Support":
         """Encode (through the cache) and drop unreadable files with their labels, recording the skips."""
-        from .cache import open_cache
-        from .features import encode_files
+        from ..features.cache import open_cache
+        from ..features.encode import encode_files
 
         paths = [str(p) for p in paths]
         label_of = dict(zip(paths, labels))

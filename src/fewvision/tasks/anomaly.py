@@ -1,12 +1,12 @@
 """Model-level anomaly detection: fit from good images with a calibrated threshold, score files, evaluate.
 
->>> from fewvision.anomaly.api import fit_anomaly, score_files
+>>> from fewvision.tasks.anomaly import fit_anomaly, score_files
 >>> model = fit_anomaly(["good/"], method="patchcore", backbone="texture", target_false_reject=0.05)
 >>> result = score_files(model, ["incoming/"])
 >>> result.rows[0]["score"], result.rows[0]["is_anomalous"]
 
 ``fit_anomaly`` fits the head on part of the good images and sets the threshold on the held-out rest with the
-split-conformal rule (:mod:`fewvision.anomaly.threshold`), so the false-reject rate on new good images is at most
+split-conformal rule (:mod:`fewvision.decide.threshold`), so the false-reject rate on new good images is at most
 ``target_false_reject`` (for images exchangeable with the given ones). Every score - calibration, prediction,
 evaluation, a saved and re-loaded model - goes through :func:`_score_chunks`, which calls
 :func:`fewvision.anomaly.postprocess.finish`, the only post-processing path.
@@ -25,17 +25,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..anomaly import create_anomaly_head
+from ..anomaly.base import AnomalyHead
+from ..anomaly.postprocess import DEFAULT_SIGMA, finish, mask_view
 from ..backbones import create_backbone
 from ..backbones.base import Backbone
-from ..cache import open_cache
-from ..datasets import GOOD, Dataset, DatasetError, load_dataset
-from ..features import PATCH, encode_files
-from ..images import BadImage, Skipped, iter_image_files, load_image
+from ..decide.threshold import ThresholdError, conformal_threshold, f1_threshold, min_calibration_size, recall_threshold
+from ..features.cache import open_cache
+from ..features.encode import PATCH, encode_files
+from ..io.datasets import GOOD, Dataset, DatasetError, load_dataset
+from ..io.images import BadImage, Skipped, iter_image_files, load_image
 from ..modelfile import FewVisionModel
-from . import create_anomaly_head
-from .base import AnomalyHead
-from .postprocess import DEFAULT_SIGMA, finish, mask_view
-from .threshold import ThresholdError, conformal_threshold, f1_threshold, min_calibration_size, recall_threshold
 
 DEFAULT_ANOMALY_BACKBONE = "timm:wide_resnet50_2"
 DEFAULT_METHOD = "patchcore"
@@ -129,7 +129,7 @@ def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], c
 
 # --- fit ------------------------------------------------------------------------------------------------------
 def _head(method: str, seed: int, params: dict) -> AnomalyHead:
-    from . import anomaly_head_classes
+    from ..anomaly import anomaly_head_classes
 
     classes = anomaly_head_classes()
     if method not in classes:
@@ -363,7 +363,7 @@ def evaluate_anomaly(
     """Image metrics at the model's threshold (plus AUROC interval, F1-optimal and recall thresholds), per-defect-
     type AUROC, and pixel AUROC / AUPRO when ground-truth masks exist. The model's training images must not be in
     the test set (for MVTec only the test split is used)."""
-    from .metrics import auroc_bootstrap_ci, aupro, image_metrics, pixel_auroc
+    from ..metrics.anomaly import aupro, auroc_bootstrap_ci, image_metrics, pixel_auroc
 
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     good = good_label_of(data, good_label)
