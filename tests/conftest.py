@@ -81,3 +81,4 @@ def textile_split():
     train = [i for c in names for i in [x for x in items if x.label == c][:4]]
     test = [i for c in names for i in [x for x in items if x.label == c][100:103]]
     return names, [i.path for i in train], [names.index(i.label) for i in train], [i.path for i in test]
+

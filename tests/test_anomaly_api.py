@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 import torch
 from anomaly_data import PixelPatchBackbone, build_mvtec
+from model_checks import tensor_layouts
 from PIL import Image
 
 from fewvision.decide.threshold import ThresholdError
 from fewvision.modelfile import load, save_model
-from fewvision.tasks.anomaly import evaluate_anomaly, fit_anomaly, rethreshold, score_files
+from fewvision.tasks.anomaly import (
+    evaluate_anomaly,
+    fit_anomaly,
+    rethreshold,
+    score_files,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,7 @@ def test_fit_calibrates_and_a_saved_model_scores_identically(tmp_path, bb, good_
     path = save_model(tmp_path / "m.fvm", model)
     again = load(path).bind(bb)
     after = score_files(again, probe, use_cache=False)
+    assert tensor_layouts(again.head) == tensor_layouts(model.head)
     assert np.array_equal(before.scores, after.scores) and np.array_equal(before.maps, after.maps)
     assert [r["is_anomalous"] for r in after.rows] == [bool(s > d["threshold"]) for s in after.scores]
     # A cached second pass (patch maps stored as float16) scores within float16 rounding of the uncached one.

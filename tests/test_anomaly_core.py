@@ -23,7 +23,12 @@ from fewvision.decide.threshold import (
     min_calibration_size,
     recall_threshold,
 )
-from fewvision.metrics.anomaly import aupro, auroc_bootstrap_ci, image_metrics, pixel_auroc
+from fewvision.metrics.anomaly import (
+    aupro,
+    auroc_bootstrap_ci,
+    image_metrics,
+    pixel_auroc,
+)
 
 
 # --- post-processing ----------------------------------------------------------------------------------------------

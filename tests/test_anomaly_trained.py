@@ -4,9 +4,15 @@ import math
 
 import pytest
 import torch
+from model_checks import tensor_layouts
 
 from fewvision.anomaly import anomaly_head_classes
-from fewvision.anomaly.autoencoder import AutoencoderHead, VariationalAutoencoderHead, gaussian_window, ssim_map
+from fewvision.anomaly.autoencoder import (
+    AutoencoderHead,
+    VariationalAutoencoderHead,
+    gaussian_window,
+    ssim_map,
+)
 from fewvision.anomaly.stpm import StpmHead, level_distances
 from fewvision.backbones import create_backbone
 from fewvision.backbones.base import BackboneError
@@ -60,7 +66,9 @@ def _roundtrip(head, tmp_path, backbone):
     from fewvision.modelfile import FewVisionModel, load, save_model
 
     path = save_model(tmp_path / f"{head.method}.fvm", FewVisionModel(head, backbone.spec, backbone.id, task="anomaly"))
-    return load(path).head
+    loaded = load(path).head
+    assert tensor_layouts(loaded) == tensor_layouts(head)
+    return loaded
 
 
 def test_registered_as_pixel_heads():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import tensor_layouts
 
 from fewvision.anomaly import anomaly_head_classes, create_anomaly_head
 from fewvision.anomaly.winclip import (
@@ -166,6 +167,7 @@ def test_save_and_load_give_identical_scores(tmp_path, few_shot, zero_shot, clip
         assert isinstance(loaded, WinClipHead) and loaded.n_shots_ == head.n_shots_
         a, b = head.score(images, clip96), loaded.score(images, clip96)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert tensor_layouts(loaded) == tensor_layouts(head)
 
 
 def test_needs_a_clip_vit(images):

@@ -4,7 +4,12 @@ import torch
 from PIL import Image
 
 from fewvision.backbones import create_backbone, weights_location, with_weights
-from fewvision.backbones.base import BackboneError, WeightsUnavailable, pack_layers, unpack_layers
+from fewvision.backbones.base import (
+    BackboneError,
+    WeightsUnavailable,
+    pack_layers,
+    unpack_layers,
+)
 
 
 @pytest.fixture

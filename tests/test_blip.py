@@ -142,7 +142,13 @@ def test_offline_hub_id_fails_fast_and_clearly(tmp_path, monkeypatch):
 def _save_tiny_hf_clip(tmp_path):
     """A random transformers CLIP with an offline tokenizer, saved as a model folder."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>"])}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))

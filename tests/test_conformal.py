@@ -96,16 +96,18 @@ def test_bad_alpha_and_score():
         calibrate_conformal(p, np.arange(4) % 3, 0.1, "raps")
 
 
-def test_temperature_is_applied_as_the_model_file_applies_it():
+def test_temperature_scaling_is_softmax_of_logits_over_t():
+    """A head's probabilities softmax(z) scaled by T must equal softmax(z / T), computed here from the logits."""
     import torch
 
     from fewvision.decide.calibration import apply_temperature
     from fewvision.heads import PrototypeHead
     from fewvision.heads.support import Support
-    from fewvision.modelfile import FewVisionModel, probabilities
 
     feats = torch.nn.functional.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     head = PrototypeHead().fit(Support(feats, torch.arange(12) % 3, ["a", "b", "c"]))
-    model = FewVisionModel(head, "texture", "texture-0", decision={"temperature": 2.7})
-    np.testing.assert_allclose(apply_temperature(head.predict_proba(feats), 2.7), probabilities(model, feats),
-                               rtol=1e-6)
+    logits = head.logits(feats).double().numpy()
+    proba = head.predict_proba(feats)
+    np.testing.assert_allclose(apply_temperature(proba, 2.7), _softmax(logits / 2.7), atol=1e-6)
+    np.testing.assert_allclose(apply_temperature(proba, 0.5), _softmax(logits / 0.5), atol=1e-6)
+    assert np.array_equal(apply_temperature(proba, None), proba)

@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from fewvision.metrics.classification import _metrics_from_confusions, classification_metrics, save_metrics
+from fewvision.metrics.classification import (
+    _metrics_from_confusions,
+    classification_metrics,
+    save_metrics,
+)
 
 NAMES = ["ok", "scratch", "dent"]
 # 10 items. Confusion (rows true, cols pred):

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from model_checks import tensor_layouts
 
 from fewvision.backbones.base import BackboneError
 from fewvision.heads import create_head, head_names
@@ -137,6 +138,7 @@ def test_save_load_gives_identical_probabilities_for_every_head(tmp_path, tiny_c
         loaded = load(path).bind(tiny_clip)
         assert loaded.decision == model.decision and loaded.info["method"] == method
         before, after = predict(model, [textile_subset]), predict(loaded, [textile_subset])
+        assert tensor_layouts(loaded.head) == tensor_layouts(model.head), method  # after predict: heads built lazily
         assert len(before.rows) == 36
         for a, b in zip(before.rows, after.rows):
             assert a["probabilities"] == b["probabilities"] and a["set"] == b["set"], method

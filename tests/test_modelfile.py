@@ -5,7 +5,13 @@ import torch
 from fewvision.heads import PrototypeHead, ZeroShotHead
 from fewvision.heads.prompts import ClassSpec
 from fewvision.heads.support import Support
-from fewvision.modelfile import FewVisionModel, ModelFileError, load, read_metadata, save_model
+from fewvision.modelfile import (
+    FewVisionModel,
+    ModelFileError,
+    load,
+    read_metadata,
+    save_model,
+)
 
 
 def _support(seed=0, n=30, d=32, c=3):

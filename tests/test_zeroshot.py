@@ -6,7 +6,12 @@ from PIL import Image
 
 from fewvision.decide.unknown import UNKNOWN, apply_unknown_threshold
 from fewvision.heads import ZeroShotHead
-from fewvision.heads.prompts import ClassSpec, PromptError, load_class_file, resolve_templates
+from fewvision.heads.prompts import (
+    ClassSpec,
+    PromptError,
+    load_class_file,
+    resolve_templates,
+)
 from fewvision.heads.support import Support
 
 CLASSES = ["ok", "scratch", "dent", "stain"]

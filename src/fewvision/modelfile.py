@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -151,16 +150,4 @@ def is_model_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix == MODEL_SUFFIX and Path(path).is_file()
 
 
-def probabilities(model: FewVisionModel, features: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The model's calibrated class probabilities (temperature scaling, when fitted) for image features."""
-    proba = model.head.predict_proba(features)
-    temperature = model.decision.get("temperature")
-    if temperature and temperature != 1.0:
-        logp = np.log(np.clip(proba.astype(np.float64), 1e-300, None)) / float(temperature)
-        logp -= logp.max(axis=1, keepdims=True)
-        proba = np.exp(logp)
-        proba = (proba / proba.sum(axis=1, keepdims=True)).astype(np.float32)
-    return proba
-
-
-__all__: Sequence[str] = ["FewVisionModel", "save_model", "load", "ModelFileError", "read_metadata", "probabilities"]
+__all__: Sequence[str] = ["FewVisionModel", "save_model", "load", "ModelFileError", "read_metadata"]

@@ -74,7 +74,8 @@ class PaDiM(AnomalyHead):
         cov += self.epsilon * torch.eye(cov.shape[-1], dtype=cov.dtype)
         self.channel_index_ = idx
         self.mean_ = (shift + m.T).float()  # [d, P]
-        self.inv_covariance_ = torch.linalg.inv(cov).float()  # [P, d, d]
+        # linalg.inv returns column-major matrices; row-major as a loaded model has them (same BLAS path)
+        self.inv_covariance_ = torch.linalg.inv(cov).float().contiguous()  # [P, d, d]
         self.grid_ = list(grid)
         self.n_train_images_ = int(n)
         return self

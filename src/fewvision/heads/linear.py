@@ -58,8 +58,11 @@ class LinearHead(ClassifierHead):
         coef, bias = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
         if n_classes == 2:  # scikit-learn keeps one binary row; [-z/2, z/2] has the same softmax as sigmoid(z)
             coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
-        self.weight_ = torch.from_numpy(coef)
-        self.bias_ = torch.from_numpy(bias)
+        # scikit-learn's coef_ is column-major; a model file stores it row-major, and the matrix product takes
+        # another BLAS path for each layout (results differ in the last bits on some CPUs). Row-major here too, so
+        # a loaded model runs the same arithmetic as the fitted one.
+        self.weight_ = torch.from_numpy(np.ascontiguousarray(coef))
+        self.bias_ = torch.from_numpy(np.ascontiguousarray(bias))
 
     def _fit_from_text(self, support: Support, feats: torch.Tensor) -> None:
         from .textual import single_thread, zeroshot_classifier

@@ -166,6 +166,23 @@ def classification_metrics(
     return metrics
 
 
+def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017, eq. 3): the mean over equal-width confidence bins of |accuracy - mean confidence|,
+    weighted by the share of images in each bin; confidence is the top class's probability."""
+    proba = np.asarray(proba, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise ValueError("no images: cannot compute the calibration error of an empty set")
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == labels
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)  # (lo, hi] bins
+    ece = 0.0
+    for b in np.unique(bins):
+        members = bins == b
+        ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
 def save_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``metrics`` as indented JSON, atomically."""
     return atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")

@@ -16,7 +16,7 @@ from ..features.encode import GLOBAL, Features, encode_files
 from ..heads import ClassifierHead
 from ..io.datasets import Dataset
 from ..io.images import Skipped
-from ..metrics.classification import classification_metrics
+from ..metrics.classification import classification_metrics, expected_calibration_error
 
 
 @dataclass
@@ -79,6 +79,9 @@ def evaluate_predictions(preds: Predictions, dataset: Dataset, n_bootstrap: int 
     y_true = np.array([index[t] for t in truths], dtype=np.int64)
     y_pred = np.array([index.get(r["label"], -1) for r in preds.rows], dtype=np.int64)
     metrics = classification_metrics(y_true, y_pred, names, n_bootstrap=n_bootstrap)
+    if preds.rows:
+        proba = np.array([[r["probabilities"][n] for n in names] for r in preds.rows], dtype=np.float64)
+        metrics["ece"] = expected_calibration_error(proba, y_true)
     metrics["n_skipped"] = len(preds.skipped)
     for row, t in zip(preds.rows, truths):
         row["true"] = t

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backbones.base import Backbone, BackboneError
-from ..decide.calibration import apply_temperature, fit_temperature
+from ..decide.calibration import apply_temperature, fit_temperature, log_probabilities
 from ..decide.conformal import abstain_labels, calibrate_conformal, prediction_sets, set_labels, set_metrics
 from ..decide.unknown import apply_unknown_threshold
 from ..features.encode import GLOBAL, Features, hash_files
@@ -147,7 +147,7 @@ def fit(
 
     With ``calibrate_fraction`` > 0 a seeded, stratified share of those images is held out (never used for fitting)
     to fit the temperature and, with ``alpha``, split-conformal thresholds (``conformal`` 'lac' or 'aps',
-    ``mondrian`` for per-class thresholds).
+    ``mondrian`` for per-class thresholds); see :func:`calibrate`.
     """
     dataset = as_dataset(data, labels)
     if not 0.0 <= calibrate_fraction < 1.0:
@@ -188,25 +188,38 @@ def fit(
     return model
 
 
+def _nll(proba: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(np.clip(proba[np.arange(len(y)), y].astype(np.float64), 1e-300, None)).mean())
+
+
 def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int], *, alpha: float | None = None,
               score: str = "lac", mondrian: bool = False, cache_dir: str | None = None, use_cache: bool = True,
               progress: bool = False) -> FewVisionModel:
-    """Fit the temperature (and conformal thresholds when ``alpha`` is given) on held-out labelled images."""
+    """Calibrate ``model`` on held-out labelled images (``paths``, ``labels``; never used for fitting).
+
+    The temperature is the MAP fit of :func:`fewvision.decide.calibration.fit_temperature`. With ``alpha`` the
+    split-conformal thresholds are set from the same images' *raw* head probabilities: the score function is then
+    fixed before any calibration image is seen, so the coverage guarantee is exact whatever T they give. The NLL and
+    expected calibration error of the held-out images before and after scaling are stored.
+    """
+    from ..metrics.classification import expected_calibration_error
+
     scored = score_files(model.head, model.backbone(cache_dir), list(paths), cache_dir=cache_dir,
                          use_cache=use_cache, progress=progress, description="calibration")
     label_of = dict(zip(paths, labels))
     y = np.array([int(label_of[p]) for p in scored.paths], dtype=np.int64)
-    logp = np.log(np.clip(scored.proba.astype(np.float64), 1e-300, None))
-    temperature = fit_temperature(logp, y)
+    temperature = fit_temperature(log_probabilities(scored.proba), y)
     calibrated = apply_temperature(scored.proba, temperature)
-    def nll(proba: np.ndarray) -> float:
-        return float(-np.log(np.clip(proba[np.arange(len(y)), y].astype(np.float64), 1e-300, None)).mean())
-
     model.decision["temperature"] = temperature
-    model.decision["calibration"] = {"n": int(len(y)), "nll_before": nll(scored.proba), "nll_after": nll(calibrated)}
+    model.decision["calibration"] = {
+        "method": "temperature scaling, MAP with a N(0, 1) prior on log T", "n": int(len(y)),
+        "nll_before": _nll(scored.proba, y), "nll_after": _nll(calibrated, y),
+        "ece_before": expected_calibration_error(scored.proba, y),
+        "ece_after": expected_calibration_error(calibrated, y)}
     model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + list(scored.shas)
     if alpha is not None:
-        model.decision["conformal"] = calibrate_conformal(calibrated, y, alpha, score, mondrian)
+        model.decision["conformal"] = {**calibrate_conformal(scored.proba, y, alpha, score, mondrian),
+                                       "probabilities": "raw"}
     return model
 
 
@@ -223,7 +236,8 @@ def predictions(model: FewVisionModel, scored: Scored, *, abstain: bool = False,
     rows = [{"path": p, "label": lab, "probabilities": {n: float(v) for n, v in zip(names, pr)}}
             for p, lab, pr in zip(scored.paths, labels, proba)]
     if conformal and rows:
-        sets = prediction_sets(proba, conformal)
+        # Thresholds set on raw head probabilities (files before 0.2 set them on calibrated ones).
+        sets = prediction_sets(scored.proba if conformal.get("probabilities") == "raw" else proba, conformal)
         for row, members in zip(rows, set_labels(sets, names)):
             row["set"] = members
             row["note"] = "set=" + "|".join(members)
