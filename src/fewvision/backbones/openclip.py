@@ -9,6 +9,8 @@ listed tag.
 from __future__ import annotations
 
 import json
+import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -55,7 +57,60 @@ def _register_config(model: str) -> str:
     return model
 
 
+# Bump when fewvision changes how it computes features from the same weights: the version is part of the backbone
+# id, so caches and model files of the old computation are not mixed with the new.
+FEATURE_VERSION = 2
+_TAG_PREPROCESS = {"mean": "mean", "std": "std", "interpolation": "interpolation", "resize_mode": "resize_mode"}
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """True for a TorchScript archive, the format of OpenAI's original CLIP checkpoints (``ViT-B-32.pt``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def tag_of_hub_file(path: Path, model_name: str) -> dict | None:
+    """The pretrained-tag config whose hub repository a weight file was downloaded from (a copied fewvision or
+    Hugging Face cache keeps the ``models--ORG--REPO`` folder), or None."""
+    import open_clip
+
+    folder = next((part for part in path.resolve().parts if part.startswith("models--")), None)
+    if folder is None:
+        return None
+    repo = folder[len("models--"):].replace("--", "/")
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        cfg = open_clip.get_pretrained_cfg(model_name, tag)
+        if cfg.get("hf_hub") and hub_repo_and_file(cfg)[0] == repo:
+            return cfg
+    return None
+
+
+def preprocess_for(model_name: str, tag_cfg: dict | None):
+    """open_clip's inference transform for ``model_name``, built without the model: the defaults, the tower's image
+    size and the tag's mean / std / interpolation / resize mode - what ``create_model_and_transforms`` gives
+    (tested against it)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
+    size = vision.get("image_size", 224)
+    if not isinstance(vision.get("layers"), (list, tuple)) and isinstance(size, int):
+        size = (size, size)  # ViT and timm towers keep a (h, w) pair, the ModifiedResNet an int
+    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), {"size": size})
+    if tag_cfg:
+        cfg = merge_preprocess_dict(cfg, {k: tag_cfg[v] for k, v in _TAG_PREPROCESS.items() if tag_cfg.get(v)})
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False), cfg
+
+
 class OpenClipBackbone(Backbone):
+    """An open_clip model whose weights are loaded on first use: the id, the preprocessing and cached features need
+    no model, so a run whose features and prompt embeddings are all cached never builds the encoder."""
+
     has_text = True
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
@@ -74,8 +129,7 @@ class OpenClipBackbone(Backbone):
         if path == "random":  # explicit seeded random initialisation of a named architecture
             path, is_config_file = None, True
         weight_file: Path | None = None
-        quick_gelu = False
-        preprocess_cfg: dict = {}
+        tag_cfg: dict | None = None
         if path is not None:
             weight_file = Path(path).expanduser()
             if weight_file.is_dir():
@@ -87,43 +141,70 @@ class OpenClipBackbone(Backbone):
                 weight_file = candidates[0]
             if not weight_file.is_file():
                 raise BackboneError(f"{weight_file}: weights file not found (from spec '{spec}')")
+            # A file from a tag's hub repository gets that tag's activation and preprocessing, as the tag would.
+            tag_cfg = tag_of_hub_file(weight_file, model_name)
         elif tag is not None:
-            cfg = open_clip.get_pretrained_cfg(model_name, tag)
-            if not cfg:
+            tag_cfg = open_clip.get_pretrained_cfg(model_name, tag)
+            if not tag_cfg:
                 raise BackboneError(
                     f"'{tag}' is not a pretrained tag of open_clip model '{model_name}'; "
                     f"known tags: {', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'}"
                 )
-            weight_file = resolve_pretrained_file(spec, cfg, cache, download)
-            quick_gelu = bool(cfg.get("quick_gelu", False))
-            # The tag's own preprocessing, which open_clip applies only when given the tag, not a file path.
-            keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
-                    "resize_mode": "image_resize_mode"}
-            preprocess_cfg = {arg: cfg[key] for key, arg in keys.items() if cfg.get(key)}
+            weight_file = resolve_pretrained_file(spec, tag_cfg, cache, download)
 
-        if weight_file is None:
-            torch.manual_seed(RANDOM_INIT_SEED)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name,
-            pretrained=str(weight_file) if weight_file is not None else None,
-            device=device,
-            force_quick_gelu=quick_gelu,
-            **preprocess_cfg,
-        )
-        model.eval()
-        self.model = model
-        self._preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        # QuickGELU: OpenAI's checkpoints were trained with it; running them with plain GELU gives wrong features.
+        self.quick_gelu = bool((tag_cfg or {}).get("quick_gelu")
+                               or (open_clip.get_model_config(model_name) or {}).get("quick_gelu")
+                               or (weight_file is not None and is_torchscript_archive(weight_file)))
+        self._preprocess, self._preprocess_cfg = preprocess_for(model_name, tag_cfg)
         self.model_name = model_name
         self.tag = tag
         self.weight_file = weight_file
-        weights = file_digest(weight_file) if weight_file is not None else digest_state_dict(model)
-        self._id = make_id("openclip", f"{model_name}:{weights}", repr(preprocess))
         self._device = torch.device(device)
+        self._model = self._tokenizer = None
+        self._lock = threading.Lock()
+        if weight_file is not None:
+            weights = file_digest(weight_file)
+        else:  # a seeded random initialisation: identified by its values, which needs the model built
+            weights = digest_state_dict(self.model)
+        architecture = open_clip.get_model_config(model_name) if is_config_file else model_name
+        self._id = make_id("openclip", {"model": architecture, "weights": weights,
+                                        "activation": "quick_gelu" if self.quick_gelu else "gelu",
+                                        "features": FEATURE_VERSION}, repr(self._preprocess))
+
+    @property
+    def model(self):
+        """The open_clip model, built (and its weights read) on first use."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = self._build()
+        return self._model
+
+    def _build(self):
+        import open_clip
+
+        if self.weight_file is None:
+            torch.manual_seed(RANDOM_INIT_SEED)
+        model = open_clip.create_model(
+            self.model_name,
+            pretrained=str(self.weight_file) if self.weight_file is not None else None,
+            device=self._device,
+            force_quick_gelu=self.quick_gelu,
+        )
+        return model.eval()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        return self._tokenizer
 
     @property
     def input_size(self) -> tuple[int, int]:
-        size = self.model.visual.image_size
+        size = self._preprocess_cfg["size"]
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
     @property

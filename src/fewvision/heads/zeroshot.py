@@ -49,6 +49,18 @@ def text_classifier(backbone, classes: Sequence[ClassSpec], templates: Sequence[
 
 
 TEXT_VIEW = "text"  # cache view of prompt embeddings, keyed by the prompt's sha256
+LOGIT_SCALE_KEY = ("logit_scale", TEXT_VIEW)
+
+
+def cached_logit_scale(backbone, cache) -> float:
+    """The backbone's logit scale, kept in its feature cache with the prompt embeddings: with both cached, a
+    zero-shot run never needs the model's weights."""
+    found = cache.get_many([LOGIT_SCALE_KEY])
+    if LOGIT_SCALE_KEY in found:
+        return float(found[LOGIT_SCALE_KEY][0])
+    scale = float(backbone.logit_scale)
+    cache.put_many({LOGIT_SCALE_KEY: np.array([scale], dtype=np.float64)})
+    return scale
 
 
 class ZeroShotHead(ClassifierHead):
@@ -68,7 +80,7 @@ class ZeroShotHead(ClassifierHead):
         self.templates_ = resolve_templates(self.templates)
         cache = open_cache(backbone.id, support.cache_dir, enabled=support.use_cache)
         self.weights_ = text_classifier(backbone, self.classes_, self.templates_, cache)
-        self.logit_scale_ = float(backbone.logit_scale)
+        self.logit_scale_ = cached_logit_scale(backbone, cache)
         self.class_names_ = [c.name for c in self.classes_]
         return self
 
