@@ -10,7 +10,6 @@ from anomaly_data import PixelPatchBackbone, build_mvtec
 from model_checks import tensor_layouts
 from PIL import Image
 
-from fewvision.decide.threshold import ThresholdError
 from fewvision.modelfile import load, save_model
 from fewvision.tasks.anomaly import (
     evaluate_anomaly,
@@ -46,13 +45,15 @@ def mvtec(tmp_path_factory, nominal):
 
 @pytest.mark.parametrize("method", ["patchcore", "padim"])
 def test_fit_calibrates_and_a_saved_model_scores_identically(tmp_path, bb, good_dir, nominal, method):
-    model = fit_anomaly(good_dir, method, bb, target_false_reject=0.2, holdout_fraction=0.2, seed=0,
-                        use_cache=False)
+    model = fit_anomaly(good_dir, method, bb, target_false_reject=0.2, seed=0, use_cache=False)
     d = model.decision
-    assert model.task == "anomaly" and d["n_calibration"] == 6 and model.info["n_fit_images"] == 24
-    cal = np.array(d["calibration_scores"])
-    assert d["threshold"] == pytest.approx(np.sort(cal)[int(np.ceil(7 * 0.8)) - 1])  # the 6th of 6: max
-    assert (cal > d["threshold"]).mean() <= 0.2
+    # Leave-one-out: all 30 good images fit the model and all 30 calibrate it.
+    assert model.task == "anomaly" and model.info["n_fit_images"] == 30 and d["n_calibration"] == 30
+    assert d["calibration"] == "leave-one-out conformal" and d["target_false_reject"] == 0.2
+    cal = np.sort(d["calibration_scores"])
+    k = 25  # ceil((30 + 1) * (1 - 0.2))
+    assert d["threshold"] == cal[k - 1] and int((cal > d["threshold"]).sum()) == 30 - k
+    assert "30 good images" in d["guarantee"] and "0.2" in d["guarantee"]
     probe = [str(p) for p in nominal[100:106]]
     before = score_files(model, probe, use_cache=False)
     assert before.maps.shape == (6, 64, 64) and np.isfinite(before.scores).all()
@@ -69,15 +70,36 @@ def test_fit_calibrates_and_a_saved_model_scores_identically(tmp_path, bb, good_
     assert np.allclose(warm.scores, before.scores, rtol=2e-2)
 
 
-def test_too_few_held_out_images_is_refused_before_any_work(monkeypatch, bb, good_dir):
-    import fewvision.tasks.anomaly as api
+@pytest.mark.parametrize("method,params", [("padim", {}), ("patchcore", {"coreset_ratio": 1.0})])
+def test_leave_one_out_scores_equal_a_refit_without_the_image(bb, nominal, method, params):
+    """PaDiM's closed form and PatchCore's bank without the image's own patches (all patches kept, so the bank is
+    exactly that of a refit) must give the maps of a model fitted on the other images."""
+    from fewvision.anomaly import create_anomaly_head
 
-    def boom(*a, **k):
-        raise AssertionError("features were computed")
+    x = bb.patch_features(torch.stack([bb.preprocess(Image.open(p).convert("RGB")) for p in nominal[:12]]))
+    head = create_anomaly_head(method, **params).fit(x)
+    maps, scores = head.score_left_out(x[3:6], 3)
+    for j, i in enumerate(range(3, 6)):
+        others = torch.cat([x[:i], x[i + 1:]])
+        refit_maps, refit_scores = create_anomaly_head(method, **params).fit(others).score(x[i : i + 1])
+        torch.testing.assert_close(maps[j : j + 1], refit_maps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(scores[j : j + 1], refit_scores, rtol=1e-4, atol=1e-4)
+    # and they are not the in-sample scores, which see the image itself
+    assert (head.score(x[3:6])[1] < scores).all()
 
-    monkeypatch.setattr(api, "encode_files", boom)
-    with pytest.raises(ThresholdError, match=r"needs at least 99 held-out good images.*gives 6.*at least 495"):
-        fit_anomaly(good_dir, "patchcore", bb, target_false_reject=0.01, holdout_fraction=0.2, use_cache=False)
+
+def test_too_few_images_for_the_target_use_the_tightest_it_supports(bb, good_dir):
+    model = fit_anomaly(good_dir, "patchcore", bb, target_false_reject=0.01, use_cache=False)
+    d = model.decision
+    assert d["requested_false_reject"] == 0.01 and d["target_false_reject"] == pytest.approx(1 / 31)
+    assert "needs at least 99 calibration images; 30 support at best 0.0323" in d["target_note"]
+    assert d["threshold"] == max(d["calibration_scores"])
+    # A head without leave-one-out scores holds images out, and does not refuse either.
+    ae = fit_anomaly(good_dir, "ae", bb, target_false_reject=0.01, holdout_fraction=0.2, use_cache=False,
+                     image_size=32, channels=(8, 16), latent_channels=4, epochs=1, batch_size=8)
+    assert ae.decision["calibration"] == "split conformal" and ae.decision["n_calibration"] == 6
+    assert ae.info["n_fit_images"] == 24
+    assert ae.decision["target_false_reject"] == pytest.approx(1 / 7) and "target_note" in ae.decision
 
 
 def test_no_good_images_and_unreadable_ones(tmp_path, bb, nominal):
@@ -89,7 +111,7 @@ def test_no_good_images_and_unreadable_ones(tmp_path, bb, nominal):
     broken.mkdir()
     for i in range(5):
         (broken / f"b{i}.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"none of the 4 good image\(s\) to fit on could be read \(first: .*b\d.png: "):
+    with pytest.raises(ValueError, match=r"none of the 5 good image\(s\) to fit on could be read \(first: .*b\d.png: "):
         fit_anomaly(broken, "patchcore", bb, target_false_reject=0.5, holdout_fraction=0.2, use_cache=False)
     with pytest.raises(ValueError, match="has no parameter"):
         fit_anomaly(nominal[:10], "patchcore", bb, target_false_reject=0.5, use_cache=False, coreset=0.1)
@@ -171,7 +193,7 @@ def test_heads_receive_a_stream_not_one_big_tensor(monkeypatch, bb, good_dir):
     monkeypatch.setattr(PatchCore, "fit", spy)
     fit_anomaly(good_dir, "patchcore", bb, target_false_reject=0.2, holdout_fraction=0.2, use_cache=False,
                 chunk_images=10)
-    assert seen == [10, 10, 4]
+    assert seen == [10, 10, 10]  # leave-one-out: all 30 images fit
 
 
 def test_patchcore_on_clip_vit_patch_tokens(tiny_clip, nominal):

@@ -17,6 +17,11 @@ only post-processing code path, used by fit-time calibration, prediction, evalua
 ``image_score`` says where the image score comes from: ``"head"`` (the head's own image score, e.g. PatchCore's
 re-weighted nearest-neighbour distance) or ``"map_max"`` (the maximum of the finished, smoothed map, e.g. PaDiM).
 
+A head whose ``leave_one_out`` is True also has ``score_left_out(inputs, first_index, backbone)``: the scores of
+its own training images (``first_index`` = position of the first one in fit order), each as if the head had been
+fitted without it. Then every good image both fits the head and calibrates its threshold; ``release_fit_data()``
+drops what only those scores needed. Other heads are calibrated on held-out good images.
+
 Persistence is as for classification heads: ``state()`` / ``from_state()``; the generic implementation stores
 every ``*_`` tensor attribute and JSON-able ``*_`` attribute plus the ``__init__`` parameters.
 """
@@ -37,6 +42,7 @@ class AnomalyHead(ABC):
     method: str = ""
     inputs: str = "patches"
     image_score: str = "head"
+    leave_one_out: bool = False
 
     @abstractmethod
     def fit(self, inputs: torch.Tensor | Iterable[torch.Tensor] | None, backbone=None) -> "AnomalyHead":
@@ -54,6 +60,9 @@ class AnomalyHead(ABC):
     def _check_fitted(self) -> None:
         if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):
             raise RuntimeError(f"{type(self).__name__} is not fitted yet: call fit() first")
+
+    def release_fit_data(self) -> None:
+        """Drop what only leave-one-out scores of the training images needed (heads with ``leave_one_out``)."""
 
     def n_trainable_parameters(self) -> int:
         return 0

@@ -33,6 +33,7 @@ class PaDiM(AnomalyHead):
     method = "padim"
     inputs = "patches"
     image_score = "map_max"
+    leave_one_out = True
 
     def __init__(self, n_features: int | None = None, epsilon: float = 0.01, chunk_images: int = 32, seed: int = 0):
         self.n_features = n_features
@@ -70,15 +71,41 @@ class PaDiM(AnomalyHead):
         if n < 2:
             raise ValueError(f"padim needs at least 2 good images to estimate a covariance, got {n}")
         m = (s1 / n).T  # [P, d], mean of the shifted data
-        cov = (s2 - n * m.unsqueeze(2) * m.unsqueeze(1)) / (n - 1)
-        cov += self.epsilon * torch.eye(cov.shape[-1], dtype=cov.dtype)
+        scatter = s2 - n * m.unsqueeze(2) * m.unsqueeze(1)  # sum of (x - mean)(x - mean)^T per position
+        del s2
         self.channel_index_ = idx
         self.mean_ = (shift + m.T).float()  # [d, P]
-        # linalg.inv returns column-major matrices; row-major as a loaded model has them (same BLAS path)
-        self.inv_covariance_ = torch.linalg.inv(cov).float().contiguous()  # [P, d, d]
+        self.inv_covariance_ = _regularised_inverse(scatter, n - 1, self.epsilon)  # [P, d, d]
+        # For leave-one-out scores (not saved): with A = scatter / (n - 2) + eps I, see score_left_out.
+        self._loo_inverse = _regularised_inverse(scatter, n - 2, self.epsilon) if n >= 3 else None
         self.grid_ = list(grid)
         self.n_train_images_ = int(n)
         return self
+
+    # --- leave-one-out scores of the training images (their threshold calibration) --------------------------
+    def score_left_out(self, inputs: torch.Tensor, first_index: int = 0, backbone=None):
+        """Maps of training images, each from the Gaussians fitted without it - exactly, in closed form.
+
+        Without image i (d = x_i - mean, S the scatter of all n images): mean_-i = mean - d / (n - 1) and
+        Sigma_-i = S_-i / (n - 2) + eps I = A - c d d^T with A = S / (n - 2) + eps I, c = n / ((n - 1)(n - 2)),
+        because S_-i = S - n / (n - 1) d d^T. So x_i - mean_-i = n / (n - 1) d and, by Sherman-Morrison,
+        M^2 = (n / (n - 1))^2 q / (1 - c q) with q = d^T A^-1 d: one inverse per position for every image.
+        """
+        self._check_fitted()
+        if getattr(self, "_loo_inverse", None) is None:
+            raise RuntimeError("leave-one-out scores need at least 3 training images and are only available right "
+                               "after fit")
+        n = self.n_train_images_
+        x = torch.as_tensor(inputs).float()
+        delta = (x[:, self.channel_index_].flatten(2) - self.mean_).permute(2, 0, 1).contiguous()  # [P, b, d]
+        q = ((delta @ self._loo_inverse) * delta).sum(-1).double()  # [P, b]
+        c = n / ((n - 1) * (n - 2))
+        dist2 = (n / (n - 1)) ** 2 * q / (1.0 - c * q).clamp_min(1e-12)
+        maps = dist2.clamp_min(0).sqrt().float().T.reshape(len(x), *x.shape[-2:])
+        return maps, maps.flatten(1).amax(1)
+
+    def release_fit_data(self) -> None:
+        self._loo_inverse = None
 
     def score(self, inputs: torch.Tensor, backbone=None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
@@ -90,3 +117,13 @@ class PaDiM(AnomalyHead):
         dist2 = ((delta @ self.inv_covariance_) * delta).sum(-1)  # [P, n]
         maps = dist2.clamp_min(0).sqrt().T.reshape(n, h, w)
         return maps, maps.flatten(1).amax(1) if n else torch.zeros(0)
+
+
+def _regularised_inverse(scatter: torch.Tensor, dof: int, epsilon: float, chunk: int = 64) -> torch.Tensor:
+    """(scatter / dof + eps I)^-1 per position, in float64, returned as row-major float32 (a loaded model's layout,
+    so both run the same BLAS path); inverted ``chunk`` positions at a time to bound the float64 peak."""
+    eye = epsilon * torch.eye(scatter.shape[-1], dtype=scatter.dtype)
+    out = torch.empty(scatter.shape, dtype=torch.float32)
+    for start in range(0, len(scatter), chunk):
+        out[start : start + chunk] = torch.linalg.inv(scatter[start : start + chunk] / dof + eye).float()
+    return out

@@ -84,9 +84,10 @@ def _greedy_coreset(z: torch.Tensor, k: int, generator: torch.Generator) -> torc
 _SEARCH_ELEMENTS = 1 << 24
 
 
-def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
+                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` nearest rows of ``bank`` for each row of ``queries``: (Euclidean distances ascending [n, k],
-    indices [n, k]).
+    indices [n, k]). ``exclude`` (bool [len(bank)]) removes rows from the search.
 
     Squared distances as ``|q|^2 - 2 q.m + |m|^2`` by one matrix product per chunk of queries - what faiss's
     ``IndexFlatL2`` computes for batches of queries - with torch's BLAS, which was about 3x faster than faiss-cpu's
@@ -94,8 +95,10 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[tor
     """
     bank = bank.float().contiguous()
     queries = queries.float()
-    k = min(int(k), len(bank))
+    k = min(int(k), len(bank) - (int(exclude.sum()) if exclude is not None else 0))
     bank_sq = (bank * bank).sum(1)
+    if exclude is not None:
+        bank_sq = bank_sq.masked_fill(exclude, float("inf"))  # never the nearest
     rows = max(1, _SEARCH_ELEMENTS // max(1, len(bank)))
     dists, idxs = [], []
     for start in range(0, len(queries), rows):
@@ -114,6 +117,7 @@ class PatchCore(AnomalyHead):
     method = "patchcore"
     inputs = "patches"
     image_score = "head"
+    leave_one_out = True
 
     def __init__(
         self,
@@ -163,10 +167,12 @@ class PatchCore(AnomalyHead):
         n_patches = n_images = 0
         keep_ratio = min(1.0, self.stream_oversample * self.coreset_ratio)
 
-        def reduce(emb: torch.Tensor) -> torch.Tensor:
+        def reduce(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            emb, source = part
             k = math.ceil(keep_ratio * len(emb))
             z = emb if projection is None else emb @ projection
-            return emb[greedy_coreset(z, k, generator)]
+            keep = greedy_coreset(z, k, generator)
+            return emb[keep], source[keep]
 
         for chunk in iter_chunks(inputs, self.chunk_images):
             if chunk.ndim != 4:
@@ -180,19 +186,25 @@ class PatchCore(AnomalyHead):
             elif chunk.shape[1] != channels or tuple(chunk.shape[-2:]) != grid:
                 raise ValueError(f"patch maps changed shape during fit: {tuple(chunk.shape[1:])} after "
                                  f"{(channels, *grid)}")
-            raw.append(flatten_patches(self._embed(chunk)))
-            n_patches += len(raw[-1])
+            emb = flatten_patches(self._embed(chunk))
+            source = torch.arange(n_images, n_images + len(chunk), dtype=torch.int32).repeat_interleave(
+                chunk.shape[-2] * chunk.shape[-1])  # which training image each patch comes from
+            raw.append((emb, source))
+            n_patches += len(emb)
             n_images += len(chunk)
             if n_images > self.exact_max_images:  # streaming from now on: reduce every chunk as it comes
                 kept += [reduce(r) for r in raw]
                 raw = []
         if n_images == 0:
             raise ValueError("patchcore needs at least one good image to fit")
-        union = torch.cat(kept + raw)
+        union = torch.cat([e for e, _ in kept + raw])
+        sources = torch.cat([s for _, s in kept + raw])
         del kept, raw
         k = max(1, math.ceil(self.coreset_ratio * n_patches))
         z = union if projection is None else union @ projection
-        self.memory_bank_ = union[greedy_coreset(z, k, generator)].contiguous()
+        chosen = greedy_coreset(z, k, generator)
+        self.memory_bank_ = union[chosen].contiguous()
+        self._bank_image = sources[chosen]  # for leave-one-out scores; not saved with the model
         self.grid_ = list(grid)
         self.n_train_images_ = int(n_images)
         self.n_train_patches_ = int(n_patches)
@@ -209,25 +221,54 @@ class PatchCore(AnomalyHead):
                           for m in pooled], 1)
 
     # --- score --------------------------------------------------------------------------------------------------
-    def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, queries: torch.Tensor, k: int,
+                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Euclidean distances [n, k], indices [n, k]) of the ``k`` nearest memory items of each query row."""
-        return nearest_rows(queries, self.memory_bank_, k)
+        return nearest_rows(queries, self.memory_bank_, k, exclude)
 
-    def score(self, inputs: torch.Tensor, backbone=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_input(self, inputs: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
         x = torch.as_tensor(inputs).float()
         if x.ndim != 4 or x.shape[1] != self.memory_bank_.shape[1]:
             raise ValueError(f"patchcore was fitted on {self.memory_bank_.shape[1]}-channel patch maps, got shape "
                              f"{tuple(x.shape)}")
+        return x
+
+    def score(self, inputs: torch.Tensor, backbone=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._check_input(inputs)
         n, _, h, w = x.shape
         if n == 0:
             return torch.zeros(0, h, w), torch.zeros(0)
-        emb = flatten_patches(self._embed(x))
-        dist, nn_idx = self.nearest(emb, 1)
-        patch_scores = dist[:, 0].view(n, h * w)
-        return patch_scores.view(n, h, w), self._reweight(patch_scores, nn_idx[:, 0].view(n, h * w), emb.view(n, h * w, -1))
+        return self._score(flatten_patches(self._embed(x)).view(n, h * w, -1), (h, w))
 
-    def _reweight(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _score(self, emb: torch.Tensor, grid: tuple[int, int],
+               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(emb)
+        dist, nn_idx = self.nearest(emb.reshape(-1, emb.shape[-1]), 1, exclude)
+        patch_scores = dist[:, 0].view(n, -1)
+        return patch_scores.view(n, *grid), self._reweight(patch_scores, nn_idx[:, 0].view(n, -1), emb, exclude)
+
+    # --- leave-one-out scores of the training images (their threshold calibration) --------------------------
+    def score_left_out(self, inputs: torch.Tensor, first_index: int, backbone=None):
+        """Scores of training images ``first_index``, ``first_index + 1``, ... (in fit order), each against the
+        memory bank without the items taken from its own patches."""
+        if getattr(self, "_bank_image", None) is None:
+            raise RuntimeError("leave-one-out scores are only available right after fit")
+        x = self._check_input(inputs)
+        n, _, h, w = x.shape
+        emb = flatten_patches(self._embed(x)).view(n, h * w, -1)
+        maps, scores = [], []
+        for j in range(n):
+            m, s = self._score(emb[j : j + 1], (h, w), exclude=self._bank_image == first_index + j)
+            maps.append(m)
+            scores.append(s)
+        return torch.cat(maps), torch.cat(scores)
+
+    def release_fit_data(self) -> None:
+        self._bank_image = None
+
+    def _reweight(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, emb: torch.Tensor,
+                  exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 7 for every image (rows of ``patch_scores``)."""
         rows = torch.arange(len(patch_scores))
         best = patch_scores.argmax(dim=1)
@@ -237,7 +278,7 @@ class PatchCore(AnomalyHead):
         m_test = emb[rows, best]  # [n, C]
         m_star_idx = nn_idx[rows, best]  # [n]
         bank = self.memory_bank_.float()
-        _, support = self.nearest(bank[m_star_idx], self.num_neighbors)
+        _, support = self.nearest(bank[m_star_idx], self.num_neighbors, exclude)
         # m* first, then its other nearest memory items (m* may not come first when the bank holds duplicates).
         others = [row[row != i][: support.shape[1] - 1] for row, i in zip(support, m_star_idx)]
         neighbourhood = torch.stack([torch.cat([i.view(1), o]) for i, o in zip(m_star_idx, others)])

@@ -7,7 +7,8 @@ initialised, trained on good images only to reproduce the teacher's feature pyra
 With ``F_t^l, F_s^l`` the level-l feature maps and ``^`` the L2 normalisation along channels (the paper's section 3):
 
 * ``l^l(i, j) = 0.5 * || F^_t^l(i, j) - F^_s^l(i, j) ||^2``
-* training loss: ``sum_l (1 / (h_l w_l)) sum_ij l^l(i, j)`` (averaged over the batch; all level weights 1);
+* training loss: ``sum_l (1 / (h_l w_l)) sum_ij l^l(i, j)``, summed over the images of a batch as in the reference
+  implementations (all level weights 1);
 * anomaly map: the per-level maps ``l^l`` upsampled bilinearly and multiplied over levels (``aggregation="sum"``
   adds them instead); image score: the mean of the ``top_k`` largest map values (1 = the maximum, as the paper).
 
@@ -67,8 +68,10 @@ def level_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Ten
 
 
 def stpm_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over levels of the mean (over positions and images) of the level distance maps."""
-    return sum(d.mean() for d in level_distances(teacher, student))
+    """Sum over levels and over the images of the batch of the mean over positions of the level distance maps:
+    ``sum_l sum_k (1 / (h_l w_l)) sum_ij l^l_k(i, j)``. Summed over the batch, as the reference implementations do
+    (their SGD learning rate of 0.4 assumes it; a batch mean trains 1 / batch_size as fast)."""
+    return sum(d.flatten(1).mean(1).sum() for d in level_distances(teacher, student))
 
 
 @register
@@ -174,8 +177,8 @@ class StpmHead(AnomalyHead):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(idx)
-            self.loss_history_.append(total / n)
+                total += float(loss.detach())
+            self.loss_history_.append(total / n)  # per image
         self._student = student.eval()
         return self
 

@@ -92,14 +92,16 @@ def register(app: typer.Typer) -> None:
         target_false_reject: float = typer.Option(0.01, "--target-false-reject", min=0.0, max=1.0,
                                                   help="false-reject rate on good images the threshold guarantees"),
         holdout_fraction: float = typer.Option(0.2, "--holdout-fraction", min=0.0, max=1.0,
-                                               help="share of good images held out to set the threshold"),
+                                               help="share of good images held out to set the threshold, for "
+                                                    "methods without leave-one-out scores (ae, vae, stpm, winclip)"),
         param: List[str] = typer.Option([], "--param", help="method parameter NAME=VALUE (repeatable)"),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(..., "-o", "--out", help="model file to write (.fvm)"),
         cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
         no_cache: bool = typer.Option(False, "--no-cache"),
     ) -> None:
-        """Fit an anomaly model on good images and calibrate its threshold on held-out good images."""
+        """Fit an anomaly model on good images and set its threshold from good images alone (leave-one-out for
+        patchcore and padim, so every image both fits and calibrates)."""
         from ..modelfile import MODEL_SUFFIX, save_model
         from ..tasks.anomaly import fit_anomaly
 
@@ -111,8 +113,10 @@ def register(app: typer.Typer) -> None:
                             use_cache=not no_cache, progress=True, **_params(param))
         save_model(out, model)
         d = model.decision
-        typer.echo(f"{method} on {model.info['n_fit_images']} good images; threshold {d['threshold']:.6g} for a "
-                   f"false-reject rate <= {d['target_false_reject']:g} ({d['n_calibration']} held-out good images)")
+        if d.get("target_note"):
+            info(f"note: {d['target_note']}")
+        typer.echo(f"{method} on {model.info['n_fit_images']} good images; threshold {d['threshold']:.6g}, "
+                   f"{d['guarantee']}")
         for s in model.info.get("skipped", []):
             info(f"skipped {s}")
         info(f"wrote {out}")

@@ -37,6 +37,24 @@ def min_calibration_size(alpha: float) -> int:
     return n
 
 
+def tightest_target(n: int) -> float:
+    """The smallest false-reject rate ``n`` calibration scores support: 1 / (n + 1) (the largest score)."""
+    if n < 1:
+        raise ThresholdError("no calibration scores: at least one good image must calibrate the threshold")
+    return 1.0 / (n + 1)
+
+
+def supported_target(alpha: float, n: int) -> tuple[float, str | None]:
+    """(the target to use, None) when ``n`` scores support ``alpha``; else (the tightest they support, a sentence
+    saying so)."""
+    _check_alpha(alpha)
+    if conformal_rank(n, alpha) <= n:
+        return float(alpha), None
+    tightest = tightest_target(n)
+    return tightest, (f"a false-reject rate of {alpha:g} needs at least {min_calibration_size(alpha)} calibration "
+                      f"images; {n} support at best {tightest:.3g}, so the threshold is set for that")
+
+
 def _check_alpha(alpha: float) -> None:
     if not 0 < alpha < 1:
         raise ThresholdError(f"the target false-reject rate must be in (0, 1), got {alpha}")
@@ -130,4 +148,4 @@ def recall_threshold(scores, is_defect, recall: float) -> float:
 
 
 __all__ = ["ThresholdError", "conformal_threshold", "min_calibration_size", "f1_threshold", "recall_threshold",
-           "check_not_all_flagged", "conformal_rank"]
+           "check_not_all_flagged", "conformal_rank", "supported_target", "tightest_target"]

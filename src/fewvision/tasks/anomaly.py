@@ -5,8 +5,9 @@
 >>> result = score_files(model, ["incoming/"])
 >>> result.rows[0]["score"], result.rows[0]["is_anomalous"]
 
-``fit_anomaly`` fits the head on part of the good images and sets the threshold on the held-out rest with the
-split-conformal rule (:mod:`fewvision.decide.threshold`), so the false-reject rate on new good images is at most
+``fit_anomaly`` fits the head on the good images and sets the threshold from good images alone with the conformal
+rule (:mod:`fewvision.decide.threshold`): from leave-one-out scores of every good image for heads that can compute
+them (PatchCore, PaDiM), else from a held-out share, so the false-reject rate on new good images is at most
 ``target_false_reject`` (for images exchangeable with the given ones). Every score - calibration, prediction,
 evaluation, a saved and re-loaded model - goes through :func:`_score_chunks`, which calls
 :func:`fewvision.anomaly.postprocess.finish`, the only post-processing path.
@@ -30,7 +31,7 @@ from ..anomaly.base import AnomalyHead
 from ..anomaly.postprocess import DEFAULT_SIGMA, finish, mask_view
 from ..backbones import create_backbone
 from ..backbones.base import Backbone
-from ..decide.threshold import ThresholdError, conformal_threshold, f1_threshold, min_calibration_size, recall_threshold
+from ..decide.threshold import ThresholdError, conformal_threshold, f1_threshold, recall_threshold, supported_target
 from ..features.cache import open_cache
 from ..features.encode import PATCH, encode_files
 from ..io.datasets import GOOD, Dataset, DatasetError, load_dataset
@@ -117,13 +118,16 @@ def _chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, 
 
 
 def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, *, size: tuple[int, int],
-                  sigma: float, chunk_images: int, batch_size: int, rec: _Recorder,
-                  progress: bool) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """(paths, finished maps [n, H, W], image scores [n]) per chunk: the one scoring path."""
+                  sigma: float, chunk_images: int, batch_size: int, rec: _Recorder, progress: bool,
+                  left_out: bool = False) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """(paths, finished maps [n, H, W], image scores [n]) per chunk: the one scoring path. ``left_out``: ``paths``
+    are the head's training images in fit order, each scored as if the head had been fitted without it."""
+    done = 0
     for ok, inputs in _chunks(head, backbone, paths, cache, chunk_images, batch_size, rec, progress):
         with torch.inference_mode():
-            raw, scores = head.score(inputs, backbone)
+            raw, scores = (head.score_left_out(inputs, done, backbone) if left_out else head.score(inputs, backbone))
             maps, scores = finish(head, raw, scores, size, sigma)
+        done += len(ok)
         yield ok, maps, scores
 
 
@@ -147,8 +151,19 @@ def _head(method: str, seed: int, params: dict) -> AnomalyHead:
 def _split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    n_hold = int(round(n * holdout_fraction))
+    n_hold = min(n - 1, max(1, int(round(n * holdout_fraction))))
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+MIN_LEAVE_ONE_OUT_IMAGES = 3  # PaDiM's leave-one-out covariance needs n - 2 >= 1
+
+
+def guarantee(decision: dict) -> str:
+    """One sentence on what a model's threshold promises."""
+    n, target = decision["n_calibration"], decision["target_false_reject"]
+    how = ("each scored by the model fitted without it" if decision.get("calibration") == "leave-one-out conformal"
+           else "held out from fitting")
+    return f"set on {n} good images ({how}) so that at most {target:.3g} of good parts are rejected"
 
 
 def fit_anomaly(
@@ -168,11 +183,14 @@ def fit_anomaly(
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
     **params: Any,
 ) -> FewVisionModel:
-    """Fit ``method`` on good images (files and/or folders) and calibrate its threshold on held-out good images.
+    """Fit ``method`` on good images (files and/or folders) and set its threshold from good images alone.
 
-    ``holdout_fraction`` of the good images (seeded) are not used for fitting; their scores set the threshold for
-    a false-reject rate of ``target_false_reject`` (split conformal). Raises ``ValueError`` (``ThresholdError``)
-    before any feature is computed when too few images would be held out for that rate.
+    Heads that can score their own training images leave-one-out (PatchCore: against the memory bank without the
+    image's own patches; PaDiM: exactly, from the Gaussians without the image) fit on *every* good image, and
+    those leave-one-out scores set the conformal threshold, so every image both fits and calibrates. Other heads
+    hold out ``holdout_fraction`` of the images (seeded) for split-conformal calibration. The threshold is the
+    ``ceil((n + 1)(1 - target))``-th smallest calibration score; when ``n`` scores cannot support the target, the
+    tightest target they support (1 / (n + 1)) is used and ``decision['target_note']`` says so.
     """
     if isinstance(good, (str, os.PathLike)):
         good = [good]
@@ -181,24 +199,24 @@ def fit_anomaly(
         raise ValueError(f"no good images found in {', '.join(map(str, good)) or '(nothing given)'}")
     if not 0 < holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    fit_idx, hold_idx = _split(len(paths), holdout_fraction, seed)
-    need = min_calibration_size(target_false_reject)
-    if len(hold_idx) < need:
-        raise ThresholdError(
-            f"a false-reject rate of {target_false_reject:g} needs at least {need} held-out good images for the "
-            f"conformal guarantee, but holding out {holdout_fraction:g} of {len(paths)} good images gives "
-            f"{len(hold_idx)}: supply at least {int(np.ceil(need / holdout_fraction))} good images, raise the "
-            f"hold-out fraction, or raise the target false-reject rate"
-        )
-    if len(fit_idx) == 0:
-        raise ValueError(f"no good images left to fit on after holding out {len(hold_idx)} of {len(paths)}")
-    bb = _as_backbone(backbone, cache_dir, weights)
+    if not 0 < target_false_reject < 1:
+        raise ThresholdError(f"the target false-reject rate must be in (0, 1), got {target_false_reject}")
     head = _head(method, seed, dict(params))
+    left_out = bool(getattr(head, "leave_one_out", False))
+    if left_out:
+        if len(paths) < MIN_LEAVE_ONE_OUT_IMAGES:
+            raise ValueError(f"{method} needs at least {MIN_LEAVE_ONE_OUT_IMAGES} good images, got {len(paths)}")
+        fit_paths, hold_paths = paths, []
+    else:
+        if len(paths) < 2:
+            raise ValueError(f"{method} needs at least 2 good images (one to fit, one to set the threshold)")
+        fit_idx, hold_idx = _split(len(paths), holdout_fraction, seed)
+        fit_paths, hold_paths = [paths[i] for i in fit_idx], [paths[i] for i in hold_idx]
+    bb = _as_backbone(backbone, cache_dir, weights)
     cache = open_cache(bb.id, cache_dir, enabled=use_cache)
     size = tuple(int(v) for v in bb.input_size)
 
     fit_rec = _Recorder()
-    fit_paths = [paths[i] for i in fit_idx]
     if head.inputs == "patches":
         def stream():
             for _, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress):
@@ -217,31 +235,42 @@ def fit_anomaly(
 
     cal_rec = _Recorder()
     cal_scores, low, high = [], [], []
-    for _, maps, scores in _score_chunks(head, bb, [paths[i] for i in hold_idx], cache, size=size, sigma=sigma,
+    cal_paths = list(fit_rec.used) if left_out else hold_paths  # fit order, as score_left_out expects
+    for _, maps, scores in _score_chunks(head, bb, cal_paths, cache, size=size, sigma=sigma,
                                          chunk_images=chunk_images, batch_size=batch_size, rec=cal_rec,
-                                         progress=progress):
+                                         progress=progress, left_out=left_out):
         cal_scores.append(scores.double().numpy())
         flat = maps.flatten(1)
         low.append(flat.median(dim=1).values.numpy())
         high.append(flat.amax(dim=1).numpy())
+    if left_out:
+        head.release_fit_data()
     cal = np.concatenate(cal_scores) if cal_scores else np.zeros(0)
-    threshold = conformal_threshold(cal, target_false_reject)
+    if len(cal) == 0:
+        raise ValueError(f"none of the {len(cal_paths)} held-out good image(s) could be read to set the threshold")
+    target, note = supported_target(target_false_reject, len(cal))
+    threshold = conformal_threshold(cal, target)
     map_low = float(np.median(np.concatenate(low)))
     map_high = float(np.max(np.concatenate(high)))
     decision = {
         "threshold": threshold,
         "rule": "score > threshold",
-        "calibration": "split-conformal",
-        "target_false_reject": float(target_false_reject),
+        "calibration": "leave-one-out conformal" if left_out else "split conformal",
+        "target_false_reject": float(target),
+        "requested_false_reject": float(target_false_reject),
         "n_calibration": int(len(cal)),
         "calibration_scores": sorted(float(v) for v in cal),
-        "holdout_fraction": float(holdout_fraction),
         "sigma": float(sigma),
         "map_size": list(size),
         # Heat-map colour range: the median good pixel maps to the bottom, twice the hottest good pixel's excess to
         # the top, so good images stay in the lower half of the colour map.
         "heatmap_range": [map_low, map_low + 2.0 * max(map_high - map_low, 1e-12)],
     }
+    if not left_out:
+        decision["holdout_fraction"] = float(holdout_fraction)
+    if note:
+        decision["target_note"] = note
+    decision["guarantee"] = guarantee(decision)
     info = {
         "method": method,
         "seed": int(seed),
@@ -260,12 +289,18 @@ def _none_readable(paths: Sequence[str], rec: _Recorder) -> str:
 
 
 def rethreshold(model: FewVisionModel, target_false_reject: float) -> FewVisionModel:
-    """A new conformal threshold from the stored held-out good scores (no refit)."""
+    """A new conformal threshold from the stored calibration scores of good images (no refit)."""
     cal = model.decision.get("calibration_scores")
     if not cal:
-        raise ThresholdError("this model stores no held-out good scores to recalibrate from")
-    model.decision = {**model.decision, "threshold": conformal_threshold(cal, target_false_reject),
-                      "target_false_reject": float(target_false_reject)}
+        raise ThresholdError("this model stores no calibration scores of good images to set a threshold from")
+    target, note = supported_target(target_false_reject, len(cal))
+    decision = {k: v for k, v in model.decision.items() if k != "target_note"}
+    decision.update({"threshold": conformal_threshold(cal, target), "target_false_reject": float(target),
+                     "requested_false_reject": float(target_false_reject)})
+    if note:
+        decision["target_note"] = note
+    decision["guarantee"] = guarantee(decision)
+    model.decision = decision
     return model
 
 
