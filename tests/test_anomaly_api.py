@@ -82,8 +82,9 @@ def test_leave_one_out_scores_equal_a_refit_without_the_image(bb, nominal, metho
     for j, i in enumerate(range(3, 6)):
         others = torch.cat([x[:i], x[i + 1:]])
         refit_maps, refit_scores = create_anomaly_head(method, **params).fit(others).score(x[i : i + 1])
-        torch.testing.assert_close(maps[j : j + 1], refit_maps, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(scores[j : j + 1], refit_scores, rtol=1e-4, atol=1e-4)
+        # float32 covariances with 12 images are ill-conditioned (eigenvalues down to eps = 0.01): 1e-3 relative
+        torch.testing.assert_close(maps[j : j + 1], refit_maps, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(scores[j : j + 1], refit_scores, rtol=1e-3, atol=1e-4)
     # and they are not the in-sample scores, which see the image itself
     assert (head.score(x[3:6])[1] < scores).all()
 
@@ -203,3 +204,20 @@ def test_patchcore_on_clip_vit_patch_tokens(tiny_clip, nominal):
     assert grid == [4, 4]  # 64 px / patch 16: the ViT's patch tokens
     res = score_files(model, nominal[200:203], use_cache=False)
     assert res.maps.shape == (3, 64, 64) and np.isfinite(res.scores).all()
+
+
+def test_padim_on_a_cnn_fits_the_papers_layers_and_predicts_with_them(tmp_path, nominal):
+    from fewvision.backbones import create_backbone
+
+    cnn = create_backbone("timm:resnet18@random")
+    model = fit_anomaly(nominal[:5], "padim", cnn, target_false_reject=0.25, cache_dir=str(tmp_path))
+    head = model.head
+    assert head.feature_layers_ == [1, 2, 3] and head.grid_ == [56, 56]  # layer1's grid at 224 px
+    assert head.channel_index_.numel() == 100  # of 64 + 128 + 256 = 448, as the paper's ResNet-18
+    loaded = load(save_model(tmp_path / "padim.fvm", model)).bind(cnn)
+    assert loaded.head.feature_layers_ == [1, 2, 3]
+    a = score_files(model, nominal[10:12], cache_dir=str(tmp_path))
+    b = score_files(loaded, nominal[10:12], cache_dir=str(tmp_path))
+    assert np.array_equal(a.scores, b.scores)
+    layers23 = fit_anomaly(nominal[:5], "padim", cnn, target_false_reject=0.25, cache_dir=str(tmp_path), layers="2,3")
+    assert layers23.head.grid_ == [28, 28] and layers23.head.feature_layers_ == [2, 3]

@@ -331,7 +331,7 @@ def test_patchcore_pools_each_layer_on_its_own_grid_then_upsamples():
     fine, coarse = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 6, 4, 4, generator=g)
 
     class TwoLayers:
-        def patch_layout(self):
+        def patch_layout(self, layers=None):
             return [(4, 8, 8), (6, 4, 4)]
 
     head = PatchCore(coreset_ratio=1.0).fit(pack_layers([fine, coarse]), TwoLayers())

@@ -13,7 +13,7 @@ from fewvision.anomaly.autoencoder import (
     gaussian_window,
     ssim_map,
 )
-from fewvision.anomaly.stpm import StpmHead, level_distances
+from fewvision.anomaly.stpm import StpmHead, level_distances, stpm_loss
 from fewvision.backbones import create_backbone
 from fewvision.backbones.base import BackboneError
 from fewvision.io.images import load_image
@@ -159,11 +159,44 @@ def test_autoencoder_rejects_sizes_the_network_cannot_halve(pixels):
 
 
 # --- STPM -----------------------------------------------------------------------------------------------------------
+def test_stpm_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]
+    student = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]
+    expected = 0.0
+    for t, s in zip(teacher, student):
+        _, _, h, w = t.shape
+        for b in range(2):  # summed over the images of the batch, as the reference implementations
+            for i in range(h):
+                for j in range(w):
+                    tv, sv = t[b, :, i, j], s[b, :, i, j]
+                    expected += 0.5 * float(((tv / tv.norm() - sv / sv.norm()) ** 2).sum()) / (h * w)
+    assert float(stpm_loss(teacher, student)) == pytest.approx(expected, rel=1e-5)
+
+
 def test_stpm_student_learns_the_teacher(stpm):
     history = stpm.loss_history_
     assert len(history) == 4
-    # Measured 1.58 -> 1.18 after 4 epochs (SGD lr 0.4, 8 images, 64 px); required: a 15% drop.
-    assert history[-1] < 0.85 * history[0]
+    # Measured 1.57 -> 0.68 per image after 4 epochs (SGD lr 0.4, 8 images, 64 px, the loss summed over the batch;
+    # 1.58 -> 1.18 with the batch mean it used to take); required: a 40% drop.
+    assert history[-1] < 0.6 * history[0]
+
+
+def test_trained_stpm_localises_a_pasted_defect_better_than_an_untrained_student(stpm, resnet, pixels, with_blob):
+    from sklearn.metrics import roc_auc_score
+
+    untrained = StpmHead(image_size=64, epochs=0, batch_size=4, seed=0).fit(pixels[:8], resnet)
+    mask = torch.zeros(224, 224, dtype=torch.bool)
+    mask[BLOB] = True
+
+    def pixel_auroc(head):
+        maps, _ = head.score(with_blob, resnet)
+        up = torch.nn.functional.interpolate(maps[:, None], size=(224, 224), mode="bilinear")[:, 0]
+        return roc_auc_score(mask.expand(len(up), -1, -1).flatten().numpy(), up.flatten().numpy())
+
+    trained, random_student = pixel_auroc(stpm), pixel_auroc(untrained)
+    # Measured 0.980 trained against 0.941 untrained (a random teacher, 4 epochs on 8 images).
+    assert trained > random_student + 0.02
 
 
 def test_stpm_map_is_the_product_of_level_distances(stpm, resnet, pixels):

@@ -110,6 +110,32 @@ def test_timm_random_patch_features():
     assert bb.patch_layout() == [(128, 28, 28), (256, 14, 14)]
 
 
+def test_timm_layers_are_selectable_per_request():
+    bb = create_backbone("timm:resnet18@random")
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        expected = bb.model.forward_intermediates(pixels, indices=[1, 2, 3], intermediates_only=True, stop_early=True)
+    assert bb.patch_layout([1, 2, 3]) == [(64, 56, 56), (128, 28, 28), (256, 14, 14)]
+    layers = unpack_layers(bb.patch_features(pixels, layers=(1, 2, 3)), bb.patch_layout([1, 2, 3]))
+    for got, want in zip(layers, expected):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert bb.patch_layout() == [(128, 28, 28), (256, 14, 14)]  # the default stages are unchanged
+    with pytest.raises(BackboneError, match="layers must be increasing stage numbers in 0..4"):
+        bb.patch_features(pixels, layers=(3, 7))
+
+
+def test_anomaly_heads_take_their_papers_layers_on_a_cnn_and_none_elsewhere():
+    from fewvision.anomaly.padim import PaDiM
+    from fewvision.anomaly.patchcore import PatchCore
+
+    cnn, texture = create_backbone("timm:resnet18@random"), create_backbone("texture")
+    assert PaDiM().feature_layers(cnn) == [1, 2, 3] and PatchCore().feature_layers(cnn) == [2, 3]
+    assert PaDiM(layers="2,3").feature_layers(cnn) == [2, 3]  # as --param layers=2,3 gives it
+    assert PaDiM().feature_layers(texture) is None
+    with pytest.raises(BackboneError, match="no selectable layers"):
+        PaDiM(layers=[1, 2]).feature_layers(texture)
+
+
 def test_timm_patch_features_are_the_unfused_stage_maps_packed_losslessly(monkeypatch):
     # The fused, channels-last FX graph must compute what the model's own forward_intermediates computes.
     bb = create_backbone("timm:resnet18@random")

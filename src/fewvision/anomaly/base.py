@@ -29,10 +29,11 @@ every ``*_`` tensor attribute and JSON-able ``*_`` attribute plus the ``__init__
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from ..backbones.base import BackboneError
 from ..heads.base import ClassifierHead
 
 IMAGE_SCORE_SOURCES = ("head", "map_max")
@@ -78,3 +79,19 @@ def iter_chunks(inputs: torch.Tensor | Iterable[torch.Tensor], chunk: int = 32) 
         part = torch.as_tensor(part)
         if len(part):
             yield part.float()
+
+
+def selected_layers(layers, backbone, paper: Sequence[int]) -> list[int] | None:
+    """The stages a head asks a backbone for: its ``layers`` parameter, else ``paper`` when the backbone has
+    selectable stages, else None (the backbone's own patch features)."""
+    if layers is not None:
+        if not getattr(backbone, "selectable_layers", False):
+            raise BackboneError(f"backbone '{getattr(backbone, 'spec', backbone)}' has no selectable layers; "
+                                "layers=... applies to timm CNN backbones")
+        if isinstance(layers, str):  # --param layers=1,2,3
+            layers = layers.split(",")
+        try:
+            return [int(v) for v in ([layers] if isinstance(layers, int) else layers)]
+        except (TypeError, ValueError):
+            raise ValueError(f"layers must be stage numbers such as 1,2,3, got {layers!r}") from None
+    return list(paper) if getattr(backbone, "selectable_layers", False) else None

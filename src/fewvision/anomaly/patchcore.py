@@ -1,7 +1,7 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
 
 * Locally aware patch features (Eq. 1-2, p = 3): the backbone's mid-level feature maps (``patch_features``; for a
-  timm CNN the stages in ``feature_layers``, default 2 and 3). Each layer's map is averaged over every position's
+  timm CNN the stages in ``layers``, default 2 and 3 as in the paper). Each layer's map is averaged over every position's
   ``p x p`` neighbourhood on its own grid, then up-sampled bilinearly to the first layer's grid and concatenated,
   as the reference implementation and anomalib do (the backbone's layer layout is recorded at fit time).
 * Memory bank: greedy k-center coreset (Alg. 1; Sener & Savarese 2018) of all training patches, distances taken on
@@ -9,7 +9,9 @@
 * Anomaly map: distance of each test patch to its nearest memory item (exact search, :func:`nearest_rows`).
 * Image score (Eq. 6-7): ``s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*`` with
   ``s*`` the largest patch distance, ``m_test*`` that patch, ``m*`` its nearest memory item and ``N_b(m*)`` the
-  ``num_neighbors`` nearest memory items of ``m*`` (``m*`` itself included, as in the reference code).
+  ``num_neighbors`` nearest memory items of ``m*`` (``m*`` itself included, as anomalib does). This is the paper's
+  equation; the reference code (amazon-science/patchcore-inspection) scores an image by the plain maximum ``s*``
+  instead (``num_neighbors=1`` here).
 
 Streaming fit with bounded memory: up to ``exact_max_images`` images the patches are kept and one greedy k-center
 runs over all of them (the paper's algorithm, exactly). Beyond that, the training patches of each chunk of
@@ -23,14 +25,16 @@ k-center over the union selects ``ceil(coreset_ratio * all patches)`` memory ite
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..backbones.base import unpack_layers
 from . import register
-from .base import AnomalyHead, iter_chunks
+from .base import AnomalyHead, iter_chunks, selected_layers
+
+PAPER_LAYERS = (2, 3)  # the paper's layer2 + layer3 of a ResNet
 
 
 def aggregate_neighbourhood(maps: torch.Tensor, pool_size: int) -> torch.Tensor:
@@ -128,6 +132,7 @@ class PatchCore(AnomalyHead):
         stream_oversample: float = 2.0,
         chunk_images: int = 32,
         exact_max_images: int = 96,
+        layers: Sequence[int] | None = None,
         seed: int = 0,
     ):
         self.coreset_ratio = coreset_ratio
@@ -137,7 +142,13 @@ class PatchCore(AnomalyHead):
         self.stream_oversample = stream_oversample
         self.chunk_images = chunk_images
         self.exact_max_images = exact_max_images
+        self.layers = layers
         self.seed = seed
+
+    def feature_layers(self, backbone) -> list[int] | None:
+        """The CNN stages whose maps are combined: ``layers``, else the paper's 2 and 3 on a backbone with
+        selectable stages (timm CNNs), else the backbone's own patch features (None)."""
+        return selected_layers(self.layers, backbone, PAPER_LAYERS)
 
     # --- fit ----------------------------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -159,6 +170,7 @@ class PatchCore(AnomalyHead):
 
     def fit(self, inputs: torch.Tensor | Iterable[torch.Tensor], backbone=None) -> "PatchCore":
         self._check_params()
+        self.feature_layers_ = self.feature_layers(backbone)
         generator = torch.Generator().manual_seed(int(self.seed))
         projection = None
         channels = grid = None
@@ -179,7 +191,7 @@ class PatchCore(AnomalyHead):
                 raise ValueError(f"patchcore expects patch maps [N, C, h, w], got shape {tuple(chunk.shape)}")
             if channels is None:
                 channels, grid = chunk.shape[1], tuple(chunk.shape[-2:])
-                layout = backbone.patch_layout() if backbone is not None else None
+                layout = backbone.patch_layout(self.feature_layers_) if backbone is not None else None
                 self.layers_ = [list(map(int, layer)) for layer in (layout or [(channels, *grid)])]
                 unpack_layers(chunk[:1], self.layers_)  # checks the layout fits these maps
                 projection = self._projection(channels, generator)

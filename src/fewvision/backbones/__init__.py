@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from ..defaults import DEFAULT_CLIP_SPEC
 from .base import Backbone, BackboneError, WeightsUnavailable
-
-DEFAULT_CLIP_SPEC = "openclip:ViT-B-32/laion2b_s34b_b79k"
 
 
 def _openclip(spec: str, **kw) -> Backbone:

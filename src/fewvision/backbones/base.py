@@ -77,7 +77,10 @@ class Backbone(ABC):
         """Preprocessed batch -> patch features [B, D, h, w] for the anomaly heads (not normalised)."""
         raise BackboneError(f"backbone '{self.spec}' does not provide patch features")
 
-    def patch_layout(self) -> list[tuple[int, int, int]] | None:
+    #: True when ``patch_features`` / ``patch_layout`` take ``layers`` (the CNN stages to pack).
+    selectable_layers: bool = False
+
+    def patch_layout(self, layers=None) -> list[tuple[int, int, int]] | None:
         """(channels, h, w) of each layer packed into ``patch_features`` (see :func:`pack_layers`), or None when
         the patch features are a single map."""
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -56,12 +57,15 @@ class TimmBackbone(Backbone):
         self.feature_layers = tuple(feature_layers)
         self._device = torch.device(device)
         weights = file_digest(weight_file) if weight_file is not None else digest_state_dict(self.model)
-        # "packed-nearest": how patch_features combines the layers (part of what the feature cache holds)
-        self._id = make_id("timm", f"{name}:{weights}", [repr(self._preprocess), self.feature_layers, "packed-nearest"])
-        self._layout = None
-        # Built now, not on first use: FX tracing patches torch globally, which breaks any torch module that
-        # another thread runs meanwhile.
-        self._stage_net = _fused_stage_net(self.model, self.feature_layers) or self._intermediates
+        # "packed-nearest": how patch_features combines the layers (part of what the feature cache holds); the
+        # layers themselves are in the feature kind ("patch:1,2,3") when a head asks for other ones.
+        self._id = make_id("timm", f"{name}:{weights}",
+                           [repr(self._preprocess), self.feature_layers, "packed-nearest", "layers-in-kind"])
+        self._layouts: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+        # The default stages' graph is built now, not on first use: FX tracing patches torch globally, which breaks
+        # any torch module another thread runs meanwhile (other stages are traced on first use, in the caller's
+        # thread, before any encoding of theirs starts).
+        self._stage_nets = {self.feature_layers: self._stage_net(self.feature_layers)}
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -70,26 +74,42 @@ class TimmBackbone(Backbone):
     def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels.to(self._device))
 
-    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Feature maps of the stages in ``feature_layers``, packed into one tensor by :func:`pack_layers` (each
-        map repeated onto the first one's grid, so heads can recover every layer exactly)."""
+    selectable_layers = True
+
+    def _stages(self, layers) -> tuple[int, ...]:
+        layers = self.feature_layers if layers is None else tuple(int(v) for v in layers)
+        levels = len(self.model.feature_info)
+        if not layers or any(not 0 <= v < levels for v in layers) or list(layers) != sorted(set(layers)):
+            raise BackboneError(f"backbone '{self.spec}': layers must be increasing stage numbers in 0..{levels - 1}, "
+                                f"got {list(layers)}")
+        if layers not in self._stage_nets:
+            self._stage_nets[layers] = self._stage_net(layers)
+        return layers
+
+    def _stage_net(self, layers: tuple[int, ...]):
+        return _fused_stage_net(self.model, layers) or functools.partial(self._intermediates, layers=layers)
+
+    def patch_features(self, pixels: torch.Tensor, layers=None) -> torch.Tensor:
+        """Feature maps of the stages ``layers`` (default ``feature_layers``), packed into one tensor by
+        :func:`pack_layers` (each map repeated onto the first one's grid, so heads can recover every layer
+        exactly)."""
+        net = self._stage_nets[self._stages(layers)]
         with torch.inference_mode():
-            maps = self._stage_net(pixels.to(self._device).contiguous(memory_format=torch.channels_last))
+            maps = net(pixels.to(self._device).contiguous(memory_format=torch.channels_last))
         return pack_layers([m.float().contiguous() for m in maps])
 
-    def patch_layout(self) -> list[tuple[int, int, int]]:
-        if self._layout is None:
+    def patch_layout(self, layers=None) -> list[tuple[int, int, int]]:
+        layers = self._stages(layers)
+        if layers not in self._layouts:
             with torch.inference_mode():
-                maps = self._stage_net(torch.zeros(1, 3, *self.input_size, device=self._device))
-            self._layout = [tuple(int(v) for v in m.shape[1:]) for m in maps]
-        return list(self._layout)
+                maps = self._stage_nets[layers](torch.zeros(1, 3, *self.input_size, device=self._device))
+            self._layouts[layers] = [tuple(int(v) for v in m.shape[1:]) for m in maps]
+        return list(self._layouts[layers])
 
-    def _intermediates(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+    def _intermediates(self, pixels: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
         if not hasattr(self.model, "forward_intermediates"):
             raise BackboneError(f"timm model '{self.spec}' does not expose intermediate feature maps")
-        return self.model.forward_intermediates(
-            pixels, indices=list(self.feature_layers), intermediates_only=True, stop_early=True
-        )
+        return self.model.forward_intermediates(pixels, indices=list(layers), intermediates_only=True, stop_early=True)
 
 
 def _fused_stage_net(model: torch.nn.Module, indices: tuple[int, ...]):

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from ..defaults import DEFAULT_ANOMALY_BACKBONE
 from ..io.atomic import atomic_open
 
 ANOMALY_BACKBONE_HELP = ("backbone spec: timm:NAME (hub weights) | timm:NAME@PATH | timm:NAME@random | texture "
@@ -87,7 +88,7 @@ def register(app: typer.Typer) -> None:
     def fit(
         good: List[Path] = typer.Argument(..., help="folder(s) and/or files of good images"),
         method: str = typer.Option("patchcore", "--method", help="patchcore | padim (or another registered method)"),
-        backbone: str = typer.Option("timm:wide_resnet50_2", "--backbone", help=ANOMALY_BACKBONE_HELP),
+        backbone: str = typer.Option(DEFAULT_ANOMALY_BACKBONE, "--backbone", help=ANOMALY_BACKBONE_HELP),
         weights: Optional[str] = typer.Option(None, "--weights", help="local weights file for the backbone"),
         target_false_reject: float = typer.Option(0.01, "--target-false-reject", min=0.0, max=1.0,
                                                   help="false-reject rate on good images the threshold guarantees"),

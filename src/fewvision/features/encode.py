@@ -7,6 +7,7 @@ the cache in one transaction. Files that cannot be read are skipped with their r
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,24 @@ BASE_VIEW = "base"
 GLOBAL = "global"
 PATCH = "patch"
 PRE_PROJECTION = "preproj"  # image features before CLIP's last visual projection (ProLIP)
-# Feature kinds and the backbone method that computes each (the kind is part of the cache key).
+# Feature kinds and the backbone method that computes each (the kind is part of the cache key). A patch kind may
+# name the CNN stages it packs: "patch:1,2,3" (see patch_kind).
 ENCODERS = {GLOBAL: "encode_images", PATCH: "patch_features", PRE_PROJECTION: "encode_pre_projection"}
+
+
+def patch_kind(layers=None) -> str:
+    """The feature kind of patch maps from the CNN stages ``layers`` (None: the backbone's own choice)."""
+    return PATCH if not layers else f"{PATCH}:{','.join(str(int(v)) for v in layers)}"
+
+
+def _encoder(backbone: Backbone, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    base, _, layers = kind.partition(":")
+    if base not in ENCODERS or (layers and base != PATCH):
+        raise ValueError(f"unknown feature kind '{kind}': expected one of {', '.join(ENCODERS)}")
+    encode = getattr(backbone, ENCODERS[base])
+    if layers:
+        return functools.partial(encode, layers=tuple(int(v) for v in layers.split(",")))
+    return encode
 
 
 @dataclass
@@ -148,9 +165,7 @@ def encode_files(
         else:
             todo.append(i)
 
-    if kind not in ENCODERS:
-        raise ValueError(f"unknown feature kind '{kind}': expected one of {', '.join(ENCODERS)}")
-    encode: Callable[[torch.Tensor], torch.Tensor] = getattr(backbone, ENCODERS[kind])
+    encode = _encoder(backbone, kind)
     if todo:
         dataset = _DecodeDataset([paths[i] for i in todo], [shas[i] for i in todo], backbone.preprocess, view)
         n_workers = default_workers() if workers is None else workers

@@ -32,14 +32,14 @@ from ..anomaly.postprocess import DEFAULT_SIGMA, finish, mask_view
 from ..backbones import create_backbone
 from ..backbones.base import Backbone
 from ..decide.threshold import ThresholdError, conformal_threshold, f1_threshold, recall_threshold, supported_target
+from ..defaults import DEFAULT_ANOMALY_BACKBONE
+from ..defaults import DEFAULT_ANOMALY_METHOD as DEFAULT_METHOD
 from ..features.cache import open_cache
-from ..features.encode import PATCH, encode_files
+from ..features.encode import encode_files, patch_kind
 from ..io.datasets import GOOD, Dataset, DatasetError, load_dataset
 from ..io.images import BadImage, Skipped, iter_image_files, load_image
 from ..modelfile import FewVisionModel
 
-DEFAULT_ANOMALY_BACKBONE = "timm:wide_resnet50_2"
-DEFAULT_METHOD = "patchcore"
 DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_CHUNK_IMAGES = 32
 PATCH_CACHE_DTYPE = np.float16
@@ -81,9 +81,9 @@ class _Recorder:
 
 
 def _patch_chunks(backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
-                  rec: _Recorder, progress: bool) -> Iterator[tuple[list[str], torch.Tensor]]:
+                  rec: _Recorder, progress: bool, kind: str) -> Iterator[tuple[list[str], torch.Tensor]]:
     for start in range(0, len(paths), chunk_images):
-        feats = encode_files(backbone, paths[start : start + chunk_images], cache, kind=PATCH, batch_size=batch_size,
+        feats = encode_files(backbone, paths[start : start + chunk_images], cache, kind=kind, batch_size=batch_size,
                              workers=0, progress=progress, description="patch features", dtype=PATCH_CACHE_DTYPE)
         rec.skipped += feats.skipped
         if feats.paths:
@@ -111,7 +111,10 @@ def _pixel_chunks(backbone: Backbone, paths: Sequence[str], chunk_images: int,
 def _chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
             rec: _Recorder, progress: bool):
     if head.inputs == "patches":
-        return _patch_chunks(backbone, paths, cache, chunk_images, batch_size, rec, progress)
+        # The stages a fitted head was fitted on, else those it asks this backbone for.
+        layers = head.feature_layers_ if hasattr(head, "feature_layers_") else (
+            head.feature_layers(backbone) if hasattr(head, "feature_layers") else None)
+        return _patch_chunks(backbone, paths, cache, chunk_images, batch_size, rec, progress, patch_kind(layers))
     if head.inputs in ("pixels", "backbone"):
         return _pixel_chunks(backbone, paths, chunk_images, rec)
     raise ValueError(f"{type(head).__name__}.inputs must be 'patches', 'pixels' or 'backbone', got {head.inputs!r}")
