@@ -15,7 +15,7 @@ from fewvision.heads.zeroshot import ZeroShotHead
 CLASSES = ["nominal", "local", "global"]
 # Short training for the end-to-end save/load loop; defaults are exercised on synthetic features below.
 FAST = {"prolip": {"n_views": 2, "steps": 5}, "clip-adapter": {"epochs": 5}, "coop": {"steps": 3}, "lora": {"steps": 3},
-        "tip-f": {"epochs": 3}}
+        "tip-f": {"epochs": 3, "n_views": 2}, "tip": {"n_views": 2}}
 
 
 def _features(n=60, d=32, c=3, noise=0.6, seed=0):
@@ -31,10 +31,10 @@ def _zeroshot(tiny_clip):
 
 def test_tip_with_alpha_zero_equals_zeroshot(tiny_clip):
     feats, labels = _features()
-    tip = TipAdapterHead(alpha=0.0).fit(Support(feats, labels, CLASSES, tiny_clip))
+    tip = TipAdapterHead(alpha=0.0, n_views=0).fit(Support(feats, labels, CLASSES, tiny_clip))
     assert torch.equal(tip.logits(feats), _zeroshot(tiny_clip).logits(feats))
-    # With the default alpha the cache adds sum_k exp(-beta (1 - f.F_k)) per class.
-    tip1 = TipAdapterHead().fit(Support(feats, labels, CLASSES, tiny_clip))
+    # With alpha 1 and beta 5.5 the cache adds sum_k exp(-5.5 (1 - f.F_k)) per class.
+    tip1 = TipAdapterHead(alpha=1.0, beta=5.5, n_views=0).fit(Support(feats, labels, CLASSES, tiny_clip))
     cache = torch.stack([torch.exp(-5.5 * (1 - feats @ feats[labels == c].T)).sum(1) for c in range(3)], 1)
     torch.testing.assert_close(tip1.logits(feats) - tip.logits(feats), cache)
     assert tip1.n_trainable_parameters() == 0
@@ -89,13 +89,13 @@ def test_linear_zeroshot_init_is_anchored_to_the_text_classifier(tiny_clip):
 def test_tip_f_trains_the_keys_deterministically(tiny_clip):
     feats, labels = _features(noise=1.2)
     support = Support(feats, labels, CLASSES, tiny_clip)
-    tip = TipAdapterHead().fit(support)
-    fine = TipAdapterFHead(epochs=50, lr=1e-2).fit(support)
+    tip = TipAdapterHead(alpha=1.0, beta=5.5, n_views=0).fit(support)
+    fine = TipAdapterFHead(alpha=1.0, beta=5.5, n_views=0, epochs=50, lr=1e-2).fit(support)
     ce = lambda h: float(torch.nn.functional.cross_entropy(h.logits(feats), labels))  # noqa: E731
     assert not torch.equal(fine.keys_, tip.keys_)
     assert ce(fine) < ce(tip)
     assert fine.n_trainable_parameters() == feats.numel()
-    again = TipAdapterFHead(epochs=50, lr=1e-2).fit(support)
+    again = TipAdapterFHead(alpha=1.0, beta=5.5, n_views=0, epochs=50, lr=1e-2).fit(support)
     assert torch.equal(again.keys_, fine.keys_)
 
 
