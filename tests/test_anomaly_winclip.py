@@ -151,6 +151,25 @@ def test_few_shot_reference_scored_against_itself_is_near_zero(few_shot, clip96,
     assert maps.shape == (5, 6, 6) and scores.shape == (5,)
 
 
+def test_winclip_plus_averages_the_zero_and_few_shot_maps_and_both_score_rules(few_shot, clip96, images):
+    maps, combined = few_shot.score(images, clip96)
+    paper = WinClipHead(object_name="fabric", shots=2, seed=1, score_rule="paper").fit(images[:3], clip96)
+    paper_maps, paper_scores = paper.score(images, clip96)
+    assert torch.equal(paper_maps, maps)  # the rule changes the image score only
+    # The pieces from the public parts of the head: the zero-shot map of a head without references (same text and
+    # scales), the few-shot distance map, and the image-level text score recomputed from the encoders.
+    zero_maps, _ = WinClipHead(object_name="fabric", shots=0).fit(None, clip96).score(images, clip96)
+    _, _, tokens, windows = few_shot._encode(clip96, images)
+    few = few_shot.few_shot_maps(tokens, windows)
+    torch.testing.assert_close(maps, (zero_maps + few) / 2, atol=1e-6, rtol=1e-5)
+    g_n = F.normalize(clip96.encode_text(compositional_prompts("fabric", NORMAL_STATES, TEMPLATES)).mean(0), dim=0)
+    g_a = F.normalize(clip96.encode_text(compositional_prompts("fabric", ANOMALOUS_STATES, TEMPLATES)).mean(0), dim=0)
+    image_level = torch.softmax(clip96.logit_scale * clip96.encode_images(images) @ torch.stack([g_n, g_a]).T, -1)[:, 1]
+    torch.testing.assert_close(combined, (image_level + maps.amax(dim=(1, 2))) / 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paper_scores, (image_level + few.amax(dim=(1, 2))) / 2, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(paper_scores, combined)
+
+
 def test_scores_are_deterministic(clip96, images, few_shot):
     again = WinClipHead(object_name="fabric", shots=2, seed=1).fit(images[:3], clip96)
     a, b = few_shot.score(images, clip96), again.score(images, clip96)

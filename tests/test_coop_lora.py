@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_checks import tensor_layouts
 from PIL import Image
 
 from fewvision.backbones.base import BackboneError
@@ -77,6 +78,7 @@ def test_coop_save_load(tiny_clip, support, test_features, tmp_path):
     loaded = load(path).head
     torch.testing.assert_close(loaded.ctx_, head.ctx_, atol=0, rtol=0)
     np.testing.assert_array_equal(loaded.predict_proba(test_features), head.predict_proba(test_features))
+    assert tensor_layouts(loaded) == tensor_layouts(head)
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------------------

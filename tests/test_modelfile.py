@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from model_checks import tensor_layouts
 
 from fewvision.heads import PrototypeHead, ZeroShotHead
 from fewvision.heads.prompts import ClassSpec
@@ -28,6 +29,7 @@ def test_prototype_save_load_identical(tmp_path, tiny_clip):
     loaded = load(path)
     assert loaded.class_names == ["a", "b", "c"]
     np.testing.assert_array_equal(loaded.head.predict_proba(feats), head.predict_proba(feats))
+    assert tensor_layouts(loaded.head) == tensor_layouts(head)
     meta = read_metadata(path)
     assert meta["backbone"]["id"] == tiny_clip.id and meta["head"]["method"] == "prototype"
     assert open(path, "rb").read(8) != b"\x80\x04\x95"  # not a pickle
@@ -40,6 +42,7 @@ def test_zeroshot_save_load_keeps_class_specs(tmp_path, tiny_clip):
     loaded = load(path)
     feats, _ = _support(d=32)
     np.testing.assert_array_equal(loaded.head.predict_proba(feats), head.predict_proba(feats))
+    assert tensor_layouts(loaded.head) == tensor_layouts(head)
     assert loaded.head.classes_[1].synonyms == ["scuff"]
 
 

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_checks import tensor_layouts
 from PIL import Image
 
 from fewvision.features.encode import encode_files
@@ -110,6 +111,7 @@ def test_save_load_gives_identical_probabilities(tiny_clip, textile_split, tmp_p
     loaded = load(path).head
     assert isinstance(loaded, ProLIPHead) and loaded.feature_kind == "preproj"
     np.testing.assert_array_equal(loaded.predict_proba(pre), head.predict_proba(pre))
+    assert tensor_layouts(loaded) == tensor_layouts(head)
 
 
 def test_logits_reject_post_projection_features(tiny_clip, textile_split):

@@ -84,8 +84,8 @@ def conformal_threshold(good_scores, alpha: float) -> float:
     if n == 0 or k > n:
         need = min_calibration_size(alpha)
         raise ThresholdError(
-            f"a false-reject rate of {alpha:g} needs at least {need} held-out good images for the conformal "
-            f"guarantee, got {n}: add good images, hold out a larger fraction, or raise the target false-reject rate"
+            f"a false-reject rate of {alpha:g} needs at least {need} calibration images for the conformal "
+            f"guarantee, got {n}: add good images or raise the target false-reject rate"
         )
     threshold = float(good[k - 1])
     check_not_all_flagged(threshold, good, "conformal threshold")
