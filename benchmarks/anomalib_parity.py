@@ -14,8 +14,9 @@ Set-up (identical on both sides):
 * preprocessing: timm's transform for that model (resize 256, centre crop 224, ImageNet normalisation) on
   PIL-decoded RGB images;
 * images: textile (conformal-clip-data). Train: 200 good images for PaDiM, 50 for PatchCore (see N_TRAIN).
-  Test: 100 good + 100 local + 100 global. fewvision's ``fit_anomaly`` additionally holds out 20% more good images
-  to set its conformal threshold (target false-reject 0.1); scoring them is part of fewvision's fit time;
+  Test: 100 good + 100 local + 100 global. fewvision's ``fit_anomaly`` fits on the same images and also scores each
+  of them leave-one-out to set its conformal threshold (target false-reject 0.1); that pass is part of its fit time;
+* layers: layer2 + layer3 on both sides (fewvision's ``layers=[2, 3]``; PaDiM's own default is the paper's 1-3);
 * PatchCore: coreset 10 %, 9 neighbours, 3x3 neighbourhood averaging. PaDiM: 100 random channels, eps 0.01; the
   channel subset fewvision draws is handed to anomalib (its own draw depends on global RNG state), so both model
   the same channels.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -43,7 +43,6 @@ N_TEST_GOOD, N_TEST_DEFECT = 100, 100
 # (200 images = 156,800 patches x ~300 projected dims, 15,680 sequential steps), which takes about half an hour per
 # run on the shared 2-core machine these numbers come from.
 N_TRAIN = {"padim": 200, "patchcore": 50, "patchcore-all": 50}
-HOLDOUT_FRACTION = 0.2
 # "patchcore-all": PatchCore with every training patch in the memory bank (coreset 100%) on both sides, which takes
 # the coreset's randomness out of the comparison.
 METHODS = ("padim", "patchcore", "patchcore-all")
@@ -75,12 +74,11 @@ def worker_fewvision(job: dict) -> dict:
     torch.manual_seed(0)
     bb = create_backbone(f"timm:resnet18@{job['weights']}")
     t0, c0 = time.perf_counter(), time.process_time()
-    params = {}
+    params = {"layers": [2, 3]}
     if job["method"] in CORESET_RATIO:
         params["coreset_ratio"] = CORESET_RATIO[job["method"]]
-    model = fit_anomaly(job["train_pool"], job["method"].split("-")[0], bb, target_false_reject=0.1,
-                        holdout_fraction=HOLDOUT_FRACTION, seed=job.get("seed", 0), use_cache=False,
-                        batch_size=BATCH, **params)
+    model = fit_anomaly(job["train"], job["method"].split("-")[0], bb, target_false_reject=0.1,
+                        seed=job.get("seed", 0), use_cache=False, batch_size=BATCH, **params)
     fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     fit_peak = _peak_mb()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -98,12 +96,11 @@ def worker_fewvision(job: dict) -> dict:
     # The same fit and predict again with every image's features already in the feature cache (the second and
     # later runs over the same images: re-fitting, re-thresholding, evaluating).
     with tempfile.TemporaryDirectory(prefix="fv-cache-") as cache:
-        common = {"target_false_reject": 0.1, "holdout_fraction": HOLDOUT_FRACTION, "seed": 0,
-                  "cache_dir": cache, "batch_size": BATCH, **params}
-        warm_model = fit_anomaly(job["train_pool"], job["method"].split("-")[0], bb, **common)
+        common = {"target_false_reject": 0.1, "seed": 0, "cache_dir": cache, "batch_size": BATCH, **params}
+        warm_model = fit_anomaly(job["train"], job["method"].split("-")[0], bb, **common)
         score_files(warm_model, job["test"], cache_dir=cache, batch_size=BATCH, keep_maps=False)
         t0 = time.perf_counter()
-        warm_model = fit_anomaly(job["train_pool"], job["method"].split("-")[0], bb, **common)
+        warm_model = fit_anomaly(job["train"], job["method"].split("-")[0], bb, **common)
         out["warm_fit_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         score_files(warm_model, job["test"], cache_dir=cache, batch_size=BATCH, keep_maps=False)
@@ -216,7 +213,6 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from fewvision.io.datasets import textile
-    from fewvision.tasks.anomaly import _split
 
     status = anomalib_status(args.anomalib_python)
     if status is not None:
@@ -230,7 +226,7 @@ def main() -> None:
 
     data = textile()
     by = {c: sorted(it.path for it in data.items if it.label == c) for c in ("nominal", "local", "global")}
-    first_test = math.ceil(max(N_TRAIN.values()) / (1 - HOLDOUT_FRACTION))
+    first_test = max(N_TRAIN.values())
     test = (by["nominal"][first_test : first_test + N_TEST_GOOD] + by["local"][:N_TEST_DEFECT]
             + by["global"][:N_TEST_DEFECT])
     labels = ["nominal"] * N_TEST_GOOD + ["local"] * N_TEST_DEFECT + ["global"] * N_TEST_DEFECT
@@ -243,11 +239,8 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
         results = {}
         for method in METHODS:
-            pool = by["nominal"][: math.ceil(N_TRAIN[method] / (1 - HOLDOUT_FRACTION))]
-            fit_idx, _ = _split(len(pool), HOLDOUT_FRACTION, 0)
-            train = [pool[i] for i in fit_idx]
-            assert len(train) == N_TRAIN[method]
-            job = {"method": method, "weights": str(weights), "train_pool": pool, "train": train, "test": test}
+            train = by["nominal"][: N_TRAIN[method]]
+            job = {"method": method, "weights": str(weights), "train": train, "test": test}
             sides = [("fewvision", sys.executable), ("anomalib", args.anomalib_python)]
             if CORESET_RATIO.get(method) != 1.0:  # nothing random left to vary with every patch kept
                 sides.append(("fewvision-seed1", sys.executable))
@@ -265,7 +258,6 @@ def main() -> None:
                       f"{r['peak_mb']:.0f} MB auroc {r['auroc']} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     rows_auc, rows_speed, rows_warm = [], [], []
-    n_held_out = math.ceil(N_TRAIN["patchcore-all"] / (1 - HOLDOUT_FRACTION)) - N_TRAIN["patchcore-all"]
     for method in METHODS:
         fv, an = results[("fewvision", method)], results[("anomalib", method)]
         fv1 = results.get(("fewvision-seed1", method))
@@ -294,7 +286,7 @@ def main() -> None:
         f"same textile images: {N_TRAIN['padim']} good to fit PaDiM, {N_TRAIN['patchcore']} for PatchCore (anomalib's "
         "all-patch coreset is too slow for 200 on this machine), and the same "
         f"{N_TEST_GOOD} good + {N_TEST_DEFECT} local + {N_TEST_DEFECT} global to test. fewvision's fit time also covers "
-        "scoring the 20% extra good images it holds out for its conformal threshold. Each run is a fresh process; peak memory is its `ru_maxrss`. Random weights "
+        "its leave-one-out scoring of the training images for its conformal threshold. Each run is a fresh process; peak memory is its `ru_maxrss`. Random weights "
         "make the absolute AUROC meaningless - the point is agreement.",
         "",
         "### Image AUROC (good vs defect type)",
@@ -306,8 +298,7 @@ def main() -> None:
         "own grid, then up-samples layer3 bilinearly to layer2's grid; PaDiM repeats layer3 onto layer2's grid "
         "(nearest neighbour) and keeps the same 100 random channels (fewvision's draw is handed to anomalib). "
         "The last column is fewvision against itself with another seed (PatchCore: another coreset start and "
-        "projection; PaDiM: another channel subset; both: another 80/20 split of the same good images into fitted "
-        "and held out): how far two equally valid runs of one method lie apart on these random-weight features, the scale against which a difference to anomalib "
+        "projection; PaDiM: another channel subset): how far two equally valid runs of one method lie apart on these random-weight features, the scale against which a difference to anomalib "
         "should be read; anomalib's PatchCore draws its sparse random projection from numpy's global generator, "
         "which nothing seeds, so a second run of the very same job gives its own spread (next column). "
         "*patchcore-all* keeps every training patch in the memory bank on both sides (coreset "
@@ -328,11 +319,11 @@ def main() -> None:
         "their time in the backbone's forward passes. fewvision runs them through timm's FX graph of the model cut "
         "after layer3, with every BatchNorm folded into its convolution and channels-last memory layout "
         "(`backbones.timm_backbone._fused_stage_net`); anomalib runs timm's `features_only` model as it is. fewvision's fit also "
-        "encodes and scores the 20% extra good images it holds out for its threshold. The feature cache, which "
-        "this benchmark turns off, saves the forward passes altogether on a second run over the same images.",
+        "scores every training image leave-one-out for its threshold, encoding it a second time (the feature cache, which "
+        "this benchmark turns off, would serve that pass and every later run over the same images).",
         "",
         f"*patchcore-all*: anomalib's fit is only the forward passes over the {N_TRAIN['patchcore-all']} images (no "
-        f"coreset); fewvision's also scores its {n_held_out} held-out good images against the "
+        f"coreset); fewvision's also scores each of them leave-one-out against the "
         f"{results[('fewvision', 'patchcore-all')]['memory_items']:,}-patch bank.",
         "",
         "With the features already cached (a second fit on the same good images, or predicting images seen "
