@@ -62,7 +62,7 @@ def test_fit_calibrates_and_a_saved_model_scores_identically(tmp_path, bb, good_
     after = score_files(again, probe, use_cache=False)
     assert tensor_layouts(again.head) == tensor_layouts(model.head)
     assert np.array_equal(before.scores, after.scores) and np.array_equal(before.maps, after.maps)
-    assert [r["is_anomalous"] for r in after.rows] == [bool(s > d["threshold"]) for s in after.scores]
+    assert [r["verdict"] for r in after.rows] == ["ng" if s > d["threshold"] else "ok" for s in after.scores]
     # A cached second pass (patch maps stored as float16) scores within float16 rounding of the uncached one.
     warm = score_files(again, probe, use_cache=True)
     warm2 = score_files(again, probe, use_cache=True)
@@ -154,11 +154,18 @@ def test_evaluate_on_mvtec_layout_with_masks_and_report(tmp_path, bb, mvtec):
     assert m["pixel_auroc"] > 0.8 and m["aupro"] > 0.4
     assert sum(mk is not None and mk.any() for mk in ev.masks) == 12
     page = write_anomaly_report(tmp_path / "rep", title="t", rows=ev.predictions.rows, maps=ev.predictions.maps,
-                                preprocess=bb.preprocess, heatmap_range=model.decision["heatmap_range"],
-                                threshold=model.decision["threshold"], metrics=m, is_defect=ev.is_defect,
+                                preprocess=bb.preprocess, decision=model.decision, metrics=m, is_defect=ev.is_defect,
                                 masks=ev.masks)
     html = page.read_text()
-    assert html.count("data:image/png;base64,") >= 2 + 2 * 8  # histogram, ROC, 8 highest + 8 lowest overlays
+    rows, defect = ev.predictions.rows, ev.is_defect
+    missed = sum(1 for r, d in zip(rows, defect) if d and r["verdict"] == "ok")
+    false_rejects = sum(1 for r, d in zip(rows, defect) if not d and r["verdict"] == "ng")
+    caught = sum(defect) - missed
+    assert f"Missed defects ({missed})" in html and f"False rejects ({false_rejects})" in html
+    # histogram, ROC and one overlay per gallery image
+    assert html.count("data:image/png;base64,") == 2 + min(missed, 12) + min(false_rejects, 12) + min(caught, 6)
+    assert "white outlines are the ground-truth defects".lower() in html.lower()
+    assert model.decision["guarantee"] in html and "Thresholds chosen with the labelled defects" in html
     assert "http://" not in html and "https://" not in html
 
 

@@ -2,12 +2,15 @@
 layout with masks), through the same entry point users run (`fewvision.cli.main`)."""
 
 import csv
+import hashlib
 import json
+import os
 import shutil
 import sys
 
 import pytest
 from anomaly_data import build_mvtec
+from PIL import Image
 
 from fewvision.cli import main
 
@@ -32,30 +35,52 @@ def mvtec(tmp_path_factory, textile_root):
                        n_per_defect=5, seed=1)
 
 
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_fit_predict_eval(tmp_path, monkeypatch, capsys, mvtec):
     model = tmp_path / "m.fvm"
-    code, out, err = run_cli(monkeypatch, capsys, "anomaly", "fit", mvtec / "train" / "good", "--method", "patchcore",
-                             "--backbone", BACKBONE, "--target-false-reject", "0.25", "--holdout-fraction", "0.25",
-                             "-o", model)
+    # The MVTec category folder itself: its train/good is used, not the test images or the masks.
+    code, out, err = run_cli(monkeypatch, capsys, "anomaly", "fit", mvtec, "--method", "patchcore",
+                             "--backbone", BACKBONE, "--target-false-reject", "0.25", "-o", model)
     assert code == 0, err
+    assert f"good images: {mvtec / 'train' / 'good'}: 16 image(s), MVTec AD layout" in err
     assert "threshold" in out and "set on 16 good images" in out and model.is_file()
+    assert oct(model.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the user's umask, not 0600
 
     images = tmp_path / "incoming"
     shutil.copytree(mvtec / "test" / "spot", images)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     results = tmp_path / "results.csv"
-    code, out, err = run_cli(monkeypatch, capsys, "anomaly", "predict", model, images, "--out", results,
-                             "--heatmaps", tmp_path / "heat")
-    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "anomaly", "predict", model, images, "-o", results,
+                             "--heatmaps", tmp_path / "heat", "--report", tmp_path / "daily", "--exit-code")
+    assert code == 1, err  # --exit-code: something was flagged
     rows = list(csv.DictReader(results.open()))
-    assert len(rows) == 6
+    assert len(rows) == 6 and list(rows[0]) == ["path", "verdict", "score", "threshold", "normalized_score", "x", "y",
+                                                "heatmap", "model_sha256", "backbone", "time", "error"]
     bad = [r for r in rows if r["error"]]
     assert len(bad) == 1 and bad[0]["path"].endswith("broken.png") and "broken.png" in err
     scored = [r for r in rows if not r["error"]]
-    assert all(r["is_anomalous"] in ("true", "false") and float(r["score"]) > 0 for r in scored)
-    assert sum(r["is_anomalous"] == "true" for r in scored) >= 4  # pasted spots are over the conformal threshold
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    for r in scored:
+        assert r["verdict"] in ("ok", "ng") and (r["verdict"] == "ng") == (float(r["score"]) > float(r["threshold"]))
+        assert float(r["normalized_score"]) == pytest.approx(float(r["score"]) / float(r["threshold"]), rel=1e-5)
+        w, h = Image.open(r["path"]).size
+        assert 0 <= int(r["x"]) < w and 0 <= int(r["y"]) < h
+        assert r["model_sha256"] == sha and r["backbone"] == BACKBONE and r["time"].endswith("+00:00")
+    assert sum(r["verdict"] == "ng" for r in scored) >= 4  # pasted spots are over the conformal threshold
     heat = sorted((tmp_path / "heat").glob("*.png"))
     assert len(heat) == 5 and all(r["heatmap"] for r in scored)
+    w, h = Image.open(scored[0]["path"]).size
+    picture = Image.open(scored[0]["heatmap"])
+    assert picture.width > 2 * w and picture.height > h  # image and overlay side by side at the image's size
+    assert "ng " in err and "vs threshold" in err  # the closing summary names the flagged images
+    daily = (tmp_path / "daily" / "report.html").read_text()
+    assert "Flagged (" in daily and "Passed, nearest the threshold" in daily
 
     metrics_path = tmp_path / "metrics.json"
     code, out, err = run_cli(monkeypatch, capsys, "anomaly", "eval", model, mvtec, "--out", metrics_path,
@@ -69,7 +94,7 @@ def test_fit_predict_eval(tmp_path, monkeypatch, capsys, mvtec):
     # 0.5 / 0.5 / ~0.15.
     assert m["image_auroc"] >= 0.85 and m["pixel_auroc"] >= 0.9 and m["aupro"] >= 0.7
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "ROC curve" in html and html.count("data:image/png") >= 10
+    assert "ROC curve" in html and "Missed defects" in html and "False rejects" in html
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, mvtec):

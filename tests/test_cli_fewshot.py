@@ -30,11 +30,14 @@ def test_fit_predict_eval_on_an_image_only_backbone(tmp_path, textile_subset, ca
     assert run("predict", model, textile_subset, "--out", out, "--abstain", "--report", tmp_path / "report") == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 36 and {r["label"] for r in rows} <= CLASSES | {"review"}
-    assert all(r["note"].startswith("set=") for r in rows)
     for r in rows:
         assert abs(sum(float(r[f"p_{c}"]) for c in CLASSES) - 1) < 1e-4
-        members = set(r["note"][4:].split("|")) - {""}
+        members = set(r["set"].split("|")) - {""}
         assert (r["label"] == "review") == (len(members) != 1)
+        assert bool(r["review_reason"]) == (r["label"] == "review")
+        assert r["top_label"] in CLASSES and float(r[f"p_{r['top_label']}"]) == float(r["top_probability"])
+        if r["label"] == "review" and not members:
+            assert r["review_reason"] == "no class reached the 80% coverage level"
     assert (tmp_path / "report" / "report.html").is_file()
 
     metrics_path = tmp_path / "metrics.json"

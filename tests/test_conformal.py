@@ -5,14 +5,13 @@ import pytest
 
 from fewvision.decide.calibration import fit_temperature
 from fewvision.decide.conformal import (
-    REVIEW,
-    abstain_labels,
     calibrate_conformal,
     conformal_quantile,
     nonconformity,
     prediction_sets,
     set_metrics,
 )
+from fewvision.decide.review import REVIEW, decide
 
 
 def _softmax(z):
@@ -81,11 +80,18 @@ def test_sets_shrink_as_alpha_grows(score):
     assert sizes[0] > sizes[-1] + 0.5
 
 
-def test_abstain_routes_ambiguous_and_empty_sets_to_review():
+def test_abstain_routes_ambiguous_and_empty_sets_to_review_with_a_reason():
     sets = np.array([[True, False, False], [True, True, False], [False, False, False], [False, False, True]])
-    assert abstain_labels(sets, ["a", "b", "c"]) == ["a", REVIEW, REVIEW, "c"]
+    proba = np.array([[0.8, 0.1, 0.1], [0.5, 0.4, 0.1], [0.4, 0.3, 0.3], [0.5, 0.1, 0.4]])
+    out = decide(proba, ["a", "b", "c"], sets=sets, alpha=0.1, abstain=True)
+    assert [label for label, _ in out] == ["a", REVIEW, REVIEW, "c"]  # a singleton set's member, even if not top
+    assert out[0][1] is None and out[3][1] is None
+    assert out[1][1] == "2 classes are in the 90% prediction set: a, b"
+    assert out[2][1] == "no class reached the 90% coverage level"
+    below = decide(proba, ["a", "b", "c"], unknown_threshold=0.6)
+    assert below[0] == ("a", None) and below[1][0] == REVIEW and "below the review threshold 0.6" in below[1][1]
     with pytest.raises(ValueError, match="review"):
-        abstain_labels(sets, ["a", "review", "c"])
+        decide(proba, ["a", "review", "c"], sets=sets, alpha=0.1, abstain=True)
 
 
 def test_bad_alpha_and_score():

@@ -5,11 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from fewvision.metrics.classification import (
-    _metrics_from_confusions,
-    classification_metrics,
-    save_metrics,
-)
+from fewvision.metrics import save_metrics
+from fewvision.metrics.classification import _metrics_from_confusions, classification_metrics
 
 NAMES = ["ok", "scratch", "dent"]
 # 10 items. Confusion (rows true, cols pred):
@@ -31,7 +28,7 @@ def test_point_metrics_match_hand_computed():
     assert m["confusion_labels"] == NAMES
     assert m["per_class"]["dent"] == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
     assert m["per_class"]["ok"]["support"] == 3
-    assert "n_unknown" not in m
+    assert "n_review" not in m
     assert set(m["ci"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
     json.dumps(m, allow_nan=False)  # JSON-serialisable, no numpy types
 
@@ -39,9 +36,9 @@ def test_point_metrics_match_hand_computed():
 def test_unknown_predictions():
     y_pred = [0, 0, -1, 1, 1, 2, 2, 2, -1, 0]
     m = classification_metrics(Y_TRUE, y_pred, NAMES, n_bootstrap=200)
-    assert m["n_unknown"] == 2
+    assert m["n_review"] == 2
     assert m["accuracy"] == pytest.approx(6 / 10)
-    assert m["confusion_labels"] == NAMES + ["unknown"]
+    assert m["confusion_labels"] == NAMES + ["review"]
     assert m["confusion_matrix"] == [[2, 0, 0, 1], [0, 2, 1, 0], [1, 0, 2, 1]]
     # abstentions are false negatives for their true class
     assert m["per_class"]["ok"]["recall"] == pytest.approx(2 / 3)

@@ -348,11 +348,11 @@ def test_iter_image_files_recurses_and_filters(tmp_path):
     d = _touch(root / "sub" / "d.tiff")
     for other in ("notes.txt", "sub/model.pt", "sub/.hidden.png", "sub/deeper/x.gif", "noext"):
         _touch(root / other)
-    (root / "dir.png").mkdir()  # a directory with an image suffix is not a file
+    (root / "dir.png").mkdir()  # a directory named like an image: listed, so the batch reports it as a skip
 
     found = iter_image_files([root])
     assert all(isinstance(p, Path) for p in found)
-    assert set(found) == {a, b, c, d}
+    assert set(found) == {a, b, c, d, root / "dir.png"}
     assert found == sorted(found)  # sorted within a directory
     assert iter_image_files([str(root)]) == found
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fewvision.decide.unknown import UNKNOWN, apply_unknown_threshold
+from fewvision.decide.review import REVIEW, apply_unknown_threshold
 from fewvision.heads import ZeroShotHead
 from fewvision.heads.prompts import (
     ClassSpec,
@@ -81,7 +81,7 @@ def test_class_file_yaml_and_json(tmp_path):
 def test_unknown_threshold():
     proba = np.array([[0.9, 0.1], [0.55, 0.45]])
     assert apply_unknown_threshold(proba, ["a", "b"], None) == ["a", "a"]
-    assert apply_unknown_threshold(proba, ["a", "b"], 0.6) == ["a", UNKNOWN]
+    assert apply_unknown_threshold(proba, ["a", "b"], 0.6) == ["a", REVIEW]
     with pytest.raises(ValueError):
         apply_unknown_threshold(proba, ["a", "b"], 1.5)
 

@@ -43,6 +43,7 @@ class FewVisionModel:
     decision: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     _backbone: Any = None
+    preprocess: str | None = None  # the backbone's preprocessing as its repr, for people (kept from the file)
 
     @property
     def class_names(self) -> list[str]:
@@ -86,7 +87,8 @@ def save_model(path: str | os.PathLike, model: FewVisionModel) -> Path:
         "fewvision_version": __version__,
         "task": model.task,
         "backbone": {"spec": model.backbone_spec, "id": model.backbone_id,
-                     "preprocess": repr(model._backbone.preprocess) if model._backbone is not None else None},
+                     "preprocess": repr(model._backbone.preprocess) if model._backbone is not None
+                     else model.preprocess},
         "head": config,
         "decision": model.decision,
         "info": model.info,
@@ -97,6 +99,33 @@ def save_model(path: str | os.PathLike, model: FewVisionModel) -> Path:
     with atomic_path(path) as tmp:
         save_file(payload, str(tmp), metadata={"fewvision": json.dumps(meta, allow_nan=False)})
     return path
+
+
+# The metadata every model file must carry: (dotted field, expected type(s)). Anything else is optional.
+REQUIRED_FIELDS: list[tuple[str, type | tuple[type, ...]]] = [
+    ("format", str), ("format_version", int), ("fewvision_version", str), ("task", str),
+    ("backbone", dict), ("backbone.spec", str), ("backbone.id", str),
+    ("head", dict), ("head.method", str), ("head.params", dict), ("head.fitted", dict),
+    ("decision", dict), ("info", dict),
+]
+TASKS = ("classification", "anomaly")
+
+
+def _check_fields(path: Path, meta: Any) -> None:
+    """One line naming the file and the first missing or mistyped field."""
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: the model metadata is not a JSON object")
+    for field_name, kind in REQUIRED_FIELDS:
+        value: Any = meta
+        for part in field_name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ModelFileError(f"{path}: the model metadata has no field '{field_name}'")
+            value = value[part]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise ModelFileError(f"{path}: field '{field_name}' should be {expected}, not {type(value).__name__}")
+    if meta["task"] not in TASKS:
+        raise ModelFileError(f"{path}: field 'task' is '{meta['task']}', expected one of {', '.join(TASKS)}")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -112,25 +141,64 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a fewvision model file ({err})") from None
     if raw is None:
         raise ModelFileError(f"{path}: a safetensors file, but not a fewvision model (no 'fewvision' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise ModelFileError(f"{path}: the model metadata is not valid JSON ({err})") from None
+    if isinstance(meta, dict) and (meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int)
+                                   or meta["format_version"] > FORMAT_VERSION):
         raise ModelFileError(f"{path}: unsupported model format {meta.get('format')} v{meta.get('format_version')}")
+    _check_fields(path, meta)
     return meta
 
 
 def load(path: str | os.PathLike) -> FewVisionModel:
-    """Read a model file. The backbone is created (and its id checked) when first needed."""
+    """Read and check a model file (metadata fields, finite tensors of consistent shapes). The backbone is created
+    (and its id checked) when first needed."""
+    path = Path(path)
     meta = read_metadata(path)
-    tensors = {k.split("/", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("head/")}
+    try:
+        tensors = {k.split("/", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("head/")}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFileError(f"{path}: cannot read the model's tensors ({err})") from None
     tensors.pop("__empty__", None)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{path}: tensor '{name}' holds NaN or infinite values")
     method = meta["head"]["method"]
     try:
         cls = head_class(meta["task"], method)
     except KeyError:
         raise ModelFileError(f"{path}: unknown method '{method}' (saved by fewvision {meta['fewvision_version']})")
-    head = cls.from_state(tensors, meta["head"])
+    try:
+        head = cls.from_state(tensors, meta["head"])
+    except (TypeError, KeyError, ValueError, RuntimeError, AttributeError) as err:
+        raise ModelFileError(f"{path}: the '{method}' head cannot be rebuilt from this file "
+                             f"({type(err).__name__}: {err})") from None
+    problem = state_shape_problem(head)
+    if problem:
+        raise ModelFileError(f"{path}: {problem}")
     return FewVisionModel(head, meta["backbone"]["spec"], meta["backbone"]["id"], meta["task"],
-                          meta.get("decision", {}), meta.get("info", {}))
+                          meta["decision"], meta["info"], preprocess=meta["backbone"].get("preprocess"))
+
+
+def state_shape_problem(head) -> str | None:
+    """A sentence naming the first fitted tensor whose shape disagrees with the head's declared ``STATE_SHAPES``
+    (symbols bound across tensors, some bound up front by ``state_symbols()``), or None."""
+    shapes = getattr(head, "STATE_SHAPES", {})
+    bound = dict(head.state_symbols()) if hasattr(head, "state_symbols") else {}
+    for name, dims in shapes.items():
+        tensor = getattr(head, name, None)
+        if tensor is None:
+            continue
+        if not torch.is_tensor(tensor) or tensor.ndim != len(dims):
+            got = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
+            return f"tensor '{name}' should have {len(dims)} dimensions ({', '.join(dims)}), got {got}"
+        for symbol, size in zip(dims, tensor.shape):
+            if bound.setdefault(symbol, int(size)) != int(size):
+                return (f"tensor '{name}' has shape {tuple(tensor.shape)}, but {symbol} = {bound[symbol]} elsewhere "
+                        "in the model")
+    return None
 
 
 def head_class(task: str, method: str) -> type:

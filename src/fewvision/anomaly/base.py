@@ -62,6 +62,13 @@ class AnomalyHead(ABC):
         if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):
             raise RuntimeError(f"{type(self).__name__} is not fitted yet: call fit() first")
 
+    STATE_SHAPES: dict[str, tuple[str, ...]] = {}
+
+    def state_symbols(self) -> dict[str, int]:
+        """Dimensions known before looking at the tensors (P, the positions of the fitted grid, when there is one)."""
+        grid = getattr(self, "grid_", None)
+        return {"P": int(grid[0]) * int(grid[1])} if grid else {}
+
     def release_fit_data(self) -> None:
         """Drop what only leave-one-out scores of the training images needed (heads with ``leave_one_out``)."""
 

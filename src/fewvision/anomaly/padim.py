@@ -35,6 +35,7 @@ def default_n_features(channels: int) -> int:
 
 @register
 class PaDiM(AnomalyHead):
+    STATE_SHAPES = {"channel_index_": ("d",), "mean_": ("d", "P"), "inv_covariance_": ("P", "d", "d")}
     method = "padim"
     inputs = "patches"
     image_score = "map_max"

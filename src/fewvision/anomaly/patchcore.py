@@ -118,6 +118,7 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
 
 @register
 class PatchCore(AnomalyHead):
+    STATE_SHAPES = {"memory_bank_": ("M", "F")}
     method = "patchcore"
     inputs = "patches"
     image_score = "head"

@@ -104,6 +104,57 @@ def input_view(image, preprocess, size: tuple[int, int]) -> np.ndarray:
     return arr
 
 
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of an image file as ``load_image`` will see it (EXIF rotation applied), from its header."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+_COORDINATES: dict[tuple, tuple] = {}  # (id(preprocess), width, height, size) -> (preprocess, xs, ys)
+
+
+def image_coordinates(preprocess, width: int, height: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel of the maps (``size``), the (x, y) of the original ``width`` x ``height`` image it shows:
+    two ramp images (red = x, green = y) go through the backbone's own preprocessing, so any resize and crop is
+    followed exactly, to 1/255 of the image (finer than a map pixel covers for images under ~57,000 px). Cached
+    per image size: a batch from one camera computes it once."""
+    key = (id(preprocess), int(width), int(height), tuple(size))
+    hit = _COORDINATES.get(key)
+    if hit is not None and hit[0] is preprocess:
+        return hit[1], hit[2]
+    xs, ys = _image_coordinates(preprocess, int(width), int(height), tuple(size))
+    if len(_COORDINATES) > 32:
+        _COORDINATES.clear()
+    _COORDINATES[key] = (preprocess, xs, ys)
+    return xs, ys
+
+
+def _image_coordinates(preprocess, width: int, height: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    xs = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    ys = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    ramp = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).round().astype(np.uint8), mode="RGB")
+    view = input_view(ramp, preprocess, size)
+    return view[..., 0] * (width - 1), view[..., 1] * (height - 1)
+
+
+def peak_in_image(path: str, preprocess, size: tuple[int, int], peak: tuple[int, int]) -> tuple[int | None, int | None]:
+    """(x, y) in the image's own pixels of the map pixel ``peak`` = (row, column); None when the size is unknown."""
+    wh = image_size(path)
+    if wh is None:
+        return None, None
+    xs, ys = image_coordinates(preprocess, wh[0], wh[1], tuple(size))
+    return int(round(float(xs[peak]))), int(round(float(ys[peak])))
+
+
 MASK_COVERAGE = 0.25
 
 

@@ -1,7 +1,9 @@
 """The ``fewvision`` command: one module per command group, registered here.
 
-User errors (bad arguments, unreadable class files or datasets, missing weights) print one line and exit 2;
-unexpected runtime errors print one line and exit 1 (``FEWVISION_DEBUG=1`` shows the traceback).
+Exit codes (also in every ``--help``): 0 done; 1 something flagged or sent to review (only with ``--exit-code``);
+2 usage or input error - every bad option, unreadable classes file or dataset, missing weights - printed as one line;
+3 nothing could be scored; 70 an unexpected internal error (``FEWVISION_DEBUG=1`` shows the traceback); 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -13,9 +15,22 @@ import typer
 
 from .. import __version__
 from . import anomaly, classify, fewshot, models
-from .common import _quiet_libraries, _user_error_types, info
+from .common import (
+    CONTEXT,
+    EXIT_CODES_HELP,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_SCORED,
+    EXIT_USAGE,
+    NothingScored,
+    click_exception_type,
+    info,
+    quiet_libraries,
+    user_error_types,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
                   help="Zero-shot and few-shot image classification and anomaly detection for visual inspection.")
 
 for _group in (classify, fewshot, models, anomaly):
@@ -29,32 +44,47 @@ def _root(version: bool = typer.Option(False, "--version", help="print the versi
         raise typer.Exit()
 
 
+def _usage_error(exc) -> None:
+    """Click's own usage errors as one line (the help itself when nothing was asked), exit 2."""
+    name = type(exc).__name__
+    if name == "NoArgsIsHelpError":
+        typer.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) else str(exc))
+        sys.exit(EXIT_USAGE)
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+    info(f"error: {message}{hint}")
+    sys.exit(EXIT_USAGE)
+
+
 def main() -> None:
-    _quiet_libraries()
+    quiet_libraries()
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
+        if isinstance(result, int) and result:  # click returns the code of a typer.Exit raised in a command
+            sys.exit(result)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         info("aborted")
-        sys.exit(1)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         info("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except NothingScored as exc:
+        info(f"error: {exc}")
+        sys.exit(EXIT_NOTHING_SCORED)
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
-        import click
-
         if os.environ.get("FEWVISION_DEBUG"):
             raise
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        if isinstance(exc, click_exception_type()):
+            _usage_error(exc)
         one_line = " ".join(str(exc).split()) or type(exc).__name__
-        if isinstance(exc, _user_error_types()):
+        if isinstance(exc, user_error_types()):
             info(f"error: {one_line}")
-            sys.exit(2)
+            sys.exit(EXIT_USAGE)
         info(f"error: {type(exc).__name__}: {one_line}")
-        sys.exit(1)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -1,148 +1,188 @@
-"""``fewvision anomaly fit | predict | eval``: anomaly detection from good images only."""
+"""``fewvision anomaly fit | predict | eval | rethreshold``: anomaly detection from good images only."""
 
 from __future__ import annotations
 
-import csv
-import json
+from inspect import cleandoc
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..defaults import DEFAULT_ANOMALY_BACKBONE
-from ..io.atomic import atomic_open
+from .common import (
+    CONTEXT,
+    EXIT_CODES_HELP,
+    UserError,
+    backbone_option,
+    cache_dir_option,
+    check_folder,
+    check_output,
+    create,
+    exit_code_option,
+    file_sha256,
+    finish,
+    info,
+    init_parameters,
+    model_task,
+    no_cache_option,
+    param_option,
+    parse_params,
+    resolve_backbone,
+    summarise,
+    weights_option,
+    write_table,
+)
 
-ANOMALY_BACKBONE_HELP = ("backbone spec: timm:NAME (hub weights) | timm:NAME@PATH | timm:NAME@random | texture "
-                         "(built in, no weights) | openclip:MODEL[/TAG]")
+OFFLINE_HINT = (" - offline, use the built-in weight-free backbone (--backbone texture) or give a local weights "
+                "file with --weights PATH")
+ROW_COLUMNS = ["path", "verdict", "score", "threshold", "normalized_score", "x", "y", "heatmap", "model_sha256",
+               "backbone", "time", "error"]
 
+FIT_EXAMPLE = """
 
-def _user_error(msg: str) -> Exception:
-    from .common import UserError
+\b
+Examples:
+  fewvision anomaly fit mvtec/bottle -o bottle.fvm            (uses train/good)
+  fewvision anomaly fit good/ --method padim --backbone texture --target-false-reject 0.01 -o line3.fvm
+"""
+PREDICT_EXAMPLE = """
 
-    return UserError(msg)
+\b
+Example:
+  fewvision anomaly predict line3.fvm today/ -o scores.csv --heatmaps heat/ --report report/ --exit-code
+"""
+EVAL_EXAMPLE = """
 
+\b
+Example:
+  fewvision anomaly eval bottle.fvm mvtec/bottle -o metrics.json --report report/
+"""
+RETHRESHOLD_EXAMPLE = """
 
-def _backbone(spec: str, weights: Optional[str], cache_dir: Optional[str]):
-    from ..backbones import create_backbone
-    from ..backbones.base import WeightsUnavailable
-
-    try:
-        return create_backbone(spec, weights=weights, cache_dir=cache_dir)
-    except WeightsUnavailable as err:
-        raise _user_error(f"{err} - offline, use the built-in weight-free backbone (--backbone texture) or give a "
-                          "local weights file with --weights PATH") from None
-
-
-def _params(items: List[str]) -> dict:
-    """``--param name=value`` pairs; values are parsed as JSON when they can be (numbers, true/false, null)."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise _user_error(f"--param expects NAME=VALUE, got '{item}'")
-        try:
-            out[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[name.strip()] = value
-    return out
-
-
-def _load(model_path: Path):
-    from ..modelfile import load
-
-    model = load(model_path)
-    if model.task != "anomaly":
-        raise _user_error(f"{model_path}: a {model.task} model, not an anomaly model (fit one with 'fewvision anomaly "
-                          "fit')")
-    return model
-
-
-def write_anomaly_rows(path: Path, rows: list[dict], skipped) -> None:
-    """CSV or JSONL (by suffix), written to a temp file and renamed."""
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise _user_error(f"{path}: --out must end in .csv or .jsonl")
-    with atomic_open(path, newline="") as fh:
-        if suffix == ".csv":
-            w = csv.writer(fh)
-            w.writerow(["path", "score", "is_anomalous", "heatmap", "error"])
-            for r in rows:
-                flag = "" if r["is_anomalous"] is None else str(bool(r["is_anomalous"])).lower()
-                w.writerow([r["path"], f"{r['score']:.6g}", flag, r.get("heatmap", ""), ""])
-            for s in skipped:
-                w.writerow([s.path, "", "", "", s.reason])
-        else:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-            for s in skipped:
-                fh.write(json.dumps({"path": s.path, "score": None, "is_anomalous": None, "error": s.reason}) + "\n")
+\b
+Example:
+  fewvision anomaly rethreshold line3.fvm --target-false-reject 0.005
+"""
 
 
 def register(app: typer.Typer) -> None:
-    from .common import info
-
-    anomaly_app = typer.Typer(no_args_is_help=True, help="Anomaly detection learned from good images only.")
+    anomaly_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+                              help="Anomaly detection learned from good images only.")
     app.add_typer(anomaly_app, name="anomaly")
+    for name, fn, example in (("fit", fit, FIT_EXAMPLE), ("predict", predict, PREDICT_EXAMPLE),
+                              ("eval", evaluate, EVAL_EXAMPLE), ("rethreshold", rethreshold, RETHRESHOLD_EXAMPLE)):
+        anomaly_app.command(name, context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                            help=cleandoc(fn.__doc__) + example)(fn)
 
-    @anomaly_app.command("fit")
-    def fit(
-        good: List[Path] = typer.Argument(..., help="folder(s) and/or files of good images"),
-        method: str = typer.Option("patchcore", "--method", help="patchcore | padim (or another registered method)"),
-        backbone: str = typer.Option(DEFAULT_ANOMALY_BACKBONE, "--backbone", help=ANOMALY_BACKBONE_HELP),
-        weights: Optional[str] = typer.Option(None, "--weights", help="local weights file for the backbone"),
-        target_false_reject: float = typer.Option(0.01, "--target-false-reject", min=0.0, max=1.0,
-                                                  help="false-reject rate on good images the threshold guarantees"),
-        holdout_fraction: float = typer.Option(0.2, "--holdout-fraction", min=0.0, max=1.0,
-                                               help="share of good images held out to set the threshold, for "
-                                                    "methods without leave-one-out scores (ae, vae, stpm, winclip)"),
-        param: List[str] = typer.Option([], "--param", help="method parameter NAME=VALUE (repeatable)"),
-        seed: int = typer.Option(0, "--seed"),
-        out: Path = typer.Option(..., "-o", "--out", help="model file to write (.fvm)"),
-        cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-        no_cache: bool = typer.Option(False, "--no-cache"),
-    ) -> None:
-        """Fit an anomaly model on good images and set its threshold from good images alone (leave-one-out for
-        patchcore and padim, so every image both fits and calibrates)."""
-        from ..modelfile import MODEL_SUFFIX, save_model
-        from ..tasks.anomaly import fit_anomaly
 
-        if out.suffix != MODEL_SUFFIX:
-            raise _user_error(f"{out}: the model file must end in {MODEL_SUFFIX}")
-        bb = _backbone(backbone, weights, cache_dir)
+def load_anomaly_model(model_path: Path):
+    from ..modelfile import load
+
+    if model_task(model_path) != "anomaly":
+        raise UserError(f"{model_path}: a classification model, not an anomaly model; use 'fewvision predict' / "
+                        "'fewvision eval' (or fit one with 'fewvision anomaly fit')")
+    return load(model_path)
+
+
+def fit(
+    good: List[Path] = typer.Argument(..., metavar="GOOD",
+                                      help="folders and/or files of good images: an MVTec AD category (its "
+                                           "train/good is used), a folder with a good/ folder, or good images"),
+    method: str = typer.Option("patchcore", "--method", "-m", metavar="METHOD",
+                               help="patchcore | padim | stpm | ae | vae | winclip"),
+    backbone: Optional[str] = backbone_option("anomaly"),
+    weights: Optional[str] = weights_option(),
+    target_false_reject: float = typer.Option(0.01, "--target-false-reject", min=0.0, max=1.0, metavar="RATE",
+                                              help="share of good parts the threshold may reject at most (the "
+                                                   "tightest the images support when there are too few)"),
+    holdout_fraction: float = typer.Option(0.2, "--holdout-fraction", min=0.0, max=1.0, metavar="F",
+                                           help="share of good images held out to set the threshold, for methods "
+                                                "without leave-one-out scores (ae, vae, stpm, winclip)"),
+    all_subfolders: bool = typer.Option(False, "--all-subfolders",
+                                        help="fit on every image below the folders even when sub-folders look like "
+                                             "defect classes"),
+    param: List[str] = param_option(),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the coreset, channel draw or training"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+) -> None:
+    """Fit an anomaly model on good images and set its threshold from good images alone (leave-one-out for
+    patchcore and padim, so every image both fits and calibrates)."""
+    from ..anomaly import anomaly_head_classes
+    from ..modelfile import MODEL_SUFFIX, save_model
+    from ..progress import job
+    from ..tasks.anomaly import fit_anomaly, good_images
+
+    heads = anomaly_head_classes()
+    if method not in heads:
+        raise UserError(f"unknown anomaly method '{method}': expected one of {', '.join(sorted(heads))}")
+    params = parse_params(param, init_parameters(heads[method]), method)
+    check_output(out, (MODEL_SUFFIX,))
+    if not 0 < target_false_reject < 1:
+        raise UserError(f"--target-false-reject must be between 0 and 1, got {target_false_reject}")
+    paths, sources = good_images(good, all_subfolders)  # layout checks before any model is loaded
+    if not paths:
+        raise UserError(f"no good images found in {', '.join(map(str, good))}")
+    with job(f"fit {method}"):
+        bb = create(resolve_backbone(backbone, "anomaly"), weights, cache_dir, OFFLINE_HINT)
+        for line in sources:
+            info(f"good images: {line}")
         model = fit_anomaly(good, method, bb, target_false_reject=target_false_reject,
                             holdout_fraction=holdout_fraction, seed=seed, cache_dir=cache_dir,
-                            use_cache=not no_cache, progress=True, **_params(param))
-        save_model(out, model)
-        d = model.decision
-        if d.get("target_note"):
-            info(f"note: {d['target_note']}")
-        typer.echo(f"{method} on {model.info['n_fit_images']} good images; threshold {d['threshold']:.6g}, "
-                   f"{d['guarantee']}")
-        for s in model.info.get("skipped", []):
-            info(f"skipped {s}")
-        info(f"wrote {out}")
+                            use_cache=not no_cache, progress=True, all_subfolders=all_subfolders, **params)
+    save_model(out, model)
+    d = model.decision
+    for s in model.info.get("skipped", []):
+        info(f"skipped {s}")
+    if d.get("target_note"):
+        info(f"note: {d['target_note']}")
+    typer.echo(f"{method} on {model.info['n_fit_images']} good images; threshold {d['threshold']:.6g}, "
+               f"{d['guarantee']}")
+    info(f"wrote {out}")
 
-    @anomaly_app.command("predict")
-    def predict(
-        model_path: Path = typer.Argument(..., help="model file from 'fewvision anomaly fit'"),
-        images: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
-        out: Path = typer.Option(..., "--out", help="results.csv or results.jsonl"),
-        heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="folder for heat-map overlay PNGs"),
-        weights: Optional[str] = typer.Option(None, "--weights"),
-        cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-        no_cache: bool = typer.Option(False, "--no-cache"),
-    ) -> None:
-        """Score images: one row per image with its anomaly score and whether it is over the threshold."""
-        from ..io.images import BadImage
-        from ..reports.anomaly import overlay_for, write_png
-        from ..tasks.anomaly import score_files
 
-        model = _load(model_path)
-        res = score_files(model, images, keep_maps=heatmaps is not None, weights=weights, cache_dir=cache_dir,
-                          use_cache=not no_cache, progress=True)
+def predict(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file from 'fewvision anomaly fit'"),
+    images: List[Path] = typer.Argument(..., metavar="IMAGES",
+                                        help="image files and/or folders (searched recursively)"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="results.csv or results.jsonl"),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", metavar="DIR",
+                                            help="folder for one PNG per image: the image and its heat map side by "
+                                                 "side, score, threshold and verdict"),
+    report: Optional[Path] = typer.Option(None, "--report", metavar="DIR",
+                                          help="folder for an HTML gallery: flagged images first, then those "
+                                               "nearest the threshold"),
+    review_band: float = typer.Option(0.0, "--review-band", min=0.0, metavar="F",
+                                      help="verdict 'review' for scores within F of the threshold (relative: 0.1 "
+                                           "= 10%%) [default: no review band]"),
+    weights: Optional[str] = weights_option(),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+    exit_code: bool = exit_code_option(),
+) -> None:
+    """Score images: one row per image with its verdict (ok / ng / review), score, threshold, score / threshold and
+    where the heat map peaks."""
+    from ..io.images import BadImage, iter_image_files
+    from ..progress import expect, job
+    from ..reports.anomaly import heatmap_image, write_png
+    from ..tasks.anomaly import score_files
+
+    check_output(out, (".csv", ".jsonl"))
+    check_folder(heatmaps, "--heatmaps")
+    check_folder(report, "--report")
+    model = load_anomaly_model(model_path)
+    paths = iter_image_files(images)
+    keep_maps = heatmaps is not None or report is not None
+    with job(f"predict {model.head.method}") as bar:
+        res = score_files(model, paths, keep_maps=keep_maps, review_band=review_band, weights=weights,
+                          cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+        bb = model.backbone(cache_dir=cache_dir, weights=weights)
+        sha = file_sha256(model_path)
+        for r in res.rows:
+            r.update({"model_sha256": sha, "backbone": model.backbone_spec})
         if heatmaps is not None:
-            bb = model.backbone(cache_dir=cache_dir, weights=weights)
-            vrange = model.decision.get("heatmap_range") or [float(res.maps.min()), float(res.maps.max())]
+            bar.stage("heat maps")
+            expect(len(res.rows))
             used: set[str] = set()
             for i, r in enumerate(res.rows):
                 name = f"{Path(r['path']).stem}_heatmap.png"
@@ -150,59 +190,116 @@ def register(app: typer.Typer) -> None:
                     name = f"{Path(r['path']).stem}_{i}_heatmap.png"
                 used.add(name)
                 try:
-                    r["heatmap"] = str(write_png(heatmaps / name, overlay_for(r["path"], res.maps[i], bb.preprocess,
-                                                                               vrange)))
+                    picture = heatmap_image(r["path"], res.maps[i], bb.preprocess, model.decision, score=r["score"],
+                                            verdict=r["verdict"])
+                    r["heatmap"] = str(write_png(heatmaps / name, picture))
                 except BadImage as err:
                     info(f"no heat map for {r['path']}: {err.reason}")
-        write_anomaly_rows(out, res.rows, res.skipped)
-        n_flag = sum(1 for r in res.rows if r["is_anomalous"])
-        for s in res.skipped:
-            info(f"skipped {s.path}: {s.reason}")
-        typer.echo(f"{len(res.rows)} image(s) scored, {n_flag} anomalous, {len(res.skipped)} skipped")
-        info(f"wrote {out}")
+                bar.advance(1)
+    write_table(out, ROW_COLUMNS, [_formatted(r) for r in res.rows] if out.suffix.lower() == ".csv" else res.rows,
+                res.skipped)
+    info(f"wrote {out}")
+    if report is not None:
+        from ..reports.anomaly import write_anomaly_report
 
-    @anomaly_app.command("eval")
-    def evaluate(
-        model_path: Path = typer.Argument(..., help="model file from 'fewvision anomaly fit'"),
-        dataset: str = typer.Argument(..., help="an MVTec AD category folder, a folder with good/ and defect "
-                                                "folders, a CSV manifest, or 'textile'"),
-        out: Path = typer.Option(Path("metrics.json"), "--out", help="metrics JSON"),
-        report: Optional[Path] = typer.Option(None, "--report", help="folder for an HTML report"),
-        good_label: Optional[str] = typer.Option(None, "--good-label",
-                                                 help="name of the good class (default: good, else nominal)"),
-        recall: float = typer.Option(0.95, "--recall", min=0.0, max=1.0,
-                                     help="also report the threshold that catches this share of defects"),
-        weights: Optional[str] = typer.Option(None, "--weights"),
-        cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-        no_cache: bool = typer.Option(False, "--no-cache"),
-    ) -> None:
-        """Image AUROC / AUPR / F1 at the model's threshold; pixel AUROC and AUPRO when masks exist."""
-        from ..metrics.classification import save_metrics
-        from ..tasks.anomaly import evaluate_anomaly
+        page = write_anomaly_report(report, title=f"fewvision anomaly predict: {model.head.method}", rows=res.rows,
+                                    maps=res.maps, preprocess=bb.preprocess, decision=model.decision,
+                                    extra={"model": str(model_path), "backbone": model.backbone_spec,
+                                           "method": model.head.method})
+        info(f"report: {page}")
+    counts = {v: sum(1 for r in res.rows if r["verdict"] == v) for v in ("ok", "ng", "review")}
+    flagged = sorted((r for r in res.rows if r["verdict"] in ("ng", "review")), key=lambda r: -r["score"])
+    lines = [f"{r['verdict']} {r['path']}: score {r['score']:.4g} vs threshold {r['threshold']:.4g}"
+             + (f" (peak at x {r['x']}, y {r['y']})" if r.get("x") is not None else "") for r in flagged]
+    summarise(bar, len(res.rows), res.skipped, {k: v for k, v in counts.items() if v or k != "review"}, lines)
+    typer.echo(f"{len(res.rows)} image(s) scored: {counts['ok']} ok, {counts['ng']} ng"
+               + (f", {counts['review']} review" if counts["review"] else "") + f", {len(res.skipped)} skipped")
+    finish(len(res.rows), counts["ng"] + counts["review"], exit_code)
 
-        model = _load(model_path)
+
+def _formatted(row: dict) -> dict:
+    out = dict(row)
+    for key in ("score", "threshold", "normalized_score"):
+        if out.get(key) is not None:
+            out[key] = f"{out[key]:.6g}"
+    return out
+
+
+def evaluate(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file from 'fewvision anomaly fit'"),
+    dataset: str = typer.Argument(..., metavar="DATASET",
+                                  help="an MVTec AD category folder, a folder with good/ and defect folders, a CSV "
+                                       "manifest (path,label), or 'textile'"),
+    out: Path = typer.Option(Path("metrics.json"), "--out", "-o", metavar="FILE", help="metrics JSON"),
+    report: Optional[Path] = typer.Option(None, "--report", metavar="DIR", help="folder for an HTML report"),
+    good_label: Optional[str] = typer.Option(None, "--good-label", metavar="NAME",
+                                             help="name of the good class [default: good, else nominal]"),
+    recall: float = typer.Option(0.95, "--recall", min=0.0, max=1.0, metavar="R",
+                                 help="also report the threshold that catches this share of defects"),
+    weights: Optional[str] = weights_option(),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+) -> None:
+    """Image AUROC / AUPR / F1 at the model's threshold, labelled thresholds for comparison, and pixel AUROC and
+    AUPRO when masks exist. Images the model was fitted on are left out."""
+    from ..metrics import save_metrics
+    from ..progress import job
+    from ..tasks.anomaly import evaluate_anomaly
+
+    check_output(out, (".json",))
+    check_folder(report, "--report")
+    model = load_anomaly_model(model_path)
+    with job(f"eval {model.head.method}") as bar:
         ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, weights=weights,
                               cache_dir=cache_dir, use_cache=not no_cache, progress=True)
-        m = ev.metrics
-        m.update({"method": model.head.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
-                  "dataset": str(dataset), "model": str(model_path)})
-        save_metrics(m, out)
-        line = f"{model.head.method} on {dataset}: n_good {m['n_good']}  n_defect {m['n_defect']}"
-        for key in ("image_auroc", "image_aupr", "image_f1", "pixel_auroc", "aupro"):
-            if m.get(key) is not None:
-                line += f"  {key} {m[key]:.4f}"
-        typer.echo(line)
-        info(f"wrote {out}")
-        if report:
-            from ..reports.anomaly import write_anomaly_report
+    m = ev.metrics
+    m.update({"method": model.head.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
+              "dataset": str(dataset), "model": str(model_path), "guarantee": model.decision.get("guarantee")})
+    save_metrics(m, out)
+    line = f"{model.head.method} on {dataset}: n_good {m['n_good']}  n_defect {m['n_defect']}"
+    for key in ("image_auroc", "image_aupr", "image_f1", "pixel_auroc", "aupro"):
+        if m.get(key) is not None:
+            line += f"  {key} {m[key]:.4f}"
+    typer.echo(line)
+    for note in m.get("notes", []):
+        info(f"note: {note}")
+    info(f"wrote {out}")
+    if report:
+        from ..reports.anomaly import write_anomaly_report
 
-            bb = model.backbone(cache_dir=cache_dir, weights=weights)
-            page = write_anomaly_report(
-                report, title=f"fewvision anomaly eval: {model.head.method} on {dataset}", rows=ev.predictions.rows,
-                maps=ev.predictions.maps, preprocess=bb.preprocess,
-                heatmap_range=model.decision.get("heatmap_range") or [0.0, 1.0],
-                threshold=model.decision.get("threshold"), metrics=m, is_defect=ev.is_defect, masks=ev.masks,
-                extra={"model": str(model_path), "backbone": model.backbone_spec, "method": model.head.method})
-            info(f"report: {page}")
-        for s in ev.predictions.skipped:
-            info(f"skipped {s.path}: {s.reason}")
+        bb = model.backbone(cache_dir=cache_dir, weights=weights)
+        page = write_anomaly_report(
+            report, title=f"fewvision anomaly eval: {model.head.method} on {dataset}", rows=ev.predictions.rows,
+            maps=ev.predictions.maps, preprocess=bb.preprocess, decision=model.decision, metrics=m,
+            is_defect=ev.is_defect, masks=ev.masks,
+            extra={"model": str(model_path), "backbone": model.backbone_spec, "method": model.head.method})
+        info(f"report: {page}")
+    counts = {"ok": sum(r["verdict"] == "ok" for r in ev.predictions.rows),
+              "ng": sum(r["verdict"] == "ng" for r in ev.predictions.rows)}
+    summarise(bar, len(ev.predictions.rows), ev.predictions.skipped, counts)
+    finish(len(ev.predictions.rows), 0, False)
+
+
+def rethreshold(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file from 'fewvision anomaly fit'"),
+    target_false_reject: float = typer.Option(..., "--target-false-reject", min=0.0, max=1.0, metavar="RATE",
+                                              help="the new share of good parts the threshold may reject at most"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+                                       help="model file to write [default: replace MODEL]"),
+) -> None:
+    """Set a new threshold from the good images' calibration scores stored in the model - no refit, no images."""
+    from ..modelfile import MODEL_SUFFIX, save_model
+    from ..tasks.anomaly import rethreshold as new_threshold
+
+    target = check_output(out, (MODEL_SUFFIX,)) or model_path
+    if not 0 < target_false_reject < 1:
+        raise UserError(f"--target-false-reject must be between 0 and 1, got {target_false_reject}")
+    model = load_anomaly_model(model_path)
+    before = model.decision["threshold"]
+    new_threshold(model, target_false_reject)
+    save_model(target, model)
+    d = model.decision
+    if d.get("target_note"):
+        info(f"note: {d['target_note']}")
+    typer.echo(f"threshold {before:.6g} -> {d['threshold']:.6g}, {d['guarantee']}")
+    info(f"wrote {target}")

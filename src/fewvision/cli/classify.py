@@ -2,118 +2,222 @@
 
 from __future__ import annotations
 
+from inspect import cleandoc
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from .common import (
-    DEFAULT_BACKBONE_HELP,
+    CONTEXT,
+    EXIT_CODES_HELP,
     LMM_METHODS,
     LMM_URL_HELP,
     UserError,
-    _backbone,
-    _classes,
-    _lmm,
-    _summary,
+    backbone_option,
+    cache_dir_option,
+    check_folder,
+    check_output,
+    classes_from,
+    create,
+    exit_code_option,
+    finish,
     info,
-    write_rows,
+    lmm_from,
+    no_cache_option,
+    resolve_backbone,
+    spec_has_text,
+    summarise,
+    templates_from,
+    weights_option,
 )
+
+CLASSIFY_EXAMPLE = """
+
+\b
+Example:
+  fewvision classify photos/ --classes "ok,scratch,dent" -o results.csv --report report/
+"""
+EVAL_EXAMPLE = """
+
+\b
+Examples:
+  fewvision eval my_dataset/ --method zeroshot -o metrics.json --report report/
+  fewvision eval model.fvm test_set/ -o metrics.json
+"""
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(classify)
-    app.command("eval")(evaluate)
+    app.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP, help=cleandoc(classify.__doc__) + CLASSIFY_EXAMPLE)(classify)
+    app.command("eval", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                help=cleandoc(evaluate.__doc__) + EVAL_EXAMPLE)(evaluate)
+
+
+def _lmm_options():
+    return dict(
+        lmm_url=typer.Option(None, "--lmm-url", metavar="URL", help=LMM_URL_HELP),
+        lmm_model=typer.Option(None, "--lmm-model", metavar="NAME", help="LMM name on the server, or a local folder"),
+    )
+
+
+def check_text_tower(method: str, spec: str) -> None:
+    if spec_has_text(spec) is False:
+        raise UserError(f"--method {method} needs a text tower, which backbone '{spec}' lacks; use a CLIP backbone "
+                        "(openclip:... or hf:...) or a few-shot method on labelled images (fewvision fit)")
 
 
 def classify(
-    images: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
-    classes: Optional[str] = typer.Option(None, "--classes", help='comma-separated class names, e.g. "ok,scratch"'),
-    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="YAML/JSON classes with descriptions"),
-    backbone: str = typer.Option("openclip:ViT-B-32/laion2b_s34b_b79k", "--backbone", help=DEFAULT_BACKBONE_HELP),
-    weights: Optional[str] = typer.Option(None, "--weights", help="local weights file or folder for the backbone"),
-    template: List[str] = typer.Option([], "--template", help="template set (openai|simple|industrial) or text with {}"),
-    unknown_threshold: Optional[float] = typer.Option(None, "--unknown-threshold", min=0.0, max=1.0,
-                                                      help="label 'unknown' when the top probability is below P"),
-    out: Optional[Path] = typer.Option(None, "--out", help="results.csv or results.jsonl"),
-    report: Optional[Path] = typer.Option(None, "--report", help="folder for an HTML report"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="cache root (default $FEWVISION_CACHE_DIR or ~/.cache/fewvision)"),
-    no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    method: str = typer.Option("zeroshot", "--method", help="zeroshot | slac | tlac (slac/tlac ask an LMM)"),
-    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", help=LMM_URL_HELP),
-    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", help="LMM name on the server, or a local folder"),
-    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, help="seconds per LMM request"),
-    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, help="LMM requests in flight at most"),
-    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", help="the stage-1 question (SLAC's by default)"),
-    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, help="candidates from CLIP and from SLAC (tlac)"),
+    images: List[Path] = typer.Argument(..., metavar="IMAGES", help="image files and/or folders (searched "
+                                        "recursively)"),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", metavar="A,B,...",
+                                          help='comma-separated class names, e.g. "ok,scratch"'),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", metavar="FILE",
+                                                help="YAML or JSON classes with synonyms and descriptions "
+                                                     "(format in the README)"),
+    backbone: Optional[str] = backbone_option(),
+    weights: Optional[str] = weights_option(),
+    template: Optional[str] = typer.Option(None, "--template", "-t", metavar="T1,T2,...",
+                                           help="template sets (openai, simple, industrial) and/or templates with "
+                                                "{} for the class, comma-separated (\\, for a literal comma) "
+                                                "[default: industrial]"),
+    review_threshold: Optional[float] = typer.Option(None, "--review-threshold", "--unknown-threshold", min=0.0,
+                                                     max=1.0, metavar="P",
+                                                     help="send an image to review when its top probability is "
+                                                          "below P"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="results.csv or results.jsonl "
+                                       "(default: one line per image on stdout)"),
+    report: Optional[Path] = typer.Option(None, "--report", metavar="DIR", help="folder for an HTML report"),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, metavar="N", help="images per encoder batch"),
+    method: str = typer.Option("zeroshot", "--method", "-m", metavar="METHOD",
+                               help="zeroshot | slac | tlac (slac and tlac ask an LMM)"),
+    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", metavar="URL", help=LMM_URL_HELP),
+    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", metavar="NAME",
+                                            help="LMM name on the server, or a local folder"),
+    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, metavar="S", help="seconds per LMM request"),
+    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, metavar="N",
+                                        help="LMM requests in flight at most"),
+    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", metavar="TEXT",
+                                             help="the stage-1 question (SLAC's by default)"),
+    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, metavar="K", help="candidates from CLIP and from SLAC "
+                                  "(tlac)"),
+    exit_code: bool = exit_code_option(),
 ) -> None:
-    """Zero-shot classification: one row per image with its label and the probability of each class."""
+    """Zero-shot classification: one row per image with its label, the top class and its probability, and the
+    probability of each class."""
     from ..io.images import iter_image_files
-    from ..tasks.zeroshot import classify as run_classify
-    from ..tasks.zeroshot import classify_with_lmm
+    from ..progress import job
 
     if method not in ("zeroshot", *LMM_METHODS):
         raise UserError(f"unknown method '{method}': expected zeroshot, slac or tlac")
-    specs = _classes(classes, classes_file)
+    check_output(out, (".csv", ".jsonl"))
+    check_folder(report, "--report")
+    spec = resolve_backbone(backbone)
+    check_text_tower(method, spec)
+    specs = classes_from(classes, classes_file)
     if specs is None:
         raise UserError("give the classes with --classes or --classes-file")
-    lmm = _lmm(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
-    images = iter_image_files(images)  # a missing input is reported before any model is loaded
-    bb = _backbone(backbone, weights, cache_dir)
-    if lmm is not None:
-        preds = classify_with_lmm(images, specs, backbone=bb, lmm=lmm, method=method, templates=template or None,
-                                  prompt=lmm_prompt, top_k=lmm_top_k, unknown_threshold=unknown_threshold,
-                                  cache_dir=cache_dir, use_cache=not no_cache, progress=True, batch_size=batch_size)
-    else:
-        preds = run_classify(images, specs, backbone=bb, templates=template or None,
-                             unknown_threshold=unknown_threshold, cache_dir=cache_dir, use_cache=not no_cache,
-                             progress=True, batch_size=batch_size)
+    templates = templates_from(template)
+    lmm = lmm_from(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
+    paths = iter_image_files(images)  # a missing input is reported before any model is loaded
+    with job("classify") as bar:
+        bb = create(spec, weights, cache_dir)
+        if lmm is not None:
+            from ..tasks.zeroshot import classify_with_lmm
+
+            preds = classify_with_lmm(paths, specs, backbone=bb, lmm=lmm, method=method, templates=templates,
+                                      prompt=lmm_prompt, top_k=lmm_top_k, unknown_threshold=review_threshold,
+                                      cache_dir=cache_dir, use_cache=not no_cache, progress=True,
+                                      batch_size=batch_size)
+        else:
+            from ..tasks.zeroshot import classify as run_classify
+
+            preds = run_classify(paths, specs, backbone=bb, templates=templates, unknown_threshold=review_threshold,
+                                 cache_dir=cache_dir, use_cache=not no_cache, progress=True, batch_size=batch_size)
+    write_predictions(preds, out, report, title="fewvision classify",
+                      extra={"backbone": bb.spec, **({"method": method, "lmm": lmm.describe()} if lmm else {})})
+    summarise_predictions(bar, preds)
+    finish(len(preds.rows), sum(r["label"] == "review" for r in preds.rows), exit_code)
+
+
+def write_predictions(preds, out: Optional[Path], report: Optional[Path], *, title: str, extra: dict,
+                      metrics: Optional[dict] = None) -> None:
+    from .common import write_classification
+
     if out:
-        write_rows(out, preds.rows, preds.class_names, preds.skipped)
+        write_classification(out, preds)
         info(f"wrote {out}")
-    else:
+    elif metrics is None:
         for r in preds.rows:
-            note = f"\t{r['note']}" if r.get("note") else ""
-            typer.echo(f"{r['path']}\t{r['label']}\t{max(r['probabilities'].values()):.3f}{note}")
+            extra_cols = [r.get("review_reason") or "", "|".join(r["set"]) if "set" in r else "", r.get("note", "")]
+            tail = "\t".join(c for c in extra_cols if c)
+            typer.echo(f"{r['path']}\t{r['label']}\t{r['top_label']}\t{r['top_probability']:.3f}"
+                       + (f"\t{tail}" if tail else ""))
     if report:
         from ..reports.classification import write_classification_report
 
-        extra = {"backbone": bb.spec, **({"method": method, "lmm": lmm.describe()} if lmm is not None else {})}
-        page = write_classification_report(report, title="fewvision classify", metrics=None, rows=preds.rows,
+        page = write_classification_report(report, title=title, metrics=metrics, rows=preds.rows,
                                            class_names=preds.class_names, extra=extra)
         info(f"report: {page}")
-    _summary(len(preds.rows), preds.skipped)
+
+
+def summarise_predictions(bar, preds) -> None:
+    counts: dict[str, int] = {}
+    for r in preds.rows:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    review = [f"review {r['path']}: {r.get('review_reason', '')} (top {r['top_label']} {r['top_probability']:.2f})"
+              for r in preds.rows if r["label"] == "review"]
+    summarise(bar, len(preds.rows), preds.skipped, counts, review)
 
 
 def evaluate(
-    dataset: str = typer.Argument(..., help="'textile', a CSV manifest, an MVTec folder or a folder of class folders"
-                                  " - or a fitted model file (.fvm), followed by the dataset"),
+    dataset: str = typer.Argument(..., metavar="DATASET_OR_MODEL",
+                                  help="'textile', a CSV manifest (path,label), an MVTec folder or a folder of class "
+                                       "folders - or a fitted model file (.fvm), followed by the dataset"),
     model_dataset: Optional[str] = typer.Argument(None, metavar="[DATASET]", help="the dataset, after a model file"),
-    method: str = typer.Option("zeroshot", "--method", help="zeroshot | prototype | slac | tlac"),
-    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="classes with descriptions (zeroshot)"),
-    backbone: str = typer.Option("openclip:ViT-B-32/laion2b_s34b_b79k", "--backbone", help=DEFAULT_BACKBONE_HELP),
-    weights: Optional[str] = typer.Option(None, "--weights"),
-    template: List[str] = typer.Option([], "--template"),
-    unknown_threshold: Optional[float] = typer.Option(None, "--unknown-threshold", min=0.0, max=1.0),
-    shots: int = typer.Option(10, "--shots", min=1, help="support images per class (prototype)"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("metrics.json"), "--out", help="metrics JSON"),
-    report: Optional[Path] = typer.Option(None, "--report", help="folder for an HTML report"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    no_cache: bool = typer.Option(False, "--no-cache"),
-    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", help=LMM_URL_HELP),
-    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", help="LMM name on the server, or a local folder"),
-    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, help="seconds per LMM request"),
-    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, help="LMM requests in flight at most"),
-    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", help="the stage-1 question (SLAC's by default)"),
-    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, help="candidates from CLIP and from SLAC (tlac)"),
-    abstain: bool = typer.Option(False, "--abstain", help="model files: 'review' when the conformal set is not one class"),
+    method: str = typer.Option("zeroshot", "--method", "-m", metavar="METHOD",
+                               help="zeroshot | prototype | slac | tlac (without a model file)"),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", metavar="FILE",
+                                                help="classes with synonyms and descriptions (zeroshot)"),
+    backbone: Optional[str] = backbone_option(),
+    weights: Optional[str] = weights_option(),
+    template: Optional[str] = typer.Option(None, "--template", "-t", metavar="T1,T2,...",
+                                           help="template sets and/or templates with {}, comma-separated"),
+    review_threshold: Optional[float] = typer.Option(None, "--review-threshold", "--unknown-threshold", min=0.0,
+                                                     max=1.0, metavar="P",
+                                                     help="send an image to review when its top probability is "
+                                                          "below P"),
+    shots: int = typer.Option(10, "--shots", min=1, metavar="K", help="support images per class (prototype)"),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the support draw (prototype)"),
+    out: Path = typer.Option(Path("metrics.json"), "--out", "-o", metavar="FILE", help="metrics JSON"),
+    report: Optional[Path] = typer.Option(None, "--report", metavar="DIR", help="folder for an HTML report"),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", metavar="URL", help=LMM_URL_HELP),
+    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", metavar="NAME",
+                                            help="LMM name on the server, or a local folder"),
+    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, metavar="S", help="seconds per LMM request"),
+    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, metavar="N",
+                                        help="LMM requests in flight at most"),
+    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", metavar="TEXT",
+                                             help="the stage-1 question (SLAC's by default)"),
+    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, metavar="K",
+                                  help="candidates from CLIP and from SLAC (tlac)"),
+    abstain: bool = typer.Option(False, "--abstain", help="model files: send an image to review when its conformal "
+                                 "set is not exactly one class"),
 ) -> None:
-    """Accuracy, balanced accuracy, macro-F1, per-class scores and bootstrap 95% intervals on a labelled dataset."""
+    """Accuracy, balanced accuracy, macro-F1, calibration error, per-class scores and bootstrap 95% intervals on a
+    labelled dataset."""
     from ..modelfile import is_model_file
+    from .common import model_task
 
+    check_output(out, (".json",))
+    check_folder(report, "--report")
     if is_model_file(dataset):
+        if model_task(Path(dataset)) == "anomaly":
+            raise UserError(f"{dataset}: an anomaly model; evaluate it with 'fewvision anomaly eval {dataset} "
+                            "DATASET'")
         from .fewshot import evaluate_model_command
 
         if model_dataset is None:
@@ -122,42 +226,51 @@ def evaluate(
                                       weights=weights, cache_dir=cache_dir, no_cache=no_cache)
     if model_dataset is not None:
         raise UserError(f"a second argument ('{model_dataset}') is only taken after a model file (.fvm)")
+    if method not in ("zeroshot", "prototype", *LMM_METHODS):
+        raise UserError(f"unknown method '{method}': expected zeroshot, prototype, slac or tlac")
+    spec = resolve_backbone(backbone)
+    if method != "prototype":
+        check_text_tower(method, spec)
+    specs = classes_from(None, classes_file)
+    templates = templates_from(template)
+    lmm = lmm_from(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
     from ..io.datasets import load_dataset
-    from ..metrics.classification import save_metrics
-    from ..tasks.fewshot import evaluate_prototype
-    from ..tasks.zeroshot import evaluate_zeroshot
+    from ..metrics import save_metrics
+    from ..progress import job
 
     data = load_dataset(dataset)
-    bb = _backbone(backbone, weights, cache_dir)
-    if method == "zeroshot":
-        ev = evaluate_zeroshot(data, backbone=bb, classes=_classes(None, classes_file), templates=template or None,
-                               unknown_threshold=unknown_threshold, cache_dir=cache_dir, use_cache=not no_cache,
-                               progress=True)
-    elif method == "prototype":
-        ev = evaluate_prototype(data, backbone=bb, shots=shots, seed=seed, cache_dir=cache_dir,
-                                use_cache=not no_cache, progress=True)
-    elif method in LMM_METHODS:
-        from ..tasks.zeroshot import evaluate_with_lmm
+    with job(f"eval {method}") as bar:
+        bb = create(spec, weights, cache_dir)
+        if method == "zeroshot":
+            from ..tasks.zeroshot import evaluate_zeroshot
 
-        lmm = _lmm(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
-        ev = evaluate_with_lmm(data, backbone=bb, lmm=lmm, method=method, classes=_classes(None, classes_file),
-                               templates=template or None, prompt=lmm_prompt, top_k=lmm_top_k,
-                               unknown_threshold=unknown_threshold, cache_dir=cache_dir, use_cache=not no_cache,
-                               progress=True)
-        info("decisions: " + ", ".join(f"{k} {v}" for k, v in sorted(ev.metrics["decisions"].items())))
-    else:
-        raise UserError(f"unknown method '{method}': expected zeroshot, prototype, slac or tlac")
+            ev = evaluate_zeroshot(data, backbone=bb, classes=specs, templates=templates,
+                                   unknown_threshold=review_threshold, cache_dir=cache_dir, use_cache=not no_cache,
+                                   progress=True)
+        elif method == "prototype":
+            from ..tasks.fewshot import evaluate_prototype
+
+            ev = evaluate_prototype(data, backbone=bb, shots=shots, seed=seed, cache_dir=cache_dir,
+                                    use_cache=not no_cache, progress=True)
+        else:
+            from ..tasks.zeroshot import evaluate_with_lmm
+
+            ev = evaluate_with_lmm(data, backbone=bb, lmm=lmm, method=method, classes=specs, templates=templates,
+                                   prompt=lmm_prompt, top_k=lmm_top_k, unknown_threshold=review_threshold,
+                                   cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+            info("decisions: " + ", ".join(f"{k} {v}" for k, v in sorted(ev.metrics["decisions"].items())))
     ev.metrics.update({"method": method, "backbone": bb.spec, "backbone_id": bb.id, "dataset": data.name})
     save_metrics(ev.metrics, out)
-    m = ev.metrics
-    typer.echo(f"{method} on {data.name}: accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
-               f"  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
+    print_metrics(f"{method} on {data.name}", ev.metrics)
     info(f"wrote {out}")
-    if report:
-        from ..reports.classification import write_classification_report
+    write_predictions(ev.predictions, None, report, title=f"fewvision eval: {method} on {data.name}",
+                      extra={"backbone": bb.spec, "method": method}, metrics=ev.metrics)
+    summarise_predictions(bar, ev.predictions)
+    finish(len(ev.predictions.rows), 0, False)
 
-        page = write_classification_report(report, title=f"fewvision eval: {method} on {data.name}", metrics=m,
-                                           rows=ev.predictions.rows, class_names=ev.predictions.class_names,
-                                           extra={"backbone": bb.spec, "method": method})
-        info(f"report: {page}")
-    _summary(len(ev.predictions.rows), ev.predictions.skipped)
+
+def print_metrics(what: str, m: dict) -> None:
+    sets = f"  coverage {m['coverage']:.4f}  mean set size {m['mean_set_size']:.3f}" if "coverage" in m else ""
+    ece = f"  ECE {m['ece']:.4f}" if m.get("ece") is not None else ""
+    typer.echo(f"{what}: accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro-F1 "
+               f"{m['macro_f1']:.4f}{ece}{sets}  (n={m['n']})")

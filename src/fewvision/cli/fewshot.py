@@ -1,162 +1,242 @@
 """``fewvision fit``, ``predict`` and ``benchmark``: few-shot models from a handful of labelled images.
 
-``fewvision eval MODEL.fvm DATASET`` is routed here from the ``eval`` command in cli.py.
+``fewvision eval MODEL.fvm DATASET`` is routed here from the ``eval`` command.
 """
 
 from __future__ import annotations
 
-import json
+from inspect import cleandoc
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .common import DEFAULT_BACKBONE_HELP, UserError, _summary, info, write_rows
+from .common import (
+    CONTEXT,
+    EXIT_CODES_HELP,
+    UserError,
+    backbone_option,
+    cache_dir_option,
+    check_folder,
+    check_output,
+    comma_list,
+    exit_code_option,
+    finish,
+    info,
+    init_parameters,
+    model_task,
+    no_cache_option,
+    param_option,
+    parse_params,
+    report_skips,
+    resolve_backbone,
+    spec_has_text,
+    weights_option,
+)
 
-PARAM_HELP = "head parameter KEY=VALUE (JSON value), repeatable, e.g. --param text_weight=0.5"
+FIT_EXAMPLE = """
+
+\b
+Example:
+  fewvision fit my_dataset/ --method prototype --shots 8 --calibrate-fraction 0.3 --alpha 0.1 -o model.fvm
+"""
+PREDICT_EXAMPLE = """
+
+\b
+Example:
+  fewvision predict model.fvm incoming/ -o results.csv --abstain --exit-code
+"""
+BENCHMARK_EXAMPLE = """
+
+\b
+Example:
+  fewvision benchmark my_dataset/ --methods prototype,linear,tip --shots 1,4,16 -o bench/
+"""
 
 
-def parse_params(items: List[str]) -> dict:
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--param '{item}': expected KEY=VALUE")
-        try:
-            params[key.strip()] = json.loads(value)
-        except ValueError:
-            params[key.strip()] = value
-    return params
+def register(app: typer.Typer) -> None:
+    app.command("fit", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                help=cleandoc(fit_command.__doc__) + FIT_EXAMPLE)(fit_command)
+    app.command("predict", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                help=cleandoc(predict_command.__doc__) + PREDICT_EXAMPLE)(predict_command)
+    app.command("benchmark", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                help=cleandoc(benchmark_command.__doc__) + BENCHMARK_EXAMPLE)(benchmark_command)
 
 
-def _check_method(method: str) -> None:
-    from ..heads import head_names
+def head_class(method: str):
+    from ..heads import head_classes
 
-    if method not in head_names():
-        raise UserError(f"unknown method '{method}': expected one of {', '.join(head_names())}")
+    classes = head_classes()
+    if method not in classes:
+        raise UserError(f"unknown method '{method}': expected one of {', '.join(classes)}")
+    return classes[method]
+
+
+def check_method(method: str, spec: str) -> type:
+    cls = head_class(method)
+    needs = cls.needs_text
+    if needs is True and spec_has_text(spec) is False:
+        raise UserError(f"method '{method}' needs a text tower, which backbone '{spec}' lacks; use a CLIP backbone "
+                        "or an image-only method (prototype, linear)")
+    return cls
 
 
 def fit_command(
-    dataset: str = typer.Argument(..., help="'textile', a CSV manifest or a folder of class folders"),
-    method: str = typer.Option(..., "--method", help="a registered head: prototype, linear, tip, tip-f, ..."),
-    out: Path = typer.Option(..., "-o", "--out", help="model file to write (.fvm)"),
-    shots: Optional[int] = typer.Option(None, "--shots", min=1, help="support images per class (default: all)"),
-    seed: int = typer.Option(0, "--seed"),
-    backbone: str = typer.Option("openclip:ViT-B-32/laion2b_s34b_b79k", "--backbone", help=DEFAULT_BACKBONE_HELP),
-    weights: Optional[str] = typer.Option(None, "--weights", help="local weights file or folder for the backbone"),
-    calibrate_fraction: float = typer.Option(0.0, "--calibrate-fraction", min=0.0, max=0.9,
-                                             help="share of the images held out to fit temperature and conformal"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", min=0.001, max=0.999,
-                                          help="conformal miscoverage: prediction sets contain the truth >= 1-alpha"),
-    conformal: str = typer.Option("lac", "--conformal", help="conformal score: lac | aps"),
+    dataset: str = typer.Argument(..., metavar="DATASET",
+                                  help="'textile', a CSV manifest (path,label) or a folder of class folders"),
+    method: str = typer.Option(..., "--method", "-m", metavar="METHOD",
+                               help="prototype, linear, tip, tip-f, prolip, clip-adapter, coop, lora, zeroshot"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
+    shots: Optional[int] = typer.Option(None, "--shots", "-k", min=1, metavar="K",
+                                        help="support images per class [default: all]"),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the support draw and of training"),
+    backbone: Optional[str] = backbone_option(),
+    weights: Optional[str] = weights_option(),
+    calibrate_fraction: float = typer.Option(0.0, "--calibrate-fraction", min=0.0, max=0.9, metavar="F",
+                                             help="share of the images held out to fit the temperature and the "
+                                                  "conformal thresholds"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", min=0.001, max=0.999, metavar="A",
+                                          help="conformal miscoverage: prediction sets hold the true class with "
+                                               "probability >= 1 - A"),
+    conformal: str = typer.Option("lac", "--conformal", metavar="SCORE", help="conformal score: lac | aps"),
     mondrian: bool = typer.Option(False, "--mondrian", help="one conformal threshold per class"),
-    param: List[str] = typer.Option([], "--param", help=PARAM_HELP),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    no_cache: bool = typer.Option(False, "--no-cache"),
+    param: List[str] = param_option(),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
 ) -> None:
-    """Fit a few-shot head (and optionally calibrate it) and write one model file."""
+    """Fit a few-shot head on labelled images (and optionally calibrate it) and write one model file."""
     from ..decide.conformal import SCORES
+    from ..io.datasets import load_dataset
     from ..modelfile import MODEL_SUFFIX, save_model
+    from ..progress import job
     from ..tasks.fewshot import fit
 
-    _check_method(method)
+    spec = resolve_backbone(backbone)
+    cls = check_method(method, spec)
+    params = parse_params(param, init_parameters(cls), method)
     if conformal not in SCORES:
         raise UserError(f"--conformal must be one of {', '.join(SCORES)}, got '{conformal}'")
-    if out.suffix != MODEL_SUFFIX:
-        raise UserError(f"{out}: a model file must end in {MODEL_SUFFIX}")
-    model = fit(dataset, method, backbone, shots, seed, weights=weights, calibrate_fraction=calibrate_fraction,
-                alpha=alpha, conformal=conformal, mondrian=mondrian, cache_dir=cache_dir, use_cache=not no_cache,
-                progress=True, **parse_params(param))
+    check_output(out, (MODEL_SUFFIX,))
+    data = load_dataset(dataset)
+    with job(f"fit {method}"):
+        model = fit(data, method, spec, shots, seed, weights=weights, calibrate_fraction=calibrate_fraction,
+                    alpha=alpha, conformal=conformal, mondrian=mondrian, cache_dir=cache_dir,
+                    use_cache=not no_cache, progress=True, **params)
     save_model(out, model)
+    for s in model.info.get("skipped", []):
+        info(f"skipped {s}")
     d = model.decision
     extra = f", temperature {d['temperature']:.3f}" if "temperature" in d else ""
     if "conformal" in d:
         extra += f", {d['conformal']['score']} sets at alpha {d['conformal']['alpha']}"
-    typer.echo(f"{method}: fitted on {model.info['n_support']} image(s){extra} -> {out}")
+    skipped = f" ({model.info['n_skipped']} unreadable skipped)" if model.info.get("n_skipped") else ""
+    typer.echo(f"{method}: fitted on {model.info['n_support']} image(s){skipped}{extra} -> {out}")
 
 
 def predict_command(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm)"),
-    images: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="results.csv or results.jsonl"),
-    report: Optional[Path] = typer.Option(None, "--report", help="folder for an HTML report"),
-    abstain: bool = typer.Option(False, "--abstain", help="label 'review' when the conformal set is not one class"),
-    unknown_threshold: Optional[float] = typer.Option(None, "--unknown-threshold", min=0.0, max=1.0),
-    weights: Optional[str] = typer.Option(None, "--weights", help="local weights for the model's backbone"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    no_cache: bool = typer.Option(False, "--no-cache"),
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm) from 'fewvision fit'"),
+    images: List[Path] = typer.Argument(..., metavar="IMAGES",
+                                        help="image files and/or folders (searched recursively)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+                                       help="results.csv or results.jsonl (default: one line per image on stdout)"),
+    report: Optional[Path] = typer.Option(None, "--report", metavar="DIR", help="folder for an HTML report"),
+    abstain: bool = typer.Option(False, "--abstain", help="send an image to review when its conformal set is not "
+                                 "exactly one class"),
+    review_threshold: Optional[float] = typer.Option(None, "--review-threshold", "--unknown-threshold", min=0.0,
+                                                     max=1.0, metavar="P",
+                                                     help="send an image to review when its top probability is "
+                                                          "below P"),
+    weights: Optional[str] = weights_option(),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+    exit_code: bool = exit_code_option(),
 ) -> None:
-    """Classify images with a fitted model: label, calibrated probabilities and (when fitted) the prediction set."""
+    """Classify images with a fitted model: the label (or review, with the reason), the top class and its calibrated
+    probability, every class's probability and, when fitted, the prediction set."""
+    from ..io.images import iter_image_files
+    from ..progress import job
     from ..tasks.fewshot import load, predict
+    from .classify import summarise_predictions, write_predictions
 
+    check_output(out, (".csv", ".jsonl"))
+    check_folder(report, "--report")
+    if model_task(model_path) == "anomaly":
+        raise UserError(f"{model_path}: an anomaly model; score images with 'fewvision anomaly predict "
+                        f"{model_path} IMAGES...'")
     model = load(model_path)
-    preds = predict(model, images, abstain=abstain, unknown_threshold=unknown_threshold, weights=weights,
-                    cache_dir=cache_dir, use_cache=not no_cache, progress=True)
-    if out:
-        write_rows(out, preds.rows, preds.class_names, preds.skipped)
-        info(f"wrote {out}")
-    else:
-        for r in preds.rows:
-            typer.echo(f"{r['path']}\t{r['label']}\t{max(r['probabilities'].values()):.3f}"
-                       + (f"\t{'|'.join(r['set'])}" if "set" in r else ""))
-    if report:
-        from ..reports.classification import write_classification_report
-
-        page = write_classification_report(report, title=f"fewvision predict: {model.head.method}", metrics=None,
-                                           rows=preds.rows, class_names=preds.class_names,
-                                           extra={"backbone": model.backbone_spec, "model": str(model_path)})
-        info(f"report: {page}")
-    _summary(len(preds.rows), preds.skipped)
+    if abstain and not model.decision.get("conformal"):
+        raise UserError(f"{model_path}: --abstain needs conformal thresholds in the model (fit it with --alpha and "
+                        "--calibrate-fraction)")
+    paths = iter_image_files(images)
+    with job(f"predict {model.head.method}") as bar:
+        preds = predict(model, paths, abstain=abstain, unknown_threshold=review_threshold, weights=weights,
+                        cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+    write_predictions(preds, out, report, title=f"fewvision predict: {model.head.method}",
+                      extra={"backbone": model.backbone_spec, "model": str(model_path)})
+    summarise_predictions(bar, preds)
+    finish(len(preds.rows), sum(r["label"] == "review" for r in preds.rows), exit_code)
 
 
 def evaluate_model_command(model_path: Path, dataset: str, *, out: Path, report: Optional[Path], abstain: bool,
                            weights: Optional[str], cache_dir: Optional[str], no_cache: bool) -> None:
     """``fewvision eval MODEL.fvm DATASET``: metrics of a fitted model on the dataset's held-out images."""
-    from ..metrics.classification import save_metrics
+    from ..metrics import save_metrics
+    from ..progress import job
     from ..tasks.fewshot import evaluate_model, load
+    from .classify import print_metrics, summarise_predictions, write_predictions
 
     model = load(model_path)
-    ev = evaluate_model(model, dataset, abstain=abstain, weights=weights, cache_dir=cache_dir,
-                        use_cache=not no_cache, progress=True)
+    with job(f"eval {model.head.method}") as bar:
+        ev = evaluate_model(model, dataset, abstain=abstain, weights=weights, cache_dir=cache_dir,
+                            use_cache=not no_cache, progress=True)
     ev.metrics["model"] = str(model_path)
     save_metrics(ev.metrics, out)
     m = ev.metrics
-    sets = f"  coverage {m['coverage']:.4f}  mean set size {m['mean_set_size']:.3f}" if "coverage" in m else ""
-    typer.echo(f"{m['method']} on {m['dataset']}: accuracy {m['accuracy']:.4f}  balanced accuracy "
-               f"{m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}{sets}  (n={m['n']})")
+    print_metrics(f"{m['method']} on {m['dataset']}", m)
+    if m.get("n_excluded_fit_images"):
+        info(f"{m['n_excluded_fit_images']} image(s) the model was fitted or calibrated on were left out")
     info(f"wrote {out}")
-    if report:
-        from ..reports.classification import write_classification_report
-
-        page = write_classification_report(report, title=f"fewvision eval: {m['method']} on {m['dataset']}",
-                                           metrics=m, rows=ev.predictions.rows, class_names=ev.predictions.class_names,
-                                           extra={"backbone": model.backbone_spec, "model": str(model_path)})
-        info(f"report: {page}")
-    _summary(len(ev.predictions.rows), ev.predictions.skipped)
+    write_predictions(ev.predictions, None, report, title=f"fewvision eval: {m['method']} on {m['dataset']}",
+                      extra={"backbone": model.backbone_spec, "model": str(model_path)}, metrics=m)
+    summarise_predictions(bar, ev.predictions)
+    finish(len(ev.predictions.rows), 0, False)
 
 
 def benchmark_command(
-    dataset: str = typer.Argument(..., help="'textile', a CSV manifest or a folder of class folders"),
-    methods: str = typer.Option("prototype,linear", "--methods", help="comma-separated registered methods"),
-    shots: str = typer.Option("1,2,4,8,16", "--shots", help="comma-separated shots per class"),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="support draws per cell (seeds 0..S-1)"),
-    backbone: str = typer.Option("openclip:ViT-B-32/laion2b_s34b_b79k", "--backbone", help=DEFAULT_BACKBONE_HELP),
-    weights: Optional[str] = typer.Option(None, "--weights"),
-    test_fraction: float = typer.Option(0.5, "--test-fraction", min=0.05, max=0.95,
+    dataset: str = typer.Argument(..., metavar="DATASET",
+                                  help="'textile', a CSV manifest (path,label) or a folder of class folders"),
+    methods: str = typer.Option("prototype,linear", "--methods", metavar="M1,M2,...",
+                                help="comma-separated methods"),
+    shots: str = typer.Option("1,2,4,8,16", "--shots", metavar="K1,K2,...", help="comma-separated shots per class"),
+    seeds: int = typer.Option(3, "--seeds", min=1, metavar="S", help="support draws per cell (seeds 0..S-1)"),
+    backbone: Optional[str] = backbone_option(),
+    weights: Optional[str] = weights_option(),
+    test_fraction: float = typer.Option(0.5, "--test-fraction", min=0.05, max=0.95, metavar="F",
                                         help="held-out share when the dataset has no splits"),
-    out: Path = typer.Option(Path("benchmark-out"), "--out", help="folder for results.csv/.json and the plot"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    no_cache: bool = typer.Option(False, "--no-cache"),
+    out: Path = typer.Option(Path("benchmark-out"), "--out", "-o", metavar="DIR",
+                             help="folder for results.csv, results.json and the plot"),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
 ) -> None:
-    """Accuracy of several methods at several shot counts, mean and std over seeds, on a held-out split."""
-    from ..tasks.benchmark import parse_list, run_benchmark, write_outputs
+    """Accuracy of several methods at several shot counts, mean and standard deviation over seeds, on a held-out
+    split."""
+    from ..progress import job
+    from ..tasks.benchmark import run_benchmark, write_outputs
 
-    method_list = parse_list(methods, str, "method")
+    method_list = comma_list(methods, "method")
     for m in method_list:
-        _check_method(m)
-    result = run_benchmark(dataset, method_list, parse_list(shots, int, "shot count"), seeds, backbone=backbone,
-                           weights=weights, test_fraction=test_fraction, cache_dir=cache_dir,
-                           use_cache=not no_cache, progress=True, echo=info)
+        head_class(m)
+    try:
+        shot_list = [int(s) for s in comma_list(shots, "shot count")]
+    except ValueError:
+        raise UserError(f"--shots '{shots}': expected whole numbers such as 1,2,4") from None
+    if min(shot_list) < 1:
+        raise UserError(f"--shots '{shots}': every shot count must be at least 1")
+    check_folder(out, "--out")
+    with job("benchmark"):
+        result = run_benchmark(dataset, method_list, shot_list, seeds, backbone=resolve_backbone(backbone),
+                               weights=weights, test_fraction=test_fraction, cache_dir=cache_dir,
+                               use_cache=not no_cache, progress=True, echo=info)
     paths = write_outputs(result, out)
     for r in result.rows:
         typer.echo(f"{r['method']:>14} {r['shots']:>3}-shot  accuracy {r['accuracy_mean']:.4f} ± "
@@ -167,7 +247,4 @@ def benchmark_command(
     info(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("fit")(fit_command)
-    app.command("predict")(predict_command)
-    app.command("benchmark")(benchmark_command)
+__all__ = ["register", "report_skips"]

@@ -1,27 +1,38 @@
-"""``fewvision models list | pull | path`` and ``fewvision demo``."""
+"""``fewvision models list | pull | path``, ``fewvision info`` and ``fewvision demo``."""
 
 from __future__ import annotations
 
+from inspect import cleandoc
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import UserError, _backbone, info
+from .common import CONTEXT, EXIT_CODES_HELP, UserError, cache_dir_option, check_folder, create, info
+
+INFO_EXAMPLE = """
+
+\b
+Example:
+  fewvision info line3.fvm
+"""
 
 
 def register(app: typer.Typer) -> None:
-    models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List, download and locate model weights.")
+    models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+                             help="List, download and locate model weights.")
     app.add_typer(models_app, name="models")
-    models_app.command("list")(models_list)
-    models_app.command("pull")(models_pull)
-    models_app.command("path")(models_path)
-    app.command()(demo)
+    models_app.command("list", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(models_list)
+    models_app.command("pull", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(models_pull)
+    models_app.command("path", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(models_path)
+    app.command("info", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                help=cleandoc(model_info.__doc__) + INFO_EXAMPLE)(model_info)
+    app.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(demo)
 
 
 def models_list(
-    kind: str = typer.Option("openclip", "--kind", help="openclip | timm"),
-    filter: Optional[str] = typer.Option(None, "--filter", help="substring to match"),
+    kind: str = typer.Option("openclip", "--kind", metavar="KIND", help="openclip | timm"),
+    filter: Optional[str] = typer.Option(None, "--filter", metavar="TEXT", help="only specs containing TEXT"),
 ) -> None:
     """Known backbones: open_clip MODEL/TAG pairs (or timm models with --kind timm), plus 'texture'."""
     if kind == "openclip":
@@ -40,25 +51,72 @@ def models_list(
             typer.echo(n)
 
 
-def models_pull(spec: str, cache_dir: Optional[str] = typer.Option(None, "--cache-dir")) -> None:
-    """Download a backbone's weights into the cache (run on a connected machine)."""
-    bb = _backbone(spec, None, cache_dir)
+def models_pull(spec: str = typer.Argument(..., metavar="SPEC", help="backbone spec, e.g. "
+                                           "openclip:ViT-B-32/laion2b_s34b_b79k"),
+                cache_dir: Optional[str] = cache_dir_option()) -> None:
+    """Download a backbone's weights into the cache (run on a connected machine, then copy the cache)."""
+    bb = create(spec, None, cache_dir)
     typer.echo(f"{spec}: ready ({bb.id})")
 
 
-def models_path(spec: str, cache_dir: Optional[str] = typer.Option(None, "--cache-dir")) -> None:
+def models_path(spec: str = typer.Argument(..., metavar="SPEC", help="backbone spec"),
+                cache_dir: Optional[str] = cache_dir_option()) -> None:
     """Where a backbone's weights are (or would be) cached."""
     from ..backbones import weights_location
 
     typer.echo(str(weights_location(spec, cache_dir)))
 
 
+def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm)")) -> None:
+    """What a model file holds: task, method, backbone, classes or threshold and what it guarantees, the images it
+    was fitted on, and the versions that wrote it. Reads the file only (no backbone, no images)."""
+    from ..modelfile import load, read_metadata
+    from .common import file_sha256
+
+    meta = read_metadata(model_path)
+    model = load(model_path)
+    d, i = model.decision, model.info
+    lines = [("file", str(model_path)), ("sha256", file_sha256(model_path)), ("task", model.task),
+             ("method", model.head.method), ("backbone", model.backbone_spec), ("backbone id", model.backbone_id)]
+    if model.task == "classification":
+        lines.append(("classes", ", ".join(model.class_names)))
+        lines.append(("fitted on", f"{i.get('n_support', '?')} image(s) of '{i.get('dataset', '?')}'"
+                      + (f", {i['shots']} per class" if i.get("shots") else "")))
+        if d.get("temperature"):
+            lines.append(("temperature", f"{d['temperature']:.4g}"))
+        conformal = d.get("conformal")
+        if conformal:
+            lines.append(("prediction sets", f"{conformal['score']}, alpha {conformal['alpha']:g}: the set holds the "
+                          f"true class for at least {1 - conformal['alpha']:.0%} of images like the "
+                          f"{conformal['n_calibration']} calibration images"
+                          + (", per class (Mondrian)" if conformal.get("mondrian") else "")))
+    else:
+        lines.append(("threshold", f"{d['threshold']:.6g} (score > threshold is ng)"))
+        if d.get("guarantee"):
+            lines.append(("guarantee", d["guarantee"]))
+        if d.get("target_note"):
+            lines.append(("note", d["target_note"]))
+        lines.append(("fitted on", f"{i.get('n_fit_images', '?')} good image(s)"))
+        for source in i.get("good_sources", []):
+            lines.append(("good images", source))
+    lines += [("params", ", ".join(f"{k}={v}" for k, v in meta["head"]["params"].items()) or "defaults"),
+              ("written by", f"fewvision {meta['fewvision_version']}, model format v{meta['format_version']}")]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="folder for the report and metrics"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", metavar="DIR", help="folder for the report and "
+                             "metrics"),
+    cache_dir: Optional[str] = cache_dir_option(),
 ) -> None:
-    """The main job on the textile images: zero-shot with CLIP when its weights are at hand, else prototypes."""
+    """The main job on the textile images: zero-shot with CLIP when its weights are at hand, else prototypes on the
+    built-in texture backbone."""
+    from ..progress import job
     from ..tasks.demo import run_demo
 
-    page = run_demo(out, cache_dir=cache_dir, echo=info)
+    check_folder(out, "--out")
+    with job("demo"):
+        page = run_demo(out, cache_dir=cache_dir, echo=info)
     typer.echo(str(page))

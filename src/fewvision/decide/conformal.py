@@ -6,7 +6,7 @@
   non-randomised). The threshold is the ceil((n+1)(1-alpha))/n empirical quantile of the n calibration scores, so
   P(y in set) >= 1 - alpha for exchangeable data. ``mondrian`` uses one threshold per true class (class-conditional
   coverage, Vovk 2012).
-* Abstention: an image whose set is not exactly one class is routed to ``review``.
+* Abstention: an image whose set is not exactly one class is routed to ``review`` (:mod:`.review`).
 
 See docs/decisions.md.
 """
@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 SCORES = ("lac", "aps")
-REVIEW = "review"
 
 
 def nonconformity(proba: np.ndarray, score: str) -> np.ndarray:
@@ -81,18 +80,3 @@ def set_metrics(sets: np.ndarray, labels: np.ndarray, class_names: list[str] | N
         out["coverage_per_class"] = {n: float(covered[labels == c].mean()) for c, n in enumerate(class_names)
                                      if (labels == c).any()}
     return out
-
-
-def set_labels(sets: np.ndarray, class_names: list[str]) -> list[list[str]]:
-    return [[class_names[c] for c in np.flatnonzero(row)] for row in sets]
-
-
-def abstain_labels(sets: np.ndarray, class_names: list[str]) -> list[str]:
-    """The one class of a singleton set, ``review`` for an empty or ambiguous set.
-
-    With Mondrian thresholds a singleton set can hold a class other than the most probable one; the set is the
-    decision with the coverage guarantee, so its member is the label.
-    """
-    if REVIEW in class_names:
-        raise ValueError(f"a class is named '{REVIEW}', which --abstain uses for images sent to review")
-    return [class_names[int(np.flatnonzero(row)[0])] if row.sum() == 1 else REVIEW for row in sets]

@@ -128,8 +128,8 @@ def hash_files(paths: Sequence[str]) -> tuple[list[str | None], dict[int, str]]:
     def one(p):
         try:
             return sha256_file(p), None
-        except OSError as err:
-            return None, f"cannot read file ({err.strerror or err})"
+        except OSError as err:  # sha256_file's own reasons (not a regular file) carry no strerror
+            return None, f"cannot read file ({err.strerror})" if err.strerror else str(err)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(one, paths))
@@ -166,15 +166,16 @@ def encode_files(
             todo.append(i)
 
     encode = _encoder(backbone, kind)
-    if todo:
-        dataset = _DecodeDataset([paths[i] for i in todo], [shas[i] for i in todo], backbone.preprocess, view)
-        n_workers = default_workers() if workers is None else workers
-        n_workers = 0 if len(todo) < 2 * batch_size else n_workers
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, num_workers=n_workers, collate_fn=_collate,
-            persistent_workers=False, prefetch_factor=4 if n_workers else None,
-        )
-        with progress_bar(len(todo), description, enabled=progress) as advance:
+    with progress_bar(len(paths), description, enabled=progress) as advance:
+        advance(len(paths) - len(todo))  # cached or unreadable: done already
+        if todo:
+            dataset = _DecodeDataset([paths[i] for i in todo], [shas[i] for i in todo], backbone.preprocess, view)
+            n_workers = default_workers() if workers is None else workers
+            n_workers = 0 if len(todo) < 2 * batch_size else n_workers
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, num_workers=n_workers, collate_fn=_collate,
+                persistent_workers=False, prefetch_factor=4 if n_workers else None,
+            )
             for items in loader:
                 good = [(j, t) for j, t, err in items if err is None]
                 for j, _, err in items:

@@ -112,3 +112,11 @@ class ClassifierHead(ABC):
     def n_trainable_parameters(self) -> int:
         """Parameters learned by fit (for the method comparison tables)."""
         return 0
+
+    #: Fitted tensors and their dimensions as symbols (e.g. ``{"weight_": ("C", "D")}``): a loaded model whose
+    #: tensors disagree is refused (``modelfile.state_shape_problem``).
+    STATE_SHAPES: dict[str, tuple[str, ...]] = {}
+
+    def state_symbols(self) -> dict[str, int]:
+        """Dimensions known before looking at the tensors: C, the number of classes."""
+        return {"C": len(getattr(self, "class_names_", []))}

@@ -27,6 +27,7 @@ class _NeedsTextForZeroshotInit:
 
 
 class LinearHead(ClassifierHead):
+    STATE_SHAPES = {"weight_": ("C", "D"), "bias_": ("C",)}
     method = "linear"
     needs_text = _NeedsTextForZeroshotInit()
 

@@ -78,12 +78,23 @@ def resolve_templates(items: Sequence[str] | None) -> list[str]:
                 f"template '{item}' is neither a named set ({', '.join(sets)}) nor a string with '{{}}' for the class"
             )
         literal = _PLACEHOLDER.sub("{}", item.replace("{{", "\x00").replace("}}", "\x01"))
-        out.append(literal.replace("\x00", "{{").replace("\x01", "}}"))
+        literal = literal.replace("\x00", "{{").replace("\x01", "}}")
+        try:
+            literal.format("class")
+        except (KeyError, IndexError, ValueError) as err:
+            raise PromptError(f"template '{item}': use {{}} for the class name and nothing else in braces "
+                              f"({type(err).__name__}: {err}); write {{{{ and }}}} for literal braces") from None
+        out.append(literal)
     return list(dict.fromkeys(out))
 
 
 def parse_class_names(text: str) -> list[ClassSpec]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [n.strip() for n in text.split(",")]
+    if len(names) > 1 and not names[-1]:
+        names = names[:-1]  # a trailing comma
+    empty = [i + 1 for i, n in enumerate(names) if not n]
+    if empty:
+        raise PromptError(f"--classes '{text}': class name {empty[0]} is empty")
     return check_classes([ClassSpec(n) for n in names], source="--classes")
 
 
@@ -157,6 +168,11 @@ def load_class_file(path: str | Path) -> list[ClassSpec]:
 
 
 def check_classes(specs: list[ClassSpec], source: str) -> list[ClassSpec]:
+    for i, spec in enumerate(specs):
+        if not isinstance(spec.name, str) or not spec.name.strip():
+            raise PromptError(f"{source}: class {i + 1} has an empty name")
+        if spec.name != spec.name.strip():
+            raise PromptError(f"{source}: class name '{spec.name}' starts or ends with spaces")
     if len(specs) < 2:
         raise PromptError(f"{source}: at least two classes are needed, got {len(specs)}")
     names = [s.name for s in specs]

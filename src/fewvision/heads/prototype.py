@@ -55,6 +55,7 @@ class _NeedsTextWhenBlended:
 
 
 class PrototypeHead(ClassifierHead):
+    STATE_SHAPES = {"prototypes_": ("C", "D"), "text_weights_": ("D", "C")}
     method = "prototype"
     needs_text = _NeedsTextWhenBlended()
 

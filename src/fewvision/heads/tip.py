@@ -52,6 +52,7 @@ def mean_keys(views: torch.Tensor) -> torch.Tensor:
 
 
 class TipAdapterHead(ClassifierHead):
+    STATE_SHAPES = {"text_weights_": ("D", "C"), "keys_": ("K", "D"), "values_": ("K", "C")}
     method = "tip"
     needs_text = True
 

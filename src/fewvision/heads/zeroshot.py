@@ -64,6 +64,7 @@ def cached_logit_scale(backbone, cache) -> float:
 
 
 class ZeroShotHead(ClassifierHead):
+    STATE_SHAPES = {"weights_": ("D", "C")}
     needs_text = True
     method = "zeroshot"
 

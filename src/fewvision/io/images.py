@@ -39,7 +39,27 @@ class Skipped:
     reason: str
 
 
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` must not be opened (a FIFO would block forever, a device or socket is no image), or None.
+
+    Checked before every open: reading a FIFO named on the command line would hang the run for good."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return f"cannot read file ({err.strerror or err})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not an image file"
+    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not a regular file ({kind})"
+
+
 def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a regular file's bytes; OSError (with a reason) for anything else."""
+    why = not_a_regular_file(path)
+    if why is not None:
+        raise OSError(why)
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -71,14 +91,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode ``path`` fully into an RGB image, applying its EXIF orientation. Raises :class:`BadImage`."""
     path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as err:
-        raise BadImage(path, f"cannot read file ({err.strerror or err})") from None
-    if stat.S_ISDIR(st.st_mode):  # checked before the size: some file systems report 0 bytes for a directory
-        raise BadImage(path, "is a directory, not an image file")
-    size = st.st_size
-    if size == 0:
+    why = not_a_regular_file(path)  # before the size: some file systems report 0 bytes for a directory
+    if why is not None:
+        raise BadImage(path, why)
+    if path.stat().st_size == 0:
         raise BadImage(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
@@ -114,22 +130,27 @@ def is_image_path(path: Path) -> bool:
 def iter_image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and directories (recursively) into a sorted, de-duplicated list of image paths.
 
-    A path given explicitly is kept whatever its suffix (so a bad file named by the user is reported, not ignored);
-    files found by walking a directory are kept when their suffix is an image suffix.
+    A path given explicitly is kept whatever it is (so a bad file, a FIFO or a symlink loop named by the user is
+    reported as a skip with its reason, not ignored and not opened); so is every entry with an image suffix found
+    by walking a directory, regular file or not, so that nothing vanishes from a batch without a skip line. Only a
+    path that does not exist at all stops the run, before any work.
     """
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_path(q)))
-        elif p.exists():
+            found.extend(sorted(q for q in p.rglob("*") if is_image_path(q)))
+        elif os.path.lexists(p):
             found.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
-    seen: set[Path] = set()
+    seen: set[str] = set()
     unique = []
     for p in found:
-        key = p.resolve()
+        try:
+            key = str(p.resolve())
+        except (OSError, RuntimeError):  # a symlink loop: keep it, load_image reports it
+            key = str(p.absolute())
         if key not in seen:
             seen.add(key)
             unique.append(p)

@@ -1,24 +1,19 @@
 """Classification metrics for small factory test sets, with percentile-bootstrap confidence intervals.
 
-Predictions may contain ``-1`` ("unknown": the model abstained). An abstention is wrong for accuracy, a missed
-detection (false negative) for its true class, and gets its own ``unknown`` column in the confusion matrix.
+Predictions may contain ``-1`` ("review": the model abstained). An abstention is wrong for accuracy, a missed
+detection (false negative) for its true class, and gets its own ``review`` column in the confusion matrix.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
-from ..io.atomic import atomic_write_text
-
-UNKNOWN = -1
-UNKNOWN_LABEL = "unknown"
+REVIEW_INDEX = -1
+REVIEW_LABEL = "review"
 CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 # The bootstrap builds confusion matrices for this many (resample, item) pairs at a time, to bound memory.
@@ -42,7 +37,7 @@ def _check_inputs(y_true, y_pred, n_classes: int) -> tuple[np.ndarray, np.ndarra
     y_pred = y_pred.astype(np.int64)
     if y_true.min() < 0 or y_true.max() >= n_classes:
         raise ValueError(f"y_true holds indices outside 0..{n_classes - 1}")
-    if y_pred.min() < UNKNOWN or y_pred.max() >= n_classes:
+    if y_pred.min() < REVIEW_INDEX or y_pred.max() >= n_classes:
         raise ValueError(f"y_pred holds indices outside -1..{n_classes - 1}")
     return y_true, y_pred
 
@@ -84,7 +79,7 @@ def bootstrap_ci(
         raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
     n, c = len(y_true), n_classes
     # One code per item: cell index in a C x (C+1) matrix, abstentions (-1) mapped to the last column.
-    codes = y_true * (c + 1) + np.where(y_pred == UNKNOWN, c, y_pred)
+    codes = y_true * (c + 1) + np.where(y_pred == REVIEW_INDEX, c, y_pred)
     cells = c * (c + 1)
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOT_CHUNK_ITEMS // n)
@@ -127,16 +122,16 @@ def classification_metrics(
     y_true, y_pred = _check_inputs(y_true, y_pred, c)
     labels = list(range(c))
     n = len(y_true)
-    n_unknown = int((y_pred == UNKNOWN).sum())
+    n_review = int((y_pred == REVIEW_INDEX).sum())
 
     prec, rec, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average=None, zero_division=0
     )
     cm = np.zeros((c, c + 1), dtype=np.int64)
-    np.add.at(cm, (y_true, np.where(y_pred == UNKNOWN, c, y_pred)), 1)
+    np.add.at(cm, (y_true, np.where(y_pred == REVIEW_INDEX, c, y_pred)), 1)
     confusion_labels = list(class_names)
-    if n_unknown:
-        confusion_labels.append(UNKNOWN_LABEL)
+    if n_review:
+        confusion_labels.append(REVIEW_LABEL)
     else:
         cm = cm[:, :c]
 
@@ -158,8 +153,8 @@ def classification_metrics(
         "confusion_labels": confusion_labels,
         "class_names": class_names,
     }
-    if n_unknown:
-        metrics["n_unknown"] = n_unknown
+    if n_review:
+        metrics["n_review"] = n_review
     metrics["ci"] = bootstrap_ci(y_true, y_pred, c, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
     metrics["ci_method"] = {"method": "percentile bootstrap over test items", "n_bootstrap": int(n_bootstrap),
                             "seed": int(seed), "confidence": float(confidence)}
@@ -181,8 +176,3 @@ def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, n_bins: in
         members = bins == b
         ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
     return float(ece)
-
-
-def save_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``metrics`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")

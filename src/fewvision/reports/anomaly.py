@@ -1,8 +1,17 @@
-"""The anomaly-detection HTML report and heat-map images.
+"""The anomaly-detection HTML reports and heat-map images.
 
-One self-contained ``report.html`` (PNG plots and overlays embedded as data URIs): the metrics, histograms of the
-scores of good and defective images with the threshold, the ROC curve, and heat-map overlays (matplotlib ``jet``
-with alpha over the image, in the geometry the model saw) of the highest- and lowest-scored images.
+Heat maps show each pixel's excess over the median map of the good images the model was calibrated on (stored with
+the model as ``heatmap_baseline``), through matplotlib's ``jet`` from no excess to twice the largest excess of a good
+image: what every good image has - a brighter frame where the features see the image border, a lighting gradient -
+stays dark, and only what differs lights up.
+
+* :func:`heatmap_image`: one PNG per image for a line operator: the image and the overlay side by side at the
+  image's own resolution, score, threshold and verdict on top, a colour bar at the side. Parts of the image the model
+  did not see (outside the backbone's centre crop) are left uncoloured.
+* :func:`write_anomaly_report`: one self-contained ``report.html`` (everything embedded). After ``anomaly eval``:
+  metrics, the threshold and what it guarantees, the labelled thresholds, score histogram and ROC, and galleries of
+  the missed defects and the false rejects. After ``anomaly predict --report``: a daily gallery, flagged images
+  first, then those nearest the threshold.
 """
 
 from __future__ import annotations
@@ -15,27 +24,46 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..anomaly.postprocess import input_view
+from ..anomaly.postprocess import image_coordinates, input_view
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.images import BadImage, load_image
 from .page import _CSS, _e, _img, _kv_table, _png_data_uri
 
-N_EXTREMES = 8
+GALLERY = 12
 OVERLAY_ALPHA = 0.5
+MAX_HEATMAP_SIDE = 4096  # heat-map files are at the image's own resolution, up to this many pixels a side
 
 
-def overlay_rgb(image: np.ndarray, heat: np.ndarray, vrange: Sequence[float], alpha: float = OVERLAY_ALPHA,
-                mask: np.ndarray | None = None) -> np.ndarray:
-    """``image`` [H, W, 3] in 0..1 blended with ``heat`` [H, W] through ``jet`` over ``vrange``; uint8 RGB.
+def display_map(heat: np.ndarray, decision: Mapping[str, Any]) -> np.ndarray:
+    """A finished map minus the model's median good map (up-sampled to the map's size), when the model has one."""
+    baseline = decision.get("heatmap_baseline")
+    if not baseline:
+        return np.asarray(heat, dtype=np.float32)
+    import torch
 
-    With a ground-truth ``mask`` its outline is drawn in white.
-    """
+    base = torch.as_tensor(baseline, dtype=torch.float32)[None, None]
+    up = torch.nn.functional.interpolate(base, size=tuple(heat.shape), mode="bilinear", align_corners=False)[0, 0]
+    return np.asarray(heat, dtype=np.float32) - up.numpy()
+
+
+def colours(heat: np.ndarray, vrange: Sequence[float]) -> np.ndarray:
+    """``jet`` colours [..., 3] in 0..1 of ``heat`` over ``vrange``."""
     from matplotlib import colormaps
 
     lo, hi = float(vrange[0]), float(vrange[1])
     norm = np.clip((np.asarray(heat, dtype=np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
-    colour = colormaps["jet"](norm)[..., :3]
-    out = (1 - alpha) * np.asarray(image, dtype=np.float64) + alpha * colour
+    return colormaps["jet"](norm)[..., :3]
+
+
+def overlay_rgb(image: np.ndarray, heat: np.ndarray, vrange: Sequence[float], alpha: float = OVERLAY_ALPHA,
+                mask: np.ndarray | None = None) -> np.ndarray:
+    """``image`` [H, W, 3] in 0..1 blended with ``heat`` [H, W] through ``jet`` over ``vrange``; uint8 RGB. Pixels
+    where ``heat`` is NaN keep the image. With a ground-truth ``mask`` its outline is drawn in white."""
+    heat = np.asarray(heat, dtype=np.float64)
+    seen = np.isfinite(heat)
+    colour = colours(np.where(seen, heat, 0.0), vrange)
+    out = np.asarray(image, dtype=np.float64).copy()
+    out[seen] = (1 - alpha) * out[seen] + alpha * colour[seen]
     if mask is not None and mask.any():
         m = mask.astype(bool)
         edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
@@ -43,11 +71,74 @@ def overlay_rgb(image: np.ndarray, heat: np.ndarray, vrange: Sequence[float], al
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def overlay_for(path: str, heat: np.ndarray, preprocess, vrange: Sequence[float],
+def overlay_for(path: str, heat: np.ndarray, preprocess, decision: Mapping[str, Any],
                 mask: np.ndarray | None = None) -> np.ndarray:
-    """Heat-map overlay of an image file (raises :class:`BadImage` if it cannot be read)."""
+    """Heat-map overlay in the geometry the model saw (report thumbnails); raises :class:`BadImage`."""
     view = input_view(load_image(path), preprocess, heat.shape)
-    return overlay_rgb(view, heat, vrange, mask=mask)
+    return overlay_rgb(view, display_map(heat, decision), decision.get("heatmap_range") or [0.0, 1.0], mask=mask)
+
+
+def map_on_image(heat: np.ndarray, preprocess, width: int, height: int) -> np.ndarray:
+    """A map in the model's geometry placed on the original ``width`` x ``height`` image: [height, width], NaN where
+    the model saw nothing (outside its crop). The crop box comes from the backbone's own preprocessing."""
+    from PIL import Image
+
+    xs, ys = image_coordinates(preprocess, width, height, tuple(heat.shape))
+    x0, x1 = int(np.floor(xs.min())), int(np.ceil(xs.max())) + 1
+    y0, y1 = int(np.floor(ys.min())), int(np.ceil(ys.max())) + 1
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+    out = np.full((height, width), np.nan, dtype=np.float32)
+    resized = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize((x1 - x0, y1 - y0),
+                                                                                  Image.Resampling.BILINEAR)
+    out[y0:y1, x0:x1] = np.asarray(resized)
+    return out
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=max(10, int(size)))
+
+
+def heatmap_image(path: str, heat: np.ndarray, preprocess, decision: Mapping[str, Any], *, score: float,
+                  verdict: str | None) -> np.ndarray:
+    """The image and its heat-map overlay side by side at the image's own resolution (at most
+    ``MAX_HEATMAP_SIDE`` a side), a header with score, threshold and verdict, and a colour bar; uint8 RGB."""
+    from PIL import Image, ImageDraw
+
+    image = load_image(path)
+    scale = min(1.0, MAX_HEATMAP_SIDE / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    w, h = image.size
+    rgb = np.asarray(image, dtype=np.float64) / 255.0
+    vrange = decision.get("heatmap_range") or [0.0, 1.0]
+    placed = map_on_image(display_map(heat, decision), preprocess, w, h)
+    overlay = overlay_rgb(rgb, placed, vrange)
+    gap, bar_w = max(4, w // 100), max(16, w // 25)
+    header = max(24, h // 14)
+    small = _font(min(header * 0.5, bar_w * 0.9))
+    labels = [f"+{vrange[1]:.3g}", "excess over", "good images", "0"]
+    label_w = int(max(small.getlength(s) for s in labels)) + 8
+    canvas = Image.new("RGB", (2 * w + 2 * gap + bar_w + label_w, h + header), "white")
+    canvas.paste(image, (0, header))
+    canvas.paste(Image.fromarray(overlay), (w + gap, header))
+    bar = colours(np.linspace(vrange[1], vrange[0], h)[:, None].repeat(bar_w, 1), vrange)
+    canvas.paste(Image.fromarray((bar * 255 + 0.5).astype(np.uint8)), (2 * w + 2 * gap, header))
+    draw = ImageDraw.Draw(canvas)
+    threshold = decision.get("threshold")
+    text = f"score {score:.4g}"
+    if threshold is not None:
+        text += f"   threshold {threshold:.4g}   score/threshold {score / threshold:.2f}" if threshold else ""
+    if verdict:
+        text += f"   verdict: {verdict.upper()}"
+    font = _font(header * 0.6)
+    draw.text((4, header * 0.15), text, fill=(160, 0, 0) if verdict == "ng" else (0, 0, 0), font=font)
+    x_label = 2 * w + 2 * gap + bar_w + 4
+    draw.text((x_label, header), labels[0], fill="black", font=small)
+    draw.text((x_label, header + h - small.size - 4), labels[3], fill="black", font=small)
+    draw.text((x_label, header + h // 2), "\n".join(labels[1:3]), fill="black", font=small)
+    return np.asarray(canvas)
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
@@ -69,7 +160,14 @@ def _png_uri(rgb: np.ndarray, max_px: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def histogram_png(scores: np.ndarray, is_defect: np.ndarray | None, threshold: float | None) -> str:
+def _whole_numbers(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def histogram_png(scores: np.ndarray, is_defect: np.ndarray | None, threshold: float | None,
+                  labelled: Mapping[str, float] | None = None) -> str:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.5, 3.2))
@@ -81,9 +179,12 @@ def histogram_png(scores: np.ndarray, is_defect: np.ndarray | None, threshold: f
         ax.hist(scores[~is_defect], bins=bins, color="#3a9a4a", alpha=0.6, label=f"good ({int((~is_defect).sum())})")
         ax.hist(scores[is_defect], bins=bins, color="#c0392b", alpha=0.6, label=f"defective ({int(is_defect.sum())})")
     if threshold is not None:
-        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+        ax.axvline(threshold, color="black", linestyle="--", label=f"model threshold {threshold:.4g}")
+    for (name, value), style in zip((labelled or {}).items(), (":", "-.")):
+        ax.axvline(value, color="#555", linestyle=style, label=f"{name} {value:.4g}")
     ax.set_xlabel("anomaly score")
     ax.set_ylabel("images")
+    _whole_numbers(ax)
     ax.legend(fontsize=8)
     return _png_data_uri(fig)
 
@@ -106,22 +207,39 @@ def roc_png(scores: np.ndarray, is_defect: np.ndarray, auroc: float | None) -> s
     return _png_data_uri(fig)
 
 
-def _overlay_table(rows: Sequence[Mapping[str, Any]], indices: Sequence[int], maps: np.ndarray, preprocess,
-                   vrange: Sequence[float], masks: Sequence[np.ndarray | None] | None) -> str:
+def _gallery(rows: Sequence[Mapping[str, Any]], indices: Sequence[int], maps: np.ndarray, preprocess,
+             decision: Mapping[str, Any], masks: Sequence[np.ndarray | None] | None) -> str:
+    if not len(indices):
+        return '<p class="muted">none</p>'
+    threshold = decision.get("threshold")
     cells = []
     for i in indices:
         r = rows[i]
         try:
-            rgb = overlay_for(r["path"], maps[i], preprocess, vrange, None if masks is None else masks[i])
+            rgb = overlay_for(r["path"], maps[i], preprocess, decision, None if masks is None else masks[i])
             pic = _img(_png_uri(rgb), Path(r["path"]).name)
         except BadImage as err:
             pic = f'<div class="bad">cannot show image: {_e(err.reason)}</div>'
-        flag = {True: "anomalous", False: "ok", None: ""}[r.get("is_anomalous")]
+        against = f" / {threshold:.4g}" if threshold is not None else ""
+        verdict = f" <b>{_e(r['verdict'])}</b>" if r.get("verdict") else ""
         true = f"<br>true: {_e(r['true'])}" if r.get("true") is not None else ""
         cells.append(f'<td class="thumb" style="width:260px">{pic}<div class="path">{_e(Path(r["path"]).name)}</div>'
-                     f"score {r['score']:.4g} {flag}{true}</td>")
+                     f"score {r['score']:.4g}{against}{verdict}{true}</td>")
     rows_html = ["<tr>" + "".join(cells[k : k + 4]) + "</tr>" for k in range(0, len(cells), 4)]
     return "<table>" + "".join(rows_html) + "</table>"
+
+
+def _labelled_table(labelled: Mapping[str, Mapping[str, Any]]) -> str:
+    head = "<tr><th>threshold</th><th>value</th><th>F1</th><th>false-reject rate</th><th>miss rate</th></tr>"
+    body = []
+    for name, m in labelled.items():
+        if "error" in m:
+            body.append(f"<tr><td>{_e(name)}</td><td colspan=4 class='muted'>{_e(m['error'])}</td></tr>")
+            continue
+        cells = [m.get("threshold"), m.get("image_f1"), m.get("false_reject_rate"), m.get("miss_rate")]
+        body.append(f"<tr><td>{_e(name.replace('_', ' '))}</td>" + "".join(
+            f"<td class='num'>{'' if v is None else format(v, '.4g')}</td>" for v in cells) + "</tr>")
+    return "<table>" + head + "".join(body) + "</table>"
 
 
 def write_anomaly_report(
@@ -131,21 +249,26 @@ def write_anomaly_report(
     rows: Sequence[Mapping[str, Any]],
     maps: np.ndarray,
     preprocess,
-    heatmap_range: Sequence[float],
-    threshold: float | None,
+    decision: Mapping[str, Any],
     metrics: Mapping[str, Any] | None = None,
     is_defect: np.ndarray | None = None,
     masks: Sequence[np.ndarray | None] | None = None,
     extra: Mapping[str, Any] | None = None,
-    n_extremes: int = N_EXTREMES,
+    n_gallery: int = GALLERY,
 ) -> Path:
-    """Write ``out_dir/report.html`` atomically and return its path."""
+    """Write ``out_dir/report.html`` atomically and return its path (module docstring)."""
     scores = np.array([r["score"] for r in rows], dtype=np.float64)
+    threshold = decision.get("threshold")
     parts = [f"<h1>{_e(title)}</h1>"]
     summary: dict[str, Any] = {"images": len(rows)}
     if threshold is not None:
-        summary["threshold (score > t is anomalous)"] = f"{threshold:.6g}"
-        summary["flagged anomalous"] = sum(1 for r in rows if r.get("is_anomalous"))
+        summary["threshold (score > threshold is ng)"] = f"{threshold:.6g}"
+        if decision.get("guarantee"):
+            summary["what it guarantees"] = decision["guarantee"]
+        for v in ("ng", "review", "ok"):
+            n = sum(1 for r in rows if r.get("verdict") == v)
+            if n or v != "review":
+                summary[f"verdict {v}"] = n
     if metrics:
         for key in ("image_auroc", "image_aupr", "image_f1", "false_reject_rate", "miss_rate", "pixel_auroc", "aupro"):
             if metrics.get(key) is not None:
@@ -154,12 +277,17 @@ def write_anomaly_report(
                     lo, hi = metrics["image_auroc_ci"]
                     text += f" (95% CI {lo:.3f} - {hi:.3f})"
                 summary[key.replace("_", " ")] = text
-        for key in ("n_good", "n_defect", "target_false_reject"):
+        for key in ("n_good", "n_defect", "n_excluded_fit_images"):
             if metrics.get(key) is not None:
                 summary[key.replace("_", " ")] = metrics[key]
     parts += ["<h2>Summary</h2>", _kv_table(summary)]
     if extra:
         parts += ["<h2>Run</h2>", _kv_table(extra)]
+    labelled = (metrics or {}).get("labelled_thresholds") or {}
+    if labelled:
+        parts += ["<h2>Thresholds chosen with the labelled defects</h2>",
+                  '<p class="muted">For comparison: thresholds that need labelled defects to set. The model\'s own '
+                  "threshold was set from good images alone.</p>", _labelled_table(labelled)]
     if metrics and metrics.get("per_defect_type"):
         head = "<tr><th>defect type</th><th>images</th><th>AUROC</th><th>miss rate</th></tr>"
         body = "".join(
@@ -169,17 +297,41 @@ def write_anomaly_report(
             for k, v in metrics["per_defect_type"].items())
         parts += ["<h2>Per defect type</h2>", "<table>" + head + body + "</table>"]
     if len(rows):
-        parts += ["<h2>Scores</h2>", _img(histogram_png(scores, is_defect, threshold), "score histogram")]
+        lines = {n: m["threshold"] for n, m in labelled.items() if "threshold" in m}
+        parts += ["<h2>Scores</h2>", _img(histogram_png(scores, is_defect, threshold, lines), "score histogram")]
         if is_defect is not None and is_defect.any() and (~is_defect).any():
             parts.append(_img(roc_png(scores, is_defect, (metrics or {}).get("image_auroc")), "ROC curve"))
-        order = np.argsort(-scores, kind="stable")
-        k = min(n_extremes, len(rows))
-        parts += ["<h2>Highest-scored images</h2>",
-                  _overlay_table(rows, order[:k], maps, preprocess, heatmap_range, masks)]
-        parts += ["<h2>Lowest-scored images</h2>",
-                  _overlay_table(rows, order[::-1][:k], maps, preprocess, heatmap_range, masks)]
-        parts.append(f'<p class="muted">Heat maps: jet colour map over [{heatmap_range[0]:.4g}, '
-                     f"{heatmap_range[1]:.4g}]; white outlines are ground-truth defects.</p>")
+        flagged = np.array([r.get("verdict") in ("ng", "review") for r in rows])
+        k = n_gallery
+        if is_defect is not None:
+            missed = np.flatnonzero(is_defect & ~flagged)
+            false_rejects = np.flatnonzero(~is_defect & flagged)
+            parts += [f"<h2>Missed defects ({len(missed)})</h2>",
+                      '<p class="muted">Defective images at or below the threshold, highest score first.</p>',
+                      _gallery(rows, missed[np.argsort(-scores[missed], kind="stable")][:k], maps, preprocess,
+                               decision, masks),
+                      f"<h2>False rejects ({len(false_rejects)})</h2>",
+                      '<p class="muted">Good images over the threshold, highest score first.</p>',
+                      _gallery(rows, false_rejects[np.argsort(-scores[false_rejects], kind="stable")][:k], maps,
+                               preprocess, decision, masks)]
+            caught = np.flatnonzero(is_defect & flagged)
+            parts += [f"<h2>Caught defects ({len(caught)})</h2>",
+                      _gallery(rows, caught[np.argsort(-scores[caught], kind="stable")][:k // 2], maps, preprocess,
+                               decision, masks)]
+        else:
+            order = np.flatnonzero(flagged)[np.argsort(-scores[flagged], kind="stable")]
+            near = np.flatnonzero(~flagged)
+            if threshold is not None:
+                near = near[np.argsort(np.abs(scores[near] - threshold), kind="stable")]
+            parts += [f"<h2>Flagged ({int(flagged.sum())})</h2>", _gallery(rows, order[:k], maps, preprocess,
+                                                                          decision, masks),
+                      "<h2>Passed, nearest the threshold</h2>", _gallery(rows, near[:k], maps, preprocess, decision,
+                                                                         masks)]
+        note = ("Heat maps: each pixel's excess over the median map of the good images, jet colour map from 0 to "
+                f"{(decision.get('heatmap_range') or [0, 1])[1]:.4g}.")
+        if masks is not None and any(m is not None and m.any() for m in masks):
+            note += " White outlines are the ground-truth defects."
+        parts.append(f'<p class="muted">{_e(note)}</p>')
     else:
         parts.append('<p class="muted">No images could be scored.</p>')
     html = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

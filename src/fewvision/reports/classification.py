@@ -108,8 +108,8 @@ def _summary(metrics: Mapping[str, Any]) -> str:
         if key in ci:
             text += f" ({level:.0%} CI {ci[key][0]:.3f} – {ci[key][1]:.3f})"
         lines.append((name, text))
-    if metrics.get("n_unknown"):
-        lines.append(("unknown (abstained)", str(metrics["n_unknown"])))
+    if metrics.get("n_review"):
+        lines.append(("sent to review", str(metrics["n_review"])))
     return _kv_table(dict(lines))
 
 

@@ -3,7 +3,7 @@
 >>> from fewvision.tasks.anomaly import fit_anomaly, score_files
 >>> model = fit_anomaly(["good/"], method="patchcore", backbone="texture", target_false_reject=0.05)
 >>> result = score_files(model, ["incoming/"])
->>> result.rows[0]["score"], result.rows[0]["is_anomalous"]
+>>> result.rows[0]["score"], result.rows[0]["verdict"]
 
 ``fit_anomaly`` fits the head on the good images and sets the threshold from good images alone with the conformal
 rule (:mod:`fewvision.decide.threshold`): from leave-one-out scores of every good image for heads that can compute
@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..anomaly import create_anomaly_head
 from ..anomaly.base import AnomalyHead
@@ -35,19 +38,21 @@ from ..decide.threshold import ThresholdError, conformal_threshold, f1_threshold
 from ..defaults import DEFAULT_ANOMALY_BACKBONE
 from ..defaults import DEFAULT_ANOMALY_METHOD as DEFAULT_METHOD
 from ..features.cache import open_cache
-from ..features.encode import encode_files, patch_kind
-from ..io.datasets import GOOD, Dataset, DatasetError, load_dataset
+from ..features.encode import encode_files, hash_files, patch_kind
+from ..io.datasets import GOOD, Dataset, DatasetError, is_mvtec, load_dataset
 from ..io.images import BadImage, Skipped, iter_image_files, load_image
 from ..modelfile import FewVisionModel
+from ..progress import expect, progress_bar
 
 DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_CHUNK_IMAGES = 32
 PATCH_CACHE_DTYPE = np.float16
+BASELINE_SIZE = (64, 64)  # the median good map kept for heat-map display
 
 
 @dataclass
 class AnomalyPredictions:
-    """One row per readable image (path, score, is_anomalous), its map (in ``maps``, same order) and the skips."""
+    """One row per readable image (path, score, verdict, ...), its map (in ``maps``, same order) and the skips."""
 
     rows: list[dict]
     maps: np.ndarray | None
@@ -83,8 +88,9 @@ class _Recorder:
 def _patch_chunks(backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
                   rec: _Recorder, progress: bool, kind: str) -> Iterator[tuple[list[str], torch.Tensor]]:
     for start in range(0, len(paths), chunk_images):
+        # progress is counted per chunk by the caller, once the chunk is fitted or scored
         feats = encode_files(backbone, paths[start : start + chunk_images], cache, kind=kind, batch_size=batch_size,
-                             workers=0, progress=progress, description="patch features", dtype=PATCH_CACHE_DTYPE)
+                             workers=0, progress=False, dtype=PATCH_CACHE_DTYPE)
         rec.skipped += feats.skipped
         if feats.paths:
             rec.used += feats.paths
@@ -126,12 +132,18 @@ def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], c
     """(paths, finished maps [n, H, W], image scores [n]) per chunk: the one scoring path. ``left_out``: ``paths``
     are the head's training images in fit order, each scored as if the head had been fitted without it."""
     done = 0
-    for ok, inputs in _chunks(head, backbone, paths, cache, chunk_images, batch_size, rec, progress):
-        with torch.inference_mode():
-            raw, scores = (head.score_left_out(inputs, done, backbone) if left_out else head.score(inputs, backbone))
-            maps, scores = finish(head, raw, scores, size, sigma)
-        done += len(ok)
-        yield ok, maps, scores
+    with progress_bar(len(paths), "scoring", enabled=progress) as advance:
+        before = 0
+        for ok, inputs in _chunks(head, backbone, paths, cache, chunk_images, batch_size, rec, progress):
+            with torch.inference_mode():
+                raw, scores = (head.score_left_out(inputs, done, backbone) if left_out else
+                               head.score(inputs, backbone))
+                maps, scores = finish(head, raw, scores, size, sigma)
+            done += len(ok)
+            yield ok, maps, scores
+            advance(done + len(rec.skipped) - before)  # skipped files count as done too
+            before = done + len(rec.skipped)
+        advance(len(paths) - before)
 
 
 # --- fit ------------------------------------------------------------------------------------------------------
@@ -159,6 +171,46 @@ def _split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.n
 
 
 MIN_LEAVE_ONE_OUT_IMAGES = 3  # PaDiM's leave-one-out covariance needs n - 2 >= 1
+GOOD_FOLDER_NAMES = ("good", "ok", "nominal", "normal")
+_DEFECT_WORDS = re.compile(r"defect|anomal|\bng\b|bad|fail|reject|scratch|crack|dent|stain|hole|broken|contamin|spot|"
+                           r"damage|flaw|missing|bent|\bcut\b|burr|chip|fault|local|global|faulty|tear|crease", re.I)
+
+
+class LayoutError(DatasetError):
+    """A folder given as good images whose layout says it is not only good images."""
+
+
+def good_images(inputs: Sequence[str | os.PathLike], all_subfolders: bool = False) -> tuple[list[str], list[str]]:
+    """(image paths, one line per input saying what was used) for the good images of ``anomaly fit``.
+
+    A file is used as it is. A folder: an MVTec AD category gives its ``train/good``; a folder with one sub-folder
+    named good / ok / nominal / normal gives that one; a folder whose sub-folders look like defect classes is
+    refused (``all_subfolders`` takes every image anyway); any other folder gives every image below it.
+    """
+    paths: list[str] = []
+    used: list[str] = []
+    for item in inputs:
+        folder = Path(item)
+        chosen, why = folder, "every image below it"
+        if folder.is_dir() and not all_subfolders:
+            subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+            good_subs = [d for d in subs if d.name.lower() in GOOD_FOLDER_NAMES]
+            if is_mvtec(folder):
+                chosen, why = folder / "train" / GOOD, "MVTec AD layout: its train/good"
+            elif len(good_subs) == 1:
+                others = [d.name + "/" for d in subs if d != good_subs[0]]
+                chosen = good_subs[0]
+                why = f"its {chosen.name}/ folder" + (f" (not {', '.join(others)})" if others else "")
+            else:
+                defect_like = [d.name + "/" for d in subs if _DEFECT_WORDS.search(d.name)]
+                if defect_like:
+                    raise LayoutError(
+                        f"{folder}: its sub-folders {', '.join(defect_like)} look like defect classes, not good "
+                        "images; give the folder of good images, or --all-subfolders to fit on every image")
+        found = [str(p) for p in iter_image_files([chosen])]
+        paths += found
+        used.append(f"{chosen}: {len(found)} image(s), {why}" if folder.is_dir() else f"{chosen}")
+    return paths, used
 
 
 def guarantee(decision: dict) -> str:
@@ -184,9 +236,11 @@ def fit_anomaly(
     progress: bool = False,
     batch_size: int = 16,
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    all_subfolders: bool = False,
     **params: Any,
 ) -> FewVisionModel:
-    """Fit ``method`` on good images (files and/or folders) and set its threshold from good images alone.
+    """Fit ``method`` on good images (files and/or folders, see :func:`good_images` for layouts) and set its
+    threshold from good images alone.
 
     Heads that can score their own training images leave-one-out (PatchCore: against the memory bank without the
     image's own patches; PaDiM: exactly, from the Gaussians without the image) fit on *every* good image, and
@@ -197,7 +251,7 @@ def fit_anomaly(
     """
     if isinstance(good, (str, os.PathLike)):
         good = [good]
-    paths = [str(p) for p in iter_image_files(good)]
+    paths, sources = good_images(good, all_subfolders)
     if not paths:
         raise ValueError(f"no good images found in {', '.join(map(str, good)) or '(nothing given)'}")
     if not 0 < holdout_fraction < 1:
@@ -219,33 +273,39 @@ def fit_anomaly(
     cache = open_cache(bb.id, cache_dir, enabled=use_cache)
     size = tuple(int(v) for v in bb.input_size)
 
+    cal_count = len(fit_paths) if left_out else len(hold_paths)
+    expect(len(fit_paths) + cal_count)
     fit_rec = _Recorder()
-    if head.inputs == "patches":
-        def stream():
-            for _, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress):
+    with progress_bar(len(fit_paths), "fitting", enabled=progress) as advance:
+        def counted():
+            for ok, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress):
                 yield x
-            if not fit_rec.used:
-                raise ValueError(_none_readable(fit_paths, fit_rec))
+                advance(len(ok))
+            advance(len(fit_rec.skipped))
 
-        head.fit(stream(), bb)
-    else:
-        parts = [x for _, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress)]
-        if not parts:
-            raise ValueError(_none_readable(fit_paths, fit_rec))
-        head.fit(torch.cat(parts), bb)
+        if head.inputs == "patches":
+            def stream():
+                yield from counted()
+                if not fit_rec.used:
+                    raise ValueError(_none_readable(fit_paths, fit_rec))
+
+            head.fit(stream(), bb)
+        else:
+            parts = list(counted())
+            if not parts:
+                raise ValueError(_none_readable(fit_paths, fit_rec))
+            head.fit(torch.cat(parts), bb)
     if not fit_rec.used:
         raise ValueError(_none_readable(fit_paths, fit_rec))
 
     cal_rec = _Recorder()
-    cal_scores, low, high = [], [], []
+    cal_scores, small_maps = [], []
     cal_paths = list(fit_rec.used) if left_out else hold_paths  # fit order, as score_left_out expects
     for _, maps, scores in _score_chunks(head, bb, cal_paths, cache, size=size, sigma=sigma,
                                          chunk_images=chunk_images, batch_size=batch_size, rec=cal_rec,
                                          progress=progress, left_out=left_out):
         cal_scores.append(scores.double().numpy())
-        flat = maps.flatten(1)
-        low.append(flat.median(dim=1).values.numpy())
-        high.append(flat.amax(dim=1).numpy())
+        small_maps.append(F.adaptive_avg_pool2d(maps[:, None], BASELINE_SIZE)[:, 0])
     if left_out:
         head.release_fit_data()
     cal = np.concatenate(cal_scores) if cal_scores else np.zeros(0)
@@ -253,8 +313,12 @@ def fit_anomaly(
         raise ValueError(f"none of the {len(cal_paths)} held-out good image(s) could be read to set the threshold")
     target, note = supported_target(target_false_reject, len(cal))
     threshold = conformal_threshold(cal, target)
-    map_low = float(np.median(np.concatenate(low)))
-    map_high = float(np.max(np.concatenate(high)))
+    # Heat maps show each pixel's excess over the median map of the good images, so what every good image has
+    # (a brighter frame where the features see the image border, a lighting gradient) does not light up; the
+    # colour range runs from no excess to twice the largest excess of a good image.
+    small = torch.cat(small_maps)
+    baseline = small.median(dim=0).values
+    hottest = float((small - baseline).amax())
     decision = {
         "threshold": threshold,
         "rule": "score > threshold",
@@ -265,18 +329,20 @@ def fit_anomaly(
         "calibration_scores": sorted(float(v) for v in cal),
         "sigma": float(sigma),
         "map_size": list(size),
-        # Heat-map colour range: the median good pixel maps to the bottom, twice the hottest good pixel's excess to
-        # the top, so good images stay in the lower half of the colour map.
-        "heatmap_range": [map_low, map_low + 2.0 * max(map_high - map_low, 1e-12)],
+        "heatmap_baseline": [[round(float(v), 6) for v in row] for row in baseline.tolist()],
+        "heatmap_range": [0.0, 2.0 * max(hottest, 1e-12)],
     }
     if not left_out:
         decision["holdout_fraction"] = float(holdout_fraction)
     if note:
         decision["target_note"] = note
     decision["guarantee"] = guarantee(decision)
+    fit_shas, _ = hash_files(fit_rec.used)
     info = {
         "method": method,
         "seed": int(seed),
+        "good_sources": sources,
+        "fitted_on_sha256": [s for s in fit_shas if s],
         "n_fit_images": len(fit_rec.used),
         "n_calibration_images": int(len(cal)),
         "skipped": [f"{s.path}: {s.reason}" for s in (fit_rec.skipped + cal_rec.skipped)[:20]],
@@ -313,11 +379,24 @@ def _settings(model: FewVisionModel, backbone: Backbone) -> tuple[tuple[int, int
     return (int(size[0]), int(size[1])), float(model.decision.get("sigma", DEFAULT_SIGMA))
 
 
+OK, NG, REVIEW = "ok", "ng", "review"  # the verdicts; "review" only inside a review band around the threshold
+
+
+def verdict(score: float, threshold: float | None, review_band: float = 0.0) -> str | None:
+    """ok / ng (score > threshold) / review (within ``review_band`` of the threshold, relative to it)."""
+    if threshold is None:
+        return None
+    if review_band > 0 and abs(score - threshold) <= review_band * abs(threshold):
+        return REVIEW
+    return NG if score > threshold else OK
+
+
 def score_files(
     model: FewVisionModel,
     inputs: Sequence[str | os.PathLike],
     *,
     keep_maps: bool = True,
+    review_band: float = 0.0,
     weights: str | None = None,
     cache_dir: str | None = None,
     use_cache: bool = True,
@@ -325,17 +404,28 @@ def score_files(
     batch_size: int = 16,
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
 ) -> AnomalyPredictions:
-    """Score image files and/or folders; unreadable files are skipped with their reason."""
+    """Score image files and/or folders; unreadable files are skipped with their reason.
+
+    Each row: path, score, threshold, ``normalized_score`` (score / threshold, method-independent: above 1 is over
+    the threshold), ``verdict`` (ok / ng, or review within ``review_band`` of the threshold), ``x`` / ``y`` (where
+    the map peaks, in the image's own pixels) and ``time`` (UTC)."""
     if model.task != "anomaly":
         raise ValueError(f"this is a {model.task} model, not an anomaly model")
+    if review_band < 0:
+        raise ValueError(f"the review band must be >= 0, got {review_band}")
     paths = [str(p) for p in iter_image_files(inputs)]
+    expect(len(paths))
     return _score_paths(model, paths, keep_maps=keep_maps, weights=weights, cache_dir=cache_dir, use_cache=use_cache,
-                        progress=progress, batch_size=batch_size, chunk_images=chunk_images)
+                        progress=progress, batch_size=batch_size, chunk_images=chunk_images, review_band=review_band)
 
 
 def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool, weights: str | None,
                  cache_dir: str | None, use_cache: bool, progress: bool, batch_size: int,
-                 chunk_images: int) -> AnomalyPredictions:
+                 chunk_images: int, review_band: float = 0.0) -> AnomalyPredictions:
+    from datetime import datetime, timezone
+
+    from ..anomaly.postprocess import peak_in_image
+
     bb = model.backbone(cache_dir=cache_dir, weights=weights)
     size, sigma = _settings(model, bb)
     cache = open_cache(bb.id, cache_dir, enabled=use_cache)
@@ -344,9 +434,13 @@ def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool
     rows, maps = [], []
     for ok, m, s in _score_chunks(model.head, bb, paths, cache, size=size, sigma=sigma, chunk_images=chunk_images,
                                   batch_size=batch_size, rec=rec, progress=progress):
-        for p, v in zip(ok, s.tolist()):
-            rows.append({"path": p, "score": float(v),
-                         "is_anomalous": None if threshold is None else bool(v > threshold)})
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        peaks = m.flatten(1).argmax(1).tolist()
+        for p, v, peak in zip(ok, s.tolist(), peaks):
+            x, y = peak_in_image(p, bb.preprocess, size, divmod(int(peak), size[1]))
+            rows.append({"path": p, "score": float(v), "threshold": threshold,
+                         "normalized_score": float(v) / threshold if threshold else None,
+                         "verdict": verdict(float(v), threshold, review_band), "x": x, "y": y, "time": now})
         if keep_maps:
             maps.append(m.numpy().astype(np.float32, copy=False))
     stacked = (np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)) if keep_maps else None
@@ -408,6 +502,14 @@ def evaluate_anomaly(
     data = test_items(data)
     if not len(data):
         raise DatasetError(f"{data.root or data.name}: no test images")
+    fitted = set(model.info.get("fitted_on_sha256", []))
+    shas, _ = hash_files(data.paths)
+    excluded = sum(1 for s in shas if s in fitted)
+    if fitted and excluded == len(data):
+        raise DatasetError(f"{data.root or data.name}: every test image was used to fit this model; evaluate on "
+                           "other images")
+    data = data.subset([i for i, s in enumerate(shas) if s not in fitted]) if excluded else data
+    expect(len(data))
     by_path = {it.path: it for it in data.items}
     preds = _score_paths(model, data.paths, keep_maps=True, weights=weights, cache_dir=cache_dir,
                          use_cache=use_cache, progress=progress, batch_size=batch_size, chunk_images=chunk_images)
@@ -419,8 +521,11 @@ def evaluate_anomaly(
     threshold = model.decision.get("threshold")
     metrics: dict[str, Any] = image_metrics(scores, is_defect, threshold)
     metrics.update({"n": len(items), "n_skipped": len(preds.skipped), "good_label": good,
+                    "n_excluded_fit_images": excluded,
                     "target_false_reject": model.decision.get("target_false_reject")})
     notes: list[str] = []
+    if excluded:
+        notes.append(f"{excluded} image(s) the model was fitted on were left out of the evaluation")
     if is_defect.any() and (~is_defect).any():
         metrics["image_auroc_ci"] = auroc_bootstrap_ci(scores, is_defect, n_bootstrap=n_bootstrap, seed=seed)
         metrics["ci_method"] = {"method": "percentile bootstrap, good and defective images resampled separately",

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..backbones.base import Backbone, BackboneError
 from ..decide.calibration import apply_temperature, fit_temperature, log_probabilities
-from ..decide.conformal import abstain_labels, calibrate_conformal, prediction_sets, set_labels, set_metrics
-from ..decide.unknown import apply_unknown_threshold
+from ..decide.conformal import calibrate_conformal, prediction_sets, set_metrics
+from ..decide.review import REVIEW
 from ..features.encode import GLOBAL, Features, hash_files
 from ..heads import ClassifierHead, create_head
 from ..heads.base import _to_json
@@ -25,7 +25,16 @@ from ..heads.support import Support
 from ..io.datasets import Dataset, Item, load_dataset, sample_shots, stratified_split
 from ..io.images import BadImage, Skipped, iter_image_files, load_image
 from ..modelfile import FewVisionModel, load, save_model
-from .common import Evaluation, Predictions, as_backbone, encode, evaluate_predictions, predictions_from
+from ..progress import expect, progress_bar
+from .common import (
+    Evaluation,
+    Predictions,
+    as_backbone,
+    classification_rows,
+    encode,
+    evaluate_predictions,
+    predictions_from,
+)
 
 IMAGES = "images"  # the feature kind of heads that predict from PIL images (``predict_proba_images``)
 IMAGE_CHUNK = 64  # images decoded at a time for such heads, to bound memory
@@ -53,28 +62,32 @@ class Scored:
                       self.encoded)
 
 
-def images_proba(head: ClassifierHead, backbone: Backbone, paths: Sequence[str]) -> Scored:
+def images_proba(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], progress: bool = False) -> Scored:
     """Probabilities from a head that takes PIL images, decoding ``IMAGE_CHUNK`` files at a time."""
     shas, bad = hash_files(paths)
     skipped = [Skipped(paths[i], why) for i, why in bad.items()]
     ok, chunks, pending = [], [], []
 
-    def flush():
-        if pending:
-            chunks.append(head.predict_proba_images(backbone, [im for _, im in pending]))
-            ok.extend(i for i, _ in pending)
-            pending.clear()
+    with progress_bar(len(paths), "scoring", enabled=progress) as advance:
+        def flush():
+            if pending:
+                chunks.append(head.predict_proba_images(backbone, [im for _, im in pending]))
+                ok.extend(i for i, _ in pending)
+                advance(len(pending))
+                pending.clear()
 
-    for i, path in enumerate(paths):
-        if i in bad:
-            continue
-        try:
-            pending.append((i, load_image(path)))
-        except BadImage as err:
-            skipped.append(Skipped(path, err.reason))
-        if len(pending) >= IMAGE_CHUNK:
-            flush()
-    flush()
+        for i, path in enumerate(paths):
+            if i in bad:
+                advance(1)
+                continue
+            try:
+                pending.append((i, load_image(path)))
+            except BadImage as err:
+                skipped.append(Skipped(path, err.reason))
+                advance(1)
+            if len(pending) >= IMAGE_CHUNK:
+                flush()
+        flush()
     proba = np.concatenate(chunks) if chunks else np.zeros((0, len(head.class_names_)), dtype=np.float32)
     return Scored([paths[i] for i in ok], [shas[i] for i in ok], proba, skipped, len(ok))
 
@@ -84,7 +97,7 @@ def score_files(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], 
     """A head's raw probabilities for image files: from cached features of its kind, or from the images."""
     kind = feature_kind(head)
     if kind == IMAGES:
-        return images_proba(head, backbone, list(paths))
+        return images_proba(head, backbone, list(paths), progress)
     feats = encode(backbone, list(paths), kind, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
                    description=description)
     proba = head.predict_proba(feats.tensor) if feats.paths else np.zeros((0, len(head.class_names_)), np.float32)
@@ -172,6 +185,7 @@ def fit(
         keep, held = stratified_split(y[pool], calibrate_fraction, seed)
         pool, calib = pool[keep], pool[held]
     chosen = sample_shots(y, shots, seed, pool) if shots else pool
+    expect(len(chosen) + len(calib))
     support = Support.from_files(bb, [dataset.paths[i] for i in chosen], y[chosen], dataset.class_names,
                                  cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     head.fit(support)
@@ -180,7 +194,8 @@ def fit(
     info = {"method": method, "params": _to_json(head.get_params()), "shots": shots, "seed": seed,
             "dataset": dataset.name, "class_names": list(dataset.class_names), "n_support": len(support.paths),
             "support_counts": np.bincount(support.labels.numpy(), minlength=support.n_classes).tolist(),
-            "fitted_on_sha256": [s for s in shas if s], "n_trainable_parameters": head.n_trainable_parameters()}
+            "fitted_on_sha256": [s for s in shas if s], "n_trainable_parameters": head.n_trainable_parameters(),
+            "skipped": [f"{s.path}: {s.reason}" for s in support.skipped][:20], "n_skipped": len(support.skipped)}
     model = FewVisionModel(head, bb.spec, bb.id, info=info, _backbone=bb)
     if len(calib):
         calibrate(model, [dataset.paths[i] for i in calib], y[calib], alpha=alpha, score=conformal,
@@ -217,6 +232,9 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
         "ece_before": expected_calibration_error(scored.proba, y),
         "ece_after": expected_calibration_error(calibrated, y)}
     model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + list(scored.shas)
+    if scored.skipped:
+        model.info["skipped"] = (model.info.get("skipped", []) + [f"{s.path}: {s.reason}" for s in scored.skipped])[:20]
+        model.info["n_skipped"] = model.info.get("n_skipped", 0) + len(scored.skipped)
     if alpha is not None:
         model.decision["conformal"] = {**calibrate_conformal(scored.proba, y, alpha, score, mondrian),
                                        "probabilities": "raw"}
@@ -225,25 +243,20 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
 
 def predictions(model: FewVisionModel, scored: Scored, *, abstain: bool = False,
                 unknown_threshold: float | None = None) -> Predictions:
-    """Rows (path, label, calibrated probabilities and, with conformal thresholds, the prediction set)."""
+    """Rows (see :func:`fewvision.tasks.common.classification_rows`): calibrated probabilities, the prediction set
+    when the model has conformal thresholds, ``review`` with a reason when abstaining or below the threshold."""
     names = model.class_names
     conformal = model.decision.get("conformal")
     if abstain and not conformal:
         raise ValueError("--abstain needs conformal thresholds in the model: fit it with --alpha and "
                          "--calibrate-fraction")
     proba = apply_temperature(scored.proba, model.decision.get("temperature"))
-    labels = apply_unknown_threshold(proba, names, unknown_threshold)
-    rows = [{"path": p, "label": lab, "probabilities": {n: float(v) for n, v in zip(names, pr)}}
-            for p, lab, pr in zip(scored.paths, labels, proba)]
-    if conformal and rows:
+    sets = None
+    if conformal and len(proba):
         # Thresholds set on raw head probabilities (files before 0.2 set them on calibrated ones).
         sets = prediction_sets(scored.proba if conformal.get("probabilities") == "raw" else proba, conformal)
-        for row, members in zip(rows, set_labels(sets, names)):
-            row["set"] = members
-            row["note"] = "set=" + "|".join(members)
-        if abstain:
-            for row, lab in zip(rows, abstain_labels(sets, names)):
-                row["label"] = lab
+    rows = classification_rows(scored.paths, proba, names, unknown_threshold=unknown_threshold, sets=sets,
+                               alpha=conformal["alpha"] if conformal else None, abstain=abstain)
     return Predictions(names, rows, scored.skipped, scored.encoded)
 
 
@@ -252,8 +265,10 @@ def predict(model: FewVisionModel | str | os.PathLike, inputs: Sequence[str | os
             use_cache: bool = True, progress: bool = False) -> Predictions:
     """Classify image files and folders with a fitted model (calibrated probabilities; ``review`` when abstaining)."""
     model = model if isinstance(model, FewVisionModel) else load(model)
-    scored = score_files(model.head, model.backbone(cache_dir, weights), [str(p) for p in iter_image_files(inputs)],
-                         cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    paths = [str(p) for p in iter_image_files(inputs)]
+    expect(len(paths))
+    scored = score_files(model.head, model.backbone(cache_dir, weights), paths, cache_dir=cache_dir,
+                         use_cache=use_cache, progress=progress)
     return predictions(model, scored, abstain=abstain, unknown_threshold=unknown_threshold)
 
 
@@ -273,6 +288,7 @@ def evaluate_model(model: FewVisionModel | str | os.PathLike, dataset: Dataset |
         raise ValueError(f"dataset '{data.name}' has classes {missing} that the model does not know "
                          f"(model classes: {model.class_names})")
     items = [it for it in data.items if it.split != "train"]
+    expect(len(items))
     scored = score_files(model.head, model.backbone(cache_dir, weights), [it.path for it in items],
                          cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     fitted = set(model.info.get("fitted_on_sha256", []))
@@ -292,7 +308,7 @@ def evaluate_model(model: FewVisionModel | str | os.PathLike, dataset: Dataset |
         ev.metrics.update({"conformal_alpha": conformal["alpha"], "conformal_score": conformal["score"],
                            "mondrian": conformal["mondrian"]})
         if abstain:
-            ev.metrics["review_rate"] = float(np.mean([r["label"] == "review" for r in preds.rows]))
+            ev.metrics["review_rate"] = float(np.mean([r["label"] == REVIEW for r in preds.rows]))
     ev.metrics.update({"method": model.head.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
                        "dataset": data.name, "temperature": model.decision.get("temperature")})
     return ev
@@ -309,6 +325,7 @@ def evaluate_prototype(
     progress: bool = False,
 ) -> Evaluation:
     """Class means of ``shots`` random images per class; evaluated on every other image of the dataset."""
+    expect(len(dataset))
     bb = as_backbone(backbone, cache_dir)
     feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     label_of = {it.path: it.label for it in dataset.items}

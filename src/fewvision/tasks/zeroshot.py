@@ -13,14 +13,23 @@ from typing import Sequence
 import numpy as np
 
 from ..backbones.base import Backbone
-from ..decide.unknown import UNKNOWN, apply_unknown_threshold
+from ..decide.review import REVIEW, decide
 from ..features.encode import Features
 from ..heads import create_head
 from ..heads.prompts import ClassSpec, check_classes, parse_class_names
 from ..heads.support import Support
 from ..io.datasets import Dataset
 from ..io.images import iter_image_files
-from .common import Evaluation, Predictions, as_backbone, encode, evaluate_predictions, predictions_from
+from ..progress import expect
+from .common import (
+    Evaluation,
+    Predictions,
+    as_backbone,
+    classification_rows,
+    encode,
+    evaluate_predictions,
+    predictions_from,
+)
 
 
 def as_classes(classes: Sequence[str | ClassSpec] | str) -> list[ClassSpec]:
@@ -44,6 +53,7 @@ def classify(
 ) -> Predictions:
     """Zero-shot classification of image files and folders into ``classes``."""
     paths = iter_image_files(inputs)  # a missing input is reported before any model is loaded
+    expect(len(paths))
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes)
     head = create_head("zeroshot", classes=specs, templates=templates).fit(
@@ -65,6 +75,7 @@ def evaluate_zeroshot(
     progress: bool = False,
 ) -> Evaluation:
     """Zero-shot accuracy on a labelled dataset (class names from the dataset unless ``classes`` is given)."""
+    expect(len(dataset))
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes if classes is not None else dataset.class_names)
     head = create_head("zeroshot", classes=specs, templates=templates).fit(
@@ -98,16 +109,12 @@ def predictions_with_lmm(head, feats: Features, lmm, unknown_threshold: float | 
     if len(feats.paths) == 0:
         return Predictions(names, [], feats.skipped, feats.encoded)
     # Validates the threshold and the class names before any request is sent.
-    apply_unknown_threshold(np.zeros((1, len(names))), names, unknown_threshold)
+    decide(np.zeros((1, len(names))), names, unknown_threshold=unknown_threshold)
     out = head.predict_with_lmm(feats.tensor, feats.paths, lmm, shas=feats.shas)
-    rows = []
-    for i, path in enumerate(feats.paths):
-        label = names[int(out.index[i])]
-        if unknown_threshold is not None and out.proba[i, out.index[i]] < unknown_threshold:
-            label = UNKNOWN
-        rows.append({"path": path, "label": label,
-                     "probabilities": {n: float(v) for n, v in zip(names, out.proba[i])},
-                     "note": out.notes[i], "decision": out.paths[i]})
+    rows = classification_rows(feats.paths, out.proba, names, unknown_threshold=unknown_threshold,
+                               top=[int(i) for i in out.index])
+    for i, row in enumerate(rows):
+        row.update({"note": out.notes[i], "decision": out.paths[i]})
     return Predictions(names, rows, feats.skipped, feats.encoded)
 
 
@@ -135,6 +142,7 @@ def classify_with_lmm(
     are skipped before any request; an image without a usable answer falls back to CLIP zero-shot (row ``note``).
     """
     paths = iter_image_files(inputs)  # a missing input is reported before any model is loaded
+    expect(len(paths))
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes)
     head = _lmm_head(method, specs, bb, templates, prompt, choice_prompt, top_k, cache_dir, use_cache)
@@ -160,6 +168,7 @@ def evaluate_with_lmm(
     progress: bool = False,
 ) -> Evaluation:
     """SLAC / TLAC accuracy on a labelled dataset; ``metrics['decisions']`` counts the decision paths taken."""
+    expect(len(dataset))
     bb = as_backbone(backbone, cache_dir)
     specs = as_classes(classes if classes is not None else dataset.class_names)
     head = _lmm_head(method, specs, bb, templates, prompt, choice_prompt, top_k, cache_dir, use_cache)
@@ -174,4 +183,4 @@ def evaluate_with_lmm(
 
 
 __all__ = ["classify", "evaluate_zeroshot", "classify_with_lmm", "evaluate_with_lmm", "Predictions", "Evaluation",
-           "UNKNOWN"]
+           "REVIEW"]
