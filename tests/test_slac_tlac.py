@@ -534,17 +534,11 @@ def test_parse_choice_unclaimed_forms_never_pick_a_wrong_option(answer, names, r
         assert right is None
 
 
-@pytest.mark.xfail(strict=True, reason="SOURCE GAP (reported, src/ not changed): parse_choice reads an option number "
-                   "only at the start or after 'option/number/choice/no', so 'Answer: 2' and 'The answer is 2.' are "
-                   "unparsed, while 'Choice: 2' and 'No. 2' are read as option 2")
 @pytest.mark.parametrize("answer", ["Answer: 2", "The answer is 2.", "**Answer:** 2"])
 def test_parse_choice_answer_prefixed_number(answer):
     assert parse_choice(answer, ["nominal", "local", "global"]) == ("choice", 1)
 
 
-@pytest.mark.xfail(strict=True, reason="SOURCE GAP (reported, src/ not changed): docs say 'a number and a name that "
-                   "disagree is rejected', but after 'Answer:' the number is not read, so 'Answer: 3 (local)' picks "
-                   "local although option 3 is global")
 @pytest.mark.parametrize("answer", ["Answer: 3 (local)", "The answer is 3, local."])
 def test_parse_choice_rejects_disagreeing_number_after_answer_prefix(answer):
     assert parse_choice(answer, ["nominal", "local", "global"]) == ("unparsed", None)

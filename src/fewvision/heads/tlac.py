@@ -62,9 +62,10 @@ def parse_choice(answer: str, names: Sequence[str]) -> tuple[str, int | None]:
         if n:
             spans += [(m.start(), m.end(), i) for m in re.finditer(rf"(?<![0-9a-z]){re.escape(n)}(?![0-9a-z])", a)]
     named = {i for s, e, i in spans if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
-    numbers = {int(m.group(1)) - 1 for m in re.finditer(r"(?:^|option |number |choice |no )(\d+)\b", a)}
+    numbers = {int(m.group(1)) - 1 for m in re.finditer(r"(?:^|option |number |choice |no |answer (?:is )?)(\d+)\b",
+                                                          a)}
     numbers = {k for k in numbers if 0 <= k < len(names)}
-    lead = re.match(r"^(?:option |number |choice )?(\d+)\b", a)
+    lead = re.match(r"^(?:(?:the )?answer (?:is )?|option |number |choice )?(\d+)\b", a)
     if lead and 0 <= int(lead.group(1)) - 1 < len(names):
         k = int(lead.group(1)) - 1
         if named <= {k}:
