@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import sys
 import time
 from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-SHOW_AFTER_S = 1.0
+
+def _show_after() -> float:
+    """Seconds a bar waits before it appears (short jobs show none): ``FEWVISION_PROGRESS_DELAY``, default 1."""
+    try:
+        return max(0.0, float(os.environ.get("FEWVISION_PROGRESS_DELAY", "1")))
+    except ValueError:
+        return 1.0
 
 
 class Job:
@@ -37,7 +44,7 @@ class Job:
         if self._bar is None and self.enabled:
             # disable=None: tqdm hides the bar when stderr is not a terminal (CI logs, pipes)
             self._bar = tqdm(total=self.total, desc=self.description, unit="img", file=sys.stderr, disable=None,
-                             dynamic_ncols=True, leave=False, delay=SHOW_AFTER_S)
+                             dynamic_ncols=True, leave=False, delay=_show_after())
         elif self._bar is not None:
             self._bar.total = self.total
             self._bar.refresh()
@@ -99,7 +106,7 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     if current is not None:
         yield current.advance if enabled else (lambda n: None)
         return
-    bar = tqdm(total=total, desc=description, unit="img", delay=SHOW_AFTER_S, file=sys.stderr,
+    bar = tqdm(total=total, desc=description, unit="img", delay=_show_after(), file=sys.stderr,
                disable=None if enabled else True, dynamic_ncols=True, leave=False)
     try:
         yield bar.update

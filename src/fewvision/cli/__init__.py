@@ -60,7 +60,7 @@ def _usage_error(exc) -> None:
 def main() -> None:
     quiet_libraries()
     try:
-        result = app(standalone_mode=False)
+        result = app(prog_name="fewvision", standalone_mode=False)
         if isinstance(result, int) and result:  # click returns the code of a typer.Exit raised in a command
             sys.exit(result)
     except typer.Exit as exc:

@@ -171,10 +171,10 @@ def predict(
     check_folder(heatmaps, "--heatmaps")
     check_folder(report, "--report")
     model = load_anomaly_model(model_path)
-    paths = iter_image_files(images)
+    iter_image_files(images)  # a missing input is reported before any model is loaded
     keep_maps = heatmaps is not None or report is not None
     with job(f"predict {model.head.method}") as bar:
-        res = score_files(model, paths, keep_maps=keep_maps, review_band=review_band, weights=weights,
+        res = score_files(model, images, keep_maps=keep_maps, review_band=review_band, weights=weights,
                           cache_dir=cache_dir, use_cache=not no_cache, progress=True)
         bb = model.backbone(cache_dir=cache_dir, weights=weights)
         sha = file_sha256(model_path)

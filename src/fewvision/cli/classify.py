@@ -120,20 +120,20 @@ def classify(
         raise UserError("give the classes with --classes or --classes-file")
     templates = templates_from(template)
     lmm = lmm_from(method, lmm_url, lmm_model, lmm_timeout, lmm_concurrency, cache_dir, no_cache)
-    paths = iter_image_files(images)  # a missing input is reported before any model is loaded
+    iter_image_files(images)  # a missing input is reported before any model is loaded
     with job("classify") as bar:
         bb = create(spec, weights, cache_dir)
         if lmm is not None:
             from ..tasks.zeroshot import classify_with_lmm
 
-            preds = classify_with_lmm(paths, specs, backbone=bb, lmm=lmm, method=method, templates=templates,
+            preds = classify_with_lmm(images, specs, backbone=bb, lmm=lmm, method=method, templates=templates,
                                       prompt=lmm_prompt, top_k=lmm_top_k, unknown_threshold=review_threshold,
                                       cache_dir=cache_dir, use_cache=not no_cache, progress=True,
                                       batch_size=batch_size)
         else:
             from ..tasks.zeroshot import classify as run_classify
 
-            preds = run_classify(paths, specs, backbone=bb, templates=templates, unknown_threshold=review_threshold,
+            preds = run_classify(images, specs, backbone=bb, templates=templates, unknown_threshold=review_threshold,
                                  cache_dir=cache_dir, use_cache=not no_cache, progress=True, batch_size=batch_size)
     write_predictions(preds, out, report, title="fewvision classify",
                       extra={"backbone": bb.spec, **({"method": method, "lmm": lmm.describe()} if lmm else {})})

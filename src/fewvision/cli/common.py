@@ -126,10 +126,10 @@ def check_output(path: Optional[Path], suffixes: Sequence[str], option: str = "-
     """A file to write: the right suffix, not an existing directory, a folder that can hold it."""
     if path is None:
         return None
-    if path.suffix.lower() not in suffixes:
-        raise UserError(f"{path}: {option} must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise UserError(f"{path}: {option} names an existing directory, not a file")
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{path}: {option} must end in {' or '.join(suffixes)}")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{path}: {option} is inside '{parent}', which is not a directory")

@@ -167,9 +167,9 @@ def predict_command(
     if abstain and not model.decision.get("conformal"):
         raise UserError(f"{model_path}: --abstain needs conformal thresholds in the model (fit it with --alpha and "
                         "--calibrate-fraction)")
-    paths = iter_image_files(images)
+    iter_image_files(images)  # a missing input is reported before any model is loaded
     with job(f"predict {model.head.method}") as bar:
-        preds = predict(model, paths, abstain=abstain, unknown_threshold=review_threshold, weights=weights,
+        preds = predict(model, images, abstain=abstain, unknown_threshold=review_threshold, weights=weights,
                         cache_dir=cache_dir, use_cache=not no_cache, progress=True)
     write_predictions(preds, out, report, title=f"fewvision predict: {model.head.method}",
                       extra={"backbone": model.backbone_spec, "model": str(model_path)})

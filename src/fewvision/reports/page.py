@@ -19,7 +19,9 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 
 
 def _e(value: Any) -> str:
-    return escape("" if value is None else str(value), quote=True)
+    # A file name that is not valid UTF-8 (held as lone surrogates) is shown with U+FFFD: the page stays UTF-8.
+    text = "" if value is None else str(value)
+    return escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), quote=True)
 
 
 def _mpl_text(text: str) -> str:
