@@ -386,3 +386,45 @@ def test_one_progress_bar_on_a_terminal_and_none_on_a_pipe(tmp_path, textile_sub
     piped = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env, timeout=120)
     assert piped.returncode == 0 and "img/s" not in piped.stderr and "\r" not in piped.stderr
     assert "image(s) scored" in piped.stderr and " s, " in piped.stderr  # the closing summary with time and rate
+
+
+# --- help --------------------------------------------------------------------------------------------------------
+def _commands():
+    import typer.main
+
+    from fewvision.cli import app
+
+    group = typer.main.get_command(app)
+
+    def walk(cmd, path):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    return list(walk(group, []))
+
+
+def test_every_option_has_help_and_a_readable_metavar():
+    commands = _commands()
+    assert len(commands) >= 14
+    for path, cmd in commands:
+        for param in cmd.params:
+            if param.name == "help":
+                continue
+            assert param.help, (path, param.name)
+        code, out, _ = run(*path, "-h")
+        assert code == 0 and "<list[" not in out and "range>" not in out and "<float" not in out, (path, out)
+        assert "Exit codes" in out, path
+        outputs = [p for p in cmd.params if "--out" in getattr(p, "opts", [])]
+        assert all("-o" in p.opts for p in outputs), path
+
+
+def test_the_command_line_imports_no_heavy_library_for_help():
+    """--help must answer at once: the CLI modules import neither torch nor the models until a command runs."""
+    code = ("import sys, fewvision.cli; heavy = [m for m in ('torch', 'open_clip', 'timm', 'sklearn', 'transformers') "
+            "if m in sys.modules]; print(heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

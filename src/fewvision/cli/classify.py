@@ -11,8 +11,8 @@ import typer
 from .common import (
     CONTEXT,
     EXIT_CODES_HELP,
+    LMM,
     LMM_METHODS,
-    LMM_URL_HELP,
     UserError,
     backbone_option,
     cache_dir_option,
@@ -53,13 +53,6 @@ def register(app: typer.Typer) -> None:
                 help=cleandoc(evaluate.__doc__) + EVAL_EXAMPLE)(evaluate)
 
 
-def _lmm_options():
-    return dict(
-        lmm_url=typer.Option(None, "--lmm-url", metavar="URL", help=LMM_URL_HELP),
-        lmm_model=typer.Option(None, "--lmm-model", metavar="NAME", help="LMM name on the server, or a local folder"),
-    )
-
-
 def check_text_tower(method: str, spec: str) -> None:
     if spec_has_text(spec) is False:
         raise UserError(f"--method {method} needs a text tower, which backbone '{spec}' lacks; use a CLIP backbone "
@@ -92,16 +85,12 @@ def classify(
     batch_size: int = typer.Option(32, "--batch-size", min=1, metavar="N", help="images per encoder batch"),
     method: str = typer.Option("zeroshot", "--method", "-m", metavar="METHOD",
                                help="zeroshot | slac | tlac (slac and tlac ask an LMM)"),
-    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", metavar="URL", help=LMM_URL_HELP),
-    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", metavar="NAME",
-                                            help="LMM name on the server, or a local folder"),
-    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, metavar="S", help="seconds per LMM request"),
-    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, metavar="N",
-                                        help="LMM requests in flight at most"),
-    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", metavar="TEXT",
-                                             help="the stage-1 question (SLAC's by default)"),
-    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, metavar="K", help="candidates from CLIP and from SLAC "
-                                  "(tlac)"),
+    lmm_url: Optional[str] = LMM["lmm_url"],
+    lmm_model: Optional[str] = LMM["lmm_model"],
+    lmm_timeout: float = LMM["lmm_timeout"],
+    lmm_concurrency: int = LMM["lmm_concurrency"],
+    lmm_prompt: Optional[str] = LMM["lmm_prompt"],
+    lmm_top_k: int = LMM["lmm_top_k"],
     exit_code: bool = exit_code_option(),
 ) -> None:
     """Zero-shot classification: one row per image with its label, the top class and its probability, and the
@@ -194,16 +183,12 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", metavar="DIR", help="folder for an HTML report"),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
-    lmm_url: Optional[str] = typer.Option(None, "--lmm-url", metavar="URL", help=LMM_URL_HELP),
-    lmm_model: Optional[str] = typer.Option(None, "--lmm-model", metavar="NAME",
-                                            help="LMM name on the server, or a local folder"),
-    lmm_timeout: float = typer.Option(120.0, "--lmm-timeout", min=0.001, metavar="S", help="seconds per LMM request"),
-    lmm_concurrency: int = typer.Option(4, "--lmm-concurrency", min=1, metavar="N",
-                                        help="LMM requests in flight at most"),
-    lmm_prompt: Optional[str] = typer.Option(None, "--lmm-prompt", metavar="TEXT",
-                                             help="the stage-1 question (SLAC's by default)"),
-    lmm_top_k: int = typer.Option(3, "--lmm-top-k", min=1, metavar="K",
-                                  help="candidates from CLIP and from SLAC (tlac)"),
+    lmm_url: Optional[str] = LMM["lmm_url"],
+    lmm_model: Optional[str] = LMM["lmm_model"],
+    lmm_timeout: float = LMM["lmm_timeout"],
+    lmm_concurrency: int = LMM["lmm_concurrency"],
+    lmm_prompt: Optional[str] = LMM["lmm_prompt"],
+    lmm_top_k: int = LMM["lmm_top_k"],
     abstain: bool = typer.Option(False, "--abstain", help="model files: send an image to review when its conformal "
                                  "set is not exactly one class"),
 ) -> None:

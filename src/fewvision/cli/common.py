@@ -322,6 +322,25 @@ LMM_URL_HELP = ("OpenAI-compatible server for --method slac|tlac, e.g. http://lo
                 "runs --lmm-model in-process")
 
 
+def lmm_options() -> dict:
+    """The LMM options of classify and eval (``--method slac|tlac``), as typer defaults by parameter name."""
+    return {
+        "lmm_url": typer.Option(None, "--lmm-url", metavar="URL", help=LMM_URL_HELP),
+        "lmm_model": typer.Option(None, "--lmm-model", metavar="NAME", help="LMM name on the server, or a local "
+                                  "folder"),
+        "lmm_timeout": typer.Option(120.0, "--lmm-timeout", min=0.001, metavar="S", help="seconds per LMM request"),
+        "lmm_concurrency": typer.Option(4, "--lmm-concurrency", min=1, metavar="N",
+                                        help="LMM requests in flight at most"),
+        "lmm_prompt": typer.Option(None, "--lmm-prompt", metavar="TEXT",
+                                   help="the stage-1 question (SLAC's by default)"),
+        "lmm_top_k": typer.Option(3, "--lmm-top-k", min=1, metavar="K",
+                                  help="candidates from CLIP and from SLAC (tlac)"),
+    }
+
+
+LMM = lmm_options()
+
+
 def lmm_from(method: str, url: Optional[str], model: Optional[str], timeout: float, concurrency: int,
              cache_dir: Optional[str], no_cache: bool):
     """The LMM asked by --method slac|tlac (None for other methods)."""

@@ -32,7 +32,9 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], row_labels: Sequence[s
     fig = Figure(figsize=(size + 1.5, size))
     ax = fig.add_subplot()
     im = ax.imshow(cm, cmap="Blues", vmin=0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    from matplotlib.ticker import MaxNLocator
+
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, ticks=MaxNLocator(integer=True))  # counts: whole images
     ax.set_xticks(range(len(col_labels)), [_mpl_text(c) for c in col_labels], rotation=45, ha="right")
     ax.set_yticks(range(len(row_labels)), [_mpl_text(r) for r in row_labels])
     ax.set_xlabel("predicted")
@@ -56,6 +58,9 @@ def label_counts_png(labels: Sequence[str]) -> str:
     ax.set_yticks(range(len(values)), names)
     ax.bar_label(bars, padding=2, fontsize=9)
     ax.set_xlabel("images")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("predicted labels")
     return _png_data_uri(fig)
 
@@ -87,14 +92,17 @@ def _fmt_p(p: float | None) -> str:
 
 def _image_table(rows: Sequence[Mapping[str, Any]], with_true: bool) -> str:
     head = "<tr><th>image</th><th>file</th>" + ("<th>true</th>" if with_true else "")
-    head += "<th>predicted</th><th>probability</th><th>note</th></tr>"
+    head += "<th>decision</th><th>top class</th><th>probability</th><th>set / reason / note</th></tr>"
     body = []
     for r in rows:
         cells = [f'<td class="thumb">{thumbnail_html(r["path"])}</td>', f'<td class="path">{_e(r["path"])}</td>']
         if with_true:
             cells.append(f"<td>{_e(r.get('true'))}</td>")
-        cells += [f"<td>{_e(r.get('label'))}</td>", f'<td class="num">{_fmt_p(_top(r))}</td>',
-                  f'<td class="note">{_e(r.get("note"))}</td>']
+        notes = [("set: " + " | ".join(r["set"])) if "set" in r else "", r.get("review_reason") or "",
+                 r.get("note") or ""]
+        cells += [f"<td>{_e(r.get('label'))}</td>", f"<td>{_e(r.get('top_label', r.get('label')))}</td>",
+                  f'<td class="num">{_fmt_p(r.get("top_probability", _top(r)))}</td>',
+                  f'<td class="note">{"<br>".join(_e(n) for n in notes if n)}</td>']
         body.append("<tr>" + "".join(cells) + "</tr>")
     return "<table>" + head + "".join(body) + "</table>"
 
@@ -108,8 +116,16 @@ def _summary(metrics: Mapping[str, Any]) -> str:
         if key in ci:
             text += f" ({level:.0%} CI {ci[key][0]:.3f} – {ci[key][1]:.3f})"
         lines.append((name, text))
+    if metrics.get("ece") is not None:
+        lines.append(("expected calibration error", f"{metrics['ece']:.3f} (0 = probabilities match the hit rate)"))
+    if metrics.get("coverage") is not None:
+        alpha = metrics.get("conformal_alpha")
+        target = f", target at least {1 - alpha:.0%}" if alpha is not None else ""
+        lines.append(("prediction-set coverage", f"{metrics['coverage']:.3f}{target}"))
+        lines.append(("mean prediction-set size", f"{metrics['mean_set_size']:.2f} classes"))
     if metrics.get("n_review"):
-        lines.append(("sent to review", str(metrics["n_review"])))
+        rate = f" ({metrics['review_rate']:.1%})" if metrics.get("review_rate") is not None else ""
+        lines.append(("sent to review", f"{metrics['n_review']}{rate}"))
     return _kv_table(dict(lines))
 
 
