@@ -223,6 +223,21 @@ class PatchCore(AnomalyHead):
         self.n_train_patches_ = int(n_patches)
         return self
 
+    def partial_fit(self, inputs: torch.Tensor, backbone=None) -> "PatchCore":
+        """Add good images to the memory bank without refitting: a greedy k-center coreset of each image's own
+        locally aware patches (``coreset_ratio`` of them) is appended. The threshold is not recalibrated."""
+        self._check_fitted()
+        x = self._check_input(inputs)
+        generator = torch.Generator().manual_seed(int(self.seed) + int(self.n_train_images_))
+        added = []
+        for maps in x.split(1):
+            emb = flatten_patches(self._embed(maps))
+            added.append(emb[greedy_coreset(emb, max(1, math.ceil(self.coreset_ratio * len(emb))), generator)])
+        self.memory_bank_ = torch.cat([self.memory_bank_, *added]).contiguous()
+        self.n_train_images_ = int(self.n_train_images_) + len(x)
+        self.n_train_patches_ = int(self.n_train_patches_) + len(x) * x.shape[-2] * x.shape[-1]
+        return self
+
     def _embed(self, maps: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features of packed maps ``[N, C, h, w]`` -> ``[N, C, h, w]``."""
         layout = getattr(self, "layers_", None)

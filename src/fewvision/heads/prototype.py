@@ -55,7 +55,8 @@ class _NeedsTextWhenBlended:
 
 
 class PrototypeHead(ClassifierHead):
-    STATE_SHAPES = {"prototypes_": ("C", "D"), "text_weights_": ("D", "C")}
+    STATE_SHAPES = {"prototypes_": ("C", "D"), "text_weights_": ("D", "C"), "class_sums_": ("C", "D"),
+                    "class_counts_": ("C",)}
     method = "prototype"
     needs_text = _NeedsTextWhenBlended()
 
@@ -73,11 +74,25 @@ class PrototypeHead(ClassifierHead):
             raise ValueError(f"text_weight must be in [0, 1], got {self.text_weight}")
         features, labels, class_names = support.features, support.labels, support.class_names
         n = len(class_names)
+        feats = torch.nn.functional.normalize(features.float(), dim=-1)
+        self.class_sums_ = torch.zeros(n, feats.shape[1]).index_add_(0, labels, feats)
+        self.class_counts_ = torch.bincount(labels, minlength=n).float()
         self.prototypes_ = torch.nn.functional.normalize(class_means(features, labels, n), dim=-1)
         self.scale_ = float(self.scale) if self.scale is not None else leave_one_out_scale(features, labels, n)
         if self.needs_text:
             self.text_weights_, self.text_scale_ = zeroshot_classifier(support, self.templates)
         self.class_names_ = list(class_names)
+        return self
+
+    def partial_fit(self, features: torch.Tensor, labels: torch.Tensor) -> "PrototypeHead":
+        """Add labelled images to the class means without refitting (the softmax scale is kept)."""
+        self._check_fitted()
+        feats = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=-1)
+        labels = torch.as_tensor(labels).long()
+        self.class_sums_ = self.class_sums_.index_add(0, labels, feats)
+        self.class_counts_ = self.class_counts_ + torch.bincount(labels, minlength=len(self.class_names_)).float()
+        means = self.class_sums_ / self.class_counts_.clamp_min(1)[:, None]
+        self.prototypes_ = torch.nn.functional.normalize(means, dim=-1).contiguous()
         return self
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,14 @@ class TipAdapterHead(ClassifierHead):
         return (float(alphas[a]), float(betas[b]),
                 f"{n_folds}-fold cross-validation on the support: {int(correct.max())}/{len(labels)} right")
 
+    def partial_fit(self, features: torch.Tensor, labels: torch.Tensor) -> "TipAdapterHead":
+        """Add labelled images to the cache (a key and a value each) without refitting; alpha and beta are kept."""
+        self._check_fitted()
+        feats = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=-1)
+        self.keys_ = torch.cat([self.keys_, feats]).contiguous()
+        self.values_ = torch.cat([self.values_, one_hot(torch.as_tensor(labels).long(), len(self.class_names_))])
+        return self
+
     # --- prediction --------------------------------------------------------------------------------------------
     def _logits(self, feats: torch.Tensor, keys: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
         clip_logits = self.logit_scale_ * feats @ self.text_weights_

@@ -100,6 +100,14 @@ def _font(size: int):
     return ImageFont.load_default(size=max(10, int(size)))
 
 
+def overlay_on_image(path: str, heat: np.ndarray, preprocess, decision: Mapping[str, Any]) -> np.ndarray:
+    """The heat map over the whole image at the image's own resolution (uint8 RGB); raises :class:`BadImage`."""
+    image = load_image(path)
+    rgb = np.asarray(image, dtype=np.float64) / 255.0
+    placed = map_on_image(display_map(heat, decision), preprocess, image.width, image.height)
+    return overlay_rgb(rgb, placed, decision.get("heatmap_range") or [0.0, 1.0])
+
+
 def heatmap_image(path: str, heat: np.ndarray, preprocess, decision: Mapping[str, Any], *, score: float,
                   verdict: str | None) -> np.ndarray:
     """The image and its heat-map overlay side by side at the image's own resolution (at most

@@ -373,6 +373,32 @@ def rethreshold(model: FewVisionModel, target_false_reject: float) -> FewVisionM
     return model
 
 
+def can_update(model: FewVisionModel) -> bool:
+    """Whether a model's head takes new good images without a refit (PatchCore: its memory bank)."""
+    return hasattr(model.head, "partial_fit")
+
+
+def update(model: FewVisionModel, paths: Sequence[str], *, cache_dir: str | None = None,
+           use_cache: bool = True) -> FewVisionModel:
+    """A new model: ``model`` with good images added to its memory without a refit; the threshold is kept (it was
+    calibrated without them, so it stays on the safe side for images like the old ones)."""
+    if not can_update(model):
+        raise ValueError(f"method '{model.head.method}' cannot take new good images without a refit")
+    import copy
+
+    bb = model.backbone(cache_dir=cache_dir)
+    head = copy.deepcopy(model.head)
+    rec = _Recorder()
+    for _, x in _chunks(head, bb, list(paths), open_cache(bb.id, cache_dir, enabled=use_cache), DEFAULT_CHUNK_IMAGES,
+                        16, rec, False):
+        head.partial_fit(x, bb)
+    shas, _ = hash_files(rec.used)
+    info = {**model.info, "fitted_on_sha256": model.info.get("fitted_on_sha256", []) + [s for s in shas if s],
+            "n_added": model.info.get("n_added", 0) + len(rec.used)}
+    return FewVisionModel(head, model.backbone_spec, model.backbone_id, "anomaly", dict(model.decision), info,
+                          _backbone=bb)
+
+
 # --- scoring --------------------------------------------------------------------------------------------------
 def _settings(model: FewVisionModel, backbone: Backbone) -> tuple[tuple[int, int], float]:
     size = model.decision.get("map_size") or list(backbone.input_size)

@@ -241,6 +241,35 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
     return model
 
 
+def can_update(model: FewVisionModel) -> bool:
+    """Whether a model's head takes new labelled images without a refit (prototype, Tip-Adapter)."""
+    return hasattr(model.head, "partial_fit") and all(
+        hasattr(model.head, a) for a in getattr(model.head, "STATE_SHAPES", {}) if a != "text_weights_")
+
+
+def update(model: FewVisionModel, paths: Sequence[str], labels: Sequence[str], *, cache_dir: str | None = None,
+           use_cache: bool = True) -> FewVisionModel:
+    """A new model: ``model`` with labelled images added without a refit (:func:`can_update` heads). The
+    calibration is kept as it is; the images join the model's fitted-on list."""
+    if not can_update(model):
+        raise ValueError(f"method '{model.head.method}' cannot take new images without a refit")
+    index = {n: i for i, n in enumerate(model.class_names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"unknown class(es) {', '.join(unknown)}; the model's classes are "
+                         f"{', '.join(model.class_names)}")
+    import copy
+
+    bb = model.backbone(cache_dir)
+    feats = encode(bb, list(paths), feature_kind(model.head), cache_dir=cache_dir, use_cache=use_cache)
+    label_of = dict(zip(map(str, paths), labels))
+    head = copy.deepcopy(model.head).partial_fit(feats.tensor, [index[label_of[p]] for p in feats.paths])
+    info = {**model.info, "fitted_on_sha256": model.info.get("fitted_on_sha256", []) + list(feats.shas),
+            "n_added": model.info.get("n_added", 0) + len(feats.paths)}
+    return FewVisionModel(head, model.backbone_spec, model.backbone_id, model.task, dict(model.decision), info,
+                          _backbone=bb)
+
+
 def predictions(model: FewVisionModel, scored: Scored, *, abstain: bool = False,
                 unknown_threshold: float | None = None) -> Predictions:
     """Rows (see :func:`fewvision.tasks.common.classification_rows`): calibrated probabilities, the prediction set
