@@ -343,8 +343,8 @@ class Service:
                                     .where(ModelVersion.project_id == project_id)) or 0) + 1
             path = save_model(self.blobs.model_path(project_id, version), model)  # temp + rename, then the row
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
-            summary = {"method": model.head.method, "n_images": model.info.get("n_support",
-                                                                               model.info.get("n_fit_images")),
+            fitted = model.info.get("n_support", model.info.get("n_fit_images")) or 0
+            summary = {"method": model.head.method, "n_images": int(fitted) + int(model.info.get("n_added", 0)),
                        "threshold": model.decision.get("threshold"), "guarantee": model.decision.get("guarantee")}
             with self.Session.begin() as s:
                 s.add(ModelVersion(project_id=project_id, version=version, path=self.blobs.relative(path), sha256=sha,

@@ -174,5 +174,7 @@ def as_dict(row: Any, fields: list[str]) -> dict:
     out = {}
     for f in fields:
         v = getattr(row, f)
-        out[f] = v.isoformat() if isinstance(v, datetime) else v
+        if isinstance(v, datetime):
+            v = (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).isoformat()  # SQLite keeps no time zone
+        out[f] = v
     return out
