@@ -1,0 +1,211 @@
+"""The inspection service's API end to end, against SQLite and a real PostgreSQL server: auth, projects, exemplars,
+fits in the worker, model versions, predictions and their audit trail, the review loop, hostile uploads."""
+
+import io
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from service_helpers import fresh_postgres_database, postgres_server_url, textile_bytes
+
+from fewvision.service.app import create_app
+from fewvision.service.core import Settings
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def client(request, tmp_path):
+    db = fresh_postgres_database(postgres_server_url()) if request.param == "postgresql" else None
+    settings = Settings(tmp_path / "data", db, max_upload_bytes=2_000_000, max_pixels=20_000_000)
+    with TestClient(create_app(settings)) as c:
+        _, token = c.app.state.service.create_token("tests")
+        c.headers["Authorization"] = f"Bearer {token}"
+        c.store = request.param
+        yield c
+
+
+def upload(c, project_id, name, data, label="good"):
+    return c.post(f"/v1/projects/{project_id}/exemplars", files={"file": (name, data, "image/jpeg")},
+                  data={"label": label})
+
+
+def wait_for(c, job_id, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+@pytest.fixture
+def anomaly_project(client):
+    p = client.post("/v1/projects", json={"name": "line 3 fabric", "task": "anomaly", "backbone": "texture",
+                                          "params": {"target_false_reject": 0.1, "review_band": 0.15}})
+    assert p.status_code == 201, p.text
+    p = p.json()
+    for name, data in textile_bytes("nominal", 0, 20):
+        assert upload(client, p["id"], name, data).status_code == 201
+    job = client.post(f"/v1/projects/{p['id']}/fit")
+    assert job.status_code == 202
+    done = wait_for(client, job.json()["job_id"])
+    assert done["state"] == "done" and done["model_version"] == 1 and done["progress"] == 1.0, done
+    return p
+
+
+def test_health_is_open_and_everything_else_needs_a_token(client):
+    health = client.get("/v1/health", headers={"Authorization": ""})
+    assert health.status_code == 200 and health.json()["store"] == client.store
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer fv_not_a_token"}, {"Authorization": "Basic x"}):
+        r = client.get("/v1/projects", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    service = client.app.state.service
+    row, token = service.create_token("soon revoked")
+    assert client.get("/v1/projects", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    service.revoke_token(row["id"])
+    assert client.get("/v1/projects", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert all(len(t["name"]) and "token_hash" not in t for t in service.tokens())
+
+
+def test_a_project_scoped_token_sees_only_its_project(client):
+    a = client.post("/v1/projects", json={"name": "a", "task": "anomaly", "backbone": "texture"}).json()
+    b = client.post("/v1/projects", json={"name": "b", "task": "anomaly", "backbone": "texture"}).json()
+    _, token = client.app.state.service.create_token("line a", a["id"])
+    scoped = {"Authorization": f"Bearer {token}"}
+    assert [p["id"] for p in client.get("/v1/projects", headers=scoped).json()] == [a["id"]]
+    assert client.get(f"/v1/projects/{a['id']}", headers=scoped).status_code == 200
+    r = client.get(f"/v1/projects/{b['id']}", headers=scoped)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert client.post("/v1/projects", json={"name": "c", "task": "anomaly"}, headers=scoped).status_code == 403
+
+
+def test_projects_are_validated_with_json_errors(client):
+    r = client.post("/v1/projects", json={"name": "x", "task": "segmentation"})
+    assert r.status_code == 422 and set(r.json()["error"]) == {"code", "message"} and "task" in r.json()["error"]["message"]
+    r = client.post("/v1/projects", json={"name": "x", "task": "classification", "classes": [{"name": "only"}]})
+    assert r.status_code == 422 and "at least two classes" in r.json()["error"]["message"]
+    r = client.post("/v1/projects", json={"name": "x", "task": "anomaly", "method": "magic"})
+    assert r.status_code == 422 and "unknown anomaly method" in r.json()["error"]["message"]
+    assert client.post("/v1/projects", json={"name": "dup", "task": "anomaly"}).status_code == 201
+    assert client.post("/v1/projects", json={"name": "dup", "task": "anomaly"}).status_code == 409
+    assert client.get("/v1/projects/999").json() == {"error": {"code": "not_found", "message": "no project 999"}}
+    assert client.get("/openapi.json").status_code == 200 and "/v1/projects/{project_id}/predict" in \
+        client.get("/openapi.json").json()["paths"]
+
+
+def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_project):
+    pid = anomaly_project["id"]
+    models = client.get(f"/v1/projects/{pid}/models").json()
+    assert [m["version"] for m in models] == [1] and models[0]["active"]
+    assert "set on 20 good images" in models[0]["summary"]["guarantee"]
+    detail = client.get(f"/v1/projects/{pid}/models/1").json()
+    assert len(detail["calibration_scores"]) == 20 and detail["threshold"] == pytest.approx(
+        sorted(detail["calibration_scores"])[-2])  # ceil(21 * 0.9) = 19th of 20
+
+    (name, defect), = textile_bytes("local", 0, 1)
+    r = client.post(f"/v1/projects/{pid}/predict", files={"file": (name, defect, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    one = r.json()
+    assert one["decision"] == "reject" and one["label"] == "defect" and one["score"] > one["threshold"]
+    assert one["model_version"] == 1 and one["heatmap_url"] == f"/v1/predictions/{one['prediction_id']}/heatmap"
+    heat = client.get(one["heatmap_url"])
+    assert heat.status_code == 200 and Image.open(io.BytesIO(heat.content)).size == Image.open(io.BytesIO(defect)).size
+
+    good = textile_bytes("nominal", 100, 12)
+    batch = client.post(f"/v1/projects/{pid}/predict-batch", files=[("files", (n, d, "image/jpeg")) for n, d in good])
+    assert batch.status_code == 200
+    rows = batch.json()["predictions"]
+    assert len(rows) == 12 and {r["decision"] for r in rows} <= {"accept", "reject", "review"}
+    for r in rows:  # the decision follows the score, the threshold and the review band of 15 %
+        near = abs(r["score"] - r["threshold"]) <= 0.15 * r["threshold"]
+        assert r["decision"] == ("review" if near else "reject" if r["score"] > r["threshold"] else "accept")
+
+    # Every prediction is recorded once, newest first, paged.
+    page = client.get(f"/v1/projects/{pid}/predictions", params={"limit": 5}).json()
+    assert len(page["items"]) == 5 and page["items"][0]["prediction_id"] > page["items"][-1]["prediction_id"]
+    rest = client.get(f"/v1/projects/{pid}/predictions",
+                      params={"limit": 50, "before_id": page["next_before_id"]}).json()
+    ids = [r["prediction_id"] for r in page["items"] + rest["items"]]
+    assert len(ids) == 13 == len(set(ids)) and rest["next_before_id"] is None
+    stored = client.get(f"/v1/predictions/{one['prediction_id']}").json()
+    assert stored["image_sha256"] and stored["score"] == one["score"] and stored["threshold"] == one["threshold"]
+    assert stored["created_at"].endswith("+00:00")
+
+    # Review: the queue holds what the model was unsure about, oldest first.
+    queue = client.get(f"/v1/projects/{pid}/review").json()
+    assert [q["prediction_id"] for q in queue] == sorted(r["prediction_id"] for r in rows if r["decision"] == "review")
+    target = queue[0] if queue else rows[0]
+    answer = client.post(f"/v1/predictions/{target['prediction_id']}/review", json={"label": "good"}).json()
+    assert answer["prediction"]["reviewed_label"] == "good" and answer["exemplar"]["source"] == "review"
+    assert answer["model_version"] == 2 and answer["needs_refit"] is True  # PatchCore took it into its memory
+    assert target["prediction_id"] not in [q["prediction_id"] for q in client.get(f"/v1/projects/{pid}/review").json()]
+    assert client.post(f"/v1/predictions/{target['prediction_id']}/review", json={"label": "blue"}).status_code == 422
+
+    versions = client.get(f"/v1/projects/{pid}/models").json()
+    assert [(m["version"], m["active"]) for m in versions] == [(1, False), (2, True)]
+    assert versions[1]["summary"]["n_images"] == 21
+    assert client.post(f"/v1/projects/{pid}/models/1/activate").json()["active_version"] == 1  # roll back
+    again = client.post(f"/v1/projects/{pid}/predict", files={"file": (name, defect, "image/jpeg")}).json()
+    assert again["model_version"] == 1 and again["score"] == pytest.approx(one["score"], rel=1e-6)
+    assert client.post(f"/v1/projects/{pid}/models/9/activate").status_code == 404
+
+
+def test_classification_fit_predict_and_a_correction_updates_the_prototypes(client):
+    classes = [{"name": "nominal", "description": "even fabric"}, {"name": "local", "description": "a small spot"},
+               {"name": "global", "description": "a changed texture"}]
+    p = client.post("/v1/projects", json={"name": "weave", "task": "classification", "backbone": "texture",
+                                          "method": "prototype", "classes": classes}).json()
+    assert client.post(f"/v1/projects/{p['id']}/fit").json()["error"]["code"] == "not_enough_images"
+    for cls in ("nominal", "local", "global"):
+        for name, data in textile_bytes(cls, 0, 4):
+            assert upload(client, p["id"], name, data, cls).status_code == 201
+    assert upload(client, p["id"], "x.jpg", textile_bytes("local", 0, 1)[0][1], "scratch").status_code == 422
+    assert wait_for(client, client.post(f"/v1/projects/{p['id']}/fit").json()["job_id"])["state"] == "done"
+    (name, data), = textile_bytes("global", 50, 1)
+    r = client.post(f"/v1/projects/{p['id']}/predict", files={"file": (name, data, "image/jpeg")}).json()
+    assert set(r["probabilities"]) == {"nominal", "local", "global"}
+    assert abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["label"] in r["probabilities"]
+    assert r["decision"] == ("accept" if r["label"] == "nominal" else "reject")  # 'nominal' is the good class
+    answer = client.post(f"/v1/predictions/{r['prediction_id']}/review", json={"label": "global"}).json()
+    assert answer["exemplar"]["label"] == "global" and answer["model_version"] == 2
+    model = client.app.state.service.load_model(p["id"], 2)
+    counts = dict(zip(model.class_names, model.head.class_counts_.tolist()))
+    assert counts == {"global": 5.0, "local": 4.0, "nominal": 4.0}  # the correction joined its class mean
+
+
+def test_hostile_uploads_get_a_clear_4xx(client, tmp_path):
+    p = client.post("/v1/projects", json={"name": "guard", "task": "anomaly", "backbone": "texture"}).json()
+    (name, real), = textile_bytes("nominal", 0, 1)
+
+    def err(r, status):
+        assert r.status_code == status, r.text
+        return r.json()["error"]["message"]
+
+    assert "not an image" in err(upload(client, p["id"], "report.png", b"<html><script>x</script></html>"), 415)
+    assert "over the upload limit" in err(upload(client, p["id"], "big.jpg", real + bytes(2_100_000)), 413)
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # 64 MP of zeros in a small file
+    assert "pixels is over the limit" in err(upload(client, p["id"], "bomb.png", bomb.getvalue()), 413)
+    assert "empty file" in err(upload(client, p["id"], "empty.jpg", b""), 400)
+    ok = upload(client, p["id"], "../../../etc/passwd.jpg", real)
+    assert ok.status_code == 201 and ok.json()["filename"] == "passwd.jpg"
+    data_dir = client.app.state.service.settings.data_dir
+    assert not (data_dir.parent / "etc").exists() and (data_dir / "images" / ok.json()["sha256"][:2]).is_dir()
+    again = upload(client, p["id"], "same bytes.jpg", real)  # content-addressed: stored once
+    assert again.json()["id"] == ok.json()["id"]
+    assert "no fitted model" in err(client.post(f"/v1/projects/{p['id']}/predict",
+                                                files={"file": (name, real, "image/jpeg")}), 409)
+
+
+def test_the_schema_is_migrated_once_and_restarts_cleanly(client):
+    from sqlalchemy import inspect, text
+
+    engine = client.app.state.service.engine
+    with engine.connect() as conn:
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+    tables = set(inspect(engine).get_table_names())
+    assert {"projects", "exemplars", "jobs", "models", "predictions", "reviews", "tokens"} <= tables
+    from fewvision.service.store import migrate
+
+    migrate(client.app.state.service.settings.db_url)  # a second start: nothing to do, no error
