@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -55,6 +56,7 @@ def auth(request: Request, authorization: Annotated[str | None, Header()] = None
 
 
 # Module-level, so FastAPI can resolve the (string) annotations of the routes.
+Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]  # a database integer: larger ids cannot exist
 Svc = Annotated[_Service, Depends(svc)]
 Auth = Annotated[Any, Depends(auth)]
 
@@ -107,7 +109,7 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
     async def _internal(_request: Request, exc: Exception):
         return error(500, "internal", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500])
 
-    def project_of(service: _Service, token, project_id: int) -> dict:
+    def project_of(service: _Service, token, project_id: Id) -> dict:
         service.allow(token, project_id)
         return service.project(project_id)
 
@@ -128,89 +130,89 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
         return service.projects(token)
 
     @app.get("/v1/projects/{project_id}")
-    def get_project(project_id: int, service: Svc, token: Auth) -> dict:
+    def get_project(project_id: Id, service: Svc, token: Auth) -> dict:
         return project_of(service, token, project_id)
 
     @app.post("/v1/projects/{project_id}/exemplars", status_code=201)
-    def add_exemplar(project_id: int, service: Svc, token: Auth, file: Annotated[UploadFile, File()],
+    def add_exemplar(project_id: Id, service: Svc, token: Auth, file: Annotated[UploadFile, File()],
                      label: Annotated[str, Form(max_length=200)] = "good") -> dict:
         project_of(service, token, project_id)
         return service.add_exemplar(project_id, file.file.read(), file.filename or "", label)
 
     @app.get("/v1/projects/{project_id}/exemplars")
-    def list_exemplars(project_id: int, service: Svc, token: Auth) -> list[dict]:
+    def list_exemplars(project_id: Id, service: Svc, token: Auth) -> list[dict]:
         project_of(service, token, project_id)
         return service.exemplars(project_id)
 
     @app.post("/v1/projects/{project_id}/fit", status_code=202)
-    def fit(project_id: int, service: Svc, token: Auth) -> dict:
+    def fit(project_id: Id, service: Svc, token: Auth) -> dict:
         project_of(service, token, project_id)
         job = service.start_fit(project_id)
         return {"job_id": job["id"], **job}
 
     @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: str, service: Svc, token: Auth) -> dict:
+    def get_job(job_id: Annotated[str, PathParam(max_length=36)], service: Svc, token: Auth) -> dict:
         job = service.job(job_id)
         service.allow(token, job["project_id"])
         return job
 
     @app.get("/v1/projects/{project_id}/models")
-    def list_models(project_id: int, service: Svc, token: Auth) -> list[dict]:
+    def list_models(project_id: Id, service: Svc, token: Auth) -> list[dict]:
         project_of(service, token, project_id)
         return service.models(project_id)
 
     @app.get("/v1/projects/{project_id}/models/{version}")
-    def get_model(project_id: int, version: int, service: Svc, token: Auth) -> dict:
+    def get_model(project_id: Id, version: Id, service: Svc, token: Auth) -> dict:
         project_of(service, token, project_id)
         return service.model_detail(project_id, version)
 
     @app.post("/v1/projects/{project_id}/models/{version}/activate")
-    def activate(project_id: int, version: int, service: Svc, token: Auth) -> dict:
+    def activate(project_id: Id, version: Id, service: Svc, token: Auth) -> dict:
         project_of(service, token, project_id)
         return service.activate(project_id, version)
 
     @app.post("/v1/projects/{project_id}/predict")
-    def predict(project_id: int, service: Svc, token: Auth, file: Annotated[UploadFile, File()]) -> dict:
+    def predict(project_id: Id, service: Svc, token: Auth, file: Annotated[UploadFile, File()]) -> dict:
         project_of(service, token, project_id)
         return service.predict(project_id, read_uploads([file]))[0]
 
     @app.post("/v1/projects/{project_id}/predict-batch")
-    def predict_batch(project_id: int, service: Svc, token: Auth,
+    def predict_batch(project_id: Id, service: Svc, token: Auth,
                       files: Annotated[list[UploadFile], File()]) -> dict:
         project_of(service, token, project_id)
         return {"predictions": service.predict(project_id, read_uploads(files))}
 
     @app.get("/v1/projects/{project_id}/predictions")
-    def list_predictions(project_id: int, service: Svc, token: Auth, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                         before_id: Annotated[int | None, Query(ge=1)] = None,
+    def list_predictions(project_id: Id, service: Svc, token: Auth, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                         before_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
                          decision: Annotated[str | None, Query(pattern="^(accept|reject|review)$")] = None) -> dict:
         project_of(service, token, project_id)
         return service.predictions(project_id, limit, before_id, decision)
 
     @app.get("/v1/predictions/{prediction_id}")
-    def get_prediction(prediction_id: int, service: Svc, token: Auth) -> dict:
+    def get_prediction(prediction_id: Id, service: Svc, token: Auth) -> dict:
         pred = service.prediction(prediction_id)
         service.allow(token, pred["project_id"])
         return pred
 
     @app.get("/v1/predictions/{prediction_id}/heatmap", response_class=FileResponse)
-    def get_heatmap(prediction_id: int, service: Svc, token: Auth):
+    def get_heatmap(prediction_id: Id, service: Svc, token: Auth):
         service.allow(token, service.prediction(prediction_id)["project_id"])
         return FileResponse(service.prediction_file(prediction_id, "heatmap"), media_type="image/png")
 
     @app.get("/v1/predictions/{prediction_id}/image", response_class=FileResponse)
-    def get_image(prediction_id: int, service: Svc, token: Auth):
+    def get_image(prediction_id: Id, service: Svc, token: Auth):
         service.allow(token, service.prediction(prediction_id)["project_id"])
         return FileResponse(service.prediction_file(prediction_id, "image"), media_type="application/octet-stream")
 
     @app.get("/v1/projects/{project_id}/review")
-    def review_queue(project_id: int, service: Svc, token: Auth,
+    def review_queue(project_id: Id, service: Svc, token: Auth,
                      limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict]:
         project_of(service, token, project_id)
         return service.review_queue(project_id, limit)
 
     @app.post("/v1/predictions/{prediction_id}/review")
-    def review(prediction_id: int, body: ReviewIn, service: Svc, token: Auth) -> dict:
+    def review(prediction_id: Id, body: ReviewIn, service: Svc, token: Auth) -> dict:
         service.allow(token, service.prediction(prediction_id)["project_id"])
         return service.review(prediction_id, body.label, token)
 

@@ -1,0 +1,168 @@
+"""The service as a site runs it (``fewvision serve`` in its own process): concurrent clients, kill -9 during a fit
+and during uploads, and schemathesis over the OpenAPI schema."""
+
+import hashlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from service_helpers import Server, fresh_postgres_database, postgres_server_url, textile_bytes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request, tmp_path):
+    db = fresh_postgres_database(postgres_server_url()) if request.param == "postgresql" else None
+    s = Server(tmp_path / "data", db)
+    s.data_dir.mkdir(parents=True)
+    s.token_value = s.token("--name", "tests")
+    s.start()
+    yield s
+    s.stop()
+
+
+def headers(server):
+    return {"Authorization": f"Bearer {server.token_value}"}
+
+
+def fitted_anomaly_project(server, n_good=12):
+    h = headers(server)
+    p = httpx.post(f"{server.url}/v1/projects", json={"name": "live", "task": "anomaly", "backbone": "texture",
+                                                      "params": {"target_false_reject": 0.2}}, headers=h).json()
+    for name, data in textile_bytes("nominal", 0, n_good):
+        r = httpx.post(f"{server.url}/v1/projects/{p['id']}/exemplars", files={"file": (name, data)},
+                       data={"label": "good"}, headers=h, timeout=60)
+        assert r.status_code == 201, r.text
+    job = httpx.post(f"{server.url}/v1/projects/{p['id']}/fit", headers=h).json()
+    for _ in range(600):
+        state = httpx.get(f"{server.url}/v1/jobs/{job['job_id']}", headers=h).json()
+        if state["state"] in ("done", "failed"):
+            break
+        time.sleep(0.2)
+    assert state["state"] == "done", state
+    return p
+
+
+def test_twenty_clients_fifty_predictions_each_all_recorded_once(server):
+    p = fitted_anomaly_project(server)
+    images = textile_bytes("nominal", 200, 10) + textile_bytes("local", 0, 10)
+    h = headers(server)
+
+    def client(k):
+        ids, errors = [], []
+        with httpx.Client(base_url=server.url, headers=h, timeout=120) as c:
+            for i in range(50):
+                name, data = images[(k + i) % len(images)]
+                r = c.post(f"/v1/projects/{p['id']}/predict", files={"file": (name, data)})
+                if r.status_code == 200:
+                    ids.append(r.json()["prediction_id"])
+                else:
+                    errors.append(r.text)
+        return ids, errors
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(client, range(20)))
+    errors = [e for _, errs in results for e in errs]
+    ids = [i for got, _ in results for i in got]
+    assert errors == [] and len(ids) == 1000 and len(set(ids)) == 1000
+    listed, before = [], None
+    with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
+        while True:
+            params = {"limit": 500, **({"before_id": before} if before else {})}
+            page = c.get(f"/v1/projects/{p['id']}/predictions", params=params).json()
+            listed += [r["prediction_id"] for r in page["items"]]
+            before = page["next_before_id"]
+            if before is None:
+                break
+    assert sorted(listed) == sorted(ids)  # every acknowledged prediction recorded exactly once, nothing else
+
+
+def test_kill_9_during_a_fit_marks_the_job_failed_and_leaves_no_model(server):
+    h = headers(server)
+    p = httpx.post(f"{server.url}/v1/projects", json={"name": "slow", "task": "anomaly", "backbone": "texture",
+                                                      "params": {"target_false_reject": 0.05}}, headers=h).json()
+    for name, data in textile_bytes("nominal", 0, 120):
+        httpx.post(f"{server.url}/v1/projects/{p['id']}/exemplars", files={"file": (name, data)},
+                   data={"label": "good"}, headers=h, timeout=60)
+    job = httpx.post(f"{server.url}/v1/projects/{p['id']}/fit", headers=h).json()
+    for _ in range(600):
+        state = httpx.get(f"{server.url}/v1/jobs/{job['job_id']}", headers=h).json()
+        if state["state"] == "running" and state["progress"] > 0:
+            break
+        time.sleep(0.05)
+    assert state["state"] == "running", state
+    server.kill()
+    server.start()
+    after = httpx.get(f"{server.url}/v1/jobs/{job['job_id']}", headers=h).json()
+    assert after["state"] == "failed" and "interrupted" in after["error"]
+    assert httpx.get(f"{server.url}/v1/projects/{p['id']}/models", headers=h).json() == []
+    assert httpx.get(f"{server.url}/v1/projects/{p['id']}", headers=h).json()["active_version"] is None
+    assert list((server.data_dir / "models").rglob("*.fvm")) == []  # killed mid-fit: no model file was finished
+    # and the project can be fitted again
+    again = httpx.post(f"{server.url}/v1/projects/{p['id']}/fit", headers=h).json()
+    assert again["state"] == "queued"
+
+
+def test_kill_9_during_uploads_loses_nothing_acknowledged_and_shows_nothing_half_written(server):
+    h = headers(server)
+    p = httpx.post(f"{server.url}/v1/projects", json={"name": "uploads", "task": "anomaly", "backbone": "texture"},
+                   headers=h).json()
+    images = textile_bytes("nominal", 300, 200)
+    acknowledged, stop = [], threading.Event()
+
+    def uploader(offset):
+        with httpx.Client(base_url=server.url, headers=h, timeout=30) as c:
+            for name, data in images[offset::4]:
+                if stop.is_set():
+                    return
+                try:
+                    r = c.post(f"/v1/projects/{p['id']}/exemplars", files={"file": (name, data)},
+                               data={"label": "good"})
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 201:
+                    acknowledged.append(r.json()["sha256"])
+
+    threads = [threading.Thread(target=uploader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 40:
+        time.sleep(0.01)
+    server.kill()
+    stop.set()
+    for t in threads:
+        t.join()
+    server.start()
+    listed = httpx.get(f"{server.url}/v1/projects/{p['id']}/exemplars", headers=h).json()
+    stored = {e["sha256"] for e in listed}
+    assert set(acknowledged) <= stored  # nothing acknowledged is lost
+    by_sha = {hashlib.sha256(data).hexdigest(): data for _, data in images}
+    for sha in stored:  # every visible exemplar is whole: its file holds exactly the uploaded bytes
+        assert (server.data_dir / "images" / sha[:2] / sha).read_bytes() == by_sha[sha]
+
+
+def test_schemathesis_finds_no_server_error(server):
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    schema.config.headers = headers(server)
+    failures = []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+        strategy = op.as_strategy()
+        from hypothesis import HealthCheck, given, settings
+
+        @settings(max_examples=15, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def check(case):
+            response = case.call(headers=headers(server), timeout=60)
+            if response.status_code >= 500:
+                failures.append(f"{op.method.upper()} {op.path}: {response.status_code} {response.text[:300]}")
+
+        check()
+    assert failures == []
