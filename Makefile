@@ -26,6 +26,7 @@ demo: $(STAMP_DEMO)
 	$(BIN)/fewvision demo
 
 test: $(STAMP_DEV)
+	bash .ci/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 benchmarks: $(STAMP_DEV)

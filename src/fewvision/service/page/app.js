@@ -101,8 +101,8 @@ document.querySelectorAll(".tabs button").forEach((b) => b.addEventListener("cli
 function showTab(name) {
   document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
   document.querySelectorAll(".tab").forEach((t) => { t.hidden = t.id !== `tab-${name}`; });
-  if (name === "review") renderReview();
-  if (name === "threshold") drawHistogram();
+  if (name === "review") loadReview().then(renderReview);
+  if (name === "threshold") loadThreshold();  // the latest predictions and reviews
 }
 
 // --- exemplars: drag and drop -------------------------------------------------------------------------------------
