@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 from _report import table, write_section  # noqa: E402
 
 from fewvision.backbones import create_backbone  # noqa: E402
+from fewvision.decide.threshold import conformal_threshold  # noqa: E402
 from fewvision.features.cache import open_cache  # noqa: E402
 from fewvision.features.encode import PATCH, encode_files  # noqa: E402
 from fewvision.io.datasets import textile_root  # noqa: E402
 from fewvision.io.images import iter_image_files  # noqa: E402
-from fewvision.decide.threshold import conformal_threshold  # noqa: E402
 from fewvision.tasks.anomaly import DEFAULT_CHUNK_IMAGES, PATCH_CACHE_DTYPE, _split, fit_anomaly, score_files  # noqa: E402
 
 METHODS = ("patchcore", "padim")

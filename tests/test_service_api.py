@@ -2,6 +2,7 @@
 fits in the worker, model versions, predictions and their audit trail, the review loop, hostile uploads."""
 
 import io
+import threading
 import time
 
 import pytest
@@ -94,8 +95,17 @@ def test_projects_are_validated_with_json_errors(client):
         client.get("/openapi.json").json()["paths"]
 
 
-def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_project):
+def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_project, monkeypatch):
     pid = anomaly_project["id"]
+    import fewvision.tasks.anomaly as anomaly_tasks
+
+    scoring_threads, score_files = set(), anomaly_tasks.score_files
+
+    def recording(*args, **kwargs):
+        scoring_threads.add(threading.current_thread().name)
+        return score_files(*args, **kwargs)
+
+    monkeypatch.setattr(anomaly_tasks, "score_files", recording)
     models = client.get(f"/v1/projects/{pid}/models").json()
     assert [m["version"] for m in models] == [1] and models[0]["active"]
     assert "set on 20 good images" in models[0]["summary"]["guarantee"]
@@ -128,6 +138,8 @@ def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_pro
                       params={"limit": 50, "before_id": page["next_before_id"]}).json()
     ids = [r["prediction_id"] for r in page["items"] + rest["items"]]
     assert len(ids) == 13 == len(set(ids)) and rest["next_before_id"] is None
+    # every request thread hands its images to the one inference thread (see Service._inference_pool)
+    assert len(scoring_threads) == 1 and scoring_threads.pop().startswith("fewvision-inference")
     stored = client.get(f"/v1/predictions/{one['prediction_id']}").json()
     assert stored["image_sha256"] and stored["score"] == one["score"] and stored["threshold"] == one["threshold"]
     assert stored["created_at"].endswith("+00:00")
@@ -138,7 +150,10 @@ def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_pro
     target = queue[0] if queue else rows[0]
     answer = client.post(f"/v1/predictions/{target['prediction_id']}/review", json={"label": "good"}).json()
     assert answer["prediction"]["reviewed_label"] == "good" and answer["exemplar"]["source"] == "review"
-    assert answer["model_version"] == 2 and answer["needs_refit"] is True  # PatchCore took it into its memory
+    assert answer["needs_refit"] is True and answer["update_job"]["kind"] == "update"
+    update = wait_for(client, answer["update_job"]["job_id"])
+    assert update["state"] == "done" and update["model_version"] == 2  # PatchCore took it into its memory
+    assert client.get(f"/v1/projects/{pid}").json()["needs_refit"] is True  # a refit would still recalibrate
     assert target["prediction_id"] not in [q["prediction_id"] for q in client.get(f"/v1/projects/{pid}/review").json()]
     assert client.post(f"/v1/predictions/{target['prediction_id']}/review", json={"label": "blue"}).status_code == 422
 
@@ -168,10 +183,27 @@ def test_classification_fit_predict_and_a_correction_updates_the_prototypes(clie
     assert abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["label"] in r["probabilities"]
     assert r["decision"] == ("accept" if r["label"] == "nominal" else "reject")  # 'nominal' is the good class
     answer = client.post(f"/v1/predictions/{r['prediction_id']}/review", json={"label": "global"}).json()
-    assert answer["exemplar"]["label"] == "global" and answer["model_version"] == 2
+    assert answer["exemplar"]["label"] == "global"
+    assert wait_for(client, answer["update_job"]["job_id"])["model_version"] == 2
     model = client.app.state.service.load_model(p["id"], 2)
     counts = dict(zip(model.class_names, model.head.class_counts_.tolist()))
     assert counts == {"global": 5.0, "local": 4.0, "nominal": 4.0}  # the correction joined its class mean
+
+
+def test_a_padim_project_takes_a_reviewed_good_image_into_its_gaussians(client):
+    p = client.post("/v1/projects", json={"name": "padim line", "task": "anomaly", "backbone": "texture",
+                                          "method": "padim"}).json()
+    for name, data in textile_bytes("nominal", 0, 8):
+        assert upload(client, p["id"], name, data).status_code == 201
+    assert wait_for(client, client.post(f"/v1/projects/{p['id']}/fit").json()["job_id"])["model_version"] == 1
+    (name, data), = textile_bytes("nominal", 300, 1)
+    r = client.post(f"/v1/projects/{p['id']}/predict", files={"file": (name, data, "image/jpeg")}).json()
+    answer = client.post(f"/v1/predictions/{r['prediction_id']}/review", json={"label": "good"}).json()
+    assert wait_for(client, answer["update_job"]["job_id"])["model_version"] == 2
+    old, new = (client.app.state.service.load_model(p["id"], v).head for v in (1, 2))
+    assert (old.n_train_images_, new.n_train_images_) == (8, 9) and not bool((old.mean_ == new.mean_).all())
+    # a second update job with nothing new to add makes no new version
+    assert client.app.state.service._update(client.app.state.service._queue_job(p["id"], "update")["job_id"]) == 2
 
 
 def test_hostile_uploads_get_a_clear_4xx(client, tmp_path):

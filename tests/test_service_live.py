@@ -146,7 +146,6 @@ def test_kill_9_during_uploads_loses_nothing_acknowledged_and_shows_nothing_half
 
 def test_schemathesis_finds_no_server_error(server):
     import schemathesis
-    from schemathesis.checks import not_a_server_error
 
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     schema.config.headers = headers(server)

@@ -95,6 +95,37 @@ class PaDiM(AnomalyHead):
         self.n_train_images_ = int(n)
         return self
 
+    def partial_fit(self, inputs: torch.Tensor, backbone=None, chunk: int = 64) -> "PaDiM":
+        """Add good images to the Gaussians without a refit: the same means and covariances a fit on all the images
+        would give (to float32 precision), with no pass over the old images.
+
+        Per position the old scatter comes back from the stored inverse, S_a = (n - 1)((Sigma^-1)^-1 - eps I), in
+        float64; the k new images' mean m_b and scatter S_b join it by the pairwise rule
+        S = S_a + S_b + n k / (n + k) (m_b - m_a)(m_b - m_a)^T, mean = (n m_a + k m_b) / (n + k), and the result is
+        inverted as in :meth:`fit`. The threshold is not recalibrated."""
+        self._check_fitted()
+        x = torch.as_tensor(inputs).float()
+        if x.ndim != 4 or list(x.shape[-2:]) != list(self.grid_) or int(self.channel_index_.max()) >= x.shape[1]:
+            raise ValueError(f"padim was fitted on patch maps with a {tuple(self.grid_)} grid, got shape {tuple(x.shape)}")
+        n, k = int(self.n_train_images_), len(x)
+        if k == 0:
+            return self
+        new = x[:, self.channel_index_].flatten(2).double().permute(2, 0, 1)  # [P, k, d]
+        mean_b = new.mean(1)  # [P, d]
+        diff = mean_b - self.mean_.T.double()
+        eye = self.epsilon * torch.eye(new.shape[-1], dtype=torch.float64)
+        for start in range(0, len(new), chunk):
+            part = self.inv_covariance_[start : start + chunk]
+            scatter = (n - 1) * (torch.linalg.inv(part.double()) - eye)
+            centred = new[start : start + chunk] - mean_b[start : start + chunk, None]
+            scatter += centred.transpose(1, 2) @ centred
+            d = diff[start : start + chunk]
+            scatter += (n * k / (n + k)) * d[:, :, None] * d[:, None, :]
+            part.copy_(torch.linalg.inv(scatter / (n + k - 1) + eye).float())
+        self.mean_ = (self.mean_.double() + (k / (n + k)) * diff.T).float().contiguous()
+        self.n_train_images_ = n + k
+        return self
+
     def score(self, inputs: torch.Tensor, backbone=None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
         x = torch.as_tensor(inputs).float()

@@ -84,11 +84,12 @@ class PrototypeHead(ClassifierHead):
         self.class_names_ = list(class_names)
         return self
 
-    def partial_fit(self, features: torch.Tensor, labels: torch.Tensor) -> "PrototypeHead":
-        """Add labelled images to the class means without refitting (the softmax scale is kept)."""
+    def partial_fit(self, support: Support) -> "PrototypeHead":
+        """Add labelled images to the class means without refitting: the prototypes a fit on all the images would
+        give (the softmax scale, chosen on the first images, is kept)."""
         self._check_fitted()
-        feats = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=-1)
-        labels = torch.as_tensor(labels).long()
+        feats = torch.nn.functional.normalize(support.features.float(), dim=-1)
+        labels = support.labels
         self.class_sums_ = self.class_sums_.index_add(0, labels, feats)
         self.class_counts_ = self.class_counts_ + torch.bincount(labels, minlength=len(self.class_names_)).float()
         means = self.class_sums_ / self.class_counts_.clamp_min(1)[:, None]

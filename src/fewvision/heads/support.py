@@ -27,6 +27,7 @@ class Support:
     cache_dir: str | None = None
     use_cache: bool = True
     skipped: list[Skipped] = field(default_factory=list)
+    additions: bool = False  # images added to a fitted head (partial_fit): not every class needs one
 
     def __post_init__(self):
         if self.features is not None:
@@ -35,7 +36,7 @@ class Support:
             if len(self.features) != len(self.labels):
                 raise ValueError(f"{len(self.features)} support features but {len(self.labels)} labels")
             missing = [c for i, c in enumerate(self.class_names) if not bool((self.labels == i).any())]
-            if missing:
+            if missing and not self.additions:
                 raise ValueError(f"no support images for class(es): {', '.join(missing)}")
 
     @property
@@ -63,7 +64,7 @@ class Support:
     @classmethod
     def from_files(cls, backbone, paths: Sequence[str | os.PathLike], labels: Sequence[int],
                    class_names: Sequence[str], *, cache_dir: str | None = None, use_cache: bool = True,
-                   progress: bool = False) -> "Support":
+                   progress: bool = False, additions: bool = False) -> "Support":
         """Encode (through the cache) and drop unreadable files with their labels, recording the skips."""
         from ..features.cache import open_cache
         from ..features.encode import encode_files
@@ -73,7 +74,7 @@ class Support:
         cache = open_cache(backbone.id, cache_dir, enabled=use_cache)
         feats = encode_files(backbone, paths, cache, progress=progress, description="support")
         return cls(feats.tensor, torch.tensor([int(label_of[p]) for p in feats.paths]), list(class_names), backbone,
-                   feats.paths, cache_dir, use_cache, feats.skipped)
+                   feats.paths, cache_dir, use_cache, feats.skipped, additions)
 
     @classmethod
     def text_only(cls, class_names: Sequence[str], backbone, cache_dir: str | None = None,

@@ -111,12 +111,13 @@ class TipAdapterHead(ClassifierHead):
         return (float(alphas[a]), float(betas[b]),
                 f"{n_folds}-fold cross-validation on the support: {int(correct.max())}/{len(labels)} right")
 
-    def partial_fit(self, features: torch.Tensor, labels: torch.Tensor) -> "TipAdapterHead":
-        """Add labelled images to the cache (a key and a value each) without refitting; alpha and beta are kept."""
+    def partial_fit(self, support: Support) -> "TipAdapterHead":
+        """Add labelled images to the cache without refitting: a key each, built from its augmented views as in
+        :meth:`fit`, and its one-hot value; alpha and beta (searched on the first images) are kept."""
         self._check_fitted()
-        feats = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=-1)
-        self.keys_ = torch.cat([self.keys_, feats]).contiguous()
-        self.values_ = torch.cat([self.values_, one_hot(torch.as_tensor(labels).long(), len(self.class_names_))])
+        keys = mean_keys(support_views(support, int(self.n_views), int(self.seed)))
+        self.keys_ = torch.cat([self.keys_, keys]).contiguous()
+        self.values_ = torch.cat([self.values_, one_hot(support.labels, len(self.class_names_))])
         return self
 
     # --- prediction --------------------------------------------------------------------------------------------
@@ -148,6 +149,7 @@ def _grid_scores(feats: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, 
 
 class TipAdapterFHead(TipAdapterHead):
     method = "tip-f"
+    partial_fit = None  # its keys are trained together: new images need a refit
 
     def __init__(self, alpha: float | None = None, beta: float | None = None, n_views: int = 10,
                  templates: Sequence[str] | None = None, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256,

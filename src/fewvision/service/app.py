@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .core import ServiceError, Settings, read_uploads
 from .core import Service as _Service
+from .core import ServiceError, Settings, read_uploads
 
 PAGE = Path(__file__).resolve().parent / "page"
 
@@ -147,8 +147,7 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
     @app.post("/v1/projects/{project_id}/fit", status_code=202)
     def fit(project_id: Id, service: Svc, token: Auth) -> dict:
         project_of(service, token, project_id)
-        job = service.start_fit(project_id)
-        return {"job_id": job["id"], **job}
+        return service.start_fit(project_id)
 
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: Annotated[str, PathParam(max_length=36)], service: Svc, token: Auth) -> dict:

@@ -374,8 +374,9 @@ def rethreshold(model: FewVisionModel, target_false_reject: float) -> FewVisionM
 
 
 def can_update(model: FewVisionModel) -> bool:
-    """Whether a model's head takes new good images without a refit (PatchCore: its memory bank)."""
-    return hasattr(model.head, "partial_fit")
+    """Whether a model's head takes new good images without a refit (PatchCore: its memory bank; PaDiM: its
+    Gaussians)."""
+    return callable(getattr(model.head, "partial_fit", None))
 
 
 def update(model: FewVisionModel, paths: Sequence[str], *, cache_dir: str | None = None,

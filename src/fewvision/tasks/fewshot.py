@@ -243,7 +243,7 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
 
 def can_update(model: FewVisionModel) -> bool:
     """Whether a model's head takes new labelled images without a refit (prototype, Tip-Adapter)."""
-    return hasattr(model.head, "partial_fit") and all(
+    return callable(getattr(model.head, "partial_fit", None)) and all(
         hasattr(model.head, a) for a in getattr(model.head, "STATE_SHAPES", {}) if a != "text_weights_")
 
 
@@ -261,11 +261,14 @@ def update(model: FewVisionModel, paths: Sequence[str], labels: Sequence[str], *
     import copy
 
     bb = model.backbone(cache_dir)
-    feats = encode(bb, list(paths), feature_kind(model.head), cache_dir=cache_dir, use_cache=use_cache)
-    label_of = dict(zip(map(str, paths), labels))
-    head = copy.deepcopy(model.head).partial_fit(feats.tensor, [index[label_of[p]] for p in feats.paths])
-    info = {**model.info, "fitted_on_sha256": model.info.get("fitted_on_sha256", []) + list(feats.shas),
-            "n_added": model.info.get("n_added", 0) + len(feats.paths)}
+    added = Support.from_files(bb, list(paths), [index[label] for label in labels], model.class_names,
+                               cache_dir=cache_dir, use_cache=use_cache, additions=True)
+    if not added.paths:
+        raise ValueError(f"no readable image to add: {'; '.join(f'{s.path}: {s.reason}' for s in added.skipped)}")
+    head = copy.deepcopy(model.head).partial_fit(added)
+    shas, _ = hash_files(added.paths)
+    info = {**model.info, "fitted_on_sha256": model.info.get("fitted_on_sha256", []) + [s for s in shas if s],
+            "n_added": model.info.get("n_added", 0) + len(added.paths)}
     return FewVisionModel(head, model.backbone_spec, model.backbone_id, model.task, dict(model.decision), info,
                           _backbone=bb)
 

@@ -167,6 +167,8 @@ async function loadThreshold() {
   const slider = $("#threshold");
   const good = state.model.calibration_scores || [];
   const all = good.concat(state.recent.map((r) => r.score).filter((s) => s !== null));
+  const nDefects = state.recent.filter((r) => r.reviewed_label === "defect").length;
+  $("#threshold-counts").textContent = `${good.length} good calibration images, ${state.recent.length} recent predictions, ${nDefects} reviewed defects`;
   if (!all.length || state.model.threshold === null) return;
   slider.min = Math.min(...all); slider.max = Math.max(...all) * 1.05;
   slider.value = state.model.threshold;
@@ -273,11 +275,24 @@ async function answer(label) {
   try {
     const r = await api(`/v1/predictions/${item.prediction_id}/review`, { method: "POST", headers: { "Content-Type": "application/json" },
                                                                            body: JSON.stringify({ label }) });
-    $("#review-status").textContent = `${item.filename || item.prediction_id}: ${label}` +
-      (r.model_version ? ` - model updated to v${r.model_version}` : r.needs_refit ? " - refit to learn from it" : "");
+    const said = `${item.filename || item.prediction_id}: ${label}`;
+    $("#review-status").textContent = said + (r.update_job ? " - updating the model" : r.needs_refit ? " - refit to learn from it" : "");
+    if (r.update_job) reportUpdate(r.update_job.job_id, said);
   } catch (err) { $("#review-status").textContent = err.message; }
   await loadReview();
   renderReview();
+}
+
+// The model takes a reviewed image in the background (an update job); the queue never waits for it.
+async function reportUpdate(jobId, said) {
+  for (;;) {
+    const job = await api(`/v1/jobs/${jobId}`);
+    if (job.state === "done" || job.state === "failed") {
+      $("#review-status").textContent = said + (job.state === "done" ? ` - model updated to v${job.model_version}` : ` - update failed: ${job.error}`);
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 300));
+  }
 }
 
 document.addEventListener("keydown", (e) => {
