@@ -241,3 +241,25 @@ def test_the_schema_is_migrated_once_and_restarts_cleanly(client):
     from fewvision.service.store import migrate
 
     migrate(client.app.state.service.settings.db_url)  # a second start: nothing to do, no error
+    with engine.begin() as conn:  # a store written by a newer fewvision is refused, not migrated or written to
+        conn.execute(text("update alembic_version set version_num = '0099'"))
+    with pytest.raises(RuntimeError, match="revision 0099, which this fewvision does not know"):
+        migrate(client.app.state.service.settings.db_url)
+
+
+def test_serve_refuses_a_store_it_cannot_migrate_in_one_line(tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    from fewvision.service.store import migrate
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "fewvision.sqlite"  # the default store of --data-dir
+    migrate(f"sqlite:///{db}")
+    with sqlite3.connect(db) as conn:
+        conn.execute("update alembic_version set version_num = '0099'")
+    r = subprocess.run([sys.executable, "-m", "fewvision.cli", "serve", "--data-dir", str(data), "--port", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "revision 0099" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -84,6 +84,7 @@ def serve(
     settings = _settings(data_dir, db, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                          max_pixels=int(max_megapixels * 1_000_000),
                          cors_origins=comma_list(cors_origin, "origin") if cors_origin else [])
+    _offline_service(data_dir, db).stop()  # a store that cannot be opened or migrated: one line, exit 2
     info(f"fewvision service on http://{host}:{port}/ (store: {settings.db_url.split('@')[-1]}, data: "
          f"{settings.data_dir})")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -170,10 +170,24 @@ def migrate(url: str) -> None:
     """Bring the schema up to the latest Alembic revision (creating it on an empty database)."""
     from alembic import command
     from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect, text
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).resolve().parent / "migrations"))
     config.attributes["url"] = url
+    known = {rev.revision for rev in ScriptDirectory.from_config(config).walk_revisions()}
+    engine = create(url)
+    try:
+        with engine.connect() as conn:
+            current = (conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+                       if inspect(conn).has_table("alembic_version") else [])
+    finally:
+        engine.dispose()
+    unknown = [rev for rev in current if rev not in known]
+    if unknown:  # written by a newer fewvision: migrating "up" from it is impossible, writing to it unsafe
+        raise RuntimeError(f"the store's schema is at revision {unknown[0]}, which this fewvision does not know "
+                           "(a newer version wrote it); upgrade fewvision to use this store")
     command.upgrade(config, "head")
 
 
