@@ -91,6 +91,12 @@ def test_projects_are_validated_with_json_errors(client):
     assert client.post("/v1/projects", json={"name": "dup", "task": "anomaly"}).status_code == 201
     assert client.post("/v1/projects", json={"name": "dup", "task": "anomaly"}).status_code == 409
     assert client.get("/v1/projects/999").json() == {"error": {"code": "not_found", "message": "no project 999"}}
+    # NUL characters (which PostgreSQL cannot store in text) are refused up front, wherever they hide (schemathesis)
+    for body in ({"name": "a\x00b", "task": "anomaly"}, {"name": "c", "task": "anomaly", "params": {"k": ["\x00"]}},
+                 {"name": "d", "task": "classification", "classes": [{"name": "a"}, {"name": "b", "description": "\x00"}]}):
+        r = client.post("/v1/projects", json=body)
+        assert r.status_code == 422 and "NUL character" in r.json()["error"]["message"], r.text
+    assert client.get("/v1/jobs/not-a-job%00").json()["error"]["code"] == "not_found"
     assert client.get("/openapi.json").status_code == 200 and "/v1/projects/{project_id}/predict" in \
         client.get("/openapi.json").json()["paths"]
 

@@ -65,6 +65,20 @@ class Settings:
         return str(self.data_dir / "cache")
 
 
+def check_text(value: Any, what: str) -> None:
+    """Refuse NUL characters anywhere in a client's text or JSON: PostgreSQL cannot store them in text columns."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ServiceError(422, "invalid", f"{what} contains a NUL character")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, what)
+            check_text(v, what)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            check_text(v, what)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -118,6 +132,7 @@ class Service:
 
     # --- tokens ----------------------------------------------------------------------------------------------
     def create_token(self, name: str, project_id: int | None = None) -> tuple[dict, str]:
+        check_text(name, "the token's name")
         if project_id is not None:
             self.project(project_id)
         token = "fv_" + secrets.token_urlsafe(32)
@@ -161,6 +176,9 @@ class Service:
                        classes: Sequence[dict] | None = None, params: dict | None = None) -> dict:
         from ..defaults import default_backbone
 
+        for value, what in ((name, "name"), (backbone, "backbone"), (method, "method"), (classes, "classes"),
+                            (params, "params")):
+            check_text(value, what)
         name = (name or "").strip()
         if not name or len(name) > 200:
             raise ServiceError(422, "invalid", "a project needs a name of 1 to 200 characters")
@@ -279,6 +297,10 @@ class Service:
         return {"job_id": out["id"], **out}
 
     def job(self, job_id: str) -> dict:
+        try:
+            job_id = str(uuid.UUID(job_id))
+        except ValueError:
+            raise not_found("job", job_id) from None
         with self.Session() as s:
             row = s.get(Job, job_id)
             if row is None:
