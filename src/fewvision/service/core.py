@@ -100,7 +100,8 @@ class Service:
         # Every prediction and incremental update runs on this one thread. OpenMP keeps a team of threads per
         # thread that calls into torch; once the teams hold more threads than there are cores, libgomp stops
         # spinning between parallel regions, and a ViT-B/32 forward took 68 ms from a pool of request threads
-        # against 53 ms from one thread (2 cores). Fits run on a thread of their own that ends with the fit.
+        # against 53 ms from one thread (2 cores). Fit and update jobs run on a thread of their own that ends with
+        # the job.
         self._inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewvision-inference")
 
     # --- life cycle ----------------------------------------------------------------------------------------
@@ -323,17 +324,17 @@ class Service:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            # a thread per fit: its OpenMP team ends with it (see _inference_pool)
-            fit = threading.Thread(target=self.run_job, args=(job_id,), name=f"fewvision-fit-{job_id}", daemon=True)
-            fit.start()
-            fit.join()
+            # a thread per job: its OpenMP team ends with it (see _inference_pool)
+            job = threading.Thread(target=self.run_job, args=(job_id,), name=f"fewvision-job-{job_id}", daemon=True)
+            job.start()
+            job.join()
 
     def run_job(self, job_id: str) -> None:
         try:
             with self.Session() as s:
                 kind = s.get(Job, job_id).kind
             version = self._fit(job_id) if kind == "fit" else self._update(job_id)
-        except Exception as err:  # noqa: BLE001 - a failed fit is reported on its job, never kills the worker
+        except Exception as err:  # noqa: BLE001 - a failed job is reported on its row, never kills the worker
             message = " ".join(str(err).split()) or type(err).__name__
             with self.Session.begin() as s:
                 s.execute(update(Job).where(Job.id == job_id).values(
@@ -659,6 +660,7 @@ class Service:
         else:
             from ..heads import head_classes as classes
         return callable(getattr(classes().get(project["method"]), "partial_fit", None))
+
 
 class _JobProgress:
     """Writes a running fit's progress to its job row (at most every half second)."""
