@@ -1,6 +1,6 @@
 """Writing files so that a crash or kill never leaves half a file: write a temp file beside it, then rename.
 
-The temp file is ``.NAME.PID.XXXX.tmp`` in the target's folder. A process killed mid-write leaves its temp file
+The temp file is ``.NAME.PID.RANDOM.tmp`` in the target's folder. A process killed mid-write leaves its temp file
 behind; the next write of the same target removes those whose process is gone, so they do not pile up.
 """
 
