@@ -129,6 +129,9 @@ class TextureBackbone(Backbone):
 
     spec = "texture"
     has_text = False
+    # Standardised statistics: how far a cell is from the nominal values is the signal, which a cosine ignores
+    # (AnomalyDINO's cosine distance on these features ranked textile defects below good images: AUROC 0.03-0.43).
+    patch_distance = "euclidean"
 
     def __init__(
         self,

@@ -43,6 +43,7 @@ FIT_EXAMPLE = """
 Examples:
   fewvision anomaly fit mvtec/bottle -o bottle.fvm            (uses train/good)
   fewvision anomaly fit good/ --method padim --backbone texture --target-false-reject 0.01 -o line3.fvm
+  fewvision anomaly fit good/ --method anomalydino --shots 4 -o few.fvm   (bank of 4; the others set the threshold)
 """
 PREDICT_EXAMPLE = """
 
@@ -88,9 +89,12 @@ def fit(
                                       help="folders and/or files of good images: an MVTec AD category (its "
                                            "train/good is used), a folder with a good/ folder, or good images"),
     method: str = typer.Option("patchcore", "--method", "-m", metavar="METHOD",
-                               help="patchcore | padim | stpm | ae | vae | winclip"),
+                               help="patchcore | padim | anomalydino | stpm | ae | vae | winclip"),
     backbone: Optional[str] = backbone_option("anomaly"),
     weights: Optional[str] = weights_option(),
+    shots: Optional[int] = typer.Option(None, "--shots", min=1, metavar="K",
+                                        help="fit on K good images (a seeded draw; the few-shot setting of "
+                                             "anomalydino) and set the threshold on all the others"),
     target_false_reject: float = typer.Option(0.01, "--target-false-reject", min=0.0, max=1.0, metavar="RATE",
                                               help="share of good parts the threshold may reject at most (the "
                                                    "tightest the images support when there are too few)"),
@@ -123,13 +127,16 @@ def fit(
     paths, sources = good_images(good, all_subfolders)  # layout checks before any model is loaded
     if not paths:
         raise UserError(f"no good images found in {', '.join(map(str, good))}")
+    if shots is not None and shots > len(paths):
+        raise UserError(f"--shots {shots}: only {len(paths)} good images were found")
     with job(f"fit {method}"):
         bb = create(resolve_backbone(backbone, "anomaly"), weights, cache_dir, OFFLINE_HINT)
         for line in sources:
             info(f"good images: {line}")
         model = fit_anomaly(good, method, bb, target_false_reject=target_false_reject,
                             holdout_fraction=holdout_fraction, seed=seed, cache_dir=cache_dir,
-                            use_cache=not no_cache, progress=True, all_subfolders=all_subfolders, **params)
+                            use_cache=not no_cache, progress=True, all_subfolders=all_subfolders, shots=shots,
+                            **params)
     save_model(out, model)
     d = model.decision
     for s in model.info.get("skipped", []):

@@ -237,6 +237,7 @@ def fit_anomaly(
     batch_size: int = 16,
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
     all_subfolders: bool = False,
+    shots: int | None = None,
     **params: Any,
 ) -> FewVisionModel:
     """Fit ``method`` on good images (files and/or folders, see :func:`good_images` for layouts) and set its
@@ -248,6 +249,10 @@ def fit_anomaly(
     hold out ``holdout_fraction`` of the images (seeded) for split-conformal calibration. The threshold is the
     ``ceil((n + 1)(1 - target))``-th smallest calibration score; when ``n`` scores cannot support the target, the
     tightest target they support (1 / (n + 1)) is used and ``decision['target_note']`` says so.
+
+    ``shots``: the few-shot setting (AnomalyDINO's k good images): the head is fitted on ``shots`` good images
+    (a seeded draw) and every other good image calibrates the threshold (split conformal); with no other image the
+    ``shots`` images calibrate it leave-one-out, where the head can.
     """
     if isinstance(good, (str, os.PathLike)):
         good = [good]
@@ -260,7 +265,20 @@ def fit_anomaly(
         raise ThresholdError(f"the target false-reject rate must be in (0, 1), got {target_false_reject}")
     head = _head(method, seed, dict(params))
     left_out = bool(getattr(head, "leave_one_out", False))
-    if left_out:
+    if shots is not None:
+        if not 1 <= int(shots) <= len(paths):
+            raise ValueError(f"shots must be in 1..{len(paths)} (the good images found), got {shots}")
+        order = np.random.default_rng(seed).permutation(len(paths))
+        fit_paths = [paths[i] for i in sorted(order[: int(shots)])]
+        hold_paths = [paths[i] for i in sorted(order[int(shots):])]
+        left_out = left_out and not hold_paths
+        if not hold_paths and not left_out:
+            raise ValueError(f"{method} with shots={shots} needs more good images than shots: the others set the "
+                             "threshold")
+        if left_out and len(fit_paths) < MIN_LEAVE_ONE_OUT_IMAGES:
+            raise ValueError(f"shots={shots} of {len(paths)} good images leave none to set the threshold; give at "
+                             f"least {MIN_LEAVE_ONE_OUT_IMAGES} good images")
+    elif left_out:
         if len(paths) < MIN_LEAVE_ONE_OUT_IMAGES:
             raise ValueError(f"{method} needs at least {MIN_LEAVE_ONE_OUT_IMAGES} good images, got {len(paths)}")
         fit_paths, hold_paths = paths, []
@@ -306,8 +324,7 @@ def fit_anomaly(
                                          progress=progress, left_out=left_out):
         cal_scores.append(scores.double().numpy())
         small_maps.append(F.adaptive_avg_pool2d(maps[:, None], BASELINE_SIZE)[:, 0])
-    if left_out:
-        head.release_fit_data()
+    head.release_fit_data()  # what only leave-one-out scores needed (also when --shots left other images for them)
     cal = np.concatenate(cal_scores) if cal_scores else np.zeros(0)
     if len(cal) == 0:
         raise ValueError(f"none of the {len(cal_paths)} held-out good image(s) could be read to set the threshold")
@@ -332,7 +349,9 @@ def fit_anomaly(
         "heatmap_baseline": [[round(float(v), 6) for v in row] for row in baseline.tolist()],
         "heatmap_range": [0.0, 2.0 * max(hottest, 1e-12)],
     }
-    if not left_out:
+    if shots is not None:
+        decision["shots"] = int(shots)
+    elif not left_out:
         decision["holdout_fraction"] = float(holdout_fraction)
     if note:
         decision["target_note"] = note
