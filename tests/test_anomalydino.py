@@ -133,3 +133,19 @@ def test_shots_fit_the_bank_on_k_images_and_calibrate_on_the_others(texture, tex
     assert np.array_equal(before.scores, after.scores) and np.array_equal(before.maps, after.maps)
     with pytest.raises(ValueError, match="shots must be in 1"):
         fit_anomaly(good, "anomalydino", texture, shots=n + 1)
+
+
+def test_a_timm_vit_gives_its_last_blocks_normalised_patch_tokens_to_anomalydino():
+    from fewvision.backbones import create_backbone
+
+    vit = create_backbone("timm:vit_small_patch14_dinov2.lvd142m@random")  # DINOv2's architecture, random weights
+    assert vit.is_vit and vit.feature_layers == (11,) and vit.input_size == (518, 518)
+    x = torch.randn(1, 3, 518, 518)
+    with torch.inference_mode():
+        blocks = vit.model.forward_features(x)  # every token after the final norm: the class token, then 37 x 37 patches
+    tokens = blocks[:, -37 * 37 :].transpose(1, 2).reshape(1, 384, 37, 37)
+    torch.testing.assert_close(vit.patch_features(x), tokens, atol=1e-5, rtol=1e-5)
+    head = create_anomaly_head("anomalydino", rotate=False)
+    assert head.feature_layers(vit) is None  # the backbone's default: the last block
+    head.fit(torch.randn(2, 3, 518, 518), vit)
+    assert head.metric_ == "cosine" and head.grid_ == [37, 37] and head.memory_bank_.shape == (2 * 37 * 37, 384)

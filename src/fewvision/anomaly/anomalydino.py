@@ -102,6 +102,10 @@ class AnomalyDINO(AnomalyHead):
         self.chunk_images = chunk_images
 
     def feature_layers(self, backbone) -> list[int] | None:
+        """``layers``, else the backbone's default for a ViT (its last block, as the paper's DINOv2 tokens), else
+        stages 2-3 of a CNN."""
+        if self.layers is None and getattr(backbone, "is_vit", False):
+            return None
         return selected_layers(self.layers, backbone, PAPER_CNN_LAYERS)
 
     def _features(self, pixels: torch.Tensor, backbone) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""timm image models: ``timm:NAME`` (hub weights), ``timm:NAME@PATH`` (local weights), ``timm:NAME@random``."""
+"""timm image models: ``timm:NAME`` (hub weights), ``timm:NAME@PATH`` (local weights), ``timm:NAME@random``.
+
+Patch features: for a CNN the maps of its stages (default 2 and 3); for a Vision Transformer (DINOv2 among them,
+e.g. ``timm:vit_small_patch14_dinov2.lvd142m``) the patch tokens of its blocks after the final LayerNorm, as a map
+(default: the last block - what DINOv2's ``get_intermediate_layers`` gives and AnomalyDINO uses)."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ class TimmBackbone(Backbone):
         cache_dir: str | None = None,
         download: bool = True,
         device: str = "cpu",
-        feature_layers: tuple[int, ...] = (2, 3),
+        feature_layers: tuple[int, ...] | None = None,
     ):
         import timm
 
@@ -54,13 +58,17 @@ class TimmBackbone(Backbone):
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self._preprocess = timm.data.create_transform(**data_cfg)
         self._input_size = tuple(data_cfg["input_size"][1:])
+        self.is_vit = hasattr(self.model, "blocks") and hasattr(self.model, "patch_embed")
+        if feature_layers is None:
+            feature_layers = (len(self.model.blocks) - 1,) if self.is_vit else (2, 3)
         self.feature_layers = tuple(feature_layers)
         self._device = torch.device(device)
         weights = file_digest(weight_file) if weight_file is not None else digest_state_dict(self.model)
         # "packed-nearest": how patch_features combines the layers (part of what the feature cache holds); the
         # layers themselves are in the feature kind ("patch:1,2,3") when a head asks for other ones.
         self._id = make_id("timm", f"{name}:{weights}",
-                           [repr(self._preprocess), self.feature_layers, "packed-nearest", "layers-in-kind"])
+                           [repr(self._preprocess), self.feature_layers, "packed-nearest", "layers-in-kind"]
+                           + (["vit-tokens-normed"] if self.is_vit else []))
         self._layouts: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
         # The default stages' graph is built now, not on first use: FX tracing patches torch globally, which breaks
         # any torch module another thread runs meanwhile (other stages are traced on first use, in the caller's
@@ -87,7 +95,14 @@ class TimmBackbone(Backbone):
         return layers
 
     def _stage_net(self, layers: tuple[int, ...]):
+        if self.is_vit:
+            return functools.partial(self._vit_tokens, layers=layers)
         return _fused_stage_net(self.model, layers) or functools.partial(self._intermediates, layers=layers)
+
+    def _vit_tokens(self, pixels: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Patch tokens of the blocks ``layers`` after the final norm, as [N, C, h, w] maps (prefix tokens dropped)."""
+        return self.model.forward_intermediates(pixels.contiguous(), indices=list(layers), norm=True,
+                                                output_fmt="NCHW", intermediates_only=True, stop_early=True)
 
     def patch_features(self, pixels: torch.Tensor, layers=None) -> torch.Tensor:
         """Feature maps of the stages ``layers`` (default ``feature_layers``), packed into one tensor by
