@@ -21,7 +21,7 @@ def _load_all() -> None:
         importlib.import_module(f"fewvision.anomaly.{module}")
 
 
-MODULES: list[str] = ["patchcore", "padim", "winclip", "autoencoder", "stpm", "anomalydino"]
+MODULES: list[str] = ["patchcore", "padim", "winclip", "autoencoder", "stpm", "anomalydino", "ganomaly"]
 
 
 def anomaly_head_classes() -> dict[str, type[AnomalyHead]]:

@@ -89,7 +89,7 @@ def fit(
                                       help="folders and/or files of good images: an MVTec AD category (its "
                                            "train/good is used), a folder with a good/ folder, or good images"),
     method: str = typer.Option("patchcore", "--method", "-m", metavar="METHOD",
-                               help="patchcore | padim | anomalydino | stpm | ae | vae | winclip"),
+                               help="patchcore | padim | anomalydino | stpm | ae | vae | ganomaly | winclip"),
     backbone: Optional[str] = backbone_option("anomaly"),
     weights: Optional[str] = weights_option(),
     shots: Optional[int] = typer.Option(None, "--shots", min=1, metavar="K",
@@ -100,7 +100,7 @@ def fit(
                                                    "tightest the images support when there are too few)"),
     holdout_fraction: float = typer.Option(0.2, "--holdout-fraction", min=0.0, max=1.0, metavar="F",
                                            help="share of good images held out to set the threshold, for methods "
-                                                "without leave-one-out scores (ae, vae, stpm, winclip)"),
+                                                "without leave-one-out scores (ae, vae, ganomaly, stpm, winclip)"),
     all_subfolders: bool = typer.Option(False, "--all-subfolders",
                                         help="fit on every image below the folders even when sub-folders look like "
                                              "defect classes"),
