@@ -1,4 +1,5 @@
-"""``fewvision anomaly fit | predict | eval | rethreshold``: anomaly detection from good images only."""
+"""``fewvision anomaly fit | predict | eval | rethreshold | zero-shot``: anomaly detection from good images, or from
+none (``zero-shot``)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,15 @@ EVAL_EXAMPLE = """
 Example:
   fewvision anomaly eval bottle.fvm mvtec/bottle -o metrics.json --report report/
 """
+ZERO_SHOT_EXAMPLE = """
+
+\b
+Examples:
+  fewvision anomaly zero-shot today/ -o scores.csv --heatmaps heat/        (MuSc: the images score each other)
+  fewvision anomaly zero-shot today/ --method musc --backbone texture -o scores.csv
+  fewvision anomaly zero-shot today/ --method winclip --param object_name=cable -o scores.csv
+"""
+ZERO_SHOT_COLUMNS = ["path", "score", "rank", "x", "y", "heatmap", "method", "backbone", "time", "error"]
 RETHRESHOLD_EXAMPLE = """
 
 \b
@@ -70,7 +80,8 @@ def register(app: typer.Typer) -> None:
                               help="Anomaly detection learned from good images only.")
     app.add_typer(anomaly_app, name="anomaly")
     for name, fn, example in (("fit", fit, FIT_EXAMPLE), ("predict", predict, PREDICT_EXAMPLE),
-                              ("eval", evaluate, EVAL_EXAMPLE), ("rethreshold", rethreshold, RETHRESHOLD_EXAMPLE)):
+                              ("eval", evaluate, EVAL_EXAMPLE), ("rethreshold", rethreshold, RETHRESHOLD_EXAMPLE),
+                              ("zero-shot", zero_shot, ZERO_SHOT_EXAMPLE)):
         anomaly_app.command(name, context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
                             help=cleandoc(fn.__doc__) + example)(fn)
 
@@ -310,3 +321,70 @@ def rethreshold(
         info(f"note: {d['target_note']}")
     typer.echo(f"threshold {before:.6g} -> {d['threshold']:.6g}, {d['guarantee']}")
     info(f"wrote {target}")
+
+
+def zero_shot(
+    images: List[Path] = typer.Argument(..., metavar="IMAGES",
+                                        help="image files and/or folders (searched recursively)"),
+    method: str = typer.Option("musc", "--method", "-m", metavar="METHOD",
+                               help="musc (the images score each other; the batch must be mostly good) | winclip "
+                                    "(text prompts)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", metavar="SPEC",
+                                           help="backbone spec [default: musc timm:vit_small_patch14_dinov2."
+                                                "lvd142m, winclip openclip:ViT-B-16-plus-240/laion400m_e31]"),
+    weights: Optional[str] = weights_option(),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="scores.csv or scores.jsonl"),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", metavar="DIR",
+                                            help="folder for one PNG per image: the image and its heat map"),
+    param: List[str] = param_option(),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+) -> None:
+    """Score images with no model and no good images: one row per image with its score and its rank in the batch
+    (1 = most anomalous). There is no threshold: nothing says what a good image scores (fit a model with 'fewvision
+    anomaly fit' once good images exist)."""
+    from ..anomaly.musc import MuSc
+    from ..anomaly.winclip import WinClipHead
+    from ..io.images import BadImage, iter_image_files
+    from ..progress import job
+    from ..reports.anomaly import heatmap_image, write_png
+    from ..tasks.zeroshot_anomaly import DEFAULT_ZERO_SHOT_BACKBONES, ZERO_SHOT_METHODS, zero_shot_anomaly
+
+    if method not in ZERO_SHOT_METHODS:
+        raise UserError(f"unknown zero-shot method '{method}': expected {' or '.join(ZERO_SHOT_METHODS)}")
+    params = parse_params(param, init_parameters(MuSc if method == "musc" else WinClipHead), method)
+    params.pop("shots", None)
+    check_output(out, (".csv", ".jsonl"))
+    check_folder(heatmaps, "--heatmaps")
+    iter_image_files(images)  # a missing input is reported before any model is loaded
+    spec = (backbone or DEFAULT_ZERO_SHOT_BACKBONES[method]).strip()
+    with job(f"zero-shot {method}") as bar:
+        bb = create(spec, weights, cache_dir, OFFLINE_HINT)
+        try:
+            res = zero_shot_anomaly(images, method, bb, params=params, keep_maps=heatmaps is not None,
+                                    cache_dir=cache_dir, use_cache=not no_cache)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        for r in res.rows:
+            r.update({"method": method, "backbone": spec})
+        if heatmaps is not None:
+            bar.stage("heat maps")
+            used: set[str] = set()
+            for i, r in enumerate(res.rows):
+                name = f"{Path(r['path']).stem}_heatmap.png"
+                if name in used:
+                    name = f"{Path(r['path']).stem}_{i}_heatmap.png"
+                used.add(name)
+                try:
+                    picture = heatmap_image(r["path"], res.maps[i], bb.preprocess, res.decision, score=r["score"],
+                                            verdict=None)
+                    r["heatmap"] = str(write_png(heatmaps / name, picture))
+                except BadImage as err:
+                    info(f"no heat map for {r['path']}: {err.reason}")
+    rows = res.rows if out.suffix.lower() == ".jsonl" else [{**r, "score": f"{r['score']:.6g}"} for r in res.rows]
+    write_table(out, ZERO_SHOT_COLUMNS, rows, res.skipped)
+    info(f"wrote {out}")
+    top = sorted(res.rows, key=lambda r: r["rank"])[:5]
+    summarise(bar, len(res.rows), res.skipped, {}, [f"#{r['rank']} {r['path']}: score {r['score']:.4g}" for r in top])
+    typer.echo(f"{len(res.rows)} image(s) scored with {method}, {len(res.skipped)} skipped; most anomalous: "
+               + (top[0]["path"] if top else "none"))

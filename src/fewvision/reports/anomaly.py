@@ -126,7 +126,7 @@ def heatmap_image(path: str, heat: np.ndarray, preprocess, decision: Mapping[str
     gap, bar_w = max(4, w // 100), max(16, w // 25)
     header = max(24, h // 14)
     small = _font(min(header * 0.5, bar_w * 0.9))
-    labels = [f"+{vrange[1]:.3g}", "excess over", "good images", "0"]
+    labels = [f"+{vrange[1]:.3g}", "excess over", decision.get("heatmap_reference", "good images"), "0"]
     label_w = int(max(small.getlength(s) for s in labels)) + 8
     canvas = Image.new("RGB", (2 * w + 2 * gap + bar_w + label_w, h + header), "white")
     canvas.paste(image, (0, header))
