@@ -100,11 +100,18 @@ def fit_command(
                                                "probability >= 1 - A"),
     conformal: str = typer.Option("lac", "--conformal", metavar="SCORE", help="conformal score: lac | aps"),
     mondrian: bool = typer.Option(False, "--mondrian", help="one conformal threshold per class"),
+    good: Optional[List[Path]] = typer.Option(None, "--good", metavar="GOOD_DIR",
+                                              help="good images (folder or files; repeatable): an anomaly model "
+                                                   "fitted on them adds its map statistics and map-weighted patch "
+                                                   "features to the head's features (prototype, linear)"),
+    good_method: str = typer.Option("padim", "--good-method", metavar="METHOD",
+                                    help="anomaly method fitted on --good: padim | patchcore | anomalydino | ..."),
     param: List[str] = param_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
 ) -> None:
-    """Fit a few-shot head on labelled images (and optionally calibrate it) and write one model file."""
+    """Fit a few-shot head on labelled images (and optionally calibrate it) and write one model file. With --good,
+    the many good images of a line teach the head too."""
     from ..decide.conformal import SCORES
     from ..io.datasets import load_dataset
     from ..modelfile import MODEL_SUFFIX, save_model
@@ -117,11 +124,25 @@ def fit_command(
     if conformal not in SCORES:
         raise UserError(f"--conformal must be one of {', '.join(SCORES)}, got '{conformal}'")
     check_output(out, (MODEL_SUFFIX,))
+    if good:
+        from ..anomaly import anomaly_head_classes
+        from ..heads.with_good import check_inner
+
+        if good_method not in anomaly_head_classes():
+            raise UserError(f"unknown --good-method '{good_method}': expected one of "
+                            f"{', '.join(sorted(anomaly_head_classes()))}")
+        try:
+            check_inner(cls(**params))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        for folder in good:
+            if not folder.exists():
+                raise UserError(f"{folder}: --good names no such file or folder")
     data = load_dataset(dataset)
     with job(f"fit {method}"):
         model = fit(data, method, spec, shots, seed, weights=weights, calibrate_fraction=calibrate_fraction,
-                    alpha=alpha, conformal=conformal, mondrian=mondrian, cache_dir=cache_dir,
-                    use_cache=not no_cache, progress=True, **params)
+                    alpha=alpha, conformal=conformal, mondrian=mondrian, good=[str(g) for g in good or []],
+                    good_method=good_method, cache_dir=cache_dir, use_cache=not no_cache, progress=True, **params)
     save_model(out, model)
     for s in model.info.get("skipped", []):
         info(f"skipped {s}")
@@ -130,6 +151,9 @@ def fit_command(
     if "conformal" in d:
         extra += f", {d['conformal']['score']} sets at alpha {d['conformal']['alpha']}"
     skipped = f" ({model.info['n_skipped']} unreadable skipped)" if model.info.get("n_skipped") else ""
+    if "good_images" in model.info:
+        g = model.info["good_images"]
+        extra += f", with {g['method']} features from {g['n_good_images']} good image(s)"
     typer.echo(f"{method}: fitted on {model.info['n_support']} image(s){skipped}{extra} -> {out}")
 
 

@@ -12,6 +12,7 @@ from .prototype import PrototypeHead
 from .slac import SLACHead
 from .tip import TipAdapterFHead, TipAdapterHead
 from .tlac import TLACHead
+from .with_good import WithGoodImages
 from .zeroshot import ZeroShotHead
 
 _REGISTRY: dict[str, type[ClassifierHead]] = {
@@ -26,6 +27,8 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "prolip": ProLIPHead,
     "coop": CoOpHead,
     "lora": LoRAHead,
+    # not a method of its own: any image-feature head with features from good images (fit(..., good=GOOD_DIR))
+    "with-good": WithGoodImages,
 }
 
 

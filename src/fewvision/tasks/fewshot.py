@@ -151,12 +151,18 @@ def fit(
     alpha: float | None = None,
     conformal: str = "lac",
     mondrian: bool = False,
+    good: Sequence[str | os.PathLike] | None = None,
+    good_method: str = "padim",
     cache_dir: str | None = None,
     use_cache: bool = True,
     progress: bool = False,
     **params: Any,
 ) -> FewVisionModel:
     """Fit ``method`` on ``shots`` images per class (all when None) of the train split (or the whole dataset).
+
+    With ``good`` (folders and/or files of good images) an anomaly model (``good_method``) is fitted on them with
+    the same backbone, and the head learns from its map statistics and map-weighted patch features as well as the
+    image features (:class:`fewvision.heads.with_good.WithGoodImages`).
 
     With ``calibrate_fraction`` > 0 a seeded, stratified share of those images is held out (never used for fitting)
     to fit the temperature and, with ``alpha``, split-conformal thresholds (``conformal`` 'lac' or 'aps',
@@ -173,6 +179,17 @@ def fit(
     bb = as_backbone(backbone, cache_dir, weights)
     head = make_head(method, seed, **params)
     check_text(head, bb)
+    anomaly_info = None
+    if good:
+        from ..heads.with_good import WithGoodImages, check_inner
+        from .anomaly import fit_anomaly
+
+        check_inner(head)  # before any fitting
+        good_model = fit_anomaly(list(good), good_method, bb, seed=seed, cache_dir=cache_dir, use_cache=use_cache,
+                                 progress=progress)
+        head = WithGoodImages(head, good_model.head, good_model.decision)
+        anomaly_info = {"method": good_method, "n_good_images": good_model.info.get("n_fit_images"),
+                        "threshold": good_model.decision["threshold"]}
 
     y = dataset.labels
     pool = np.arange(len(dataset))
@@ -196,6 +213,8 @@ def fit(
             "support_counts": np.bincount(support.labels.numpy(), minlength=support.n_classes).tolist(),
             "fitted_on_sha256": [s for s in shas if s], "n_trainable_parameters": head.n_trainable_parameters(),
             "skipped": [f"{s.path}: {s.reason}" for s in support.skipped][:20], "n_skipped": len(support.skipped)}
+    if anomaly_info:
+        info["good_images"] = anomaly_info
     model = FewVisionModel(head, bb.spec, bb.id, info=info, _backbone=bb)
     if len(calib):
         calibrate(model, [dataset.paths[i] for i in calib], y[calib], alpha=alpha, score=conformal,
