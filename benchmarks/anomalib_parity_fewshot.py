@@ -122,7 +122,9 @@ def fewvision_gan(job: dict) -> dict:
     t0 = time.perf_counter()
     scores = head.score(test)[1]
     predict_s = time.perf_counter() - t0
-    tensors = {f"generator.{k}": v.contiguous() for k, v in head._generator.state_dict().items()}
+    # numbered: safetensors returns tensors sorted by name, and the mapping onto anomalib's layers goes by order
+    state = head._generator.state_dict().items()
+    tensors = {f"generator.{i:03d}.{k}": v.contiguous() for i, (k, v) in enumerate(state)}
     tensors["prepared_test"] = head._prepare(test).contiguous()
     save_file(tensors, job["tensors"])
     return {"fit_s": fit_s, "predict_s": predict_s, "scores": scores.tolist(),
@@ -136,7 +138,7 @@ def anomalib_gan(job: dict) -> dict:
 
     tensors = load_file(job["tensors"])
     x = tensors.pop("prepared_test")
-    ours = [v for k, v in tensors.items() if k.startswith("generator.")]
+    ours = [tensors[k] for k in sorted(tensors) if k.startswith("generator.")]
     out = {}
     for name, padding in (("as shipped (first conv padding 4)", None), ("first conv padding 1 (official)", 1)):
         model = GanomalyModel(input_size=(64, 64), num_input_channels=3, n_features=64, latent_vec_size=100)

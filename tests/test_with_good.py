@@ -117,6 +117,8 @@ def test_fit_save_predict_through_the_cli(tmp_path, monkeypatch, textile_root, c
 
     loaded = load(model)
     assert loaded.head.method == "with-good" and loaded.head.head.method == "linear"
+    code, out = run("info", model)
+    assert code == 0 and "linear with padim features from 40 good image(s)" in out.out
     assert loaded.info["good_images"]["method"] == "padim"
     files = [str(p) for p in sorted(data.rglob("*.jpg"))]
     from fewvision.tasks.fewshot import fit

@@ -67,6 +67,14 @@ def models_path(spec: str = typer.Argument(..., metavar="SPEC", help="backbone s
     typer.echo(str(weights_location(spec, cache_dir)))
 
 
+def _method(model) -> str:
+    good = model.info.get("good_images")
+    if good and hasattr(model.head, "head"):  # fit --good: the head and the anomaly model that feeds it
+        return (f"{model.head.head.method} with {good['method']} features from {good['n_good_images']} good "
+                "image(s) (--good)")
+    return model.head.method
+
+
 def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm)")) -> None:
     """What a model file holds: task, method, backbone, classes or threshold and what it guarantees, the images it
     was fitted on, and the versions that wrote it. Reads the file only (no backbone, no images)."""
@@ -77,7 +85,7 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
     model = load(model_path)
     d, i = model.decision, model.info
     lines = [("file", str(model_path)), ("sha256", file_sha256(model_path)), ("task", model.task),
-             ("method", model.head.method), ("backbone", model.backbone_spec), ("backbone id", model.backbone_id)]
+             ("method", _method(model)), ("backbone", model.backbone_spec), ("backbone id", model.backbone_id)]
     if model.task == "classification":
         lines.append(("classes", ", ".join(model.class_names)))
         lines.append(("fitted on", f"{i.get('n_support', '?')} image(s) of '{i.get('dataset', '?')}'"
