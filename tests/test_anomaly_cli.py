@@ -6,26 +6,15 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 
 import pytest
 from anomaly_data import build_mvtec
+from cli_helpers import run_cli
 from PIL import Image
-
-from fewvision.cli import main
 
 BACKBONE = "timm:resnet18@random"
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["fewvision", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

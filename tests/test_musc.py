@@ -5,16 +5,15 @@ images; `fewvision anomaly zero-shot` end to end."""
 import csv
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import run_cli
 from sklearn.metrics import roc_auc_score
 
 from fewvision.anomaly.musc import MuSc, aggregate_neighbourhood, mutual_scores, paper_layers, rescore
-from fewvision.cli import main
 from fewvision.io.images import load_image
 
 
@@ -129,17 +128,6 @@ def test_a_vit_backbone_gives_four_blocks(textile_root):
     assert patch.shape == (4, 14, 14) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="at least 2"):
         scorer.score([m[:1] for m in maps])
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["fewvision", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_zero_shot_command_scores_a_folder(tmp_path, monkeypatch, capsys, textile_root):

@@ -4,14 +4,14 @@ global. The model file predicts as the fitted model, and text heads are refused.
 
 import csv
 import shutil
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 from sklearn.metrics import balanced_accuracy_score
 
-from fewvision.cli import main
 from fewvision.heads import create_head
 from fewvision.heads.support import Support
 from fewvision.heads.with_good import N_STATS, WithGoodImages, check_inner
@@ -94,13 +94,8 @@ def test_fit_save_predict_through_the_cli(tmp_path, monkeypatch, textile_root, c
         shutil.copy(p, good / p.name)
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["fewvision", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        return code, capsys.readouterr()
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        return code, SimpleNamespace(out=out, err=err)
 
     model = tmp_path / "m.fvm"
     code, out = run("fit", data, "--method", "linear", "--backbone", "texture", "--shots", "2", "--good", good,

@@ -180,9 +180,8 @@ def predict(
 ) -> None:
     """Score images: one row per image with its verdict (ok / ng / review), score, threshold, score / threshold and
     where the heat map peaks."""
-    from ..io.images import BadImage, iter_image_files
+    from ..io.images import iter_image_files
     from ..progress import expect, job
-    from ..reports.anomaly import heatmap_image, write_png
     from ..tasks.anomaly import score_files
 
     check_output(out, (".csv", ".jsonl"))
@@ -201,19 +200,7 @@ def predict(
         if heatmaps is not None:
             bar.stage("heat maps")
             expect(len(res.rows))
-            used: set[str] = set()
-            for i, r in enumerate(res.rows):
-                name = f"{Path(r['path']).stem}_heatmap.png"
-                if name in used:
-                    name = f"{Path(r['path']).stem}_{i}_heatmap.png"
-                used.add(name)
-                try:
-                    picture = heatmap_image(r["path"], res.maps[i], bb.preprocess, model.decision, score=r["score"],
-                                            verdict=r["verdict"])
-                    r["heatmap"] = str(write_png(heatmaps / name, picture))
-                except BadImage as err:
-                    info(f"no heat map for {r['path']}: {err.reason}")
-                bar.advance(1)
+            write_heatmaps(res.rows, res.maps, heatmaps, bb.preprocess, model.decision, bar.advance)
     write_table(out, ROW_COLUMNS, [_formatted(r) for r in res.rows] if out.suffix.lower() == ".csv" else res.rows,
                 res.skipped)
     info(f"wrote {out}")
@@ -233,6 +220,28 @@ def predict(
     typer.echo(f"{len(res.rows)} image(s) scored: {counts['ok']} ok, {counts['ng']} ng"
                + (f", {counts['review']} review" if counts["review"] else "") + f", {len(res.skipped)} skipped")
     finish(len(res.rows), counts["ng"] + counts["review"], exit_code)
+
+
+def write_heatmaps(rows: list[dict], maps, folder: Path, preprocess, decision: dict, advance=None) -> None:
+    """One PNG per row (image and heat map side by side) in ``folder``; its path goes into the row's "heatmap".
+    An image that cannot be read again is reported and the others go on."""
+    from ..io.images import BadImage
+    from ..reports.anomaly import heatmap_image, write_png
+
+    used: set[str] = set()
+    for i, r in enumerate(rows):
+        name = f"{Path(r['path']).stem}_heatmap.png"
+        if name in used:
+            name = f"{Path(r['path']).stem}_{i}_heatmap.png"
+        used.add(name)
+        try:
+            picture = heatmap_image(r["path"], maps[i], preprocess, decision, score=r["score"],
+                                    verdict=r.get("verdict"))
+            r["heatmap"] = str(write_png(folder / name, picture))
+        except BadImage as err:
+            info(f"no heat map for {r['path']}: {err.reason}")
+        if advance is not None:
+            advance(1)
 
 
 def _formatted(row: dict) -> dict:
@@ -345,9 +354,8 @@ def zero_shot(
     anomaly fit' once good images exist)."""
     from ..anomaly.musc import MuSc
     from ..anomaly.winclip import WinClipHead
-    from ..io.images import BadImage, iter_image_files
+    from ..io.images import iter_image_files
     from ..progress import job
-    from ..reports.anomaly import heatmap_image, write_png
     from ..tasks.zeroshot_anomaly import DEFAULT_ZERO_SHOT_BACKBONES, ZERO_SHOT_METHODS, zero_shot_anomaly
 
     if method not in ZERO_SHOT_METHODS:
@@ -369,18 +377,7 @@ def zero_shot(
             r.update({"method": method, "backbone": spec})
         if heatmaps is not None:
             bar.stage("heat maps")
-            used: set[str] = set()
-            for i, r in enumerate(res.rows):
-                name = f"{Path(r['path']).stem}_heatmap.png"
-                if name in used:
-                    name = f"{Path(r['path']).stem}_{i}_heatmap.png"
-                used.add(name)
-                try:
-                    picture = heatmap_image(r["path"], res.maps[i], bb.preprocess, res.decision, score=r["score"],
-                                            verdict=None)
-                    r["heatmap"] = str(write_png(heatmaps / name, picture))
-                except BadImage as err:
-                    info(f"no heat map for {r['path']}: {err.reason}")
+            write_heatmaps(res.rows, res.maps, heatmaps, bb.preprocess, res.decision)
     rows = res.rows if out.suffix.lower() == ".jsonl" else [{**r, "score": f"{r['score']:.6g}"} for r in res.rows]
     write_table(out, ZERO_SHOT_COLUMNS, rows, res.skipped)
     info(f"wrote {out}")
