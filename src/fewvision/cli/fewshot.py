@@ -64,12 +64,11 @@ def register(app: typer.Typer) -> None:
 
 
 def head_class(method: str):
-    from ..heads import head_classes
+    from ..heads import head_classes, head_names
 
-    classes = head_classes()
-    if method not in classes:
-        raise UserError(f"unknown method '{method}': expected one of {', '.join(classes)}")
-    return classes[method]
+    if method not in head_names():
+        raise UserError(f"unknown method '{method}': expected one of {', '.join(head_names())}")
+    return head_classes()[method]
 
 
 def check_method(method: str, spec: str) -> type:

@@ -33,7 +33,8 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
 
 
 def head_names() -> list[str]:
-    return list(_REGISTRY)
+    """The methods a user picks (``--method``); the registry also holds wrappers that are built, not chosen."""
+    return [name for name in _REGISTRY if name != WithGoodImages.method]
 
 
 def head_classes() -> dict[str, type[ClassifierHead]]:

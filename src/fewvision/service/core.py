@@ -190,11 +190,11 @@ class Service:
         classes = [{"name": str(c.get("name", "")).strip(), "description": str(c.get("description") or "")}
                    for c in (classes or [])]
         if task == "classification":
-            from ..heads import head_classes
+            from ..heads import head_names
 
-            if method not in head_classes():
+            if method not in head_names():
                 raise ServiceError(422, "invalid", f"unknown method {method!r}: expected one of "
-                                                   f"{', '.join(head_classes())}")
+                                                   f"{', '.join(head_names())}")
             names = [c["name"] for c in classes]
             if len(names) < 2 or len(set(names)) != len(names) or not all(names) or "review" in names:
                 raise ServiceError(422, "invalid", "a classification project needs at least two classes with "
