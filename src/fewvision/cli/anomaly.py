@@ -367,7 +367,8 @@ def zero_shot(
     iter_image_files(images)  # a missing input is reported before any model is loaded
     spec = (backbone or DEFAULT_ZERO_SHOT_BACKBONES[method]).strip()
     with job(f"zero-shot {method}") as bar:
-        bb = create(spec, weights, cache_dir, OFFLINE_HINT)
+        bb = create(spec, weights, cache_dir, OFFLINE_HINT if method == "musc" else
+                    " - offline, give a local CLIP checkpoint with --weights PATH (winclip needs CLIP's text tower)")
         try:
             res = zero_shot_anomaly(images, method, bb, params=params, keep_maps=heatmaps is not None,
                                     cache_dir=cache_dir, use_cache=not no_cache)
