@@ -1,5 +1,6 @@
 """Heads that take new images without a refit (the service's review loop): what ``partial_fit`` adds must be what a
-fit on all the images gives - prototypes, Tip-Adapter's cache, PaDiM's Gaussians, PatchCore's memory bank."""
+fit on all the images gives - prototypes, Tip-Adapter's cache, PaDiM's Gaussians, PatchCore's and
+AnomalyDINO's memory banks."""
 
 import pytest
 import torch
@@ -78,3 +79,24 @@ def test_patchcore_memory_after_additions_holds_the_new_images_patches():
     # the same rows, whatever their order
     sort = lambda bank: bank[torch.argsort(bank[:, 0])]  # noqa: E731
     torch.testing.assert_close(sort(head.memory_bank_), sort(full.memory_bank_))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_anomalydino_bank_after_additions_is_a_fit_on_all_images(rotate, textile_root):
+    from fewvision.anomaly.anomalydino import AnomalyDINO
+    from fewvision.backbones import create_backbone
+    from fewvision.io.images import load_image
+
+    texture = create_backbone("texture")
+    paths = sorted((textile_root / "nominal").glob("*.jpg"))
+    x = torch.stack([texture.preprocess(load_image(p)) for p in paths[:5]])
+    test = torch.stack([texture.preprocess(load_image(p)) for p in paths[600:603]])
+    head = AnomalyDINO(rotate=rotate).fit(x[:3], texture).partial_fit(x[3:], texture)
+    full = AnomalyDINO(rotate=rotate).fit(x, texture)
+    assert head.n_train_images_ == full.n_train_images_ == 5
+    assert head.memory_bank_.shape == full.memory_bank_.shape
+    # the same rows in another order: each feature column holds the same values
+    torch.testing.assert_close(head.memory_bank_.sort(0).values, full.memory_bank_.sort(0).values,
+                               atol=1e-5, rtol=1e-5)
+    a, b = head.score(test, texture), full.score(test, texture)
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)

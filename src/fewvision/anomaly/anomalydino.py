@@ -147,6 +147,18 @@ class AnomalyDINO(AnomalyHead):
         self._bank_image = torch.cat(owner)
         return self
 
+    def partial_fit(self, inputs: torch.Tensor, backbone=None) -> "AnomalyDINO":
+        """Add good images to the bank without a refit (the service's review loop): their patch features, and their
+        rotations when the bank was built with them, are appended - the bank a fit on all the images would hold,
+        in another order. The threshold is not recalibrated."""
+        self._check_fitted()
+        pixels = torch.as_tensor(inputs).float()
+        angles = ANGLES if self.rotated_ else (0,)
+        added = [flatten_patches(self._checked(self._features(rotate_reflect(pixels, a), backbone))) for a in angles]
+        self.memory_bank_ = torch.cat([self.memory_bank_, *added]).contiguous()
+        self.n_train_images_ = int(self.n_train_images_) + len(pixels)
+        return self
+
     def _score_features(self, feats: torch.Tensor, exclude: torch.Tensor | None = None):
         n, _, h, w = feats.shape
         dist, _ = nearest_rows(flatten_patches(feats), self.memory_bank_, 1, exclude)

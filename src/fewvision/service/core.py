@@ -654,7 +654,7 @@ class Service:
 
     @staticmethod
     def can_update(project: dict) -> bool:
-        """Whether the project's method takes new images without a refit (prototype, tip, patchcore, padim)."""
+        """Whether the project's method takes new images without a refit (prototype, tip, patchcore, padim, anomalydino)."""
         if project["task"] == "anomaly":
             from ..anomaly import anomaly_head_classes as classes
         else:

@@ -393,8 +393,8 @@ def rethreshold(model: FewVisionModel, target_false_reject: float) -> FewVisionM
 
 
 def can_update(model: FewVisionModel) -> bool:
-    """Whether a model's head takes new good images without a refit (PatchCore: its memory bank; PaDiM: its
-    Gaussians)."""
+    """Whether a model's head takes new good images without a refit (PatchCore and AnomalyDINO: their memory
+    banks; PaDiM: its Gaussians)."""
     return callable(getattr(model.head, "partial_fit", None))
 
 
