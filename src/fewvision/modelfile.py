@@ -26,6 +26,7 @@ from .io.atomic import atomic_path
 FORMAT = "fewvision-model"
 FORMAT_VERSION = 1
 MODEL_SUFFIX = ".fvm"
+PACK_SUFFIX = ".fvz"  # a model with its backbone's files (fewvision.deploy.pack)
 
 
 class ModelFileError(ValueError):
@@ -44,6 +45,8 @@ class FewVisionModel:
     info: dict[str, Any] = field(default_factory=dict)
     _backbone: Any = None
     preprocess: str | None = None  # the backbone's preprocessing as its repr, for people (kept from the file)
+    offline_spec: str | None = None  # a packed model (.fvz): the spec that loads its backbone from the archive
+    packed: dict[str, Any] | None = None  # a packed model: the archive, its number of files and bytes
 
     @property
     def class_names(self) -> list[str]:
@@ -54,7 +57,13 @@ class FewVisionModel:
         if self._backbone is None:
             from .backbones import create_backbone
 
-            bb = create_backbone(self.backbone_spec, cache_dir=cache_dir, weights=weights)
+            if self.offline_spec is not None:
+                if weights:
+                    raise ModelFileError(f"{self.packed['file']}: a packed model carries its weights; --weights "
+                                         "does not apply")
+                bb = create_backbone(self.offline_spec, cache_dir=cache_dir, download=False)
+            else:
+                bb = create_backbone(self.backbone_spec, cache_dir=cache_dir, weights=weights)
             check_backbone(self, bb)
             self._backbone = bb
         return self._backbone
@@ -132,6 +141,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.suffix.lower() == PACK_SUFFIX:
+        from .deploy.pack import MODEL_MEMBER, PackError, open_pack
+
+        unpacked = open_pack(path)
+        if unpacked.manifest["kind"] != "model":
+            raise PackError(f"{path}: a backbone bundle, not a model (use 'fewvision models import {path}')")
+        return read_metadata(unpacked.folder / MODEL_MEMBER)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
@@ -156,6 +172,10 @@ def load(path: str | os.PathLike) -> FewVisionModel:
     """Read and check a model file (metadata fields, finite tensors of consistent shapes). The backbone is created
     (and its id checked) when first needed."""
     path = Path(path)
+    if path.suffix.lower() == PACK_SUFFIX:
+        from .deploy.pack import load_packed
+
+        return load_packed(path)
     meta = read_metadata(path)
     try:
         tensors = {k.split("/", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("head/")}
@@ -215,7 +235,7 @@ def head_class(task: str, method: str) -> type:
 
 
 def is_model_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix == MODEL_SUFFIX and Path(path).is_file()
+    return Path(path).suffix in (MODEL_SUFFIX, PACK_SUFFIX) and Path(path).is_file()
 
 
 __all__: Sequence[str] = ["FewVisionModel", "save_model", "load", "ModelFileError", "read_metadata"]

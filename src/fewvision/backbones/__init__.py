@@ -111,7 +111,25 @@ def create_backbone(
         raise BackboneError(f"unknown backbone '{spec}': expected one of {', '.join(k + ':...' for k in backbone_kinds())}")
     if kind != "texture" and ":" not in spec:
         raise BackboneError(f"backbone '{spec}' needs a model after '{kind}:'")
+    imported = None if weights else _imported(spec, cache_dir)
+    if imported is not None:  # 'fewvision models import' unpacked its files: load those, never the hub
+        backbone = create_backbone(imported["spec"], cache_dir=cache_dir, download=False, device=device)
+        if backbone.id != imported["id"]:
+            raise BackboneError(f"backbone '{spec}' imported into the cache has id {backbone.id}, not the bundle's "
+                                f"{imported['id']}: import the bundle again")
+        backbone.spec = spec
+        return backbone
     return factory(spec, cache_dir=cache_dir, download=download, device=device)
+
+
+def _imported(spec: str, cache_dir: str | None) -> dict | None:
+    from ..io.paths import weights_dir
+
+    if not (weights_dir(cache_dir) / "imported.json").is_file():
+        return None
+    from ..deploy.pack import imported_backbones
+
+    return imported_backbones(cache_dir).get(spec)
 
 
 __all__ = ["Backbone", "BackboneError", "WeightsUnavailable", "create_backbone", "backbone_kinds", "DEFAULT_CLIP_SPEC"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -99,8 +100,20 @@ class Backbone(ABC):
     def device(self) -> torch.device:
         return self._device
 
+    def portable(self) -> tuple[dict[str, Path], str]:
+        """What it takes to load this backbone on another machine with no hub and no cache: the files it reads
+        (archive name -> local path) and a spec that loads them from a folder, ``{root}`` standing for that folder.
+        The files keep their names, so the weights digest - and with it the id - is the same there. Backbones
+        with no weight files (``texture``, seeded random initialisations) need nothing."""
+        return {}, self.spec
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, id={self.id!r})"
+
+
+def hub_folder_name(path: Path) -> str | None:
+    """The ``models--ORG--REPO`` folder of a file inside a Hugging Face hub cache, or None."""
+    return next((part for part in Path(path).resolve().parts if part.startswith("models--")), None)
 
 
 def pack_layers(maps: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from .base import Backbone, BackboneError, make_id
-from .hf import HFPixelTransform, model_folder
+from .hf import HFPixelTransform, model_folder, portable_folder
 from .weights import file_digest
 
 RETRIEVAL_ARCH = "BlipForImageTextRetrieval"
@@ -54,6 +54,7 @@ class BlipBackbone(Backbone):
         )
         self.spec = spec
         folder = model_folder(spec, cache_dir, download)
+        self.folder = folder
         archs = read_config(folder).get("architectures") or []
         if archs and RETRIEVAL_ARCH not in archs:
             raise BackboneError(
@@ -72,6 +73,9 @@ class BlipBackbone(Backbone):
         cfg = self.model.config
         limit = getattr(cfg.text_config, "max_position_embeddings", 512)
         self.max_text_tokens = min(int(getattr(self.tokenizer, "model_max_length", limit) or limit), limit)
+
+    def portable(self) -> tuple[dict[str, Path], str]:
+        return portable_folder(self.folder)
 
     @property
     def input_size(self) -> tuple[int, int]:

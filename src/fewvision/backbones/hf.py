@@ -32,6 +32,13 @@ def model_folder(spec: str, cache_dir: str | None, download: bool) -> Path:
     return local if local.exists() else hub_snapshot(spec, target, cache=weights_dir(cache_dir), download=download)
 
 
+def portable_folder(folder: Path) -> tuple[dict[str, Path], str]:
+    """Every file of a transformers model folder (hub snapshots link to blobs: the files they point to)."""
+    files = {f"backbone/model/{p.relative_to(folder).as_posix()}": p.resolve()
+             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return files, "hf:{root}/backbone/model"
+
+
 class HFClipBackbone(Backbone):
     has_text = True
 
@@ -39,6 +46,7 @@ class HFClipBackbone(Backbone):
         from transformers import AutoModel, AutoProcessor  # heavy import, only when this backbone is used
         self.spec = spec
         folder = model_folder(spec, cache_dir, download)
+        self.folder = folder
         try:
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
             self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
@@ -50,6 +58,9 @@ class HFClipBackbone(Backbone):
         self._preprocess = HFPixelTransform(self.processor.image_processor)
         self._device = torch.device(device)
         self._id = make_id("hf", file_digest(folder), repr(self._preprocess))
+
+    def portable(self) -> tuple[dict[str, Path], str]:
+        return portable_folder(self.folder)
 
     @property
     def input_size(self) -> tuple[int, int]:

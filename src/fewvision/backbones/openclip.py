@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..io.paths import weights_dir
-from .base import Backbone, BackboneError, digest_state_dict, make_id
+from .base import Backbone, BackboneError, digest_state_dict, hub_folder_name, make_id
 from .weights import file_digest, hub_file
 
 RANDOM_INIT_SEED = 0
@@ -79,7 +79,7 @@ def tag_of_hub_file(path: Path, model_name: str) -> dict | None:
     Hugging Face cache keeps the ``models--ORG--REPO`` folder), or None."""
     import open_clip
 
-    folder = next((part for part in path.resolve().parts if part.startswith("models--")), None)
+    folder = hub_folder_name(path)
     if folder is None:
         return None
     repo = folder[len("models--"):].replace("--", "/")
@@ -120,6 +120,7 @@ class OpenClipBackbone(Backbone):
         model_arg, tag, path = parse_openclip_spec(spec.split(":", 1)[1])
         model_name = _register_config(model_arg)
         is_config_file = model_name != model_arg
+        self._config_file = Path(model_arg).expanduser().resolve() if is_config_file else None
         cache = weights_dir(cache_dir)
 
         if path is None and tag is None and not is_config_file:
@@ -171,6 +172,21 @@ class OpenClipBackbone(Backbone):
         self._id = make_id("openclip", {"model": architecture, "weights": weights,
                                         "activation": "quick_gelu" if self.quick_gelu else "gelu",
                                         "features": FEATURE_VERSION}, repr(self._preprocess))
+
+    def portable(self) -> tuple[dict[str, Path], str]:
+        """The config JSON (for a config-file architecture) and the weight file; a file from a tag's hub repository
+        keeps its ``models--ORG--REPO`` folder, which gives it the tag's activation and preprocessing there."""
+        files: dict[str, Path] = {}
+        model = self.model_name
+        if self._config_file is not None:
+            files[f"backbone/{self._config_file.name}"] = self._config_file
+            model = f"{{root}}/backbone/{self._config_file.name}"
+        if self.weight_file is None:
+            return files, f"openclip:{model}" if self._config_file is not None else f"openclip:{model}@random"
+        hub = hub_folder_name(self.weight_file)
+        name = f"backbone/{hub}/{self.weight_file.name}" if hub else f"backbone/{self.weight_file.name}"
+        files[name] = self.weight_file
+        return files, f"openclip:{model}@{{root}}/{name}"
 
     @property
     def model(self):

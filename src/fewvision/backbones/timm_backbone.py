@@ -50,6 +50,7 @@ class TimmBackbone(Backbone):
             weight_file = hub_file(
                 spec, hub_id, ["model.safetensors", "pytorch_model.bin"], cache=weights_dir(cache_dir), download=download
             )
+        self.model_name, self.weight_file = name, weight_file
         torch.manual_seed(RANDOM_INIT_SEED)
         overlay = {"file": str(weight_file)} if weight_file is not None else None
         self.model = timm.create_model(
@@ -78,6 +79,12 @@ class TimmBackbone(Backbone):
     @property
     def input_size(self) -> tuple[int, int]:
         return self._input_size
+
+    def portable(self) -> tuple[dict[str, Path], str]:
+        if self.weight_file is None:
+            return {}, self.spec
+        name = f"backbone/{self.weight_file.name}"
+        return {name: self.weight_file}, f"timm:{self.model_name}@{{root}}/{name}"
 
     def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels.to(self._device))

@@ -8,7 +8,16 @@ from typing import Optional
 
 import typer
 
-from .common import CONTEXT, EXIT_CODES_HELP, UserError, cache_dir_option, check_folder, create, info
+from .common import (
+    CONTEXT,
+    EXIT_CODES_HELP,
+    UserError,
+    cache_dir_option,
+    check_folder,
+    create,
+    info,
+    weights_option,
+)
 
 INFO_EXAMPLE = """
 
@@ -25,6 +34,10 @@ def register(app: typer.Typer) -> None:
     models_app.command("list", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(models_list)
     models_app.command("pull", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(models_pull)
     models_app.command("path", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(models_path)
+    models_app.command("export", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                       help=cleandoc(models_export.__doc__) + EXPORT_EXAMPLE)(models_export)
+    models_app.command("import", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                       help=cleandoc(models_import.__doc__) + IMPORT_EXAMPLE)(models_import)
     app.command("info", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
                 help=cleandoc(model_info.__doc__) + INFO_EXAMPLE)(model_info)
     app.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)(demo)
@@ -67,6 +80,50 @@ def models_path(spec: str = typer.Argument(..., metavar="SPEC", help="backbone s
     typer.echo(str(weights_location(spec, cache_dir)))
 
 
+EXPORT_EXAMPLE = """
+
+\b
+Example (on a connected machine, then copy bundle.tar):
+  fewvision models export openclip:ViT-B-32/laion2b_s34b_b79k -o vitb32.tar
+"""
+IMPORT_EXAMPLE = """
+
+\b
+Example (on the offline machine):
+  fewvision models import vitb32.tar
+  fewvision classify photos/ --classes ok,scratch --backbone openclip:ViT-B-32/laion2b_s34b_b79k
+"""
+
+
+def models_export(spec: str = typer.Argument(..., metavar="SPEC", help="backbone spec"),
+                  out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="bundle to write (.tar)"),
+                  weights: Optional[str] = weights_option(),
+                  cache_dir: Optional[str] = cache_dir_option()) -> None:
+    """Write one file holding everything backbone SPEC reads (weights, model config), with a sha256 for each, for
+    'fewvision models import' on a machine with no hub."""
+    from ..deploy.pack import export_backbone
+    from .common import check_output
+
+    check_output(out, (".tar",))
+    manifest = export_backbone(spec, out, cache_dir=cache_dir, weights=weights)
+    typer.echo(f"{spec}: {len(manifest['files'])} file(s), {_size(manifest)} -> {out}")
+
+
+def models_import(bundle: Path = typer.Argument(..., metavar="BUNDLE", help="bundle from 'fewvision models export'"),
+                  cache_dir: Optional[str] = cache_dir_option()) -> None:
+    """Check a bundle (every file against its sha256) and unpack it into the cache, so its backbone spec works here
+    with no hub. A tampered or truncated bundle is refused."""
+    from ..deploy.pack import import_backbone
+
+    manifest = import_backbone(bundle, cache_dir=cache_dir)
+    typer.echo(f"{manifest['backbone']['spec']}: ready offline ({manifest['backbone']['id']})")
+
+
+def _size(manifest: dict) -> str:
+    total = sum(f["size"] for f in manifest["files"].values())
+    return f"{total / 1e6:.1f} MB" if total >= 1e5 else f"{total} bytes"
+
+
 def _method(model) -> str:
     good = model.info.get("good_images")
     if good and hasattr(model.head, "head"):  # fit --good: the head and the anomaly model that feeds it
@@ -75,7 +132,7 @@ def _method(model) -> str:
     return model.head.method
 
 
-def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm)")) -> None:
+def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm or packed .fvz)")) -> None:
     """What a model file holds: task, method, backbone, classes or threshold and what it guarantees, the images it
     was fitted on, and the versions that wrote it. Reads the file only (no backbone, no images)."""
     from ..modelfile import load, read_metadata
@@ -109,6 +166,9 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
             lines.append(("good images", source))
     lines += [("params", ", ".join(f"{k}={v}" for k, v in meta["head"]["params"].items()) or "defaults"),
               ("written by", f"fewvision {meta['fewvision_version']}, model format v{meta['format_version']}")]
+    if model.packed:
+        lines.append(("packed", f"{model.packed['files']} file(s), {model.packed['bytes'] / 1e6:.1f} MB: the model "
+                      "and its backbone's files, loaded with no hub"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")

@@ -73,6 +73,12 @@ def serve(
     cors_origin: Optional[str] = typer.Option(None, "--cors-origin", metavar="URL1,URL2",
                                               help="origins allowed to call the API from a browser "
                                                    "[default: none - CORS off]"),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="FILE",
+                                         help="install this model file (.fvm, or a packed .fvz that runs with no "
+                                              "hub) as the active version of a project before serving"),
+    project: Optional[str] = typer.Option(None, "--project", metavar="NAME",
+                                          help="the project --model goes to, created when missing "
+                                               "[default: the file's name]"),
 ) -> None:
     """Run the inspection service: the REST API under /v1 (OpenAPI at /docs), the review page at /, fits in a
     background worker, every prediction recorded. The store is migrated to the current schema at start."""
@@ -84,7 +90,20 @@ def serve(
     settings = _settings(data_dir, db, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                          max_pixels=int(max_megapixels * 1_000_000),
                          cors_origins=comma_list(cors_origin, "origin") if cors_origin else [])
-    _offline_service(data_dir, db).stop()  # a store that cannot be opened or migrated: one line, exit 2
+    if project and not model:
+        raise UserError("--project applies to --model")
+    service = _offline_service(data_dir, db)  # a store that cannot be opened or migrated: one line, exit 2
+    try:
+        if model is not None:
+            from ..service.core import ServiceError
+
+            try:
+                installed, version = service.install_model(model, project)
+            except ServiceError as err:
+                raise UserError(f"{model}: {err.message}") from None
+            info(f"project {installed['name']!r} (id {installed['id']}): model version {version} active")
+    finally:
+        service.stop()
     info(f"fewvision service on http://{host}:{port}/ (store: {settings.db_url.split('@')[-1]}, data: "
          f"{settings.data_dir})")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -432,6 +432,37 @@ class Service:
                 project.needs_refit = False
             return version
 
+    def install_model(self, path: str | Path, project_name: str | None = None) -> tuple[dict, int]:
+        """A model file (``.fvm``, or a packed ``.fvz`` whose backbone then loads from its own files) as the active
+        version of project ``project_name`` (default: the file's stem), created when missing. The same file
+        installed again activates the version it gave before instead of adding one."""
+        from ..deploy.pack import is_pack, load_packed, register_backbone
+        from ..modelfile import load
+
+        path = Path(path)
+        model = load_packed(path, self.settings.cache_dir) if is_pack(path) else load(path)
+        if model.offline_spec is not None:  # the service creates backbones by spec: point this one at the archive
+            register_backbone(model.backbone_spec, model.offline_spec, model.backbone_id, self.settings.cache_dir)
+        origin = f"installed from {path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
+        name = (project_name or path.stem).strip()
+        with self.Session() as s:
+            row = s.scalars(select(Project).where(Project.name == name)).first()
+            project = None if row is None else self._project_dict(s, row, counts=False)
+        if project is None:
+            classes = [{"name": n, "description": ""} for n in model.class_names] or None
+            project = self.create_project(name, model.task, model.backbone_spec, model.head.method, classes)
+        elif (project["task"], project["backbone"]) != (model.task, model.backbone_spec):
+            raise ServiceError(409, "conflict", f"project {name!r} is a {project['task']} project on "
+                                                f"{project['backbone']}; {path} is a {model.task} model on "
+                                                f"{model.backbone_spec}")
+        with self.Session() as s:
+            same = s.scalars(select(ModelVersion.version).where(ModelVersion.project_id == project["id"],
+                                                                ModelVersion.origin == origin)).first()
+        if same is not None:
+            return self.activate(project["id"], same), same
+        version = self._save_version(project["id"], model, origin=origin)
+        return self.project(project["id"]), version
+
     # --- model versions ------------------------------------------------------------------------------------------
     def models(self, project_id: int) -> list[dict]:
         project = self.project(project_id)
