@@ -129,7 +129,8 @@ class PaDiM(AnomalyHead):
     def score(self, inputs: torch.Tensor, backbone=None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
         x = torch.as_tensor(inputs).float()
-        if x.ndim != 4 or list(x.shape[-2:]) != list(self.grid_) or int(self.channel_index_.max()) >= x.shape[1]:
+        if x.ndim != 4 or list(x.shape[-2:]) != list(self.grid_) or (
+                not torch.compiler.is_exporting() and int(self.channel_index_.max()) >= x.shape[1]):
             raise ValueError(f"padim was fitted on patch maps with a {tuple(self.grid_)} grid, got shape {tuple(x.shape)}")
         n, _, h, w = x.shape
         delta = self._delta(x)

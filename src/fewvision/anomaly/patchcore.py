@@ -93,9 +93,10 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
     """Exact ``k`` nearest rows of ``bank`` for each row of ``queries``: (Euclidean distances ascending [n, k],
     indices [n, k]). ``exclude`` (bool [len(bank)]) removes rows from the search.
 
-    Squared distances as ``|q|^2 - 2 q.m + |m|^2`` by one matrix product per chunk of queries - what faiss's
+    Neighbours ranked by ``-2 q.m + |m|^2`` from one matrix product per chunk of queries - what faiss's
     ``IndexFlatL2`` computes for batches of queries - with torch's BLAS, which was about 3x faster than faiss-cpu's
-    on the CPUs we measured (benchmarks/nearest_neighbour.py).
+    on the CPUs we measured (benchmarks/nearest_neighbour.py); the distances of the neighbours found are then
+    computed from the differences ``q - m``, which keeps them accurate where the expanded form cancels.
     """
     bank = bank.float().contiguous()
     queries = queries.float()
@@ -103,17 +104,23 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
     bank_sq = (bank * bank).sum(1)
     if exclude is not None:
         bank_sq = bank_sq.masked_fill(exclude, float("inf"))  # never the nearest
-    rows = max(1, _SEARCH_ELEMENTS // max(1, len(bank)))
+    rows = max(1, _SEARCH_ELEMENTS // max(1, len(bank), k * bank.shape[1]))
     dists, idxs = [], []
     for start in range(0, len(queries), rows):
         q = queries[start : start + rows]
-        partial = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)  # |q|^2 is added after ranking: same order per row
-        d, i = partial.min(1, keepdim=True) if k == 1 else torch.topk(partial, k, dim=1, largest=False)
-        dists.append(d + (q * q).sum(1, keepdim=True))
+        partial = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)  # |q|^2 would not change the ranking of a row
+        i = partial.argmin(1, keepdim=True) if k == 1 else torch.topk(partial, k, dim=1, largest=False).indices
+        # The distances themselves from the differences: |q|^2 - 2 q.m + |m|^2 cancels badly for near neighbours
+        # (1e-3 off for distances near 0.05 in float32), and two runtimes' matrix products would disagree there.
+        d = torch.linalg.vector_norm(q.unsqueeze(1) - bank[i], dim=-1)
+        if k > 1:
+            d, order = d.sort(1)
+            i = i.gather(1, order)
+        dists.append(d)
         idxs.append(i)
     if not dists:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-    return torch.cat(dists).clamp_min(0).sqrt(), torch.cat(idxs)
+    return torch.cat(dists), torch.cat(idxs)
 
 
 @register
@@ -298,18 +305,22 @@ class PatchCore(AnomalyHead):
     def _reweight(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, emb: torch.Tensor,
                   exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 7 for every image (rows of ``patch_scores``)."""
-        rows = torch.arange(len(patch_scores))
-        best = patch_scores.argmax(dim=1)
-        s_star = patch_scores[rows, best]
+        best = patch_scores.argmax(dim=1, keepdim=True)  # [n, 1]
+        s_star = patch_scores.gather(1, best)[:, 0]
         if self.num_neighbors <= 1:
             return s_star
-        m_test = emb[rows, best]  # [n, C]
-        m_star_idx = nn_idx[rows, best]  # [n]
+        m_test = emb.gather(1, best.unsqueeze(-1).expand(-1, 1, emb.shape[-1]))[:, 0]  # [n, C]
+        m_star_idx = nn_idx.gather(1, best)[:, 0]  # [n]
         bank = self.memory_bank_.float()
         _, support = self.nearest(bank[m_star_idx], self.num_neighbors, exclude)
-        # m* first, then its other nearest memory items (m* may not come first when the bank holds duplicates).
-        others = [row[row != i][: support.shape[1] - 1] for row, i in zip(support, m_star_idx)]
-        neighbourhood = torch.stack([torch.cat([i.view(1), o]) for i, o in zip(m_star_idx, others)])
+        # m* first, then its other nearest memory items in order (m* may not come first when the bank holds
+        # duplicates, or be among them at all). Ranked without data-dependent shapes, so the graph exports: the
+        # entries that are not m* keep their positions as keys, m* goes last, and the first b - 1 keys are taken.
+        b = support.shape[1]
+        position = torch.arange(b, device=support.device).expand_as(support)
+        key = position + (support == m_star_idx.unsqueeze(1)).long() * b
+        take = torch.topk(key, b - 1, dim=1, largest=False).indices if b > 1 else support[:, :0]
+        neighbourhood = torch.cat([m_star_idx.unsqueeze(1), support.gather(1, take)], 1)
         distances = torch.linalg.norm(m_test.unsqueeze(1) - bank[neighbourhood], dim=-1)  # [n, b]
         weights = 1.0 - torch.softmax(distances.double(), dim=1)[:, 0].float()
         return weights * s_star

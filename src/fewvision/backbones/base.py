@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Sequence
@@ -129,14 +130,14 @@ def pack_layers(maps: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _first_source_rows(native: int, packed: int) -> torch.Tensor:
-    """For each of ``native`` rows, the first of ``packed`` rows that nearest-neighbour up-sampling copied it to."""
-    src = (torch.arange(packed, dtype=torch.float64) * (native / packed)).floor().long()  # torch's "nearest" rule
-    first = torch.full((native,), -1, dtype=torch.long)
-    for row in range(packed - 1, -1, -1):
-        first[src[row]] = row
-    if bool((first < 0).any()):
+    """For each of ``native`` rows, the first of ``packed`` rows that nearest-neighbour up-sampling copied it to.
+    Plain integers, not tensor ops: an exported graph gets the indices as a constant."""
+    first: dict[int, int] = {}
+    for row in range(packed):
+        first.setdefault(math.floor(row * (native / packed)), row)  # torch's "nearest" rule, in float64
+    if len(first) != native:
         raise ValueError(f"a {native}-row map cannot be recovered from a {packed}-row packed grid")
-    return first
+    return torch.tensor([first[i] for i in range(native)], dtype=torch.long)
 
 
 def unpack_layers(packed: torch.Tensor, layout: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 
 from ..io.paths import weights_dir
 from .base import Backbone, BackboneError, digest_state_dict, hub_folder_name, make_id
+from .preprocess import as_json, from_recipe
 from .weights import file_digest, hub_file
 
 RANDOM_INIT_SEED = 0
@@ -95,7 +96,7 @@ def preprocess_for(model_name: str, tag_cfg: dict | None):
     size and the tag's mean / std / interpolation / resize mode - what ``create_model_and_transforms`` gives
     (tested against it)."""
     import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
     size = vision.get("image_size", 224)
@@ -104,7 +105,7 @@ def preprocess_for(model_name: str, tag_cfg: dict | None):
     cfg = merge_preprocess_dict(asdict(PreprocessCfg()), {"size": size})
     if tag_cfg:
         cfg = merge_preprocess_dict(cfg, {k: tag_cfg[v] for k, v in _TAG_PREPROCESS.items() if tag_cfg.get(v)})
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False), cfg
+    return from_recipe({"kind": "openclip", "cfg": cfg}), cfg
 
 
 class OpenClipBackbone(Backbone):
@@ -173,6 +174,10 @@ class OpenClipBackbone(Backbone):
                                         "activation": "quick_gelu" if self.quick_gelu else "gelu",
                                         "features": FEATURE_VERSION}, repr(self._preprocess))
 
+    @property
+    def preprocess_recipe(self) -> dict:
+        return {"kind": "openclip", "cfg": as_json(self._preprocess_cfg)}
+
     def portable(self) -> tuple[dict[str, Path], str]:
         """The config JSON (for a config-file architecture) and the weight file; a file from a tag's hub repository
         keeps its ``models--ORG--REPO`` folder, which gives it the tag's activation and preprocessing there."""
@@ -202,6 +207,12 @@ class OpenClipBackbone(Backbone):
 
         if self.weight_file is None:
             torch.manual_seed(RANDOM_INIT_SEED)
+        # Built on first use, which is often inside an encoder's inference_mode: weights made there would be
+        # inference tensors, which training heads (CoOp, LoRA) and the ONNX exporter cannot use.
+        with torch.inference_mode(False):
+            return self._create(open_clip)
+
+    def _create(self, open_clip):
         model = open_clip.create_model(
             self.model_name,
             pretrained=str(self.weight_file) if self.weight_file is not None else None,

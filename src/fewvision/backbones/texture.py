@@ -160,6 +160,7 @@ class TextureBackbone(Backbone):
         self.border = int(border)
         self.hf_weight = float(hf_weight)
         self._preprocess = TexturePreprocess(self.image_size)
+        self.preprocess_recipe = {"kind": "texture", "params": {"size": int(self.image_size)}}
         self._kernels = _gabor_kernels(self.n_orientations, self.wavelength, self.sigma_ratio)
         self._spectra: dict[tuple[int, int], torch.Tensor] = {}
         params = {

@@ -14,6 +14,7 @@ import torch
 
 from ..io.paths import weights_dir
 from .base import Backbone, BackboneError, digest_state_dict, make_id, pack_layers
+from .preprocess import as_json, from_recipe
 from .weights import file_digest, hub_file
 
 RANDOM_INIT_SEED = 0
@@ -57,7 +58,8 @@ class TimmBackbone(Backbone):
             name, pretrained=weight_file is not None, pretrained_cfg_overlay=overlay, num_classes=0
         ).eval().to(device)
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
-        self._preprocess = timm.data.create_transform(**data_cfg)
+        self._data_cfg = data_cfg
+        self._preprocess = from_recipe(self.preprocess_recipe)
         self._input_size = tuple(data_cfg["input_size"][1:])
         self.is_vit = hasattr(self.model, "blocks") and hasattr(self.model, "patch_embed")
         if feature_layers is None:
@@ -79,6 +81,10 @@ class TimmBackbone(Backbone):
     @property
     def input_size(self) -> tuple[int, int]:
         return self._input_size
+
+    @property
+    def preprocess_recipe(self) -> dict:
+        return {"kind": "timm", "data_cfg": as_json(self._data_cfg)}
 
     def portable(self) -> tuple[dict[str, Path], str]:
         if self.weight_file is None:

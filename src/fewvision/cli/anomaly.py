@@ -160,7 +160,8 @@ def fit(
 
 
 def predict(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file from 'fewvision anomaly fit'"),
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file from 'fewvision anomaly fit' (.fvm), "
+                                      "packed (.fvz) or exported (.onnx, run with onnxruntime)"),
     images: List[Path] = typer.Argument(..., metavar="IMAGES",
                                         help="image files and/or folders (searched recursively)"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="results.csv or results.jsonl"),
@@ -187,30 +188,41 @@ def predict(
     check_output(out, (".csv", ".jsonl"))
     check_folder(heatmaps, "--heatmaps")
     check_folder(report, "--report")
-    model = load_anomaly_model(model_path)
+    from ..deploy.onnx import is_onnx, load_onnx, score_onnx
+
+    exported = is_onnx(model_path)
+    model = load_onnx(model_path) if exported else load_anomaly_model(model_path)
+    if exported and model.task != "anomaly":
+        raise UserError(f"{model_path}: an exported classification model; classify images with 'fewvision predict "
+                        f"{model_path} IMAGES...'")
+    method = model.method if exported else model.head.method
     iter_image_files(images)  # a missing input is reported before any model is loaded
     keep_maps = heatmaps is not None or report is not None
-    with job(f"predict {model.head.method}") as bar:
-        res = score_files(model, images, keep_maps=keep_maps, review_band=review_band, weights=weights,
-                          cache_dir=cache_dir, use_cache=not no_cache, progress=True)
-        bb = model.backbone(cache_dir=cache_dir, weights=weights)
+    with job(f"predict {method}") as bar:
+        if exported:  # onnxruntime; the rows are built by the same task code
+            res = score_onnx(model_path, images, review_band=review_band, keep_maps=keep_maps, progress=True)
+            preprocess = model.preprocess
+        else:
+            res = score_files(model, images, keep_maps=keep_maps, review_band=review_band, weights=weights,
+                              cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+            preprocess = model.backbone(cache_dir=cache_dir, weights=weights).preprocess
         sha = file_sha256(model_path)
         for r in res.rows:
             r.update({"model_sha256": sha, "backbone": model.backbone_spec})
         if heatmaps is not None:
             bar.stage("heat maps")
             expect(len(res.rows))
-            write_heatmaps(res.rows, res.maps, heatmaps, bb.preprocess, model.decision, bar.advance)
+            write_heatmaps(res.rows, res.maps, heatmaps, preprocess, model.decision, bar.advance)
     write_table(out, ROW_COLUMNS, [_formatted(r) for r in res.rows] if out.suffix.lower() == ".csv" else res.rows,
                 res.skipped)
     info(f"wrote {out}")
     if report is not None:
         from ..reports.anomaly import write_anomaly_report
 
-        page = write_anomaly_report(report, title=f"fewvision anomaly predict: {model.head.method}", rows=res.rows,
-                                    maps=res.maps, preprocess=bb.preprocess, decision=model.decision,
+        page = write_anomaly_report(report, title=f"fewvision anomaly predict: {method}", rows=res.rows,
+                                    maps=res.maps, preprocess=preprocess, decision=model.decision,
                                     extra={"model": str(model_path), "backbone": model.backbone_spec,
-                                           "method": model.head.method})
+                                           "method": method})
         info(f"report: {page}")
     counts = {v: sum(1 for r in res.rows if r["verdict"] == v) for v in ("ok", "ng", "review")}
     flagged = sorted((r for r in res.rows if r["verdict"] in ("ng", "review")), key=lambda r: -r["score"])

@@ -19,9 +19,20 @@ Example (on a connected machine, then copy line.fvz to the line PC):
 """
 
 
+EXPORT_EXAMPLE = """
+
+\b
+Example:
+  fewvision export line3.fvm --format onnx -o line3.onnx
+  fewvision predict line3.onnx incoming/ -o results.csv        # onnxruntime, the same columns
+"""
+
+
 def register(app: typer.Typer) -> None:
     app.command("pack", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
                 help=cleandoc(pack.__doc__) + PACK_EXAMPLE)(pack)
+    app.command("export", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                help=cleandoc(export.__doc__) + EXPORT_EXAMPLE)(export)
 
 
 def pack(
@@ -42,3 +53,26 @@ def pack(
     total = sum(f["size"] for f in manifest["files"].values())
     typer.echo(f"{out}: {manifest['method']} on {manifest['backbone']['spec']}, {len(manifest['files'])} file(s), "
                f"{total / 1e6:.1f} MB, loads offline")
+
+
+def export(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm or packed .fvz)"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="file to write (.onnx)"),
+    format: str = typer.Option("onnx", "--format", metavar="FORMAT", help="onnx (the only format for now)"),
+    weights: Optional[str] = weights_option(),
+    cache_dir: Optional[str] = cache_dir_option(),
+) -> None:
+    """Export a model to one ONNX file: encoder and head (for PatchCore and PaDiM also the memory bank or Gaussians
+    and the post-processing to the anomaly map) in one graph, with the preprocessing recipe, classes, calibration
+    and threshold in its metadata. 'predict' and 'anomaly predict' run it with onnxruntime and write the same
+    columns. The export is refused when onnxruntime's scores differ from fewvision's by more than 1e-4 on check
+    images. Exportable: classification heads on image features (prototype, linear, tip, tip-f, clip-adapter, coop,
+    zeroshot, prolip) and PatchCore / PaDiM, on open_clip and timm backbones."""
+    from ..deploy.onnx import export_onnx
+
+    if format != "onnx":
+        raise UserError(f"--format {format}: only onnx is supported")
+    check_output(out, (".onnx",))
+    manifest = export_onnx(model_path, out, cache_dir=cache_dir, weights=weights)
+    typer.echo(f"{out}: {manifest['method']} on {manifest['backbone']['spec']}, onnxruntime matches fewvision to "
+               f"{manifest['parity']:.1e} on the check images")

@@ -157,7 +157,8 @@ def fit_command(
 
 
 def predict_command(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm) from 'fewvision fit'"),
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm) from 'fewvision fit', packed "
+                                      "(.fvz) or exported (.onnx, run with onnxruntime)"),
     images: List[Path] = typer.Argument(..., metavar="IMAGES",
                                         help="image files and/or folders (searched recursively)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
@@ -176,6 +177,7 @@ def predict_command(
 ) -> None:
     """Classify images with a fitted model: the label (or review, with the reason), the top class and its calibrated
     probability, every class's probability and, when fitted, the prediction set."""
+    from ..deploy.onnx import is_onnx, load_onnx, predict_onnx
     from ..io.images import iter_image_files
     from ..progress import job
     from ..tasks.fewshot import load, predict
@@ -183,18 +185,25 @@ def predict_command(
 
     check_output(out, (".csv", ".jsonl"))
     check_folder(report, "--report")
-    if model_task(model_path) == "anomaly":
+    exported = is_onnx(model_path)
+    model = load_onnx(model_path) if exported else None
+    if (model.task if exported else model_task(model_path)) == "anomaly":
         raise UserError(f"{model_path}: an anomaly model; score images with 'fewvision anomaly predict "
                         f"{model_path} IMAGES...'")
-    model = load(model_path)
+    model = model or load(model_path)
+    method = model.method if exported else model.head.method
     if abstain and not model.decision.get("conformal"):
         raise UserError(f"{model_path}: --abstain needs conformal thresholds in the model (fit it with --alpha and "
                         "--calibrate-fraction)")
     iter_image_files(images)  # a missing input is reported before any model is loaded
-    with job(f"predict {model.head.method}") as bar:
-        preds = predict(model, images, abstain=abstain, unknown_threshold=review_threshold, weights=weights,
-                        cache_dir=cache_dir, use_cache=not no_cache, progress=True)
-    write_predictions(preds, out, report, title=f"fewvision predict: {model.head.method}",
+    with job(f"predict {method}") as bar:
+        if exported:  # onnxruntime; calibration, sets and rows by the same task code
+            preds = predict_onnx(model_path, images, abstain=abstain, unknown_threshold=review_threshold,
+                                 progress=True)
+        else:
+            preds = predict(model, images, abstain=abstain, unknown_threshold=review_threshold, weights=weights,
+                            cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+    write_predictions(preds, out, report, title=f"fewvision predict: {method}",
                       extra={"backbone": model.backbone_spec, "model": str(model_path)})
     summarise_predictions(bar, preds)
     finish(len(preds.rows), sum(r["label"] == "review" for r in preds.rows), exit_code)

@@ -92,6 +92,29 @@ class AugmentedView:
         return F.horizontal_flip(image) if rng.random() < 0.5 else image
 
 
+def preprocess_file(path: str, preprocess: Callable[[Image.Image], torch.Tensor], view: AugmentedView | None = None,
+                    sha: str | None = None) -> tuple[torch.Tensor | None, str | None]:
+    """(preprocessed tensor, None) for an image file, or (None, the reason it cannot be used): decode, the view if
+    any, the backbone's preprocessing. Never raises for a bad file."""
+    try:
+        image = load_image(path)
+        if view is not None:
+            image = view(image, sha)
+        return preprocess(image), None
+    except BadImage as err:
+        return None, err.reason
+    except Exception as err:  # noqa: BLE001 - a transform failing on one odd image must not stop the batch
+        return None, f"cannot preprocess ({type(err).__name__}: {err})"
+
+
+def encode_pixels(backbone: Backbone, pixels: torch.Tensor, kind: str = GLOBAL,
+                  dtype: np.dtype = np.float32) -> np.ndarray:
+    """Features of ``kind`` for a preprocessed batch [N, C, H, W], as ``dtype`` (what the cache stores): the one
+    encoding step of :func:`encode_files`, for callers that decode and preprocess elsewhere (``fewvision batch``)."""
+    with torch.inference_mode():
+        return _to_numpy(_encoder(backbone, kind)(pixels), dtype)
+
+
 class _DecodeDataset(torch.utils.data.Dataset):
     def __init__(self, paths, shas, preprocess, view):
         self.paths, self.shas, self.preprocess, self.view = paths, shas, preprocess, view
@@ -100,15 +123,8 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            image = load_image(self.paths[i])
-            if self.view is not None:
-                image = self.view(image, self.shas[i])
-            return i, self.preprocess(image), None
-        except BadImage as err:
-            return i, None, err.reason
-        except Exception as err:  # noqa: BLE001 - a transform failing on one odd image must not stop the batch
-            return i, None, f"cannot preprocess ({type(err).__name__}: {err})"
+        tensor, reason = preprocess_file(self.paths[i], self.preprocess, self.view, self.shas[i])
+        return i, tensor, reason
 
 
 def _collate(items):
@@ -165,7 +181,7 @@ def encode_files(
         else:
             todo.append(i)
 
-    encode = _encoder(backbone, kind)
+    _encoder(backbone, kind)  # an unknown kind is refused before any file is decoded
     with progress_bar(len(paths), description, enabled=progress) as advance:
         advance(len(paths) - len(todo))  # cached or unreadable: done already
         if todo:
@@ -182,9 +198,7 @@ def encode_files(
                     if err is not None:
                         bad[todo[j]] = err
                 if good:
-                    batch = torch.stack([t for _, t in good])
-                    with torch.inference_mode():
-                        out = _to_numpy(encode(batch), dtype)
+                    out = encode_pixels(backbone, torch.stack([t for _, t in good]), kind, dtype)
                     new = {}
                     for (j, _), vec in zip(good, out):
                         by_index[todo[j]] = vec

@@ -38,7 +38,7 @@ from ..decide.threshold import ThresholdError, conformal_threshold, f1_threshold
 from ..defaults import DEFAULT_ANOMALY_BACKBONE
 from ..defaults import DEFAULT_ANOMALY_METHOD as DEFAULT_METHOD
 from ..features.cache import open_cache
-from ..features.encode import encode_files, hash_files, patch_kind
+from ..features.encode import encode_files, encode_pixels, hash_files, patch_kind
 from ..io.datasets import GOOD, Dataset, DatasetError, is_mvtec, load_dataset
 from ..io.images import BadImage, Skipped, iter_image_files, load_image
 from ..modelfile import FewVisionModel
@@ -114,16 +114,46 @@ def _pixel_chunks(backbone: Backbone, paths: Sequence[str], chunk_images: int,
             yield ok, torch.stack(tensors)
 
 
+def _head_patch_kind(head: AnomalyHead, backbone: Backbone) -> str:
+    # The stages a fitted head was fitted on, else those it asks this backbone for.
+    layers = head.feature_layers_ if hasattr(head, "feature_layers_") else (
+        head.feature_layers(backbone) if hasattr(head, "feature_layers") else None)
+    return patch_kind(layers)
+
+
+def _check_inputs(head: AnomalyHead) -> None:
+    if head.inputs not in ("patches", "pixels", "backbone"):
+        raise ValueError(f"{type(head).__name__}.inputs must be 'patches', 'pixels' or 'backbone', "
+                         f"got {head.inputs!r}")
+
+
 def _chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
             rec: _Recorder, progress: bool):
+    _check_inputs(head)
     if head.inputs == "patches":
-        # The stages a fitted head was fitted on, else those it asks this backbone for.
-        layers = head.feature_layers_ if hasattr(head, "feature_layers_") else (
-            head.feature_layers(backbone) if hasattr(head, "feature_layers") else None)
-        return _patch_chunks(backbone, paths, cache, chunk_images, batch_size, rec, progress, patch_kind(layers))
-    if head.inputs in ("pixels", "backbone"):
-        return _pixel_chunks(backbone, paths, chunk_images, rec)
-    raise ValueError(f"{type(head).__name__}.inputs must be 'patches', 'pixels' or 'backbone', got {head.inputs!r}")
+        return _patch_chunks(backbone, paths, cache, chunk_images, batch_size, rec, progress,
+                             _head_patch_kind(head, backbone))
+    return _pixel_chunks(backbone, paths, chunk_images, rec)
+
+
+def _pixel_inputs(head: AnomalyHead, backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """What :func:`_chunks` gives the head, from images already preprocessed (``pixels`` [N, C, H, W]): patch
+    features through the cache's dtype (so the scores are those of a cached run), or the pixels themselves."""
+    _check_inputs(head)
+    if head.inputs == "patches":
+        kind = _head_patch_kind(head, backbone)
+        return torch.from_numpy(encode_pixels(backbone, pixels, kind, PATCH_CACHE_DTYPE)).float()
+    return pixels
+
+
+def _score_inputs(head: AnomalyHead, backbone: Backbone, inputs: torch.Tensor, *, size: tuple[int, int],
+                  sigma: float, left_out: bool = False, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(finished maps [n, H, W], image scores [n]) of one chunk of head inputs: the head, then
+    :func:`fewvision.anomaly.postprocess.finish`. ``left_out``: the chunk's images are the head's training images
+    from index ``first`` on, each scored as if the head had been fitted without it."""
+    with torch.inference_mode():
+        raw, scores = (head.score_left_out(inputs, first, backbone) if left_out else head.score(inputs, backbone))
+        return finish(head, raw, scores, size, sigma)
 
 
 def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, *, size: tuple[int, int],
@@ -135,10 +165,8 @@ def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], c
     with progress_bar(len(paths), "scoring", enabled=progress) as advance:
         before = 0
         for ok, inputs in _chunks(head, backbone, paths, cache, chunk_images, batch_size, rec, progress):
-            with torch.inference_mode():
-                raw, scores = (head.score_left_out(inputs, done, backbone) if left_out else
-                               head.score(inputs, backbone))
-                maps, scores = finish(head, raw, scores, size, sigma)
+            maps, scores = _score_inputs(head, backbone, inputs, size=size, sigma=sigma, left_out=left_out,
+                                         first=done)
             done += len(ok)
             yield ok, maps, scores
             advance(done + len(rec.skipped) - before)  # skipped files count as done too
@@ -465,13 +493,27 @@ def score_files(
                         progress=progress, batch_size=batch_size, chunk_images=chunk_images, review_band=review_band)
 
 
-def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool, weights: str | None,
-                 cache_dir: str | None, use_cache: bool, progress: bool, batch_size: int,
-                 chunk_images: int, review_band: float = 0.0) -> AnomalyPredictions:
+def _rows(paths: Sequence[str], maps: torch.Tensor, scores: torch.Tensor, backbone: Backbone, size: tuple[int, int],
+          threshold: float | None, review_band: float) -> list[dict]:
+    """The rows of one scored chunk (see :func:`score_files`)."""
     from datetime import datetime, timezone
 
     from ..anomaly.postprocess import peak_in_image
 
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    peaks = maps.flatten(1).argmax(1).tolist()
+    rows = []
+    for p, v, peak in zip(paths, scores.tolist(), peaks):
+        x, y = peak_in_image(p, backbone.preprocess, size, divmod(int(peak), size[1]))
+        rows.append({"path": p, "score": float(v), "threshold": threshold,
+                     "normalized_score": float(v) / threshold if threshold else None,
+                     "verdict": verdict(float(v), threshold, review_band), "x": x, "y": y, "time": now})
+    return rows
+
+
+def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool, weights: str | None,
+                 cache_dir: str | None, use_cache: bool, progress: bool, batch_size: int,
+                 chunk_images: int, review_band: float = 0.0) -> AnomalyPredictions:
     bb = model.backbone(cache_dir=cache_dir, weights=weights)
     size, sigma = _settings(model, bb)
     cache = open_cache(bb.id, cache_dir, enabled=use_cache)
@@ -480,17 +522,27 @@ def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool
     rows, maps = [], []
     for ok, m, s in _score_chunks(model.head, bb, paths, cache, size=size, sigma=sigma, chunk_images=chunk_images,
                                   batch_size=batch_size, rec=rec, progress=progress):
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        peaks = m.flatten(1).argmax(1).tolist()
-        for p, v, peak in zip(ok, s.tolist(), peaks):
-            x, y = peak_in_image(p, bb.preprocess, size, divmod(int(peak), size[1]))
-            rows.append({"path": p, "score": float(v), "threshold": threshold,
-                         "normalized_score": float(v) / threshold if threshold else None,
-                         "verdict": verdict(float(v), threshold, review_band), "x": x, "y": y, "time": now})
+        rows += _rows(ok, m, s, bb, size, threshold, review_band)
         if keep_maps:
             maps.append(m.numpy().astype(np.float32, copy=False))
     stacked = (np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)) if keep_maps else None
     return AnomalyPredictions(rows, stacked, threshold, rec.skipped)
+
+
+def score_pixels(model: FewVisionModel, paths: Sequence[str], pixels: torch.Tensor, *, review_band: float = 0.0,
+                 weights: str | None = None, cache_dir: str | None = None) -> AnomalyPredictions:
+    """The rows of :func:`score_files` for images already decoded and preprocessed (``pixels`` [N, C, H, W] from
+    the backbone's ``preprocess``, in the order of ``paths``; no maps kept, no cache): the same head and
+    post-processing, for callers that decode elsewhere (``fewvision batch`` on Ray)."""
+    if model.task != "anomaly":
+        raise ValueError(f"this is a {model.task} model, not an anomaly model")
+    bb = model.backbone(cache_dir=cache_dir, weights=weights)
+    size, sigma = _settings(model, bb)
+    threshold = model.decision.get("threshold")
+    if not len(paths):
+        return AnomalyPredictions([], None, threshold)
+    maps, scores = _score_inputs(model.head, bb, _pixel_inputs(model.head, bb, pixels), size=size, sigma=sigma)
+    return AnomalyPredictions(_rows(paths, maps, scores, bb, size, threshold, review_band), None, threshold)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------

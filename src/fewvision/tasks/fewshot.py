@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from ..backbones.base import Backbone, BackboneError
 from ..decide.calibration import apply_temperature, fit_temperature, log_probabilities
 from ..decide.conformal import calibrate_conformal, prediction_sets, set_metrics
 from ..decide.review import REVIEW
-from ..features.encode import GLOBAL, Features, hash_files
+from ..features.encode import GLOBAL, Features, encode_pixels, hash_files
 from ..heads import ClassifierHead, create_head
 from ..heads.base import _to_json
 from ..heads.support import Support
@@ -102,6 +103,20 @@ def score_files(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], 
                    description=description)
     proba = head.predict_proba(feats.tensor) if feats.paths else np.zeros((0, len(head.class_names_)), np.float32)
     return Scored(feats.paths, feats.shas, proba, feats.skipped, feats.encoded)
+
+
+def score_pixels(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], pixels: torch.Tensor) -> Scored:
+    """A head's raw probabilities for images already decoded and preprocessed (``pixels`` [N, C, H, W] from
+    ``backbone.preprocess``, in the order of ``paths``): :func:`score_files` without the files, for callers that
+    decode elsewhere (``fewvision batch`` on Ray). Heads that take PIL images (kind 'images') are scored from their
+    files with :func:`score_files`."""
+    kind = feature_kind(head)
+    if kind == IMAGES:
+        raise ValueError(f"method '{head.method}' predicts from PIL images, not preprocessed ones: use score_files")
+    if not len(paths):
+        return Scored([], [], np.zeros((0, len(head.class_names_)), np.float32))
+    feats = torch.from_numpy(np.ascontiguousarray(encode_pixels(backbone, pixels, kind), dtype=np.float32))
+    return Scored(list(paths), [None] * len(paths), head.predict_proba(feats), [], len(paths))
 
 
 def make_head(method: str, seed: int = 0, **params) -> ClassifierHead:
