@@ -174,3 +174,34 @@ def test_what_cannot_be_exported_is_refused_in_one_line(monkeypatch, capsys, tmp
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])), str(plain))
     code, _, err = run_cli(monkeypatch, capsys, "predict", plain, textile_subset)
     assert code == 2 and "not one exported by 'fewvision export'" in err
+
+
+def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tmp_path, good_folder, textile_root):
+    from sklearn.metrics import roc_auc_score
+
+    from fewvision.deploy.onnx import load_onnx, quantize_int8
+
+    model = anomaly_tasks.fit_anomaly([good_folder], method="padim", backbone="timm:resnet18@random",
+                                      use_cache=False)
+    path, _ = _export(tmp_path, model, "padim")
+    check = tmp_path / "check"
+    for label, source, part in (("good", "nominal", slice(20, 32)), ("local", "local", slice(0, 12))):
+        (check / label).mkdir(parents=True)
+        for p in sorted((textile_root / source).glob("*.jpg"))[part]:
+            shutil.copy(p, check / label / p.name)
+    q = quantize_int8(path, tmp_path / "padim-int8.onnx", check, max_drop=1.0)["int8"]
+    int8 = load_onnx(tmp_path / "padim-int8.onnx")
+    assert int8.manifest["int8"]["calibration_images"] == 24 and q["metric"] == "AUROC" and q["images"] == 24
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "padim-int8.onnx")).graph.node)
+    images = sorted(check.rglob("*.jpg"))
+    for file, reported in ((path, q["fp32"]), (tmp_path / "padim-int8.onnx", q["int8"])):
+        res = score_onnx(file, images, keep_maps=False)
+        truth = [r["path"].split("/")[-2] == "local" for r in res.rows]
+        assert roc_auc_score(truth, [r["score"] for r in res.rows]) == pytest.approx(reported, abs=1e-9)
+    fp32_scores = score_onnx(path, images, keep_maps=False).scores
+    int8_scores = score_onnx(tmp_path / "padim-int8.onnx", images, keep_maps=False).scores
+    assert 0 < np.abs(int8_scores - fp32_scores).max() < 0.2 * np.abs(fp32_scores).max()  # quantised, still close
+    # A model past the limit is refused and nothing is written (max_drop < 0: every model is past it).
+    with pytest.raises(ExportError, match="not written"):
+        quantize_int8(path, tmp_path / "refused.onnx", check, max_drop=-1.0)
+    assert not (tmp_path / "refused.onnx").exists()

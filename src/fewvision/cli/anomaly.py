@@ -331,6 +331,9 @@ def rethreshold(
     from ..tasks.anomaly import rethreshold as new_threshold
 
     target = check_output(out, (MODEL_SUFFIX,)) or model_path
+    if target.suffix.lower() != MODEL_SUFFIX:
+        raise UserError(f"{model_path}: a packed or exported model cannot be rewritten in place; write a model file "
+                        "with -o NEW.fvm (and pack that again)")
     if not 0 < target_false_reject < 1:
         raise UserError(f"--target-false-reject must be between 0 and 1, got {target_false_reject}")
     model = load_anomaly_model(model_path)

@@ -59,6 +59,14 @@ def export(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm or packed .fvz)"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="file to write (.onnx)"),
     format: str = typer.Option("onnx", "--format", metavar="FORMAT", help="onnx (the only format for now)"),
+    int8: Optional[str] = typer.Option(None, "--int8", metavar="DATASET",
+                                       help="also quantise the encoder's convolutions to int8 (static, per-channel, "
+                                            "QDQ), calibrated on this labelled dataset's images, which also measure "
+                                            "the accuracy / AUROC change; writes FILE with '-int8' before '.onnx'"),
+    max_drop: float = typer.Option(0.01, "--max-drop", min=0.0, max=1.0, metavar="D",
+                                   help="with --int8: refuse an int8 model whose accuracy or AUROC is more than D "
+                                        "below the float model's"),
+    force: bool = typer.Option(False, "--force", help="with --int8: write it even past --max-drop"),
     weights: Optional[str] = weights_option(),
     cache_dir: Optional[str] = cache_dir_option(),
 ) -> None:
@@ -73,6 +81,17 @@ def export(
     if format != "onnx":
         raise UserError(f"--format {format}: only onnx is supported")
     check_output(out, (".onnx",))
+    if (max_drop != 0.01 or force) and not int8:
+        raise UserError("--max-drop and --force apply to --int8")
     manifest = export_onnx(model_path, out, cache_dir=cache_dir, weights=weights)
     typer.echo(f"{out}: {manifest['method']} on {manifest['backbone']['spec']}, onnxruntime matches fewvision to "
                f"{manifest['parity']:.1e} on the check images")
+    if int8:
+        from ..deploy.onnx import quantize_int8
+
+        target = out.with_name(f"{out.stem}-int8{out.suffix}")
+        q = quantize_int8(out, target, int8, max_drop=max_drop, force=force)["int8"]
+        drop = q["fp32"] - q["int8"]
+        typer.echo(f"{target}: int8 {q['metric']} {q['int8']:.4f} against fp32 {q['fp32']:.4f} on {q['images']} "
+                   f"image(s) (change {-drop:+.4f}, limit -{max_drop:g}); calibrated on {q['calibration_images']} "
+                   "image(s)" + (" - written anyway (--force)" if drop > max_drop else ""))

@@ -347,3 +347,90 @@ def score_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, 
             advance(len(names))
     stacked = (np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)) if keep_maps else None
     return AnomalyPredictions(rows, stacked, threshold, rec.skipped)
+
+
+# --- int8 -------------------------------------------------------------------------------------------------------
+DEFAULT_MAX_DROP = 0.01  # the accuracy (classification) or AUROC (anomaly) an int8 model may lose at most
+CALIBRATION_IMAGES = 64
+
+
+def _labelled(dataset) -> tuple[list[str], list[str], Any]:
+    from ..io.datasets import Dataset, load_dataset
+
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    items = [it for it in ds.items if it.label is not None]
+    return [it.path for it in items], [it.label for it in items], ds
+
+
+def _quality(model_path: Path, paths: list[str], labels: list[str], dataset) -> tuple[float, str, int]:
+    """(accuracy or image AUROC, which of the two, images scored) of an exported model on labelled images."""
+    if load_onnx(model_path).task == "anomaly":
+        from sklearn.metrics import roc_auc_score
+
+        from ..tasks.anomaly import good_label_of
+
+        good = good_label_of(dataset)
+        res = score_onnx(model_path, paths, keep_maps=False)
+        truth = dict(zip(paths, labels))
+        y = [truth[r["path"]] != good for r in res.rows]
+        if len(set(y)) < 2:
+            raise ExportError(f"{dataset.root or dataset.name}: --int8 needs good and defect images to measure the "
+                              "AUROC change")
+        return float(roc_auc_score(y, [r["score"] for r in res.rows])), "AUROC", len(res.rows)
+    preds = predict_onnx(model_path, paths)
+    truth = dict(zip(paths, labels))
+    correct = [r["top_label"] == truth[r["path"]] for r in preds.rows]
+    return float(np.mean(correct)) if correct else 0.0, "accuracy", len(correct)
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, dataset, *,
+                  max_drop: float = DEFAULT_MAX_DROP, force: bool = False) -> dict[str, Any]:
+    """Static int8 quantisation (QDQ, per-channel weights, activation ranges calibrated on the dataset's own
+    images) of the encoder's convolutions of an exported model; the head - distances to the memory bank,
+    Mahalanobis terms, class logits - stays float. The accuracy or AUROC of both models on the labelled dataset is
+    measured and a model that loses more than ``max_drop`` is not written unless ``force``."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    fp32_path, out = Path(fp32_path), Path(out)
+    fp32 = load_onnx(fp32_path)
+    proto = onnx.load(str(fp32_path))
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    if not convs:
+        raise ExportError(f"{fp32_path}: --int8 quantises a convolutional encoder's Conv layers; this graph has none "
+                          "(a ViT backbone)")
+    paths, labels, ds = _labelled(dataset)
+    if not paths:
+        raise ExportError(f"{dataset}: no labelled images for --int8")
+    rng = np.random.default_rng(0)
+    calibration = [paths[i] for i in sorted(rng.permutation(len(paths))[:CALIBRATION_IMAGES])]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            chunks, self.rec = _decoded(fp32, calibration, chunk=8)
+            self.items = (p[i : i + 1].numpy() for _, p in chunks for i in range(len(p)))
+
+        def get_next(self):
+            pixels = next(self.items, None)
+            return None if pixels is None else {"pixels": pixels}
+
+    with atomic_path(out) as tmp:
+        quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        quantized = onnx.load(str(tmp))
+        before, what, n = _quality(fp32_path, paths, labels, ds)
+        del quantized.metadata_props[:]
+        manifest = dict(fp32.manifest)
+        manifest["int8"] = {"calibration_images": len(calibration), "metric": what, "fp32": before,
+                            "max_drop": max_drop, "images": n}
+        quantized.metadata_props.add(key=METADATA_KEY, value=json.dumps(manifest, allow_nan=False))
+        onnx.save_model(quantized, str(tmp))
+        after, _, _ = _quality(tmp, paths, labels, ds)
+        manifest["int8"]["int8"] = after
+        quantized.metadata_props[0].value = json.dumps(manifest, allow_nan=False)
+        onnx.save_model(quantized, str(tmp))
+        if before - after > max_drop and not force:
+            raise ExportError(f"{out}: int8 {what} {after:.4f} against fp32 {before:.4f} on {n} image(s): a drop of "
+                              f"{before - after:.4f} > {max_drop:g}; not written (--force writes it anyway)")
+    return manifest
