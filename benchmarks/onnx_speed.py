@@ -25,7 +25,7 @@ MODELS = [  # (label, task, method, backbone, batch)
     ("prototype, openclip ViT-B-32", "classification", "prototype", "openclip:ViT-B-32@random", 16),
     ("patchcore, timm resnet18", "anomaly", "patchcore", "timm:resnet18@random", 1),
     ("padim, timm resnet18", "anomaly", "padim", "timm:resnet18@random", 1),
-    ("padim, timm wide_resnet50_2", "anomaly", "padim", "timm:wide_resnet50_2@random", 1),
+    ("patchcore, timm wide_resnet50_2", "anomaly", "patchcore", "timm:wide_resnet50_2@random", 1),
 ]
 N_IMAGES = {"classification": 64, "anomaly": 24}
 

@@ -205,3 +205,41 @@ def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tm
     with pytest.raises(ExportError, match="not written"):
         quantize_int8(path, tmp_path / "refused.onnx", check, max_drop=-1.0)
     assert not (tmp_path / "refused.onnx").exists()
+
+
+def test_a_runtime_that_would_preprocess_differently_is_refused(tmp_path, textile_subset, test_images):
+    import json
+
+    model = fewshot.fit(textile_subset, "prototype", backbone="timm:resnet18@random", shots=2, use_cache=False)
+    path, _ = _export(tmp_path, model, "pinned")
+    proto = onnx.load(str(path))
+    manifest = json.loads(proto.metadata_props[0].value)
+    manifest["backbone"]["preprocess"]["data_cfg"]["crop_pct"] = 0.5  # as if timm's defaults had changed
+    proto.metadata_props[0].value = json.dumps(manifest)
+    onnx.save_model(proto, str(tmp_path / "drifted.onnx"))
+    with pytest.raises(ExportError, match="preprocessing differently"):
+        predict_onnx(tmp_path / "drifted.onnx", test_images)
+
+
+def test_a_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp_path, monkeypatch, good_folder):
+    import fewvision.deploy.onnx as deploy_onnx
+
+    model = anomaly_tasks.fit_anomaly([good_folder], method="padim", backbone="timm:resnet18@random",
+                                      use_cache=False)
+    save_model(tmp_path / "big.fvm", model)
+    monkeypatch.setattr(deploy_onnx, "ONNX_MAX_BYTES", 10_000_000)  # resnet18 to layer3 alone is ~11 MB
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("traced anyway"))
+    with pytest.raises(ExportError, match="more than one ONNX file holds"):
+        export_onnx(tmp_path / "big.fvm", tmp_path / "big.onnx")
+    assert not (tmp_path / "big.onnx").exists()
+
+
+def test_other_commands_given_an_onnx_file_say_what_it_is(monkeypatch, capsys, tmp_path, textile_subset):
+    model = fewshot.fit(textile_subset, "prototype", backbone="timm:resnet18@random", shots=2, use_cache=False)
+    path, _ = _export(tmp_path, model, "other")
+    code, out, err = run_cli(monkeypatch, capsys, "info", path)
+    assert code == 0 and "onnxruntime" in out and "nominal" in out, err
+    for args in (["anomaly", "rethreshold", path, "--target-false-reject", "0.1", "-o", tmp_path / "n.fvm"],
+                 ["pack", path, "-o", tmp_path / "p.fvz"], ["eval", path, textile_subset, "-o", tmp_path / "m.json"]):
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2 and "an exported ONNX model" in err and err.count("\n") == 1, (args, err)

@@ -251,3 +251,55 @@ def test_serve_installs_a_packed_model_and_predicts_with_no_hub(tmp_path, monkey
         assert [m["version"] for m in models] == [1]
     finally:
         server.stop()
+
+
+def test_batch_takes_a_packed_model(monkeypatch, capsys, tmp_path, clip_pack, textile_subset, offline):
+    import pyarrow.parquet as pq
+
+    offline()
+    code, _, err = run_cli(monkeypatch, capsys, "batch", clip_pack, textile_subset, "-o", tmp_path / "r.parquet")
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "predict", clip_pack, textile_subset, "-o", tmp_path / "r.csv")
+    assert code == 0, err
+    batch = {r["path"]: r for r in pq.read_table(tmp_path / "r.parquet").to_pylist()}
+    rows = read_csv(tmp_path / "r.csv")
+    assert len(batch) == len(rows) == 36
+    assert all(batch[r["path"]]["label"] == r["label"] for r in rows)
+
+
+def test_refitted_models_share_one_unpacked_backbone_and_a_damaged_copy_is_unpacked_again(tmp_path, tiny_clip_config,
+                                                                                          textile_subset):
+    from fewvision.deploy import pack as pack_module
+    from fewvision.deploy.pack import pack_model
+    from fewvision.io.paths import cache_dir
+    from fewvision.modelfile import save_model
+    from fewvision.tasks.fewshot import fit
+
+    weights = tmp_path / "shared.safetensors"
+    init = create_backbone(f"openclip:{tiny_clip_config}")
+    save_file({k: v.contiguous() for k, v in init.model.state_dict().items()}, str(weights))
+    spec = f"openclip:{tiny_clip_config}@{weights}"
+    for shots in (2, 3):
+        save_model(tmp_path / f"m{shots}.fvm", fit(textile_subset, "prototype", backbone=spec, shots=shots))
+        pack_model(tmp_path / f"m{shots}.fvm", tmp_path / f"m{shots}.fvz")
+    folders = [p for p in (cache_dir() / "packs" / "backbones").iterdir() if not p.name.startswith(".")]
+    unpacked = open_pack(tmp_path / "m2.fvz")
+    assert unpacked.folder in folders and open_pack(tmp_path / "m3.fvz").folder == unpacked.folder
+    assert not [p for p in (cache_dir() / "packs" / "backbones").iterdir() if p.name.startswith(f".{unpacked.folder.name}")]
+    weight_copy = unpacked.folder / "backbone" / "shared.safetensors"
+    weight_copy.write_bytes(weight_copy.read_bytes()[:100])  # a cache cleaner, a full disk
+    pack_module._OPENED.clear()  # another process
+    again = open_pack(tmp_path / "m2.fvz")
+    assert (again.folder / "backbone" / "shared.safetensors").stat().st_size == weights.stat().st_size
+    assert load_packed(tmp_path / "m2.fvz").backbone().id == create_backbone(spec).id
+
+
+def test_a_failed_repack_keeps_the_archive_that_was_there(tmp_path, monkeypatch, texture_pack):
+    from fewvision.deploy import pack as pack_module
+
+    before = texture_pack.read_bytes()
+    monkeypatch.setattr(pack_module, "check_loads_offline", lambda bb: (_ for _ in ()).throw(PackError("no")))
+    with pytest.raises(PackError):
+        pack_module.pack_model(tmp_path / "t.fvm", texture_pack)
+    assert texture_pack.read_bytes() == before
+    assert not list(tmp_path.glob(".t.fvz.*"))

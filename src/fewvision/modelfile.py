@@ -137,17 +137,22 @@ def _check_fields(path: Path, meta: Any) -> None:
         raise ModelFileError(f"{path}: field 'task' is '{meta['task']}', expected one of {', '.join(TASKS)}")
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def _not_onnx(path: Path) -> None:
+    if path.suffix.lower() == ".onnx":
+        raise ModelFileError(f"{path}: an exported ONNX model; predict and anomaly predict run it, this command "
+                             "needs the .fvm (or .fvz) it was exported from")
+
+
+def read_metadata(path: str | os.PathLike, cache_dir: str | None = None) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
+    _not_onnx(path)
     if path.suffix.lower() == PACK_SUFFIX:
-        from .deploy.pack import MODEL_MEMBER, PackError, open_pack
+        from .deploy.pack import load_packed
 
-        unpacked = open_pack(path)
-        if unpacked.manifest["kind"] != "model":
-            raise PackError(f"{path}: a backbone bundle, not a model (use 'fewvision models import {path}')")
-        return read_metadata(unpacked.folder / MODEL_MEMBER)
+        model = load_packed(path, cache_dir)
+        return read_metadata(model.packed["model_file"])
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
@@ -168,14 +173,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(path: str | os.PathLike) -> FewVisionModel:
+def load(path: str | os.PathLike, cache_dir: str | None = None) -> FewVisionModel:
     """Read and check a model file (metadata fields, finite tensors of consistent shapes). The backbone is created
-    (and its id checked) when first needed."""
+    (and its id checked) when first needed. A packed model (.fvz) is unpacked into ``cache_dir``'s cache."""
     path = Path(path)
+    _not_onnx(path)
     if path.suffix.lower() == PACK_SUFFIX:
         from .deploy.pack import load_packed
 
-        return load_packed(path)
+        return load_packed(path, cache_dir)
     meta = read_metadata(path)
     try:
         tensors = {k.split("/", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("head/")}
@@ -235,7 +241,7 @@ def head_class(task: str, method: str) -> type:
 
 
 def is_model_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix in (MODEL_SUFFIX, PACK_SUFFIX) and Path(path).is_file()
+    return Path(path).suffix.lower() in (MODEL_SUFFIX, PACK_SUFFIX) and Path(path).is_file()
 
 
 __all__: Sequence[str] = ["FewVisionModel", "save_model", "load", "ModelFileError", "read_metadata"]

@@ -86,13 +86,13 @@ def register(app: typer.Typer) -> None:
                             help=cleandoc(fn.__doc__) + example)(fn)
 
 
-def load_anomaly_model(model_path: Path):
+def load_anomaly_model(model_path: Path, cache_dir: str | None = None):
     from ..modelfile import load
 
-    if model_task(model_path) != "anomaly":
+    if model_task(model_path, cache_dir) != "anomaly":
         raise UserError(f"{model_path}: a classification model, not an anomaly model; use 'fewvision predict' / "
                         "'fewvision eval' (or fit one with 'fewvision anomaly fit')")
-    return load(model_path)
+    return load(model_path, cache_dir)
 
 
 def fit(
@@ -173,7 +173,7 @@ def predict(
                                                "nearest the threshold"),
     review_band: float = typer.Option(0.0, "--review-band", min=0.0, metavar="F",
                                       help="verdict 'review' for scores within F of the threshold (relative: 0.1 "
-                                           "= 10%%) [default: no review band]"),
+                                           "= 10%) [default: no review band]"),
     weights: Optional[str] = weights_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
@@ -191,7 +191,9 @@ def predict(
     from ..deploy.onnx import is_onnx, load_onnx, score_onnx
 
     exported = is_onnx(model_path)
-    model = load_onnx(model_path) if exported else load_anomaly_model(model_path)
+    model = load_onnx(model_path) if exported else load_anomaly_model(model_path, cache_dir)
+    if exported and weights:
+        raise UserError(f"{model_path}: an exported model carries its weights; --weights does not apply")
     if exported and model.task != "anomaly":
         raise UserError(f"{model_path}: an exported classification model; classify images with 'fewvision predict "
                         f"{model_path} IMAGES...'")
@@ -200,7 +202,7 @@ def predict(
     keep_maps = heatmaps is not None or report is not None
     with job(f"predict {method}") as bar:
         if exported:  # onnxruntime; the rows are built by the same task code
-            res = score_onnx(model_path, images, review_band=review_band, keep_maps=keep_maps, progress=True)
+            res = score_onnx(model, images, review_band=review_band, keep_maps=keep_maps, progress=True)
             preprocess = model.preprocess
         else:
             res = score_files(model, images, keep_maps=keep_maps, review_band=review_band, weights=weights,
@@ -287,7 +289,7 @@ def evaluate(
 
     check_output(out, (".json",))
     check_folder(report, "--report")
-    model = load_anomaly_model(model_path)
+    model = load_anomaly_model(model_path, cache_dir)
     with job(f"eval {model.head.method}") as bar:
         ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, weights=weights,
                               cache_dir=cache_dir, use_cache=not no_cache, progress=True)

@@ -41,7 +41,8 @@ def register(app: typer.Typer) -> None:
 
 def batch_command(
     model_path: Path = typer.Argument(..., metavar="MODEL",
-                                      help="model file (.fvm, or packed .fvz) from 'fewvision fit' or 'fewvision anomaly fit'"),
+                                      help="model file (.fvm, or packed .fvz) from 'fewvision fit' or "
+                                           "'fewvision anomaly fit'"),
     root: Path = typer.Argument(..., metavar="IMAGES_ROOT", help="folder of images (searched recursively)"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE",
                              help="results.parquet; when it exists, the images it holds are skipped and the new rows "
@@ -82,7 +83,7 @@ def batch_command(
         ray_module()  # a missing Ray is one line, before any work
     if not root.exists():
         raise UserError(f"{root}: no such folder")
-    task = model_task(model_path)
+    task = model_task(model_path, cache_dir)
     if task == "anomaly" and (abstain or review_threshold is not None):
         raise UserError(f"{model_path}: an anomaly model; --abstain and --review-threshold apply to classification "
                         "models (an anomaly model takes --review-band)")

@@ -199,6 +199,9 @@ def evaluate(
 
     check_output(out, (".json",))
     check_folder(report, "--report")
+    if Path(dataset).suffix.lower() == ".onnx":
+        raise UserError(f"{dataset}: an exported ONNX model; eval needs the .fvm (or .fvz) it was exported from "
+                        "(predict runs the .onnx)")
     if is_model_file(dataset):
         if model_task(Path(dataset)) == "anomaly":
             raise UserError(f"{dataset}: an anomaly model; evaluate it with 'fewvision anomaly eval {dataset} "

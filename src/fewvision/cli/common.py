@@ -358,8 +358,8 @@ def lmm_from(method: str, url: Optional[str], model: Optional[str], timeout: flo
                       use_cache=not no_cache)
 
 
-def model_task(path: Path) -> str:
+def model_task(path: Path, cache_dir: str | None = None) -> str:
     """The task of a model file ('classification' or 'anomaly'), from its metadata alone."""
     from ..modelfile import read_metadata
 
-    return read_metadata(path)["task"]
+    return read_metadata(path, cache_dir)["task"]

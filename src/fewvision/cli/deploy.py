@@ -42,8 +42,9 @@ def pack(
     cache_dir: Optional[str] = cache_dir_option(),
 ) -> None:
     """Write one file holding the model and everything its backbone reads (weights, model config), each with its
-    sha256 and no pickle; 'predict', 'anomaly predict', 'serve --model' and 'info' take it in place of the .fvm
-    and run with no hub and no cache. The archive is loaded back offline before this command reports success."""
+    sha256 and no pickle; 'predict', 'anomaly predict', 'eval', 'batch', 'export', 'serve --model' and 'info' take
+    it in place of the .fvm and run with no hub and nothing cached beforehand. The archive is loaded back offline
+    (and encodes an image) before this command reports success."""
     from ..deploy.pack import pack_model
 
     check_output(out, (".fvz",))

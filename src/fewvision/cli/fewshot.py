@@ -187,10 +187,12 @@ def predict_command(
     check_folder(report, "--report")
     exported = is_onnx(model_path)
     model = load_onnx(model_path) if exported else None
-    if (model.task if exported else model_task(model_path)) == "anomaly":
+    if exported and weights:
+        raise UserError(f"{model_path}: an exported model carries its weights; --weights does not apply")
+    if (model.task if exported else model_task(model_path, cache_dir)) == "anomaly":
         raise UserError(f"{model_path}: an anomaly model; score images with 'fewvision anomaly predict "
                         f"{model_path} IMAGES...'")
-    model = model or load(model_path)
+    model = model or load(model_path, cache_dir)
     method = model.method if exported else model.head.method
     if abstain and not model.decision.get("conformal"):
         raise UserError(f"{model_path}: --abstain needs conformal thresholds in the model (fit it with --alpha and "
@@ -198,7 +200,7 @@ def predict_command(
     iter_image_files(images)  # a missing input is reported before any model is loaded
     with job(f"predict {method}") as bar:
         if exported:  # onnxruntime; calibration, sets and rows by the same task code
-            preds = predict_onnx(model_path, images, abstain=abstain, unknown_threshold=review_threshold,
+            preds = predict_onnx(model, images, abstain=abstain, unknown_threshold=review_threshold,
                                  progress=True)
         else:
             preds = predict(model, images, abstain=abstain, unknown_threshold=review_threshold, weights=weights,
@@ -217,7 +219,7 @@ def evaluate_model_command(model_path: Path, dataset: str, *, out: Path, report:
     from ..tasks.fewshot import evaluate_model, load
     from .classify import print_metrics, summarise_predictions, write_predictions
 
-    model = load(model_path)
+    model = load(model_path, cache_dir)
     with job(f"eval {model.head.method}") as bar:
         ev = evaluate_model(model, dataset, abstain=abstain, weights=weights, cache_dir=cache_dir,
                             use_cache=not no_cache, progress=True)

@@ -132,12 +132,15 @@ def _method(model) -> str:
     return model.head.method
 
 
-def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm or packed .fvz)")) -> None:
+def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm, packed .fvz or exported .onnx)")) -> None:
     """What a model file holds: task, method, backbone, classes or threshold and what it guarantees, the images it
     was fitted on, and the versions that wrote it. Reads the file only (no backbone, no images)."""
+    from ..deploy.onnx import is_onnx
     from ..modelfile import load, read_metadata
     from .common import file_sha256
 
+    if is_onnx(model_path):
+        return _onnx_info(model_path)
     meta = read_metadata(model_path)
     model = load(model_path)
     d, i = model.decision, model.info
@@ -169,6 +172,27 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
     if model.packed:
         lines.append(("packed", f"{model.packed['files']} file(s), {model.packed['bytes'] / 1e6:.1f} MB: the model "
                       "and its backbone's files, loaded with no hub"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def _onnx_info(path: Path) -> None:
+    from ..deploy.onnx import load_onnx
+    from .common import file_sha256
+
+    m = load_onnx(path).manifest
+    lines = [("file", str(path)), ("sha256", file_sha256(path)), ("format", f"ONNX (exported by fewvision "
+             f"{m['fewvision_version']}), run with onnxruntime"), ("task", m["task"]), ("method", m["method"]),
+             ("backbone", m["backbone"]["spec"]), ("backbone id", m["backbone"]["id"])]
+    if m["task"] == "classification":
+        lines.append(("classes", ", ".join(m["class_names"])))
+    elif m["decision"].get("threshold") is not None:
+        lines.append(("threshold", f"{m['decision']['threshold']:.6g} (score > threshold is ng)"))
+    if m.get("int8"):
+        q = m["int8"]
+        lines.append(("int8", f"{q['metric']} {q.get('int8', float('nan')):.4f} against fp32 {q['fp32']:.4f} on "
+                      f"{q['images']} image(s); calibrated on {q['calibration_images']}"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")

@@ -100,7 +100,7 @@ def serve(
             try:
                 installed, version = service.install_model(model, project)
             except ServiceError as err:
-                raise UserError(f"{model}: {err.message}") from None
+                raise UserError(err.message if str(model) in err.message else f"{model}: {err.message}") from None
             info(f"project {installed['name']!r} (id {installed['id']}): model version {version} active")
     finally:
         service.stop()

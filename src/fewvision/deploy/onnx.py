@@ -114,6 +114,25 @@ def _check_exportable(model: FewVisionModel, backbone) -> str:
     return kind
 
 
+ONNX_MAX_BYTES = 2 * 1024**3  # protobuf's limit for one ONNX file with its weights inside
+
+
+def _check_size(model_path, model: FewVisionModel, backbone) -> None:
+    """Refuse, before minutes of tracing, a graph whose constants cannot fit in one ONNX file."""
+    tensors, _ = model.head.state()
+    head = sum(t.numel() * t.element_size() for t in tensors.values())
+    encoder = sum(p.numel() * p.element_size() for m in _modules(backbone) for p in m.state_dict().values())
+    if head + encoder > 0.95 * ONNX_MAX_BYTES:
+        raise ExportError(f"{model_path}: the graph would hold {(head + encoder) / 1e9:.1f} GB of constants "
+                          f"({head / 1e9:.1f} GB from the {model.head.method} head), more than one ONNX file holds "
+                          "(2 GB); fit a smaller model (e.g. PaDiM with --param n_features=100, PatchCore with a "
+                          "lower coreset_ratio) to export it")
+
+
+def _modules(backbone) -> list[torch.nn.Module]:
+    return [m for m in (getattr(backbone, "model", None),) if isinstance(m, torch.nn.Module)]
+
+
 def _manifest(model: FewVisionModel, backbone, batch: int | None) -> dict[str, Any]:
     from .. import __version__
     from ..tasks.anomaly import _settings
@@ -122,7 +141,8 @@ def _manifest(model: FewVisionModel, backbone, batch: int | None) -> dict[str, A
                 "task": model.task, "method": model.head.method, "class_names": model.class_names,
                 "decision": model.decision, "info": model.info,
                 "backbone": {"spec": model.backbone_spec, "id": model.backbone_id,
-                             "preprocess": backbone.preprocess_recipe},
+                             "preprocess": backbone.preprocess_recipe,
+                             "preprocess_repr": repr(backbone.preprocess)},
                 "input_size": list(backbone.input_size), "batch": batch}
     if model.task == "anomaly":
         size, sigma = _settings(model, backbone)
@@ -162,6 +182,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_
         graph, outputs, batch = AnomalyGraph(backbone, model.head, size, sigma), ["maps", "scores"], 1
     else:
         graph, outputs, batch = ClassifierGraph(backbone, model.head, kind), ["probabilities"], None
+    _check_size(model_path, model, backbone)
     pixels = _check_images(backbone)
     example = pixels[:1] if batch else pixels[:2]  # a batch of one would be specialised to size 1 by torch.export
     dynamic = None if batch else {"pixels": {0: torch.export.Dim("batch", min=1, max=4096)}}
@@ -179,7 +200,10 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_
         proto = program.model_proto
         manifest = _manifest(model, backbone, batch)
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(manifest, allow_nan=False))
-        onnx.save_model(proto, str(tmp))
+        try:
+            onnx.save_model(proto, str(tmp))
+        except (ValueError, OSError) as err:
+            raise ExportError(f"{out}: cannot write the ONNX file ({' '.join(str(err).split())[:200]})") from None
         exported = load_onnx(tmp)
         manifest["parity"] = _parity(graph, exported, pixels)
         if manifest["parity"] > PARITY_TOLERANCE:
@@ -244,7 +268,13 @@ class OnnxModel:
         if self._preprocess is None:
             from ..backbones.preprocess import from_recipe
 
-            self._preprocess = from_recipe(self.manifest["backbone"]["preprocess"])
+            transform = from_recipe(self.manifest["backbone"]["preprocess"])
+            expected = self.manifest["backbone"].get("preprocess_repr")
+            if expected is not None and repr(transform) != expected:
+                raise ExportError(f"{self.path}: the installed open_clip / timm build this model's preprocessing "
+                                  f"differently from the machine that exported it ({transform!r} here, {expected} "
+                                  "there); install the versions it was exported with")
+            self._preprocess = transform
         return self._preprocess
 
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
@@ -290,11 +320,16 @@ def _decoded(model: OnnxModel, paths: Sequence[str], chunk: int = 32):
     """(readable paths, preprocessed pixels) per chunk of files, and the skipped files (shared decoding loop)."""
     from ..tasks.anomaly import _pixel_chunks, _Recorder
 
+    model.preprocess  # built (and checked against the exporting machine's) before any file, not per file
     rec = _Recorder()
     return _pixel_chunks(model, list(paths), chunk, rec), rec
 
 
-def predict_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, abstain: bool = False,
+def _opened(model: "OnnxModel | str | os.PathLike") -> "OnnxModel":
+    return model if isinstance(model, OnnxModel) else load_onnx(model)
+
+
+def predict_onnx(path: "OnnxModel | str | os.PathLike", inputs: Sequence[str | os.PathLike], *, abstain: bool = False,
                  unknown_threshold: float | None = None, progress: bool = False):
     """``tasks.fewshot.predict`` for an exported classification model: the same rows, from onnxruntime."""
     from ..features.encode import hash_files
@@ -302,7 +337,8 @@ def predict_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
     from ..progress import expect, progress_bar
     from ..tasks.fewshot import Scored, predictions
 
-    model = load_onnx(path)
+    model = _opened(path)
+    path = model.path
     if model.task != "classification":
         raise ExportError(f"{path}: an exported anomaly model; score images with 'fewvision anomaly predict'")
     paths = [str(p) for p in iter_image_files(inputs)]
@@ -320,14 +356,15 @@ def predict_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
                        unknown_threshold=unknown_threshold)
 
 
-def score_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, review_band: float = 0.0,
+def score_onnx(path: "OnnxModel | str | os.PathLike", inputs: Sequence[str | os.PathLike], *, review_band: float = 0.0,
                keep_maps: bool = True, progress: bool = False):
     """``tasks.anomaly.score_files`` for an exported anomaly model: the same rows and maps, from onnxruntime."""
     from ..io.images import iter_image_files
     from ..progress import expect, progress_bar
     from ..tasks.anomaly import AnomalyPredictions, _rows
 
-    model = load_onnx(path)
+    model = _opened(path)
+    path = model.path
     if model.task != "anomaly":
         raise ExportError(f"{path}: an exported classification model; classify images with 'fewvision predict'")
     if review_band < 0:
@@ -364,7 +401,7 @@ def _labelled(dataset) -> tuple[list[str], list[str], Any]:
 
 def _quality(model_path: Path, paths: list[str], labels: list[str], dataset) -> tuple[float, str, int]:
     """(accuracy or image AUROC, which of the two, images scored) of an exported model on labelled images."""
-    if load_onnx(model_path).task == "anomaly":
+    if _opened(model_path).task == "anomaly":
         from sklearn.metrics import roc_auc_score
 
         from ..tasks.anomaly import good_label_of
@@ -396,9 +433,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, dataset,
     fp32 = load_onnx(fp32_path)
     proto = onnx.load(str(fp32_path))
     convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
-    if not convs:
-        raise ExportError(f"{fp32_path}: --int8 quantises a convolutional encoder's Conv layers; this graph has none "
-                          "(a ViT backbone)")
+    if len(convs) < 3:  # a ViT has one (its patch embedding): quantising it alone gains nothing
+        raise ExportError(f"{fp32_path}: --int8 quantises a convolutional encoder's Conv layers; this graph has "
+                          f"{len(convs)} (a transformer backbone?)")
     paths, labels, ds = _labelled(dataset)
     if not paths:
         raise ExportError(f"{dataset}: no labelled images for --int8")

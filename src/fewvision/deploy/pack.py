@@ -36,6 +36,7 @@ MANIFEST = "manifest.json"
 MODEL_MEMBER = "model.fvm"
 KINDS = ("model", "backbone")
 _BLOCK = 1 << 22
+MAX_MANIFEST_BYTES = 1 << 24
 
 
 class PackError(ModelFileError):
@@ -44,10 +45,12 @@ class PackError(ModelFileError):
 
 @dataclass
 class Unpacked:
-    """An archive's checked members in a folder, and its manifest."""
+    """An archive's checked members in the cache, and its manifest: the backbone's files under ``folder``, the
+    model file (packed models) at ``model_file``."""
 
     folder: Path
     manifest: dict[str, Any]
+    model_file: Path | None = None
 
     @property
     def spec(self) -> str:
@@ -95,7 +98,7 @@ def write_archive(out: str | os.PathLike, manifest: dict[str, Any], files: dict[
 
 def _check_name(archive: Path, name: str) -> None:
     parts = PurePosixPath(name).parts
-    if not parts or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in name:
+    if not parts or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in name or ":" in name:
         raise PackError(f"{archive}: member name '{name}' is not a plain relative path")
 
 
@@ -103,6 +106,8 @@ def _read_manifest(path: Path, tar: tarfile.TarFile) -> tuple[dict[str, Any], by
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isfile():
         raise PackError(f"{path}: not a fewvision archive (it does not start with {MANIFEST})")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise PackError(f"{path}: {MANIFEST} is {first.size} bytes, more than a manifest needs")
     blob = tar.extractfile(first).read()
     try:
         manifest = json.loads(blob)
@@ -124,37 +129,95 @@ def _read_manifest(path: Path, tar: tarfile.TarFile) -> tuple[dict[str, Any], by
     return manifest, blob
 
 
+_OPENED: dict[tuple, Unpacked] = {}  # archives checked by this process: (path, size, mtime, cache) -> members
+
+
+def _complete(folder: Path, files: dict[str, dict]) -> bool:
+    """An unpacked backbone folder that is whole: marked complete and every file there with its size."""
+    try:
+        return (folder / ".complete").is_file() and all((folder / n).stat().st_size == e["size"]
+                                                         for n, e in files.items())
+    except OSError:
+        return False
+
+
 def open_pack(path: str | os.PathLike, cache_dir: str | None = None) -> Unpacked:
-    """Check every member of an archive against its manifest and unpack it (once) into the cache."""
+    """Check every member of an archive against its manifest and unpack what the cache lacks.
+
+    The backbone's files go to ``packs/backbones/<digest of their entries>/``, shared by every archive with the same
+    backbone (a refitted model does not bring a second copy of the weights); the model file to
+    ``packs/models/<its sha256>.fvm``. An unpacked file whose size is off is unpacked again. Within one process an
+    archive whose size and modification time have not changed is checked once."""
     path = Path(path)
     if not path.is_file():
         raise PackError(f"{path}: no such file")
-    folder = None
+    root = cache_root(cache_dir) / "packs"
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(root))
+    if key in _OPENED:
+        return _OPENED[key]
     try:
-        with tarfile.open(path, "r:") as tar:
-            manifest, blob = _read_manifest(path, tar)
-            final = cache_root(cache_dir) / "packs" / hashlib.sha256(blob).hexdigest()[:24]
-            if not (final / ".complete").is_file():
-                final.parent.mkdir(parents=True, exist_ok=True)
-                folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-            _check_members(path, tar, manifest["files"], folder)
-        if folder is not None:
-            (folder / ".complete").write_text("")
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as err:
+        raise PackError(f"{path}: not a fewvision archive (not an uncompressed tar file: {err})") from None
+    temp_dir = temp_model = None
+    try:
+        with tar:
+            manifest, _ = _read_manifest(path, tar)
+            files = manifest["files"]
+            backbone_files = {n: e for n, e in files.items() if n != MODEL_MEMBER}
+            digest = hashlib.sha256(json.dumps([manifest["backbone"]["offline_spec"], backbone_files],
+                                               sort_keys=True).encode()).hexdigest()[:24]
+            folder = root / "backbones" / digest
+            targets: dict[str, Path] = {}
+            if backbone_files and not _complete(folder, backbone_files):
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                temp_dir = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{digest}."))
+                targets.update({n: temp_dir / n for n in backbone_files})
+            model_file = None
+            if MODEL_MEMBER in files:
+                model_file = root / "models" / f"{files[MODEL_MEMBER]['sha256']}.fvm"
+                if not (model_file.is_file() and model_file.stat().st_size == files[MODEL_MEMBER]["size"]):
+                    model_file.parent.mkdir(parents=True, exist_ok=True)
+                    temp_model = model_file.with_name(f".{model_file.name}.{os.getpid()}.tmp")
+                    targets[MODEL_MEMBER] = temp_model
+            _check_members(path, tar, files, targets)
+        if temp_dir is not None:
+            (temp_dir / ".complete").write_text("")
+            for p in [temp_dir, *temp_dir.rglob("*")]:  # mkdtemp's 0700 would lock out other users of the cache
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
+            if folder.exists() and not _complete(folder, backbone_files):
+                shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier copy
             try:
-                os.replace(folder, final)
+                os.replace(temp_dir, folder)
             except OSError:  # unpacked meanwhile by another process: keep that one
-                if not (final / ".complete").is_file():
+                if not _complete(folder, backbone_files):
                     raise
-            folder = None
-        return Unpacked(final, manifest)
+            else:
+                temp_dir = None
+        if temp_model is not None:
+            os.replace(temp_model, model_file)
+            temp_model = None
+        unpacked = Unpacked(folder, manifest, model_file)
+        _OPENED[key] = unpacked
+        return unpacked
     except (tarfile.TarError, EOFError) as err:
         raise PackError(f"{path}: truncated or damaged archive ({err})") from None
     finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        if temp_model is not None:
+            temp_model.unlink(missing_ok=True)
 
 
-def _check_members(path: Path, tar: tarfile.TarFile, files: dict[str, dict], folder: Path | None) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_members(path: Path, tar: tarfile.TarFile, files: dict[str, dict], targets: dict[str, Path]) -> None:
+    """Stream every member through sha256 against the manifest, writing those named in ``targets`` there."""
     seen: set[str] = set()
     while (member := tar.next()) is not None:  # after the manifest (iterating the TarFile would start over)
         name = member.name
@@ -166,9 +229,9 @@ def _check_members(path: Path, tar: tarfile.TarFile, files: dict[str, dict], fol
         h, size = hashlib.sha256(), 0
         source = tar.extractfile(member)
         target = None
-        if folder is not None:
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            target = open(folder / name, "wb")
+        if name in targets:
+            targets[name].parent.mkdir(parents=True, exist_ok=True)
+            target = open(targets[name], "wb")
         try:
             for block in iter(lambda: source.read(_BLOCK), b""):
                 h.update(block)
@@ -209,13 +272,22 @@ def pack_model(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_d
     files, offline_spec = backbone.portable()
     manifest = {"kind": "model", "task": model.task, "method": model.head.method, "model": MODEL_MEMBER,
                 "backbone": {"spec": model.backbone_spec, "offline_spec": offline_spec, "id": model.backbone_id}}
-    write_archive(out, manifest, {MODEL_MEMBER: model_path, **files})
+    staged = out.with_name(f".{out.name}.{os.getpid()}.check")  # an older archive at ``out`` stays until this loads
     try:
-        load_packed(out, cache_dir=cache_dir).backbone()
-    except Exception:
-        out.unlink(missing_ok=True)
-        raise
-    return open_pack(out, cache_dir).manifest
+        write_archive(staged, manifest, {MODEL_MEMBER: model_path, **files})
+        check_loads_offline(load_packed(staged, cache_dir=cache_dir).backbone())
+        manifest = open_pack(staged, cache_dir).manifest
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    return manifest
+
+
+def check_loads_offline(backbone) -> None:
+    """Encode one image with a backbone created from unpacked files: the weights are read, not just hashed."""
+    from PIL import Image
+
+    backbone.encode_images(backbone.preprocess(Image.new("RGB", (64, 64), (128, 96, 64)))[None])
 
 
 def load_packed(path: str | os.PathLike, cache_dir: str | None = None):
@@ -225,11 +297,16 @@ def load_packed(path: str | os.PathLike, cache_dir: str | None = None):
     unpacked = open_pack(path, cache_dir)
     if unpacked.manifest["kind"] != "model":
         raise PackError(f"{path}: a backbone bundle, not a model (use 'fewvision models import {path}')")
-    model = load(unpacked.folder / MODEL_MEMBER)
+    try:
+        model = load(unpacked.model_file)
+    except ModelFileError as err:  # name the archive the user gave, not the unpacked copy in the cache
+        raise PackError(f"{path} (its {MODEL_MEMBER}, packed by fewvision "
+                        f"{unpacked.manifest.get('fewvision_version', '?')}): "
+                        f"{str(err).split(': ', 1)[-1]}") from None
     if model.backbone_id != unpacked.manifest["backbone"]["id"]:
         raise PackError(f"{path}: the model's backbone id differs from the one in {MANIFEST}")
     model.offline_spec = unpacked.spec
-    model.packed = {"file": str(path), "files": len(unpacked.manifest["files"]),
+    model.packed = {"file": str(path), "model_file": str(unpacked.model_file), "files": len(unpacked.manifest["files"]),
                     "bytes": sum(f["size"] for f in unpacked.manifest["files"].values())}
     return model
 
@@ -245,7 +322,9 @@ def export_backbone(spec: str, out: str | os.PathLike, *, cache_dir: str | None 
 
     backbone = create_backbone(spec, cache_dir=cache_dir, weights=weights)
     files, offline_spec = backbone.portable()
-    manifest = {"kind": "backbone", "backbone": {"spec": spec, "offline_spec": offline_spec, "id": backbone.id}}
+    # The spec the weights really answer to (with --weights: MODEL@PATH, not the hub name they replace).
+    manifest = {"kind": "backbone", "backbone": {"spec": backbone.spec, "offline_spec": offline_spec,
+                                                 "id": backbone.id}}
     write_archive(out, manifest, files)
     return open_pack(out, cache_dir).manifest
 

@@ -436,14 +436,13 @@ class Service:
         """A model file (``.fvm``, or a packed ``.fvz`` whose backbone then loads from its own files) as the active
         version of project ``project_name`` (default: the file's stem), created when missing. The same file
         installed again activates the version it gave before instead of adding one."""
-        from ..deploy.pack import is_pack, load_packed, register_backbone
+        from ..cli.common import file_sha256
+        from ..deploy.pack import register_backbone
         from ..modelfile import load
 
         path = Path(path)
-        model = load_packed(path, self.settings.cache_dir) if is_pack(path) else load(path)
-        if model.offline_spec is not None:  # the service creates backbones by spec: point this one at the archive
-            register_backbone(model.backbone_spec, model.offline_spec, model.backbone_id, self.settings.cache_dir)
-        origin = f"installed from {path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
+        model = load(path, self.settings.cache_dir)
+        origin = f"installed from {path.name} (sha256 {file_sha256(path)[:16]})"
         name = (project_name or path.stem).strip()
         with self.Session() as s:
             row = s.scalars(select(Project).where(Project.name == name)).first()
@@ -455,6 +454,8 @@ class Service:
             raise ServiceError(409, "conflict", f"project {name!r} is a {project['task']} project on "
                                                 f"{project['backbone']}; {path} is a {model.task} model on "
                                                 f"{model.backbone_spec}")
+        if model.offline_spec is not None:  # the service creates backbones by spec: point this one at the archive
+            register_backbone(model.backbone_spec, model.offline_spec, model.backbone_id, self.settings.cache_dir)
         with self.Session() as s:
             same = s.scalars(select(ModelVersion.version).where(ModelVersion.project_id == project["id"],
                                                                 ModelVersion.origin == origin)).first()

@@ -137,7 +137,7 @@ class Scorer:
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.model = load(model_path)
+        self.model = load(model_path, cache_dir)
         self.options = dict(options)
         self.weights, self.cache_dir = weights, cache_dir
         self.backbone = self.model.backbone(cache_dir, weights)
@@ -321,6 +321,13 @@ def _identity(model_sha256: str, task: str, options: dict) -> dict:
     return {"model_sha256": model_sha256, "task": task, "options": options}
 
 
+def _as_listed(table: pa.Table, listed: dict[str, str]) -> pa.Table:
+    """A table from the Ray pipeline with its absolute paths back as they were listed."""
+    index = table.column_names.index("path")
+    paths = [listed.get(p, p) for p in table.column("path").to_pylist()]
+    return table.set_column(index, "path", pa.array(paths, type=table.schema.field("path").type))
+
+
 def read_existing(out: Path, identity: dict, schema: pa.Schema) -> pa.Table | None:
     """The rows already in ``out`` (None when there is no such file); refused when another model or other options
     wrote them."""
@@ -459,9 +466,15 @@ def run_batch(
 
     if ray:
         info: dict = {}
-        tables = _ray_tables(str(model_path), todo, options, address=ray, workers=workers, weights=weights,
-                             cache_dir=cache_dir, model_sha256=sha, preprocess=scorer.backbone.preprocess,
-                             takes_pixels=scorer.takes_pixels, batch_size=batch_size, info=info)
+        # Read tasks and actors may run on other machines, in other working folders: absolute paths there, the
+        # paths as listed here in the rows.
+        full = [os.path.abspath(p) for p in todo]
+        listed = {printable(f): printable(p) for f, p in zip(full, todo)}
+        absolute = lambda p: p and os.path.abspath(os.path.expanduser(p))  # noqa: E731
+        tables = (_as_listed(t, listed) for t in _ray_tables(
+            str(model_path), full, options, address=ray, workers=workers, weights=absolute(weights),
+            cache_dir=absolute(cache_dir), model_sha256=sha, preprocess=scorer.backbone.preprocess,
+            takes_pixels=scorer.takes_pixels, batch_size=batch_size, info=info))
     else:
         tables = (scorer.score_files(todo[i:i + CHUNK_IMAGES], use_cache=use_cache, progress=progress)
                   for i in range(0, len(todo), CHUNK_IMAGES))
