@@ -303,3 +303,23 @@ def test_a_failed_repack_keeps_the_archive_that_was_there(tmp_path, monkeypatch,
         pack_module.pack_model(tmp_path / "t.fvm", texture_pack)
     assert texture_pack.read_bytes() == before
     assert not list(tmp_path.glob(".t.fvz.*"))
+
+
+def test_a_transformers_model_folder_travels_in_a_bundle(monkeypatch, capsys, tmp_path, offline):
+    from test_blip import _save_tiny_blip
+
+    folder = _save_tiny_blip(tmp_path / "blip")
+    spec = f"hf:{folder}"
+    connected = create_backbone(spec)
+    pixels = torch.rand(1, 3, 32, 32)
+    expected = connected.encode_images(pixels)
+    text = connected.encode_text(["a photo of a stain"])
+    assert run_cli(monkeypatch, capsys, "models", "export", spec, "-o", tmp_path / "blip.tar")[0] == 0
+    shutil.rmtree(folder)
+    offline()
+    code, _, err = run_cli(monkeypatch, capsys, "models", "import", tmp_path / "blip.tar")
+    assert code == 0, err
+    imported = create_backbone(spec)
+    assert imported.id == connected.id
+    assert torch.allclose(imported.encode_images(pixels), expected, atol=1e-6)
+    assert torch.allclose(imported.encode_text(["a photo of a stain"]), text, atol=1e-6)  # the tokenizer came too
