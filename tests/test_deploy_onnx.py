@@ -243,3 +243,16 @@ def test_other_commands_given_an_onnx_file_say_what_it_is(monkeypatch, capsys, t
                  ["pack", path, "-o", tmp_path / "p.fvz"], ["eval", path, textile_subset, "-o", tmp_path / "m.json"]):
         code, _, err = run_cli(monkeypatch, capsys, *args)
         assert code == 2 and "an exported ONNX model" in err and err.count("\n") == 1, (args, err)
+
+
+def test_int8_for_a_classifier_reports_the_accuracy_change(monkeypatch, capsys, tmp_path, textile_subset):
+    fvm = tmp_path / "cls.fvm"
+    save_model(fvm, fewshot.fit(textile_subset, "linear", backbone="timm:resnet18@random", shots=4, use_cache=False))
+    code, out, err = run_cli(monkeypatch, capsys, "export", fvm, "-o", tmp_path / "cls.onnx", "--int8", textile_subset,
+                             "--max-drop", "1")
+    assert code == 0, err
+    assert "int8 accuracy" in out and (tmp_path / "cls-int8.onnx").exists()
+    got = predict_onnx(tmp_path / "cls-int8.onnx", sorted(textile_subset.rglob("*.jpg")))
+    assert len(got.rows) == 36
+    code, _, err = run_cli(monkeypatch, capsys, "export", fvm, "-o", tmp_path / "x.onnx", "--force")
+    assert code == 2 and "apply to --int8" in err

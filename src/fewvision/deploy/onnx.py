@@ -172,7 +172,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_
 
     from ..modelfile import load
 
-    model = load(model_path)
+    model = load(model_path, cache_dir)
     backbone = model.backbone(cache_dir=cache_dir, weights=weights)
     kind = _check_exportable(model, backbone)
     if model.task == "anomaly":

@@ -267,7 +267,7 @@ def pack_model(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_d
     model_path, out = Path(model_path), Path(out)
     if is_pack(model_path):
         raise PackError(f"{model_path}: already a packed model")
-    model = load(model_path)
+    model = load(model_path, cache_dir)
     backbone = model.backbone(cache_dir=cache_dir, weights=weights)
     files, offline_spec = backbone.portable()
     manifest = {"kind": "model", "task": model.task, "method": model.head.method, "model": MODEL_MEMBER,
