@@ -1,0 +1,73 @@
+"""Episodes and ProtoNet meta-training on cached features (issue 14, first part)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fewvision.meta.episodes import EpisodeSampler, split_classes
+from fewvision.meta.protonet import ResidualEmbedding, episode_accuracy, meta_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def structured_features(seed=0, n_classes=20, per_class=40):
+    """Classes separated in 8 signal dimensions, buried under 56 dimensions of larger noise shared by all classes:
+    a metric learned on some classes (down-weight the noise) transfers to the others."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(n_classes, 8))
+    x = np.concatenate([np.concatenate([means[c] + 0.3 * rng.normal(size=(per_class, 8)),
+                                        1.5 * rng.normal(size=(per_class, 56))], 1) for c in range(n_classes)])
+    return x.astype(np.float32), np.repeat(np.arange(n_classes), per_class)
+
+
+def test_episodes_are_seeded_disjoint_and_drawn_from_the_given_classes():
+    labels = np.repeat(np.arange(8), [20, 20, 20, 20, 20, 20, 20, 3])
+    a = [EpisodeSampler(labels, 4, 2, 5, classes=range(6), seed=3).sample() for _ in range(1)]
+    sampler = EpisodeSampler(labels, 4, 2, 5, classes=range(6), seed=3)
+    eps = [sampler.sample() for _ in range(50)]
+    assert np.array_equal(a[0].support, eps[0].support) and np.array_equal(a[0].query, eps[0].query)
+    for ep in eps:
+        assert len(ep.support) == 8 and len(ep.query) == 20 and len(set(ep.classes)) == 4
+        assert not set(ep.support) & set(ep.query)
+        assert set(labels[ep.support]) | set(labels[ep.query]) <= set(range(6))
+        assert np.array_equal(labels[ep.support], ep.classes[ep.support_labels])
+        assert np.array_equal(labels[ep.query], ep.classes[ep.query_labels])
+    assert len({tuple(ep.classes) for ep in eps}) > 10  # not one task over and over
+    with pytest.raises(ValueError, match="need 4 classes with at least 7 examples each; 3 of the 4 "):
+        EpisodeSampler(labels, 4, 2, 5, classes=[0, 1, 7, 6])  # class 7 has 3 examples
+
+
+def test_base_and_novel_classes_are_split_by_name():
+    assert split_classes(["a", "b", "c", "d"], ["b", "d"]) == ([1, 3], [0, 2])
+    with pytest.raises(ValueError, match="'x'|x"):
+        split_classes(["a", "b"], ["a", "x"])
+    with pytest.raises(ValueError, match="at least two base classes"):
+        split_classes(["a", "b"], ["a"])
+
+
+def test_an_untrained_embedding_is_the_plain_prototype_head():
+    x, y = structured_features()
+    eps = [EpisodeSampler(y, 5, 1, 5, seed=0).sample() for _ in range(20)]
+    fresh = ResidualEmbedding(x.shape[1], 32)
+    assert np.array_equal(episode_accuracy(x, y, eps, fresh), episode_accuracy(x, y, eps))
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_meta_training_on_base_classes_beats_untrained_prototypes_on_novel_ones(shot):
+    x, y = structured_features()
+    result = meta_train(x, y, classes=range(10), way=5, shot=shot, query=10, episodes=1000, seed=0)
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    sampler = EpisodeSampler(y, 5, shot, 15, classes=range(10, 20), seed=1)  # novel classes only
+    eps = [sampler.sample() for _ in range(300)]
+    untrained, meta = episode_accuracy(x, y, eps), episode_accuracy(x, y, eps, result.embedding)
+    # Measured: 1-shot 0.31 -> 0.79, 5-shot 0.46 -> 0.85 (300 episodes); pinned with a wide margin.
+    assert meta.mean() > untrained.mean() + 0.2
+
+
+def test_meta_training_is_deterministic_with_a_seed():
+    x, y = structured_features()
+    a = meta_train(x, y, classes=range(10), episodes=50, seed=4).embedding.state_dict()
+    b = meta_train(x, y, classes=range(10), episodes=50, seed=4).embedding.state_dict()
+    c = meta_train(x, y, classes=range(10), episodes=50, seed=5).embedding.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
