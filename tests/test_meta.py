@@ -71,3 +71,52 @@ def test_meta_training_is_deterministic_with_a_seed():
     c = meta_train(x, y, classes=range(10), episodes=50, seed=5).embedding.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_meta_train_then_fit_meta_keeps_the_embedding_and_learns_the_new_prototypes(monkeypatch, capsys, tmp_path,
+                                                                                   textile_subset):
+    from cli_helpers import run_cli
+
+    from fewvision.modelfile import load
+
+    meta, model = tmp_path / "meta.fvm", tmp_path / "m.fvm"
+    code, out, err = run_cli(monkeypatch, capsys, "meta-train", textile_subset, "--base-classes", "nominal,local",
+                             "-b", "texture", "--way", "2", "--shot", "2", "--query", "4", "--episodes", "60",
+                             "-o", meta)
+    assert code == 0, err
+    assert "2 base class(es)" in out
+    m = load(meta)
+    assert m.info["meta"]["base_classes"] == ["local", "nominal"] and m.info["meta"]["novel_classes"] == ["global"]
+    assert m.head.class_names_ == ["local", "nominal"] and m.head.meta_["episodes"] == 60
+    code, _, err = run_cli(monkeypatch, capsys, "fit", textile_subset, "--method", "protonet", "--meta", meta,
+                           "--shots", "2", "-o", model)
+    assert code == 0, err
+    fitted = load(model)
+    assert fitted.backbone_spec == "texture" and fitted.head.class_names_ == ["global", "local", "nominal"]
+    assert torch.equal(fitted.head.outer_weight_, m.head.outer_weight_)  # the embedding came from meta-train
+    assert fitted.head.meta_["from"] == "meta-trained" and fitted.head.meta_["base_classes"] == ["local", "nominal"]
+    assert float(m.head.outer_weight_.abs().max()) > 0  # it was trained (the identity starts at zero)
+    code, _, err = run_cli(monkeypatch, capsys, "predict", model, textile_subset, "-o", tmp_path / "r.csv")
+    assert code == 0, err
+    for args, message in ((["--method", "prototype"], "a protonet model"),
+                          (["--method", "protonet", "-b", "timm:resnet18@random"], "meta-trained on backbone")):
+        code, _, err = run_cli(monkeypatch, capsys, "fit", textile_subset, *args, "--meta", meta, "-o", model)
+        assert code == 2 and message in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "meta-train", textile_subset, "--base-classes", "nominal,holes",
+                           "-b", "texture", "-o", meta)
+    assert code == 2 and "holes" in err
+
+
+def test_protonet_without_meta_training_fits_from_one_image_per_class():
+    from fewvision.heads import create_head
+    from fewvision.heads.support import Support
+
+    x, y = structured_features()
+    one = np.array([np.flatnonzero(y == c)[0] for c in range(5)])
+    head = create_head("protonet", episodes=10).fit(Support(x[one], np.arange(5), list("abcde")))
+    assert "identity" in head.meta_["trained_on"]
+    proba = head.predict_proba(torch.as_tensor(x[y < 5]))
+    assert proba.shape == (200, 5) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    three = np.concatenate([np.flatnonzero(y == c)[:3] for c in range(5)])
+    trained = create_head("protonet", episodes=30).fit(Support(x[three], np.repeat(np.arange(5), 3), list("abcde")))
+    assert trained.meta_["trained_on"] == "episodes of the support set itself" and trained.meta_["shot"] == 2

@@ -54,7 +54,18 @@ Example:
 """
 
 
+META_EXAMPLE = """
+
+\b
+Example:
+  fewvision meta-train history/ --method protonet --base-classes scratch,dent,stain --episodes 2000 -o meta.fvm
+  fewvision fit new_defects/ --method protonet --meta meta.fvm --shots 5 -o model.fvm
+"""
+
+
 def register(app: typer.Typer) -> None:
+    app.command("meta-train", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
+                help=cleandoc(meta_train_command.__doc__) + META_EXAMPLE)(meta_train_command)
     app.command("fit", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
                 help=cleandoc(fit_command.__doc__) + FIT_EXAMPLE)(fit_command)
     app.command("predict", context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
@@ -84,7 +95,8 @@ def fit_command(
     dataset: str = typer.Argument(..., metavar="DATASET",
                                   help="'textile', a CSV manifest (path,label) or a folder of class folders"),
     method: str = typer.Option(..., "--method", "-m", metavar="METHOD",
-                               help="prototype, linear, tip, tip-f, prolip, clip-adapter, coop, lora, zeroshot"),
+                               help="prototype, protonet, linear, tip, tip-f, prolip, clip-adapter, coop, lora, "
+                                    "zeroshot"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
     shots: Optional[int] = typer.Option(None, "--shots", "-k", min=1, metavar="K",
                                         help="support images per class [default: all]"),
@@ -105,18 +117,32 @@ def fit_command(
                                                    "features to the head's features (prototype, linear)"),
     good_method: str = typer.Option("padim", "--good-method", metavar="METHOD",
                                     help="anomaly method fitted on --good: padim | patchcore | anomalydino | ..."),
+    meta: Optional[Path] = typer.Option(None, "--meta", metavar="FILE",
+                                        help="a model from 'fewvision meta-train': keep its learned embedding and "
+                                             "fit only the new classes' prototypes, on its backbone"),
     param: List[str] = param_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
 ) -> None:
     """Fit a few-shot head on labelled images (and optionally calibrate it) and write one model file. With --good,
-    the many good images of a line teach the head too."""
+    the many good images of a line teach the head too; with --meta, an embedding meta-trained on other classes."""
     from ..decide.conformal import SCORES
     from ..io.datasets import load_dataset
     from ..modelfile import MODEL_SUFFIX, save_model
     from ..progress import job
     from ..tasks.fewshot import fit
 
+    if meta is not None:
+        from ..modelfile import read_metadata
+
+        meta_info = read_metadata(meta, cache_dir)
+        if backbone and backbone.strip() != meta_info["backbone"]["spec"]:
+            raise UserError(f"{meta}: meta-trained on backbone '{meta_info['backbone']['spec']}'; --backbone "
+                            f"'{backbone}' would give features its embedding was not trained on")
+        if meta_info["head"]["method"] != method:
+            raise UserError(f"{meta}: a {meta_info['head']['method']} model; fit with --method "
+                            f"{meta_info['head']['method']}")
+        backbone = meta_info["backbone"]["spec"]
     spec = resolve_backbone(backbone)
     cls = check_method(method, spec)
     params = parse_params(param, init_parameters(cls), method)
@@ -141,7 +167,8 @@ def fit_command(
     with job(f"fit {method}"):
         model = fit(data, method, spec, shots, seed, weights=weights, calibrate_fraction=calibrate_fraction,
                     alpha=alpha, conformal=conformal, mondrian=mondrian, good=[str(g) for g in good or []],
-                    good_method=good_method, cache_dir=cache_dir, use_cache=not no_cache, progress=True, **params)
+                    good_method=good_method, meta=meta, cache_dir=cache_dir, use_cache=not no_cache, progress=True,
+                    **params)
     save_model(out, model)
     for s in model.info.get("skipped", []):
         info(f"skipped {s}")
@@ -154,6 +181,51 @@ def fit_command(
         g = model.info["good_images"]
         extra += f", with {g['method']} features from {g['n_good_images']} good image(s)"
     typer.echo(f"{method}: fitted on {model.info['n_support']} image(s){skipped}{extra} -> {out}")
+
+
+def meta_train_command(
+    dataset: str = typer.Argument(..., metavar="DATASET",
+                                  help="'textile', a CSV manifest (path,label) or a folder of class folders: the "
+                                       "classes a site already has"),
+    method: str = typer.Option("protonet", "--method", "-m", metavar="METHOD", help="protonet"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
+    base_classes: Optional[str] = typer.Option(None, "--base-classes", metavar="A,B,...",
+                                               help="the classes to meta-train on [default: every class]; the "
+                                                    "others are recorded as novel"),
+    way: int = typer.Option(5, "--way", min=2, metavar="N", help="classes per episode"),
+    shot: int = typer.Option(5, "--shot", min=1, metavar="K", help="support images per class per episode"),
+    query: int = typer.Option(15, "--query", min=1, metavar="Q", help="query images per class per episode"),
+    episodes: int = typer.Option(2000, "--episodes", min=1, metavar="E", help="training episodes"),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the episodes and of training"),
+    backbone: Optional[str] = backbone_option(),
+    weights: Optional[str] = weights_option(),
+    param: List[str] = param_option(),
+    cache_dir: Optional[str] = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
+) -> None:
+    """Meta-train a head on episodes (N-way K-shot tasks) drawn from a dataset's base classes, so that 'fit --meta'
+    learns new classes from a few images with what it learned there. Episodes run on cached image features."""
+    from ..modelfile import MODEL_SUFFIX, save_model
+    from ..progress import job
+    from ..tasks.meta import META_METHODS, meta_train_model
+
+    if method not in META_METHODS:
+        raise UserError(f"unknown --method '{method}' for meta-train: expected one of {', '.join(META_METHODS)}")
+    check_output(out, (MODEL_SUFFIX,))
+    spec = resolve_backbone(backbone)
+    cls = head_class(method)
+    params = parse_params(param, [p for p in init_parameters(cls) if p not in ("way", "shot", "query", "episodes",
+                                                                                 "seed")], method)
+    base = comma_list(base_classes, "class") if base_classes else None
+    with job(f"meta-train {method}"):
+        model = meta_train_model(dataset, method, spec, base, seed=seed, weights=weights, cache_dir=cache_dir,
+                                 use_cache=not no_cache, progress=True, way=way, shot=shot, query=query,
+                                 episodes=episodes, **params)
+    save_model(out, model)
+    m = model.info["meta"]
+    losses = m["losses"]
+    typer.echo(f"{method}: meta-trained on {m['n_images']} image(s) of {len(m['base_classes'])} base class(es), "
+               f"{episodes} episodes, query loss {losses[0]:.3f} -> {losses[-1]:.3f} -> {out}")
 
 
 def predict_command(

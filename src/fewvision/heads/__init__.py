@@ -8,6 +8,7 @@ from .coop import CoOpHead
 from .linear import LinearHead
 from .lora import LoRAHead
 from .prolip import ProLIPHead
+from .protonet import ProtoNetHead
 from .prototype import PrototypeHead
 from .slac import SLACHead
 from .tip import TipAdapterFHead, TipAdapterHead
@@ -18,6 +19,7 @@ from .zeroshot import ZeroShotHead
 _REGISTRY: dict[str, type[ClassifierHead]] = {
     "zeroshot": ZeroShotHead,
     "prototype": PrototypeHead,
+    "protonet": ProtoNetHead,
     "slac": SLACHead,
     "tlac": TLACHead,
     "linear": LinearHead,

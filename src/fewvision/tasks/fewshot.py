@@ -168,12 +168,16 @@ def fit(
     mondrian: bool = False,
     good: Sequence[str | os.PathLike] | None = None,
     good_method: str = "padim",
+    meta: FewVisionModel | str | os.PathLike | None = None,
     cache_dir: str | None = None,
     use_cache: bool = True,
     progress: bool = False,
     **params: Any,
 ) -> FewVisionModel:
     """Fit ``method`` on ``shots`` images per class (all when None) of the train split (or the whole dataset).
+
+    With ``meta`` (a model from :func:`fewvision.tasks.meta.meta_train_model`) the head keeps that model's
+    meta-trained embedding and learns only the new classes' prototypes, on the meta model's backbone.
 
     With ``good`` (folders and/or files of good images) an anomaly model (``good_method``) is fitted on them with
     the same backbone, and the head learns from its map statistics and map-weighted patch features as well as the
@@ -191,8 +195,20 @@ def fit(
                          "give --calibrate-fraction (e.g. 0.3)")
     if shots is not None and shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
-    bb = as_backbone(backbone, cache_dir, weights)
     head = make_head(method, seed, **params)
+    if meta is not None:
+        meta = meta if isinstance(meta, FewVisionModel) else load(meta, cache_dir)
+        if meta.head.method != method or not hasattr(meta.head, "adopt"):
+            raise ValueError(f"the meta-trained model is a {meta.head.method} model: fit it with --method "
+                             f"{meta.head.method}")
+        spec = backbone.spec if isinstance(backbone, Backbone) else backbone
+        if spec is not None and spec != meta.backbone_spec:
+            raise ValueError(f"the meta-trained model was trained on backbone '{meta.backbone_spec}', not '{spec}': "
+                             "its embedding only fits those features")
+        bb = meta.backbone(cache_dir, weights) if not isinstance(backbone, Backbone) else meta.bind(backbone)._backbone
+        head.adopt(meta.head, {"from": "meta-trained", "base_classes": list(meta.head.class_names_)})
+    else:
+        bb = as_backbone(backbone, cache_dir, weights)
     check_text(head, bb)
     anomaly_info = None
     if good:

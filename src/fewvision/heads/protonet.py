@@ -1,0 +1,115 @@
+"""ProtoNet (Snell et al. 2017) as a head: a meta-trained embedding of the cached features, and class prototypes in
+its space (see :mod:`fewvision.meta.protonet` for the equations and the training).
+
+Two ways to fit:
+
+* ``fewvision meta-train`` trains the embedding on episodes of a dataset's *base* classes; ``fewvision fit NOVEL
+  --method protonet --meta meta.fvm`` then keeps that embedding and only averages the novel classes' support
+  examples into prototypes (no training on the few novel images - the point of meta-learning).
+* ``fit`` without a meta-trained embedding trains one on episodes of the support set itself when every class has
+  at least two images (support and query must differ), else keeps the identity embedding: the plain prototype
+  head in Euclidean form, said so in ``meta_`` rather than refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import ClassifierHead
+from .support import Support
+
+
+class ProtoNetHead(ClassifierHead):
+    STATE_SHAPES = {"inner_weight_": ("H", "D"), "inner_bias_": ("H",), "outer_weight_": ("D", "H"),
+                    "outer_bias_": ("D",), "prototypes_": ("C", "D")}
+    method = "protonet"
+    needs_text = False
+
+    def __init__(self, way: int = 5, shot: int = 5, query: int = 15, episodes: int = 2000, hidden: int = 256,
+                 lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0):
+        self.way = way
+        self.shot = shot
+        self.query = query
+        self.episodes = episodes
+        self.hidden = hidden
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.seed = seed
+
+    # --- the embedding ----------------------------------------------------------------------------------------
+    def embedding(self):
+        from ..meta.protonet import ResidualEmbedding
+
+        net = ResidualEmbedding(self.inner_weight_.shape[1], self.inner_weight_.shape[0])
+        net.load_state_dict({"inner.weight": self.inner_weight_, "inner.bias": self.inner_bias_,
+                             "outer.weight": self.outer_weight_, "outer.bias": self.outer_bias_})
+        return net.eval()
+
+    def _keep(self, net) -> None:
+        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        self.inner_weight_, self.inner_bias_ = state["inner.weight"], state["inner.bias"]
+        self.outer_weight_, self.outer_bias_ = state["outer.weight"], state["outer.bias"]
+
+    def meta_fit(self, features: torch.Tensor, labels, classes=None) -> "ProtoNetHead":
+        """Meta-train the embedding on episodes of ``classes`` (the base classes) of labelled features."""
+        from ..meta.protonet import meta_train
+
+        result = meta_train(features, labels, classes=classes, way=self.way, shot=self.shot, query=self.query,
+                            episodes=self.episodes, hidden=self.hidden, lr=self.lr, weight_decay=self.weight_decay,
+                            seed=self.seed)
+        self._keep(result.embedding)
+        self.meta_ = {"trained_on": "episodes", "episodes": int(self.episodes), "way": int(self.way),
+                      "shot": int(self.shot), "query": int(self.query), "losses": result.losses}
+        return self
+
+    def adopt(self, meta: "ProtoNetHead", origin: dict[str, Any]) -> "ProtoNetHead":
+        """Use ``meta``'s trained embedding (prototypes are made by :meth:`fit`)."""
+        for name in ("inner_weight_", "inner_bias_", "outer_weight_", "outer_bias_"):
+            setattr(self, name, getattr(meta, name).clone())
+        self.meta_ = {**meta.meta_, **origin}
+        return self
+
+    # --- the head protocol ----------------------------------------------------------------------------------------
+    def fit(self, support: Support) -> "ProtoNetHead":
+        from ..meta.protonet import ResidualEmbedding
+
+        features, labels, names = support.features, support.labels, support.class_names
+        if not hasattr(self, "inner_weight_"):
+            counts = torch.bincount(labels, minlength=len(names))
+            if int(counts.min()) >= 2:  # train on the support itself: episodes of its own classes
+                fewest = int(counts.min())
+                shot = max(1, min(int(self.shot), fewest - 1))
+                head = ProtoNetHead(way=min(int(self.way), len(names)), shot=shot, query=fewest - shot,
+                                    episodes=self.episodes, hidden=self.hidden, lr=self.lr,
+                                    weight_decay=self.weight_decay, seed=self.seed).meta_fit(features, labels)
+                self.adopt(head, {"trained_on": "episodes of the support set itself"})
+            else:
+                torch.manual_seed(self.seed)
+                self._keep(ResidualEmbedding(features.shape[1], int(self.hidden)))
+                self.meta_ = {"trained_on": "nothing: one image of some class, so no episodes (the identity "
+                              "embedding: plain prototypes)"}
+        elif features.shape[1] != self.inner_weight_.shape[1]:
+            raise ValueError(f"the meta-trained embedding takes {self.inner_weight_.shape[1]}-dimensional features, "
+                             f"got {features.shape[1]}: use the backbone it was meta-trained on")
+        with torch.no_grad():
+            z = self.embedding()(F.normalize(features.float(), dim=-1))
+        counts = torch.bincount(labels, minlength=len(names)).clamp_min(1).float()
+        self.prototypes_ = (torch.zeros(len(names), z.shape[1]).index_add(0, labels, z) / counts[:, None]).contiguous()
+        self.class_names_ = list(names)
+        return self
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Eq. 2: negative squared Euclidean distances to the prototypes, in the embedding's space."""
+        with torch.no_grad():
+            z = self.embedding()(F.normalize(features.float(), dim=-1))
+        return -torch.cdist(z, self.prototypes_).pow(2)
+
+    def n_trainable_parameters(self) -> int:
+        return sum(int(getattr(self, n).numel()) for n in ("inner_weight_", "inner_bias_", "outer_weight_",
+                                                            "outer_bias_") if hasattr(self, n))
+
+    def state_symbols(self) -> dict[str, Any]:
+        return {"C": len(getattr(self, "class_names_", []))}
