@@ -110,6 +110,3 @@ class ProtoNetHead(ClassifierHead):
     def n_trainable_parameters(self) -> int:
         return sum(int(getattr(self, n).numel()) for n in ("inner_weight_", "inner_bias_", "outer_weight_",
                                                             "outer_bias_") if hasattr(self, n))
-
-    def state_symbols(self) -> dict[str, Any]:
-        return {"C": len(getattr(self, "class_names_", []))}
