@@ -120,3 +120,32 @@ def test_protonet_without_meta_training_fits_from_one_image_per_class():
     three = np.concatenate([np.flatnonzero(y == c)[:3] for c in range(5)])
     trained = create_head("protonet", episodes=30).fit(Support(x[three], np.repeat(np.arange(5), 3), list("abcde")))
     assert trained.meta_["trained_on"] == "episodes of the support set itself" and trained.meta_["shot"] == 2
+
+
+def test_relationnet_meta_trained_on_base_classes_beats_untrained_prototypes_on_novel_ones():
+    from fewvision.heads import create_head
+    from fewvision.heads.support import Support
+
+    x, y = structured_features()
+    meta = create_head("relationnet", shot=1, query=10, episodes=1000).meta_fit(x[y < 10], y[y < 10])
+    assert meta.meta_["losses"][-1] < 0.6 * meta.meta_["losses"][0]
+    sampler = EpisodeSampler(y, 5, 1, 15, classes=range(10, 20), seed=1)
+    eps = [sampler.sample() for _ in range(200)]
+    accuracy = []
+    for ep in eps:
+        head = create_head("relationnet").adopt(meta, {}).fit(Support(x[ep.support], ep.support_labels, list("abcde")))
+        accuracy.append((head.predict(x[ep.query]) == ep.query_labels).mean())
+    # Measured: 0.30 -> 0.59 (1-shot, 200 episodes); pinned with a margin.
+    assert np.mean(accuracy) > episode_accuracy(x, y, eps).mean() + 0.15
+    again = create_head("relationnet", shot=1, query=10, episodes=1000).meta_fit(x[y < 10], y[y < 10])
+    assert all(torch.equal(getattr(meta, n), getattr(again, n)) for n in meta.NETWORK)  # seeded
+
+
+def test_relationnet_with_one_image_per_class_and_no_meta_says_what_it_needs():
+    from fewvision.heads import create_head
+    from fewvision.heads.support import Support
+
+    x, y = structured_features()
+    one = np.array([np.flatnonzero(y == c)[0] for c in range(3)])
+    with pytest.raises(ValueError, match="give --meta"):
+        create_head("relationnet").fit(Support(x[one], np.arange(3), list("abc")))

@@ -187,7 +187,7 @@ def meta_train_command(
     dataset: str = typer.Argument(..., metavar="DATASET",
                                   help="'textile', a CSV manifest (path,label) or a folder of class folders: the "
                                        "classes a site already has"),
-    method: str = typer.Option("protonet", "--method", "-m", metavar="METHOD", help="protonet"),
+    method: str = typer.Option("protonet", "--method", "-m", metavar="METHOD", help="protonet | relationnet"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
     base_classes: Optional[str] = typer.Option(None, "--base-classes", metavar="A,B,...",
                                                help="the classes to meta-train on [default: every class]; the "

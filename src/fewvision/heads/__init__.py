@@ -10,6 +10,7 @@ from .lora import LoRAHead
 from .prolip import ProLIPHead
 from .protonet import ProtoNetHead
 from .prototype import PrototypeHead
+from .relationnet import RelationNetHead
 from .slac import SLACHead
 from .tip import TipAdapterFHead, TipAdapterHead
 from .tlac import TLACHead
@@ -20,6 +21,7 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "zeroshot": ZeroShotHead,
     "prototype": PrototypeHead,
     "protonet": ProtoNetHead,
+    "relationnet": RelationNetHead,
     "slac": SLACHead,
     "tlac": TLACHead,
     "linear": LinearHead,

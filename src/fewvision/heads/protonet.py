@@ -23,6 +23,8 @@ from .support import Support
 
 
 class ProtoNetHead(ClassifierHead):
+    #: The trained network's tensors: what ``meta-train`` learns and ``fit --meta`` keeps.
+    NETWORK = ("inner_weight_", "inner_bias_", "outer_weight_", "outer_bias_")
     STATE_SHAPES = {"inner_weight_": ("H", "D"), "inner_bias_": ("H",), "outer_weight_": ("D", "H"),
                     "outer_bias_": ("D",), "prototypes_": ("C", "D")}
     method = "protonet"
@@ -67,30 +69,24 @@ class ProtoNetHead(ClassifierHead):
 
     def adopt(self, meta: "ProtoNetHead", origin: dict[str, Any]) -> "ProtoNetHead":
         """Use ``meta``'s trained embedding (prototypes are made by :meth:`fit`)."""
-        for name in ("inner_weight_", "inner_bias_", "outer_weight_", "outer_bias_"):
+        for name in self.NETWORK:
             setattr(self, name, getattr(meta, name).clone())
         self.meta_ = {**meta.meta_, **origin}
         return self
 
     # --- the head protocol ----------------------------------------------------------------------------------------
     def fit(self, support: Support) -> "ProtoNetHead":
-        from ..meta.protonet import ResidualEmbedding
-
         features, labels, names = support.features, support.labels, support.class_names
         if not hasattr(self, "inner_weight_"):
             counts = torch.bincount(labels, minlength=len(names))
             if int(counts.min()) >= 2:  # train on the support itself: episodes of its own classes
                 fewest = int(counts.min())
                 shot = max(1, min(int(self.shot), fewest - 1))
-                head = ProtoNetHead(way=min(int(self.way), len(names)), shot=shot, query=fewest - shot,
-                                    episodes=self.episodes, hidden=self.hidden, lr=self.lr,
-                                    weight_decay=self.weight_decay, seed=self.seed).meta_fit(features, labels)
+                episodes = {"way": min(int(self.way), len(names)), "shot": shot, "query": fewest - shot}
+                head = type(self)(**{**self.get_params(), **episodes}).meta_fit(features, labels)
                 self.adopt(head, {"trained_on": "episodes of the support set itself"})
             else:
-                torch.manual_seed(self.seed)
-                self._keep(ResidualEmbedding(features.shape[1], int(self.hidden)))
-                self.meta_ = {"trained_on": "nothing: one image of some class, so no episodes (the identity "
-                              "embedding: plain prototypes)"}
+                self._untrained(features.shape[1])
         elif features.shape[1] != self.inner_weight_.shape[1]:
             raise ValueError(f"the meta-trained embedding takes {self.inner_weight_.shape[1]}-dimensional features, "
                              f"got {features.shape[1]}: use the backbone it was meta-trained on")
@@ -101,6 +97,15 @@ class ProtoNetHead(ClassifierHead):
         self.class_names_ = list(names)
         return self
 
+    def _untrained(self, dim: int) -> None:
+        """No episodes can be drawn (one image of some class): the identity embedding, i.e. plain prototypes."""
+        from ..meta.protonet import ResidualEmbedding
+
+        torch.manual_seed(self.seed)
+        self._keep(ResidualEmbedding(dim, int(self.hidden)))
+        self.meta_ = {"trained_on": "nothing: one image of some class, so no episodes (the identity embedding: "
+                      "plain prototypes)"}
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Eq. 2: negative squared Euclidean distances to the prototypes, in the embedding's space."""
         with torch.no_grad():
@@ -108,5 +113,4 @@ class ProtoNetHead(ClassifierHead):
         return -torch.cdist(z, self.prototypes_).pow(2)
 
     def n_trainable_parameters(self) -> int:
-        return sum(int(getattr(self, n).numel()) for n in ("inner_weight_", "inner_bias_", "outer_weight_",
-                                                            "outer_bias_") if hasattr(self, n))
+        return sum(int(getattr(self, n).numel()) for n in self.NETWORK if hasattr(self, n))

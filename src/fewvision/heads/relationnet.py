@@ -1,0 +1,67 @@
+"""Relation Network (Sung et al. 2018) as a head: ProtoNet's embedding and class features, scored by a learned
+relation module instead of a fixed distance (see :mod:`fewvision.meta.relationnet`). Probabilities are the
+relation scores normalised over the classes (``logits = log r``).
+
+Meta-train it (``fewvision meta-train --method relationnet``) and ``fit --meta``; without ``--meta`` it is trained
+on episodes of the support set itself, which needs two images of every class - with one, a relation module has
+nothing to learn from and ``fit`` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .protonet import ProtoNetHead
+
+
+class RelationNetHead(ProtoNetHead):
+    NETWORK = ProtoNetHead.NETWORK + ("relation_hidden_weight_", "relation_hidden_bias_", "relation_out_weight_",
+                                      "relation_out_bias_")
+    STATE_SHAPES = {**ProtoNetHead.STATE_SHAPES, "relation_hidden_weight_": ("R", "2D"),
+                    "relation_hidden_bias_": ("R",), "relation_out_weight_": ("1", "R"), "relation_out_bias_": ("1",)}
+    method = "relationnet"
+
+    def __init__(self, way: int = 5, shot: int = 5, query: int = 15, episodes: int = 2000, hidden: int = 256,
+                 relation_hidden: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0):
+        super().__init__(way, shot, query, episodes, hidden, lr, weight_decay, seed)
+        self.relation_hidden = relation_hidden
+
+    def meta_fit(self, features: torch.Tensor, labels, classes=None) -> "RelationNetHead":
+        from ..meta.relationnet import meta_train
+
+        result = meta_train(features, labels, classes=classes, way=self.way, shot=self.shot, query=self.query,
+                            episodes=self.episodes, hidden=self.hidden, relation_hidden=self.relation_hidden,
+                            lr=self.lr, weight_decay=self.weight_decay, seed=self.seed)
+        self._keep(result.embedding)
+        state = {k: v.detach().clone() for k, v in result.relation.state_dict().items()}
+        self.relation_hidden_weight_, self.relation_hidden_bias_ = state["hidden.weight"], state["hidden.bias"]
+        self.relation_out_weight_, self.relation_out_bias_ = state["out.weight"], state["out.bias"]
+        self.meta_ = {"trained_on": "episodes", "episodes": int(self.episodes), "way": int(self.way),
+                      "shot": int(self.shot), "query": int(self.query), "losses": result.losses}
+        return self
+
+    def relation(self):
+        from ..meta.relationnet import RelationModule
+
+        module = RelationModule(self.inner_weight_.shape[1], self.relation_hidden_weight_.shape[0])
+        module.load_state_dict({"hidden.weight": self.relation_hidden_weight_, "hidden.bias": self.relation_hidden_bias_,
+                                "out.weight": self.relation_out_weight_, "out.bias": self.relation_out_bias_})
+        return module.eval()
+
+    def _untrained(self, dim: int) -> None:
+        raise ValueError("relationnet learns its relation module on episodes: give --meta (a model from 'fewvision "
+                         "meta-train --method relationnet') or at least two images of every class")
+
+    def state_symbols(self) -> dict[str, int]:
+        symbols = super().state_symbols()
+        if hasattr(self, "inner_weight_"):
+            symbols["2D"] = 2 * int(self.inner_weight_.shape[1])
+        symbols["1"] = 1
+        return symbols
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.embedding()(F.normalize(features.float(), dim=-1))
+            scores = self.relation()(z, self.prototypes_)
+        return torch.log(scores.clamp_min(1e-12))
