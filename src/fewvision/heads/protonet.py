@@ -90,10 +90,11 @@ class ProtoNetHead(ClassifierHead):
         elif features.shape[1] != self.inner_weight_.shape[1]:
             raise ValueError(f"the meta-trained embedding takes {self.inner_weight_.shape[1]}-dimensional features, "
                              f"got {features.shape[1]}: use the backbone it was meta-trained on")
+        from ..meta.protonet import class_means
+
         with torch.no_grad():
             z = self.embedding()(F.normalize(features.float(), dim=-1))
-        counts = torch.bincount(labels, minlength=len(names)).clamp_min(1).float()
-        self.prototypes_ = (torch.zeros(len(names), z.shape[1]).index_add(0, labels, z) / counts[:, None]).contiguous()
+        self.prototypes_ = class_means(z, labels, len(names)).contiguous()
         self.class_names_ = list(names)
         return self
 

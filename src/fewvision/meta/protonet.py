@@ -34,13 +34,17 @@ class ResidualEmbedding(torch.nn.Module):
         return x + self.outer(F.relu(self.inner(x)))
 
 
+def class_means(embedded: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Eq. 1: the mean embedded example of each class [C, D]."""
+    counts = torch.bincount(labels, minlength=n_classes).clamp_min(1).to(embedded.dtype)
+    sums = torch.zeros(n_classes, embedded.shape[1], dtype=embedded.dtype).index_add(0, labels, embedded)
+    return sums / counts[:, None]
+
+
 def prototype_logits(embedded_query: torch.Tensor, embedded_support: torch.Tensor, support_labels: torch.Tensor,
                      n_classes: int) -> torch.Tensor:
-    """Eq. 1-2: negative squared Euclidean distances of the queries to the class means of the support."""
-    counts = torch.bincount(support_labels, minlength=n_classes).clamp_min(1).to(embedded_support.dtype)
-    prototypes = torch.zeros(n_classes, embedded_support.shape[1], dtype=embedded_support.dtype).index_add(
-        0, support_labels, embedded_support) / counts[:, None]
-    return -torch.cdist(embedded_query, prototypes).pow(2)
+    """Eq. 2: negative squared Euclidean distances of the queries to the class means of the support."""
+    return -torch.cdist(embedded_query, class_means(embedded_support, support_labels, n_classes)).pow(2)
 
 
 @dataclass

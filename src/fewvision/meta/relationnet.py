@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .episodes import EpisodeSampler
-from .protonet import ResidualEmbedding
+from .protonet import ResidualEmbedding, class_means
 
 
 class RelationModule(torch.nn.Module):
@@ -33,11 +33,6 @@ class RelationModule(torch.nn.Module):
         pairs = torch.cat([queries.unsqueeze(1).expand(-1, len(classes), -1),
                            classes.unsqueeze(0).expand(len(queries), -1, -1)], dim=-1)
         return torch.sigmoid(self.out(F.relu(self.hidden(pairs)))).squeeze(-1)
-
-
-def class_features(embedded: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    counts = torch.bincount(labels, minlength=n_classes).clamp_min(1).to(embedded.dtype)
-    return torch.zeros(n_classes, embedded.shape[1], dtype=embedded.dtype).index_add(0, labels, embedded) / counts[:, None]
 
 
 @dataclass
@@ -59,7 +54,7 @@ def meta_train(features, labels, *, classes=None, way: int = 5, shot: int = 5, q
     losses, block = [], []
     for _ in range(int(episodes)):
         ep = sampler.sample()
-        protos = class_features(embedding(x[ep.support]), torch.as_tensor(ep.support_labels), way)
+        protos = class_means(embedding(x[ep.support]), torch.as_tensor(ep.support_labels), way)
         scores = relation(embedding(x[ep.query]), protos)
         loss = F.mse_loss(scores, F.one_hot(torch.as_tensor(ep.query_labels), way).float())
         optimiser.zero_grad()
