@@ -8,7 +8,7 @@ generator is seeded, so a run's episodes are the same on every machine. Only cla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -73,3 +73,24 @@ def split_classes(class_names: Sequence[str], base: Sequence[str]) -> tuple[list
     if len(base_idx) < 2:
         raise ValueError("meta-training needs at least two base classes")
     return base_idx, novel_idx
+
+
+def train_on_episodes(sampler: EpisodeSampler, parameters: Iterable, episode_loss: Callable[[Episode], "object"],
+                      episodes: int, lr: float, weight_decay: float) -> list[float]:
+    """One Adam step on ``episode_loss(episode)`` per sampled episode; the mean loss of each block of 100."""
+    import torch
+
+    optimiser = torch.optim.Adam(list(parameters), lr=lr, weight_decay=weight_decay)
+    losses, block = [], []
+    for _ in range(int(episodes)):
+        loss = episode_loss(sampler.sample())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        block.append(float(loss.detach()))
+        if len(block) == 100:
+            losses.append(float(np.mean(block)))
+            block = []
+    if block:
+        losses.append(float(np.mean(block)))
+    return losses

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .episodes import Episode, EpisodeSampler
+from .episodes import Episode, EpisodeSampler, train_on_episodes
 
 
 class ResidualEmbedding(torch.nn.Module):
@@ -61,21 +61,12 @@ def meta_train(features: torch.Tensor | np.ndarray, labels: np.ndarray, *, class
     x = F.normalize(torch.as_tensor(np.asarray(features), dtype=torch.float32), dim=-1)
     sampler = EpisodeSampler(labels, way, shot, query, classes=classes, seed=seed)
     net = ResidualEmbedding(x.shape[1], hidden)
-    optimiser = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    losses, block = [], []
-    for _ in range(int(episodes)):
-        ep = sampler.sample()
+
+    def loss(ep: Episode) -> torch.Tensor:
         logits = prototype_logits(net(x[ep.query]), net(x[ep.support]), torch.as_tensor(ep.support_labels), way)
-        loss = F.cross_entropy(logits, torch.as_tensor(ep.query_labels))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        block.append(float(loss.detach()))
-        if len(block) == 100:
-            losses.append(float(np.mean(block)))
-            block = []
-    if block:
-        losses.append(float(np.mean(block)))
+        return F.cross_entropy(logits, torch.as_tensor(ep.query_labels))
+
+    losses = train_on_episodes(sampler, net.parameters(), loss, episodes, lr, weight_decay)
     return MetaTraining(net.eval(), losses)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .episodes import EpisodeSampler
+from .episodes import Episode, EpisodeSampler, train_on_episodes
 from .protonet import ResidualEmbedding, class_means
 
 
@@ -50,20 +50,12 @@ def meta_train(features, labels, *, classes=None, way: int = 5, shot: int = 5, q
     x = F.normalize(torch.as_tensor(np.asarray(features), dtype=torch.float32), dim=-1)
     sampler = EpisodeSampler(labels, way, shot, query, classes=classes, seed=seed)
     embedding, relation = ResidualEmbedding(x.shape[1], hidden), RelationModule(x.shape[1], relation_hidden)
-    optimiser = torch.optim.Adam([*embedding.parameters(), *relation.parameters()], lr=lr, weight_decay=weight_decay)
-    losses, block = [], []
-    for _ in range(int(episodes)):
-        ep = sampler.sample()
+
+    def loss(ep: Episode) -> torch.Tensor:
         protos = class_means(embedding(x[ep.support]), torch.as_tensor(ep.support_labels), way)
         scores = relation(embedding(x[ep.query]), protos)
-        loss = F.mse_loss(scores, F.one_hot(torch.as_tensor(ep.query_labels), way).float())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        block.append(float(loss.detach()))
-        if len(block) == 100:
-            losses.append(float(np.mean(block)))
-            block = []
-    if block:
-        losses.append(float(np.mean(block)))
+        return F.mse_loss(scores, F.one_hot(torch.as_tensor(ep.query_labels), way).float())
+
+    losses = train_on_episodes(sampler, [*embedding.parameters(), *relation.parameters()], loss, episodes, lr,
+                               weight_decay)
     return RelationTraining(embedding.eval(), relation.eval(), losses)
