@@ -149,3 +149,15 @@ def test_relationnet_with_one_image_per_class_and_no_meta_says_what_it_needs():
     one = np.array([np.flatnonzero(y == c)[0] for c in range(3)])
     with pytest.raises(ValueError, match="give --meta"):
         create_head("relationnet").fit(Support(x[one], np.arange(3), list("abc")))
+
+
+def test_meta_train_defaults_fit_a_small_dataset(monkeypatch, capsys, tmp_path, textile_subset):
+    from cli_helpers import run_cli
+
+    from fewvision.modelfile import load
+
+    code, _, err = run_cli(monkeypatch, capsys, "meta-train", textile_subset, "-b", "texture", "--episodes", "20",
+                           "-o", tmp_path / "m.fvm")
+    assert code == 0, err
+    meta = load(tmp_path / "m.fvm").head.meta_
+    assert (meta["way"], meta["shot"], meta["query"]) == (3, 5, 7)  # 3 classes of 12 images

@@ -192,9 +192,12 @@ def meta_train_command(
     base_classes: Optional[str] = typer.Option(None, "--base-classes", metavar="A,B,...",
                                                help="the classes to meta-train on [default: every class]; the "
                                                     "others are recorded as novel"),
-    way: int = typer.Option(5, "--way", min=2, metavar="N", help="classes per episode"),
+    way: Optional[int] = typer.Option(None, "--way", min=2, metavar="N",
+                                      help="classes per episode [default: 5, or every base class when fewer]"),
     shot: int = typer.Option(5, "--shot", min=1, metavar="K", help="support images per class per episode"),
-    query: int = typer.Option(15, "--query", min=1, metavar="Q", help="query images per class per episode"),
+    query: Optional[int] = typer.Option(None, "--query", min=1, metavar="Q",
+                                        help="query images per class per episode [default: 15, or what the "
+                                             "smallest base class has beyond its shots]"),
     episodes: int = typer.Option(2000, "--episodes", min=1, metavar="E", help="training episodes"),
     seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the episodes and of training"),
     backbone: Optional[str] = backbone_option(),

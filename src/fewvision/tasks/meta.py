@@ -41,6 +41,17 @@ def meta_train_model(data: Dataset | str | os.PathLike, method: str, backbone: s
     by_path = {dataset.paths[i]: base.index(int(dataset.labels[i])) for i in keep}
     labels = np.array([by_path[p] for p in feats.paths], dtype=np.int64)
     names = [dataset.class_names[i] for i in base]
+    # Episode settings the data allows, where the caller left them open: every base class in an episode up to 5,
+    # and as many queries (up to 15) as the smallest class has images beyond its shots.
+    fewest = int(np.bincount(labels, minlength=len(names)).min())
+    params = dict(params)
+    params["way"] = params.get("way") or min(5, len(names))
+    shot = int(params.get("shot") or 5)
+    if not params.get("query"):
+        if fewest < shot + 1:
+            raise ValueError(f"{dataset.name}: the smallest base class has {fewest} image(s); {shot}-shot episodes "
+                             f"need at least {shot + 1} (lower --shot)")
+        params["query"] = min(15, fewest - shot)
     head = make_head(method, seed, **params).meta_fit(feats.tensor, labels)
     head.fit(Support(feats.tensor, labels, names))
     head.meta_.update({"base_classes": names, "novel_classes": [dataset.class_names[i] for i in novel],
