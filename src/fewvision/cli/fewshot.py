@@ -95,7 +95,7 @@ def fit_command(
     dataset: str = typer.Argument(..., metavar="DATASET",
                                   help="'textile', a CSV manifest (path,label) or a folder of class folders"),
     method: str = typer.Option(..., "--method", "-m", metavar="METHOD",
-                               help="prototype, protonet, linear, tip, tip-f, prolip, clip-adapter, coop, lora, "
+                               help="prototype, protonet, relationnet, maml, linear, tip, tip-f, prolip, clip-adapter, coop, lora, "
                                     "zeroshot"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
     shots: Optional[int] = typer.Option(None, "--shots", "-k", min=1, metavar="K",
@@ -118,8 +118,9 @@ def fit_command(
     good_method: str = typer.Option("padim", "--good-method", metavar="METHOD",
                                     help="anomaly method fitted on --good: padim | patchcore | anomalydino | ..."),
     meta: Optional[Path] = typer.Option(None, "--meta", metavar="FILE",
-                                        help="a model from 'fewvision meta-train': keep its learned embedding and "
-                                             "fit only the new classes' prototypes, on its backbone"),
+                                        help="a model from 'fewvision meta-train': keep what it learned on the base "
+                                             "classes (embedding, relation module, MAML's starting point) and fit "
+                                             "only the new classes, on its backbone"),
     param: List[str] = param_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
@@ -187,7 +188,7 @@ def meta_train_command(
     dataset: str = typer.Argument(..., metavar="DATASET",
                                   help="'textile', a CSV manifest (path,label) or a folder of class folders: the "
                                        "classes a site already has"),
-    method: str = typer.Option("protonet", "--method", "-m", metavar="METHOD", help="protonet | relationnet"),
+    method: str = typer.Option("protonet", "--method", "-m", metavar="METHOD", help="protonet | relationnet | maml"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
     base_classes: Optional[str] = typer.Option(None, "--base-classes", metavar="A,B,...",
                                                help="the classes to meta-train on [default: every class]; the "

@@ -7,6 +7,7 @@ from .clip_adapter import ClipAdapterHead
 from .coop import CoOpHead
 from .linear import LinearHead
 from .lora import LoRAHead
+from .maml import MamlHead
 from .prolip import ProLIPHead
 from .protonet import ProtoNetHead
 from .prototype import PrototypeHead
@@ -22,6 +23,7 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "prototype": PrototypeHead,
     "protonet": ProtoNetHead,
     "relationnet": RelationNetHead,
+    "maml": MamlHead,
     "slac": SLACHead,
     "tlac": TLACHead,
     "linear": LinearHead,

@@ -20,7 +20,7 @@ from ..modelfile import FewVisionModel
 from .common import as_backbone, encode
 from .fewshot import as_dataset, make_head
 
-META_METHODS = ("protonet", "relationnet")
+META_METHODS = ("protonet", "relationnet", "maml")
 
 
 def meta_train_model(data: Dataset | str | os.PathLike, method: str, backbone: str | Backbone,
