@@ -51,6 +51,7 @@ BENCHMARK_EXAMPLE = """
 \b
 Example:
   fewvision benchmark my_dataset/ --methods prototype,linear,tip --shots 1,4,16 -o bench/
+  fewvision benchmark history/ --meta protonet.fvm,maml.fvm --way 5 --shots 1,5 --episodes 600 -o bench/
 """
 
 
@@ -317,25 +318,38 @@ def benchmark_command(
                                   help="'textile', a CSV manifest (path,label) or a folder of class folders"),
     methods: str = typer.Option("prototype,linear", "--methods", metavar="M1,M2,...",
                                 help="comma-separated methods"),
-    shots: str = typer.Option("1,2,4,8,16", "--shots", metavar="K1,K2,...", help="comma-separated shots per class"),
+    shots: Optional[str] = typer.Option(None, "--shots", metavar="K1,K2,...",
+                                        help="comma-separated shots per class [default: 1,2,4,8,16; episodic: 1,5]"),
     seeds: int = typer.Option(3, "--seeds", min=1, metavar="S", help="support draws per cell (seeds 0..S-1)"),
     backbone: Optional[str] = backbone_option(),
     weights: Optional[str] = weights_option(),
     test_fraction: float = typer.Option(0.5, "--test-fraction", min=0.05, max=0.95, metavar="F",
                                         help="held-out share when the dataset has no splits"),
+    meta: Optional[str] = typer.Option(None, "--meta", metavar="FILE1,FILE2,...",
+                                       help="models from 'fewvision meta-train': score them, next to --methods, on "
+                                            "episodes of the classes they were not trained on"),
+    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, metavar="E",
+                                           help="episodic protocol: E seeded N-way K-shot episodes per shot count, "
+                                                "mean accuracy with a 95% interval [default with --meta: 600]"),
+    way: int = typer.Option(5, "--way", min=2, metavar="N", help="classes per episode (episodic protocol)"),
+    query: int = typer.Option(15, "--query", min=1, metavar="Q",
+                              help="query images per class per episode (episodic protocol)"),
     out: Path = typer.Option(Path("benchmark-out"), "--out", "-o", metavar="DIR",
                              help="folder for results.csv, results.json and the plot"),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
 ) -> None:
     """Accuracy of several methods at several shot counts, mean and standard deviation over seeds, on a held-out
-    split."""
+    split. With --meta (or --episodes): the few-shot protocol - N-way K-shot episodes on the novel classes, the
+    meta-trained heads next to the frozen-embedding baselines (linear = logistic regression, prototype)."""
     from ..progress import job
-    from ..tasks.benchmark import run_benchmark, write_outputs
+    from ..tasks.benchmark import run_benchmark, run_episode_benchmark, write_outputs
 
     method_list = comma_list(methods, "method")
     for m in method_list:
         head_class(m)
+    episodic = meta is not None or episodes is not None
+    shots = shots or ("1,5" if episodic else "1,2,4,8,16")
     try:
         shot_list = [int(s) for s in comma_list(shots, "shot count")]
     except ValueError:
@@ -343,6 +357,23 @@ def benchmark_command(
     if min(shot_list) < 1:
         raise UserError(f"--shots '{shots}': every shot count must be at least 1")
     check_folder(out, "--out")
+    if episodic:
+        metas = [Path(m) for m in comma_list(meta, "model file")] if meta else []
+        for m in metas:
+            if not m.is_file():
+                raise UserError(f"{m}: no such model file")
+        with job("benchmark"):
+            result = run_episode_benchmark(dataset, metas, method_list, shot_list, way=way, query=query,
+                                           episodes=episodes or 600, backbone=backbone or (None if metas else
+                                                                                          resolve_backbone(None)),
+                                           weights=weights, cache_dir=cache_dir, use_cache=not no_cache,
+                                           progress=True, echo=info)
+        paths = write_outputs(result, out)
+        for r in result.rows:
+            typer.echo(f"{r['method']:>28} {r['classes']:>5} {r['way']}-way {r['shots']:>2}-shot  accuracy "
+                       f"{r['accuracy_mean']:.4f} ± {r['accuracy_ci95']:.4f}")
+        info(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}")
+        return
     with job("benchmark"):
         result = run_benchmark(dataset, method_list, shot_list, seeds, backbone=resolve_backbone(backbone),
                                weights=weights, test_fraction=test_fraction, cache_dir=cache_dir,

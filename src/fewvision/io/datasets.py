@@ -3,7 +3,9 @@
 * folder per class: ``ROOT/<class>/*.png`` (optionally ``ROOT/train/<class>`` and ``ROOT/test/<class>`` splits);
 * a CSV manifest with a header ``path,label`` (optional ``split`` column; relative paths are relative to the CSV);
 * the MVTec AD layout: ``train/good``, ``test/<type>``, ``ground_truth/<type>/<name>_mask.png``;
-* ``textile``: the 2,000 textile images of the ``conformal-clip-data`` package (nominal / local / global).
+* ``textile``: the 2,000 textile images of the ``conformal-clip-data`` package (nominal / local / global);
+* ``digits`` and ``textile-defects`` (synthetic defect types on the textile's nominal images): many-class sets made
+  on first use from installed data (:mod:`fewvision.io.generated`).
 """
 
 from __future__ import annotations
@@ -156,9 +158,16 @@ def textile() -> Dataset:
 
 
 def load_dataset(source: str | Path) -> Dataset:
-    """A dataset from 'textile', a CSV manifest, an MVTec AD category folder or a folder of class folders."""
+    """A dataset from 'textile', 'digits', 'textile-defects', a CSV manifest, an MVTec AD category folder or a folder
+    of class folders."""
     if str(source) == "textile":
         return textile()
+    from .generated import GENERATED, generated_root
+
+    if str(source) in GENERATED and not Path(source).exists():  # a folder of that name wins
+        data = from_class_folders(generated_root(str(source)))
+        data.name = str(source)
+        return data
     path = Path(source).expanduser()
     if not path.exists():
         raise DatasetError(f"{path}: no such file or directory")

@@ -5,6 +5,12 @@ head is fitted on their cached features, and accuracy / balanced accuracy are me
 dataset without splits gets a seeded stratified split, recorded in the output. Features are computed once per
 feature kind through the cache and reused by every cell. Results: mean and standard deviation over seeds per
 (method, shots), fit time and trainable parameters, in results.csv, results.json and accuracy_vs_shots.png.
+
+:func:`run_episode_benchmark` is the few-shot literature's protocol, for meta-trained heads: seeded N-way K-shot
+episodes drawn from the *novel* classes (those no meta model was trained on), every head fitted on each episode's
+support and scored on its queries, and the mean accuracy with its 95% interval (1.96 standard errors over
+episodes). The frozen-embedding baselines - logistic regression (``linear``, Tian et al. 2020's "good embedding")
+and the untrained prototype head - run on the very same episodes and features.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from ..io.datasets import Dataset, sample_shots, stratified_split
 from .fewshot import IMAGES, as_dataset, encode, feature_kind, images_proba, make_head
 from .zeroshot import as_backbone
 
+EPISODE_COLUMNS = ["method", "classes", "shots", "way", "query", "episodes", "accuracy_mean", "accuracy_ci95",
+                   "fit_seconds", "n_trainable_parameters"]
 CSV_COLUMNS = ["method", "shots", "n_seeds", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
                "balanced_accuracy_std", "fit_seconds", "n_trainable_parameters"]
 TRAINING_FREE_SHOTS = 0  # the row of methods that use no support images (zero-shot)
@@ -165,6 +173,110 @@ def run_benchmark(
     return BenchmarkResult(rows, runs, skipped, setup)
 
 
+def run_episode_benchmark(
+    data: Dataset | str | os.PathLike,
+    metas: Sequence[Any] = (),
+    methods: Sequence[str] = ("prototype", "linear"),
+    shots: Sequence[int] = (1, 5),
+    *,
+    way: int = 5,
+    query: int = 15,
+    episodes: int = 600,
+    seed: int = 0,
+    backbone: str | Backbone | None = None,
+    weights: str | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    echo: Callable[[str], None] = lambda _: None,
+) -> BenchmarkResult:
+    """Episodes on the novel classes (and, for contrast, on the base classes the meta models were trained on, when
+    the dataset has them) for every meta model in ``metas`` (model files or models from ``meta-train``) and every
+    head in ``methods``; the same episodes for all. See the module docstring."""
+    from ..meta.episodes import EpisodeSampler
+    from ..modelfile import FewVisionModel, load
+
+    known = head_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(known)}")
+    if episodes < 1 or any(k < 1 for k in shots):
+        raise ValueError("episodes and shots must be >= 1")
+    models = [(m, f"model {i + 1}") if isinstance(m, FewVisionModel) else (load(m, cache_dir), str(m))
+              for i, m in enumerate(metas)]
+    labels_of = {}
+    for model, origin in models:
+        if "base_classes" not in model.info.get("meta", {}):
+            raise ValueError(f"{origin}: not a model from 'fewvision meta-train' (no base classes recorded)")
+        labels_of[origin] = f"{model.head.method} [meta: {Path(origin).name}]"
+    specs = sorted({model.backbone_spec for model, _ in models})
+    if len(specs) > 1:
+        raise ValueError(f"the meta models were trained on different backbones ({', '.join(specs)}): benchmark "
+                         "them one backbone at a time")
+    if specs and backbone is not None and (backbone.spec if isinstance(backbone, Backbone) else backbone) != specs[0]:
+        raise ValueError(f"the meta models were trained on backbone '{specs[0]}': their heads only fit its features")
+    if models:
+        bb = models[0][0].backbone(cache_dir, weights) if not isinstance(backbone, Backbone) else backbone
+    elif backbone is None:
+        raise ValueError("give a backbone or meta-trained models (whose backbone is used)")
+    else:
+        bb = as_backbone(backbone, cache_dir, weights)
+    dataset = as_dataset(data)
+    base_names = sorted({c for model, _ in models for c in model.info["meta"]["base_classes"]})
+    novel = [i for i, c in enumerate(dataset.class_names) if c not in base_names]
+    base = [i for i, c in enumerate(dataset.class_names) if c in base_names]
+    if len(novel) < way:
+        raise ValueError(f"{dataset.name}: {way}-way episodes need {way} novel classes; {len(novel)} of its classes "
+                         f"({', '.join(dataset.class_names[i] for i in novel) or 'none'}) are not base classes of "
+                         "the meta models")
+    feats = encode(bb, dataset.paths, GLOBAL, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+                   description="features")
+    rows_of = {p: i for i, p in enumerate(feats.paths)}
+    readable = [i for i, p in enumerate(dataset.paths) if p in rows_of]
+    x = feats.features[[rows_of[dataset.paths[i]] for i in readable]]
+    y = dataset.labels[readable]
+    params = params or {}
+
+    def fitted(method_or_model, support: Support):
+        if isinstance(method_or_model, str):
+            head = make_head(method_or_model, 0, **params.get(method_or_model, {}))
+        else:
+            model = method_or_model
+            head = make_head(model.head.method, 0).adopt(model.head, {"from": "meta-trained"})
+        return head.fit(support)
+
+    contenders = [(labels_of[origin], model) for model, origin in models] + [(m, m) for m in dict.fromkeys(methods)]
+    groups = [("novel", novel)] + ([("base", base)] if len(base) >= way and models else [])
+    runs, rows = [], []
+    for which, classes in groups:
+        for k in shots:
+            sampler = EpisodeSampler(y, way, k, query, classes=classes, seed=seed)
+            drawn = [sampler.sample() for _ in range(int(episodes))]
+            for name, contender in contenders:
+                accuracy, seconds, n_params = [], 0.0, 0
+                for ep in drawn:
+                    names = [dataset.class_names[int(c)] for c in ep.classes]
+                    start = time.perf_counter()
+                    head = fitted(contender, Support(x[ep.support], ep.support_labels, names, bb))
+                    seconds += time.perf_counter() - start
+                    accuracy.append(float((head.predict(x[ep.query]) == ep.query_labels).mean()))
+                    n_params = head.n_trainable_parameters()
+                acc = np.asarray(accuracy)
+                ci = 1.96 * acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else 0.0
+                rows.append({"method": name, "classes": which, "shots": int(k), "way": int(way), "query": int(query),
+                             "episodes": len(acc), "accuracy_mean": float(acc.mean()), "accuracy_ci95": float(ci),
+                             "fit_seconds": seconds / len(acc), "n_trainable_parameters": int(n_params)})
+                runs.append({**rows[-1], "accuracies": accuracy})
+                echo(f"{name} {which} {way}-way {k}-shot: {acc.mean():.4f} ± {ci:.4f}")
+    setup = {"mode": "episodes", "dataset": dataset.name, "n_images": len(dataset), "backbone": bb.spec,
+             "backbone_id": bb.id, "meta_models": [origin for _, origin in models], "methods": list(methods),
+             "base_classes": base_names, "novel_classes": [dataset.class_names[i] for i in novel],
+             "shots": list(shots), "way": way, "query": query, "episodes": episodes, "seed": seed,
+             "skipped_images": sorted(s.path for s in feats.skipped)}
+    return BenchmarkResult(rows, runs, [], setup)
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
     """Mean and standard deviation (ddof=1 over seeds; 0 for a single seed) per (method, shots)."""
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -196,21 +308,24 @@ def accuracy_plot(result: BenchmarkResult) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     trained = sorted({r["shots"] for r in result.rows if r["shots"] > 0})
-    for method in dict.fromkeys(r["method"] for r in result.rows):
-        rows = sorted((r for r in result.rows if r["method"] == method), key=lambda r: r["shots"])
+    episodic = result.setup.get("mode") == "episodes"
+    shown = [r for r in result.rows if not episodic or r["classes"] == "novel"]
+    for method in dict.fromkeys(r["method"] for r in shown):
+        rows = sorted((r for r in shown if r["method"] == method), key=lambda r: r["shots"])
         if rows[0]["shots"] == TRAINING_FREE_SHOTS and trained:
             ax.axhline(rows[0]["accuracy_mean"], linestyle="--", color="grey", label=f"{method} (no shots)")
             continue
         x = [r["shots"] for r in rows]
         mean = np.array([r["accuracy_mean"] for r in rows])
-        std = np.array([r["accuracy_std"] for r in rows])
+        std = np.array([r["accuracy_ci95" if episodic else "accuracy_std"] for r in rows])
         ax.plot(x, mean, marker="o", label=method)
         ax.fill_between(x, mean - std, mean + std, alpha=0.15)
     if trained:
         ax.set_xscale("log", base=2)
         ax.set_xticks(trained, [str(k) for k in trained])
     ax.set_xlabel("shots per class")
-    ax.set_ylabel("accuracy (held-out split)")
+    ax.set_ylabel(f"accuracy, {result.setup['way']}-way episodes on novel classes (95% interval)" if episodic
+                  else "accuracy (held-out split)")
     ax.set_title(f"{result.setup.get('dataset', '')} - {result.setup.get('backbone', '')}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -226,7 +341,8 @@ def write_outputs(result: BenchmarkResult, out_dir: str | os.PathLike) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    columns = EPISODE_COLUMNS if result.setup.get("mode") == "episodes" else CSV_COLUMNS
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.rows)
     paths = {"csv": out / "results.csv", "json": out / "results.json", "png": out / "accuracy_vs_shots.png"}
@@ -237,4 +353,4 @@ def write_outputs(result: BenchmarkResult, out_dir: str | os.PathLike) -> dict[s
     return paths
 
 
-__all__ = ["run_benchmark", "write_outputs", "BenchmarkResult", "aggregate", "parse_list"]
+__all__ = ["run_benchmark", "run_episode_benchmark", "write_outputs", "BenchmarkResult", "aggregate", "parse_list"]
