@@ -42,7 +42,8 @@ METADATA_KEY = "fewvision"
 # i.e. 1e-4 absolute for probabilities and scores below 1, relative above (Mahalanobis distances reach the tens).
 PARITY_TOLERANCE = 1e-4
 ANOMALY_METHODS = ("patchcore", "padim")
-NOT_EXPORTABLE = {"lora": "it adapts the encoder's weights", "slac": "it asks an LMM", "tlac": "it asks an LMM",
+NOT_EXPORTABLE = {"lora": "it adapts the encoder's weights", "contrastive": "it adapts the encoder's weights",
+                  "slac": "it asks an LMM", "tlac": "it asks an LMM",
                   "with-good": "it runs an anomaly model on the side (fit --good)"}
 
 

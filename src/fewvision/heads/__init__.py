@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import ClassifierHead, NotFitted
 from .clip_adapter import ClipAdapterHead
+from .contrastive import ContrastiveHead
 from .coop import CoOpHead
 from .linear import LinearHead
 from .lora import LoRAHead
@@ -33,6 +34,7 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "prolip": ProLIPHead,
     "coop": CoOpHead,
     "lora": LoRAHead,
+    "contrastive": ContrastiveHead,
     # not a method of its own: any image-feature head with features from good images (fit(..., good=GOOD_DIR))
     "with-good": WithGoodImages,
 }

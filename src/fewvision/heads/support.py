@@ -28,6 +28,7 @@ class Support:
     use_cache: bool = True
     skipped: list[Skipped] = field(default_factory=list)
     additions: bool = False  # images added to a fitted head (partial_fit): not every class needs one
+    captions: dict[str, str] = field(default_factory=dict)  # path -> the user's caption (contrastive fine-tuning)
 
     def __post_init__(self):
         if self.features is not None:
@@ -64,7 +65,8 @@ class Support:
     @classmethod
     def from_files(cls, backbone, paths: Sequence[str | os.PathLike], labels: Sequence[int],
                    class_names: Sequence[str], *, cache_dir: str | None = None, use_cache: bool = True,
-                   progress: bool = False, additions: bool = False) -> "Support":
+                   progress: bool = False, additions: bool = False,
+                   captions: dict[str, str] | None = None) -> "Support":
         """Encode (through the cache) and drop unreadable files with their labels, recording the skips."""
         from ..features.cache import open_cache
         from ..features.encode import encode_files
@@ -74,7 +76,8 @@ class Support:
         cache = open_cache(backbone.id, cache_dir, enabled=use_cache)
         feats = encode_files(backbone, paths, cache, progress=progress, description="support")
         return cls(feats.tensor, torch.tensor([int(label_of[p]) for p in feats.paths]), list(class_names), backbone,
-                   feats.paths, cache_dir, use_cache, feats.skipped, additions)
+                   feats.paths, cache_dir, use_cache, feats.skipped, additions,
+                   {p: captions[p] for p in feats.paths if p in (captions or {})})
 
     @classmethod
     def text_only(cls, class_names: Sequence[str], backbone, cache_dir: str | None = None,

@@ -1,7 +1,8 @@
 """Labelled image sets from the layouts a factory already has.
 
 * folder per class: ``ROOT/<class>/*.png`` (optionally ``ROOT/train/<class>`` and ``ROOT/test/<class>`` splits);
-* a CSV manifest with a header ``path,label`` (optional ``split`` column; relative paths are relative to the CSV);
+* a CSV manifest with a header ``path,label`` (optional ``split`` and ``caption`` columns; relative paths are
+  relative to the CSV);
 * the MVTec AD layout: ``train/good``, ``test/<type>``, ``ground_truth/<type>/<name>_mask.png``;
 * ``textile``: the 2,000 textile images of the ``conformal-clip-data`` package (nominal / local / global);
 * ``digits`` and ``textile-defects`` (synthetic defect types on the textile's nominal images): many-class sets made
@@ -34,6 +35,7 @@ class Item:
     label: str | None
     split: str | None = None
     mask: str | None = None  # ground-truth defect mask (anomaly data)
+    caption: str | None = None  # free text about the image (an inspection finding), for contrastive fine-tuning
 
 
 @dataclass
@@ -113,7 +115,7 @@ def from_csv(path: Path) -> Dataset:
             raise DatasetError(f"{path}:{n}: empty path or label")
         p = Path(row["path"]).expanduser()
         p = p if p.is_absolute() else path.parent / p
-        items.append(Item(str(p), row["label"], row.get("split") or None))
+        items.append(Item(str(p), row["label"], row.get("split") or None, caption=row.get("caption") or None))
     classes = sorted({it.label for it in items})
     if len(classes) < 2:
         raise DatasetError(f"{path}: at least two labels are needed, found {len(classes)}")

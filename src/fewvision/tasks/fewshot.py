@@ -235,7 +235,8 @@ def fit(
     chosen = sample_shots(y, shots, seed, pool) if shots else pool
     expect(len(chosen) + len(calib))
     support = Support.from_files(bb, [dataset.paths[i] for i in chosen], y[chosen], dataset.class_names,
-                                 cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+                                 cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+                                 captions={it.path: it.caption for it in dataset.items if it.caption})
     head.fit(support)
 
     shas, _ = hash_files(support.paths)
