@@ -135,8 +135,8 @@ def test_relationnet_meta_trained_on_base_classes_beats_untrained_prototypes_on_
     for ep in eps:
         head = create_head("relationnet").adopt(meta, {}).fit(Support(x[ep.support], ep.support_labels, list("abcde")))
         accuracy.append((head.predict(x[ep.query]) == ep.query_labels).mean())
-    # Measured: 0.30 -> 0.59 (1-shot, 200 episodes); pinned with a margin.
-    assert np.mean(accuracy) > episode_accuracy(x, y, eps).mean() + 0.15
+    # Measured: 0.30 -> 0.80 (1-shot, 200 episodes; 0.59 before the relation module had batch norm).
+    assert np.mean(accuracy) > episode_accuracy(x, y, eps).mean() + 0.25
     again = create_head("relationnet", shot=1, query=10, episodes=1000).meta_fit(x[y < 10], y[y < 10])
     assert all(torch.equal(getattr(meta, n), getattr(again, n)) for n in meta.NETWORK)  # seeded
 

@@ -16,14 +16,20 @@ from .protonet import ProtoNetHead
 
 
 class RelationNetHead(ProtoNetHead):
-    NETWORK = ProtoNetHead.NETWORK + ("relation_hidden_weight_", "relation_hidden_bias_", "relation_out_weight_",
-                                      "relation_out_bias_")
+    #: fitted attribute <- the relation module's state_dict key
+    RELATION = {"relation_hidden_weight_": "hidden.weight", "relation_hidden_bias_": "hidden.bias",
+                "relation_norm_weight_": "norm.weight", "relation_norm_bias_": "norm.bias",
+                "relation_norm_mean_": "norm.running_mean", "relation_norm_var_": "norm.running_var",
+                "relation_out_weight_": "out.weight", "relation_out_bias_": "out.bias"}
+    NETWORK = ProtoNetHead.NETWORK + tuple(RELATION)
     STATE_SHAPES = {**ProtoNetHead.STATE_SHAPES, "relation_hidden_weight_": ("R", "2D"),
-                    "relation_hidden_bias_": ("R",), "relation_out_weight_": ("1", "R"), "relation_out_bias_": ("1",)}
+                    "relation_hidden_bias_": ("R",), "relation_norm_weight_": ("R",), "relation_norm_bias_": ("R",),
+                    "relation_norm_mean_": ("R",), "relation_norm_var_": ("R",), "relation_out_weight_": ("1", "R"),
+                    "relation_out_bias_": ("1",)}
     method = "relationnet"
 
     def __init__(self, way: int = 5, shot: int = 5, query: int = 15, episodes: int = 2000, hidden: int = 256,
-                 relation_hidden: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0):
+                 relation_hidden: int = 64, lr: float = 3e-4, weight_decay: float = 1e-4, seed: int = 0):
         super().__init__(way, shot, query, episodes, hidden, lr, weight_decay, seed)
         self.relation_hidden = relation_hidden
 
@@ -34,9 +40,9 @@ class RelationNetHead(ProtoNetHead):
                             episodes=self.episodes, hidden=self.hidden, relation_hidden=self.relation_hidden,
                             lr=self.lr, weight_decay=self.weight_decay, seed=self.seed)
         self._keep(result.embedding)
-        state = {k: v.detach().clone() for k, v in result.relation.state_dict().items()}
-        self.relation_hidden_weight_, self.relation_hidden_bias_ = state["hidden.weight"], state["hidden.bias"]
-        self.relation_out_weight_, self.relation_out_bias_ = state["out.weight"], state["out.bias"]
+        state = result.relation.state_dict()
+        for attr, key in self.RELATION.items():
+            setattr(self, attr, state[key].detach().clone())
         self.meta_ = {"trained_on": "episodes", "episodes": int(self.episodes), "way": int(self.way),
                       "shot": int(self.shot), "query": int(self.query), "losses": result.losses}
         return self
@@ -45,8 +51,8 @@ class RelationNetHead(ProtoNetHead):
         from ..meta.relationnet import RelationModule
 
         module = RelationModule(self.inner_weight_.shape[1], self.relation_hidden_weight_.shape[0])
-        module.load_state_dict({"hidden.weight": self.relation_hidden_weight_, "hidden.bias": self.relation_hidden_bias_,
-                                "out.weight": self.relation_out_weight_, "out.bias": self.relation_out_bias_})
+        state = {key: getattr(self, attr) for attr, key in self.RELATION.items()}
+        module.load_state_dict({**state, "norm.num_batches_tracked": torch.tensor(0)})
         return module.eval()
 
     def _untrained(self, dim: int) -> None:

@@ -209,7 +209,9 @@ def run_episode_benchmark(
     for model, origin in models:
         if "base_classes" not in model.info.get("meta", {}):
             raise ValueError(f"{origin}: not a model from 'fewvision meta-train' (no base classes recorded)")
-        labels_of[origin] = f"{model.head.method} [meta: {Path(origin).name}]"
+        label = f"{model.head.method} [meta: {Path(origin).name}]" if origin in map(str, metas) else \
+            f"{model.head.method} [meta-trained]"
+        labels_of[origin] = label if label not in labels_of.values() else f"{label} #{len(labels_of) + 1}"
     specs = sorted({model.backbone_spec for model, _ in models})
     if len(specs) > 1:
         raise ValueError(f"the meta models were trained on different backbones ({', '.join(specs)}): benchmark "
