@@ -167,11 +167,12 @@ def main() -> None:
     md = ["## ProtoNet and Relation Network vs easyfsl (`benchmarks/easyfsl_parity.py`)", "",
           f"Identical texture-backbone features, embedding initialisation, {TRAIN_EPISODES} meta-training episodes "
           f"on the base classes (Adam, lr {LR['protonet']} for ProtoNet, {LR['relationnet']} for RelationNet) and "
-          f"{TEST_EPISODES} test episodes ({SHOT} support and 15 query images per class) on the novel classes; accuracy with 95% intervals. fewvision's ProtoNet uses squared "
-          "Euclidean distances (Snell et al.), easyfsl's plain ones (the control row trains fewvision's loop with "
-          "easyfsl's distance); easyfsl's Relation Network has its "
-          "convolutional relation module (here on 1x1 maps), fewvision's an MLP with batch norm. The last column is the untrained "
-          "embedding (plain prototypes) on the same episodes. Seconds: meta-training wall time.", "",
+          f"{TEST_EPISODES} test episodes ({SHOT} support and 15 query images per class) on the novel classes; "
+          "accuracy with 95% intervals. fewvision's ProtoNet uses squared Euclidean distances (Snell et al.), "
+          "easyfsl's plain ones (the control row trains fewvision's loop with easyfsl's distance); easyfsl's "
+          "Relation Network has its convolutional relation module (here on 1x1 maps), fewvision's an MLP with batch "
+          "norm. The last column is the untrained embedding (plain prototypes) on the same episodes. Seconds: "
+          "meta-training wall time.", "",
           table(["data", "task", "method", "fewvision", "easyfsl", "fewvision s", "easyfsl s",
                  "untrained prototypes"], rows)]
     write_section("easyfsl_parity", "\n".join(md))

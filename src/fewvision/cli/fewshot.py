@@ -94,10 +94,11 @@ def check_method(method: str, spec: str) -> type:
 
 def fit_command(
     dataset: str = typer.Argument(..., metavar="DATASET",
-                                  help="'textile', a CSV manifest (path,label) or a folder of class folders"),
+                                  help="'textile', 'digits', 'textile-defects', a CSV manifest "
+                                       "(path,label[,split,caption]) or a folder of class folders"),
     method: str = typer.Option(..., "--method", "-m", metavar="METHOD",
-                               help="prototype, protonet, relationnet, maml, linear, tip, tip-f, prolip, clip-adapter, coop, lora, "
-                                    "zeroshot"),
+                               help="prototype, protonet, relationnet, maml, linear, tip, tip-f, prolip, clip-adapter, "
+                                    "coop, lora, contrastive, zeroshot"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
     shots: Optional[int] = typer.Option(None, "--shots", "-k", min=1, metavar="K",
                                         help="support images per class [default: all]"),
@@ -187,8 +188,8 @@ def fit_command(
 
 def meta_train_command(
     dataset: str = typer.Argument(..., metavar="DATASET",
-                                  help="'textile', a CSV manifest (path,label) or a folder of class folders: the "
-                                       "classes a site already has"),
+                                  help="'textile', 'digits', 'textile-defects', a CSV manifest (path,label) or a "
+                                       "folder of class folders: the classes a site already has"),
     method: str = typer.Option("protonet", "--method", "-m", metavar="METHOD", help="protonet | relationnet | maml"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
     base_classes: Optional[str] = typer.Option(None, "--base-classes", metavar="A,B,...",
@@ -315,7 +316,8 @@ def evaluate_model_command(model_path: Path, dataset: str, *, out: Path, report:
 
 def benchmark_command(
     dataset: str = typer.Argument(..., metavar="DATASET",
-                                  help="'textile', a CSV manifest (path,label) or a folder of class folders"),
+                                  help="'textile', 'digits', 'textile-defects', a CSV manifest "
+                                       "(path,label[,split,caption]) or a folder of class folders"),
     methods: str = typer.Option("prototype,linear", "--methods", metavar="M1,M2,...",
                                 help="comma-separated methods"),
     shots: Optional[str] = typer.Option(None, "--shots", metavar="K1,K2,...",

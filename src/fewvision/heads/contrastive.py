@@ -234,7 +234,8 @@ class ContrastiveHead(ClassifierHead):
         out = []
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
-                pixels = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images[start:start + batch_size]])
+                chunk = images[start:start + batch_size]
+                pixels = torch.stack([backbone.preprocess(im.convert("RGB")) for im in chunk])
                 out.append(F.normalize(self._tuned.encode_image(pixels).float(), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self.text_weights_.shape[0])
 
