@@ -65,7 +65,8 @@ def main() -> None:
           f"{EPISODES} seeded episodes of the novel classes (15 queries per class; the same episodes for every row), "
           "mean accuracy ± 95% interval, `texture` backbone. `linear` is logistic regression on the frozen "
           "features, `prototype` the untrained prototype head. Meta s: meta-training time; fit ms: per-episode "
-          "fit. The textile defects are synthetic (`fewvision.io.generated`).", "",
+          "fit. The textile defects are synthetic (`fewvision.io.generated`). Only novel-class rows are shown: base-class "
+          "episodes would score images the meta models were trained on.", "",
           table(["data", "task", "head", "accuracy", "meta s", "fit ms"], rows), "",
           "Does meta-learning beat the frozen embedding here (a gap larger than the two intervals together)?", ""]
     md += [f"- {v}." for v in verdicts]

@@ -110,10 +110,27 @@ def test_benchmark_scores_meta_heads_and_baselines_on_the_same_novel_episodes(mo
         acc = np.array(run["accuracies"])
         assert len(acc) == 40 and run["accuracy_mean"] == pytest.approx(acc.mean(), abs=1e-12)
         assert run["accuracy_ci95"] == pytest.approx(1.96 * acc.std(ddof=1) / np.sqrt(40), rel=1e-9)
+    digests = {}
+    for run in doc["runs"]:  # every contender was scored on the very same episodes of a setting
+        digests.setdefault((run["classes"], run["shots"]), set()).add(run["episode_digest"])
+    assert len(digests) == 4 and all(len(d) == 1 for d in digests.values())
+    assert len({next(iter(d)) for d in digests.values()}) == 4  # and the settings' episodes differ
     by = {(r["method"], r["classes"], r["shots"]): float(r["accuracy_mean"]) for r in rows}
     # The meta-trained embedding was trained on the base digits' images: there it beats plain prototypes (measured
     # 0.53 vs 0.43 at 1 shot); on the novel digits it need not (measured 0.24 vs 0.26: the table says which).
     assert by[("protonet [meta: meta.fvm]", "base", "1")] > by[("prototype", "base", "1")] + 0.05
-    code, _, err = run_cli(monkeypatch, capsys, "benchmark", small_digits, "--meta", meta, "--way", "6",
-                           "--episodes", "5", "-o", tmp_path / "c")
-    assert code == 2 and "6-way episodes need 6 novel classes" in err, err
+    for args, message in ((["--way", "6"], "6-way episodes need 6 novel classes"),
+                          (["--methods", "protonet"], "give it meta-trained, with --meta"),
+                          (["--methods", "lora"], "trains on the images themselves"),
+                          (["--shots", "11", "--query", "15"], "lower --shots or --query")):
+        code, _, err = run_cli(monkeypatch, capsys, "benchmark", small_digits, "--meta", meta, "--episodes", "5",
+                               *args, "-o", tmp_path / "c")
+        assert code == 2 and message in err, (args, err)
+        assert not (tmp_path / "c" / "results.csv").exists()
+    plain = tmp_path / "plain.fvm"
+    code, _, err = run_cli(monkeypatch, capsys, "fit", small_digits, "--method", "prototype", "-b", "texture",
+                           "-o", plain)
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "benchmark", small_digits, "--meta", plain, "--episodes", "5",
+                           "-o", tmp_path / "c")
+    assert code == 2 and "not a model from 'fewvision meta-train'" in err, err

@@ -102,6 +102,10 @@ class ClassifierHead(ABC):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "ClassifierHead":
+        missing = [n for n in getattr(cls, "NETWORK", ()) if n not in tensors]
+        if missing:  # e.g. a file from before a network gained a layer
+            raise ValueError(f"the file lacks the trained tensor(s) {', '.join(missing)}: fit (or meta-train) the "
+                             "model again with this version")
         head = cls(**_from_json(config["params"]))
         for key, value in _from_json(config["fitted"]).items():
             setattr(head, key, value)

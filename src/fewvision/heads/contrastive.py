@@ -143,9 +143,14 @@ class ContrastiveHead(ClassifierHead):
         if self.train == "lora":
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model, self.tuned_)
+            result = set_peft_model_state_dict(model, self.tuned_)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"the stored LoRA tensors do not fit this model: {result.unexpected_keys[:3]}")
         else:
             params = dict(model.named_parameters())
+            wrong = [n for n, v in self.tuned_.items() if n not in params or params[n].shape != v.shape]
+            if wrong:
+                raise ValueError(f"the stored tensors do not fit this model: {', '.join(wrong[:3])}")
             with torch.no_grad():
                 for name, value in self.tuned_.items():
                     params[name].copy_(value)
@@ -191,9 +196,10 @@ class ContrastiveHead(ClassifierHead):
             while len(order) < min(self.batch_size, len(images)):
                 order += torch.randperm(len(images), generator=generator).tolist()
             batch, order = order[: self.batch_size], order[self.batch_size:]
-            # An image's text: its caption, else one of its class's prompts (cycling through the templates).
+            # An image's text: its caption, else its class's prompt for this step (the templates take turns by
+            # step, so two images of a class in a batch share one text rather than count as each other's negatives).
             texts = [captions.get(support.paths[i]) or
-                     class_prompts[labels[i]][(step + i) % len(class_prompts[labels[i]])] for i in batch]
+                     class_prompts[labels[i]][step % len(class_prompts[labels[i]])] for i in batch]
             unique = list(dict.fromkeys(texts))
             view = AugmentedView(step, self.seed, scale=(0.5, 1.0))
             pixels = torch.stack([backbone.preprocess(view(images[i], support.paths[i])) for i in batch])

@@ -71,7 +71,8 @@ class MamlHead(ClassifierHead):
         return self
 
     def adopt(self, meta: "MamlHead", origin: dict[str, Any]) -> "MamlHead":
-        """Start from ``meta``'s learned initialisation (and adapt it as ``meta`` was trained to)."""
+        """Start from ``meta``'s learned initialisation and adapt it as ``meta`` was trained to: its variant, inner
+        steps and rate replace this head's (the starting point was learned for exactly that inner loop)."""
         for name in self.NETWORK:
             setattr(self, name, getattr(meta, name).clone())
         self.variant, self.inner_lr, self.inner_steps = meta.variant, meta.inner_lr, meta.inner_steps
@@ -91,8 +92,11 @@ class MamlHead(ClassifierHead):
                 head = type(self)(**{**self.get_params(), **episodes}).meta_fit(features, labels)
                 self.adopt(head, {"trained_on": "episodes of the support set itself"})
             else:
-                for attr, value in zip(_THETA, initial_parameters(features.shape[1], int(self.hidden)).values()):
-                    setattr(self, attr, value)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed)  # the body's first layer is drawn at random
+                    start = initial_parameters(features.shape[1], int(self.hidden))
+                for attr, name in _THETA.items():
+                    setattr(self, attr, start[name])
                 self.meta_ = {"trained_on": "nothing: one image of some class, so no episodes (the untrained "
                               "starting point: a few steps of logistic regression)"}
         elif features.shape[1] != self.inner_weight_.shape[1]:

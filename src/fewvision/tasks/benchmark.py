@@ -10,7 +10,9 @@ feature kind through the cache and reused by every cell. Results: mean and stand
 episodes drawn from the *novel* classes (those no meta model was trained on), every head fitted on each episode's
 support and scored on its queries, and the mean accuracy with its 95% interval (1.96 standard errors over
 episodes). The frozen-embedding baselines - logistic regression (``linear``, Tian et al. 2020's "good embedding")
-and the untrained prototype head - run on the very same episodes and features.
+and the untrained prototype head - run on the very same episodes and features. Rows marked ``base`` score episodes
+of the base classes, i.e. of images the meta models were trained on: not a result, the contrast that shows how much
+of the meta-trained accuracy stays with the classes it was learned on.
 """
 
 from __future__ import annotations
@@ -203,6 +205,17 @@ def run_episode_benchmark(
         raise ValueError(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(known)}")
     if episodes < 1 or any(k < 1 for k in shots):
         raise ValueError("episodes and shots must be >= 1")
+    from .meta import META_METHODS
+
+    for m in methods:  # each is fitted on every one of the episodes, from the cached features
+        if m in META_METHODS:
+            raise ValueError(f"'{m}' would meta-train on each of the {episodes} episodes: give it meta-trained, "
+                             "with --meta (a model from 'fewvision meta-train')")
+        if feature_kind(make_head(m, 0, **(params or {}).get(m, {}))) != GLOBAL:
+            raise ValueError(f"'{m}' trains on the images themselves, which the episodic protocol does not run "
+                             "(it fits every head on cached features, hundreds of times); compare it with "
+                             "'fewvision benchmark' without --meta/--episodes")
+    metas = list({str(m) if not isinstance(m, FewVisionModel) else id(m): m for m in metas}.values())
     models = [(m, f"model {i + 1}") if isinstance(m, FewVisionModel) else (load(m, cache_dir), str(m))
               for i, m in enumerate(metas)]
     labels_of = {}
@@ -224,6 +237,10 @@ def run_episode_benchmark(
         raise ValueError("give a backbone or meta-trained models (whose backbone is used)")
     else:
         bb = as_backbone(backbone, cache_dir, weights)
+    for m in methods:
+        reason = _skip_reason(m, (params or {}).get(m, {}), bb)
+        if reason:
+            raise ValueError(f"'{m}' {reason}")
     dataset = as_dataset(data)
     base_names = sorted({c for model, _ in models for c in model.info["meta"]["base_classes"]})
     novel = [i for i, c in enumerate(dataset.class_names) if c not in base_names]
@@ -249,34 +266,58 @@ def run_episode_benchmark(
         return head.fit(support)
 
     contenders = [(labels_of[origin], model) for model, origin in models] + [(m, m) for m in dict.fromkeys(methods)]
-    groups = [("novel", novel)] + ([("base", base)] if len(base) >= way and models else [])
-    runs, rows = [], []
-    for which, classes in groups:
+    # Every episode is drawn before any head is fitted: a setting the data cannot serve stops here, not midway.
+    drawn: dict[tuple[str, int], list] = {}
+    eligible: dict[str, list[str]] = {}  # the classes each setting's episodes draw from (enough images)
+    for which, classes in [("novel", novel)] + ([("base", base)] if models else []):
         for k in shots:
-            sampler = EpisodeSampler(y, way, k, query, classes=classes, seed=seed)
-            drawn = [sampler.sample() for _ in range(int(episodes))]
-            for name, contender in contenders:
-                accuracy, seconds, n_params = [], 0.0, 0
-                for ep in drawn:
-                    names = [dataset.class_names[int(c)] for c in ep.classes]
-                    start = time.perf_counter()
-                    head = fitted(contender, Support(x[ep.support], ep.support_labels, names, bb))
-                    seconds += time.perf_counter() - start
-                    accuracy.append(float((head.predict(x[ep.query]) == ep.query_labels).mean()))
-                    n_params = head.n_trainable_parameters()
-                acc = np.asarray(accuracy)
-                ci = 1.96 * acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else 0.0
-                rows.append({"method": name, "classes": which, "shots": int(k), "way": int(way), "query": int(query),
-                             "episodes": len(acc), "accuracy_mean": float(acc.mean()), "accuracy_ci95": float(ci),
-                             "fit_seconds": seconds / len(acc), "n_trainable_parameters": int(n_params)})
-                runs.append({**rows[-1], "accuracies": accuracy})
-                echo(f"{name} {which} {way}-way {k}-shot: {acc.mean():.4f} ± {ci:.4f}")
+            try:
+                sampler = EpisodeSampler(y, way, k, query, classes=classes, seed=seed)
+            except ValueError as err:
+                if which == "base":  # the contrast on base classes is a bonus; say why it is missing
+                    echo(f"no base-class rows: {err}")
+                    drawn = {key: eps for key, eps in drawn.items() if key[0] != "base"}
+                    eligible = {key: names for key, names in eligible.items() if not key.startswith("base")}
+                    break
+                raise ValueError(f"{dataset.name}, novel classes: {err} (lower --shots or --query, or --way)") from None
+            drawn[(which, int(k))] = [sampler.sample() for _ in range(int(episodes))]
+            eligible[f"{which} {k}-shot"] = [dataset.class_names[int(c)] for c in sampler.eligible]
+    runs, rows = [], []
+    for (which, k), episodes_drawn in drawn.items():
+        for name, contender in contenders:
+            accuracy, seconds, n_params = [], 0.0, 0
+            for ep in episodes_drawn:
+                names = [dataset.class_names[int(c)] for c in ep.classes]
+                start = time.perf_counter()
+                head = fitted(contender, Support(x[ep.support], ep.support_labels, names, bb))
+                seconds += time.perf_counter() - start
+                accuracy.append(float((head.predict(x[ep.query]) == ep.query_labels).mean()))
+                n_params = head.n_trainable_parameters()
+            acc = np.asarray(accuracy)
+            ci = 1.96 * acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else 0.0
+            rows.append({"method": name, "classes": which, "shots": int(k), "way": int(way), "query": int(query),
+                         "episodes": len(acc), "accuracy_mean": float(acc.mean()), "accuracy_ci95": float(ci),
+                         "fit_seconds": seconds / len(acc), "n_trainable_parameters": int(n_params)})
+            runs.append({**rows[-1], "accuracies": accuracy, "episode_digest": episode_digest(episodes_drawn)})
+            echo(f"{name} {which} {way}-way {k}-shot: {acc.mean():.4f} ± {ci:.4f}")
     setup = {"mode": "episodes", "dataset": dataset.name, "n_images": len(dataset), "backbone": bb.spec,
              "backbone_id": bb.id, "meta_models": [origin for _, origin in models], "methods": list(methods),
              "base_classes": base_names, "novel_classes": [dataset.class_names[i] for i in novel],
+             "classes_in_episodes": eligible,
              "shots": list(shots), "way": way, "query": query, "episodes": episodes, "seed": seed,
              "skipped_images": sorted(s.path for s in feats.skipped)}
     return BenchmarkResult(rows, runs, [], setup)
+
+
+def episode_digest(episodes) -> str:
+    """A short fingerprint of a list of episodes (classes, support and query indices), to show rows shared them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ep in episodes:
+        for part in (ep.classes, ep.support, ep.query):
+            h.update(np.asarray(part, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
