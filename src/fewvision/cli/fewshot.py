@@ -146,7 +146,12 @@ def fit_command(
             raise UserError(f"{meta}: a {meta_info['head']['method']} model; fit with --method "
                             f"{meta_info['head']['method']}")
         backbone = meta_info["backbone"]["spec"]
-    spec = resolve_backbone(backbone)
+    from ..heads import head_classes
+
+    # A head that brings its own model (gcpl, comple: a diffusion pipeline) only needs the images read: the
+    # weight-free texture backbone does that without loading CLIP.
+    own = getattr(head_classes().get(method), "own_model", False)
+    spec = resolve_backbone(backbone) if backbone or not own else "texture"
     cls = check_method(method, spec)
     params = parse_params(param, init_parameters(cls), method)
     if conformal not in SCORES:
@@ -175,6 +180,10 @@ def fit_command(
     save_model(out, model)
     for s in model.info.get("skipped", []):
         info(f"skipped {s}")
+    cost = getattr(getattr(model.head, "inner", model.head), "cost_", None)
+    if cost:
+        info(f"cost: {cost['training_unet_passes']} UNet passes to train ({cost['training_unet_passes_per_class']:.0f} "
+             f"per class); {cost['inference_unet_passes_per_image']} per image to predict")
     d = model.decision
     extra = f", temperature {d['temperature']:.3f}" if "temperature" in d else ""
     if "conformal" in d:

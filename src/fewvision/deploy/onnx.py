@@ -43,7 +43,8 @@ METADATA_KEY = "fewvision"
 PARITY_TOLERANCE = 1e-4
 ANOMALY_METHODS = ("patchcore", "padim")
 NOT_EXPORTABLE = {"lora": "it adapts the encoder's weights", "contrastive": "it adapts the encoder's weights",
-                  "slac": "it asks an LMM", "tlac": "it asks an LMM",
+                  "slac": "it asks an LMM", "tlac": "it asks an LMM", "gcpl": "it runs a diffusion pipeline",
+                  "comple": "it runs a diffusion pipeline",
                   "with-good": "it runs an anomaly model on the side (fit --good)"}
 
 

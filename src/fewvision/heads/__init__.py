@@ -6,6 +6,7 @@ from .base import ClassifierHead, NotFitted
 from .clip_adapter import ClipAdapterHead
 from .contrastive import ContrastiveHead
 from .coop import CoOpHead
+from .gcpl import CoMPLeHead, GCPLHead
 from .linear import LinearHead
 from .lora import LoRAHead
 from .maml import MamlHead
@@ -35,6 +36,8 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "coop": CoOpHead,
     "lora": LoRAHead,
     "contrastive": ContrastiveHead,
+    "gcpl": GCPLHead,
+    "comple": CoMPLeHead,
     # not a method of its own: any image-feature head with features from good images (fit(..., good=GOOD_DIR))
     "with-good": WithGoodImages,
 }

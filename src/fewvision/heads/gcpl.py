@@ -32,7 +32,7 @@ class GCPLHead(ClassifierHead):
 
     def __init__(self, pipeline: str = "CompVis/stable-diffusion-v1-4", init_word: str = "object",
                  template: str = "a photo of a {}", steps: int | None = None, steps_per_class: int = 500,
-                 batch_size: int = 4, lr: float = 5e-4, contrastive_weight: float = 0.0,
+                 batch_size: int = 4, lr: float = 5e-4, contrastive_weight: float = 0.0, margin: float = 0.1,
                  n_samples: Sequence[int] = (50, 500), to_keep: Sequence[int] = (5, 1), seed: int = 0):
         self.pipeline = pipeline
         self.init_word = init_word
@@ -42,6 +42,7 @@ class GCPLHead(ClassifierHead):
         self.batch_size = batch_size
         self.lr = lr
         self.contrastive_weight = contrastive_weight
+        self.margin = margin
         self.n_samples = n_samples
         self.to_keep = to_keep
         self.seed = seed
@@ -73,7 +74,7 @@ class GCPLHead(ClassifierHead):
         steps = int(self.steps) if self.steps is not None else int(self.steps_per_class) * len(names)
         result = invert(pipe, tokens, z0, support.labels, token_names(len(names)), self.template, steps=steps,
                         batch_size=self.batch_size, lr=self.lr, contrastive_weight=self.contrastive_weight,
-                        seed=self.seed)
+                        margin=self.margin, seed=self.seed)
         self.token_embeddings_ = result.embeddings.float().cpu().contiguous()
         self.losses_ = result.losses
         self.cost_ = {"training_unet_passes": result.unet_passes,
@@ -130,7 +131,7 @@ class CoMPLeHead(GCPLHead):
 
     def __init__(self, pipeline: str = "CompVis/stable-diffusion-v1-4", init_word: str = "object",
                  template: str = "a photo of a {}", steps: int | None = None, steps_per_class: int = 500,
-                 batch_size: int = 4, lr: float = 5e-4, contrastive_weight: float = 1.0,
+                 batch_size: int = 4, lr: float = 5e-4, contrastive_weight: float = 1.0, margin: float = 0.1,
                  n_samples: Sequence[int] = (50, 500), to_keep: Sequence[int] = (5, 1), seed: int = 0):
         super().__init__(pipeline, init_word, template, steps, steps_per_class, batch_size, lr, contrastive_weight,
-                         n_samples, to_keep, seed)
+                         margin, n_samples, to_keep, seed)
