@@ -41,6 +41,15 @@ def tiny_clip(tiny_clip_config):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny, untrained Stable Diffusion pipeline folder (for heads that run one: gcpl, comple)."""
+    from diffusion_helpers import tiny_toy_pipeline, toy_images
+
+    root = tmp_path_factory.mktemp("tiny-sd")
+    return tiny_toy_pipeline(root / "pipeline", toy_images(root / "images"), steps=0)
+
+
+@pytest.fixture(scope="session")
 def textile_root() -> Path:
     from fewvision.io.datasets import textile_root
 

@@ -16,7 +16,9 @@ CLASSES = ["nominal", "local", "global"]
 # Short training for the end-to-end save/load loop; defaults are exercised on synthetic features below.
 FAST = {"prolip": {"n_views": 2, "steps": 5}, "clip-adapter": {"epochs": 5}, "coop": {"steps": 3}, "lora": {"steps": 3},
         "tip-f": {"epochs": 3, "n_views": 2}, "tip": {"n_views": 2}, "protonet": {"episodes": 20}, "relationnet": {"episodes": 20},
-        "maml": {"episodes": 20}, "contrastive": {"steps": 3}}
+        "maml": {"episodes": 20}, "contrastive": {"steps": 3},
+        "gcpl": {"steps": 2, "n_samples": (4,), "to_keep": (1,)},
+        "comple": {"steps": 2, "n_samples": (4,), "to_keep": (1,)}}
 
 
 def _features(n=60, d=32, c=3, noise=0.6, seed=0):
@@ -128,13 +130,15 @@ def test_text_heads_refuse_image_only_backbones():
         TipAdapterHead().fit(Support(feats, labels, CLASSES, ImageOnly()))
 
 
-def test_save_load_gives_identical_probabilities_for_every_head(tmp_path, tiny_clip, textile_subset):
+def test_save_load_gives_identical_probabilities_for_every_head(tmp_path, tiny_clip, textile_subset, tiny_sd):
+    from fewvision.heads import head_classes
     from fewvision.modelfile import load, save_model
     from fewvision.tasks.fewshot import fit, predict
 
     for method in head_names():
+        own = {"pipeline": str(tiny_sd)} if getattr(head_classes()[method], "own_model", False) else {}
         model = fit(str(textile_subset), method, tiny_clip, shots=4, seed=0, calibrate_fraction=0.25, alpha=0.2,
-                    **FAST.get(method, {}))
+                    **FAST.get(method, {}), **own)
         path = save_model(tmp_path / f"{method}.fvm", model)
         loaded = load(path).bind(tiny_clip)
         assert loaded.decision == model.decision and loaded.info["method"] == method

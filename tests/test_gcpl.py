@@ -1,12 +1,14 @@
 """GCPL / CoMPLe class tokens through a tiny Stable Diffusion pipeline and the adaptive diffusion classifier
 (issue 15), on CPU."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from diffusion_helpers import TOY_PROMPTS, tiny_toy_pipeline, toy_images
+from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 FAST = dict(n_samples=(8, 32), to_keep=(1, 1), batch_size=4, lr=1e-2)
@@ -161,3 +163,34 @@ def test_toy_prompts_are_what_the_unet_learned(toy):
         own = noise_errors(pipe, z0.expand(32, -1, -1, -1), t, noise, cond[0:1].expand(32, -1, -1)).mean()
         other = noise_errors(pipe, z0.expand(32, -1, -1, -1), t, noise, cond[1:2].expand(32, -1, -1)).mean()
     assert own < other
+
+
+def test_generated_images_from_the_learned_tokens_join_another_heads_support(toy, monkeypatch, capsys, tmp_path):
+    from cli_helpers import run_cli
+
+    from fewvision.diffusion.generate import synthesize
+    from fewvision.modelfile import load
+
+    images, pipeline = toy
+    gcpl = tmp_path / "gcpl.fvm"
+    code, _, err = run_cli(monkeypatch, capsys, "fit", images, "--method", "gcpl", "--shots", "4",
+                           "-p", f"pipeline={pipeline}", "-p", "steps=20", "-p", "lr=0.01", "-o", gcpl)
+    assert code == 0, err
+    out = tmp_path / "proto.fvm"
+    code, _, err = run_cli(monkeypatch, capsys, "fit", images, "--method", "prototype", "-b", "texture", "--shots",
+                           "2", "--synthetic", gcpl, "--synthetic-per-class", "2", "-o", out)
+    assert code == 0, err
+    model = load(out)
+    assert model.info["synthetic"] == {"method": "gcpl", "per_class": 2, "n_images": 4,
+                                       "classes": ["columns", "rows"]}
+    assert model.info["n_support"] == 4 + 4 and model.info["support_counts"] == [4, 4]
+    drawn = synthesize(load(gcpl), 2)
+    assert len(drawn) == 4 and [c for _, c in drawn] == ["columns", "columns", "rows", "rows"]
+    stamps = {p: os.stat(p).st_mtime_ns for p, _ in drawn}
+    assert all(Image.open(p).size == (32, 32) for p in stamps)
+    assert {p: os.stat(p).st_mtime_ns for p, _ in synthesize(load(gcpl), 2)} == stamps  # reused, not redrawn
+    again = synthesize(load(gcpl), 2, cache_dir=tmp_path / "other-cache")  # seeded: the same pixels elsewhere
+    assert [Path(p).read_bytes() for p, _ in again] == [Path(p).read_bytes() for p, _ in drawn]
+    code, _, err = run_cli(monkeypatch, capsys, "fit", images, "--method", "prototype", "-b", "texture",
+                           "--synthetic", out, "-o", tmp_path / "x.fvm")
+    assert code == 2 and "gcpl or comple model, not a prototype model" in err, err

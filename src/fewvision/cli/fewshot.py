@@ -123,6 +123,11 @@ def fit_command(
                                         help="a model from 'fewvision meta-train': keep what it learned on the base "
                                              "classes (embedding, relation module, MAML's starting point) and fit "
                                              "only the new classes, on its backbone"),
+    synthetic: Optional[Path] = typer.Option(None, "--synthetic", metavar="FILE",
+                                             help="a gcpl or comple model: add images generated from its learned "
+                                                  "class tokens to the support set"),
+    synthetic_per_class: int = typer.Option(8, "--synthetic-per-class", min=1, metavar="N",
+                                            help="generated images per class with --synthetic"),
     param: List[str] = param_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
@@ -171,12 +176,14 @@ def fit_command(
         for folder in good:
             if not folder.exists():
                 raise UserError(f"{folder}: --good names no such file or folder")
+    if synthetic is not None and not synthetic.is_file():
+        raise UserError(f"{synthetic}: --synthetic names no such model file")
     data = load_dataset(dataset)
     with job(f"fit {method}"):
         model = fit(data, method, spec, shots, seed, weights=weights, calibrate_fraction=calibrate_fraction,
                     alpha=alpha, conformal=conformal, mondrian=mondrian, good=[str(g) for g in good or []],
-                    good_method=good_method, meta=meta, cache_dir=cache_dir, use_cache=not no_cache, progress=True,
-                    **params)
+                    good_method=good_method, meta=meta, synthetic=synthetic, synthetic_per_class=synthetic_per_class,
+                    cache_dir=cache_dir, use_cache=not no_cache, progress=True, **params)
     save_model(out, model)
     for s in model.info.get("skipped", []):
         info(f"skipped {s}")

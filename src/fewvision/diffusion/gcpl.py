@@ -47,8 +47,9 @@ def latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
 def noise_errors(pipe, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """Per-example mean squared noise-prediction error [B] of latents z0 [B, ...] at timesteps t [B]."""
     unet = pipe.unet
+    noise, t = noise.to(z0.device), t.to(z0.device)  # drawn on the CPU (seeded the same everywhere)
     noisy = pipe.scheduler.add_noise(z0, noise, t)
-    pred = unet(noisy.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
     target = noise if pipe.scheduler.config.prediction_type == "epsilon" else pipe.scheduler.get_velocity(z0, noise, t)
     return (pred - target).pow(2).flatten(1).mean(1)
 
@@ -79,7 +80,7 @@ def invert(pipe, tokens, z0: torch.Tensor, labels: torch.Tensor, names: Sequence
         batch = torch.randint(0, len(z0), (min(batch_size, len(z0)),), generator=generator)
         t = torch.randint(0, n_train, (len(batch),), generator=generator)
         noise = torch.randn(z0[batch].shape, generator=generator)
-        y = labels[batch]
+        y = labels[batch].to(z0.device)
         if contrastive_weight > 0:  # every class's error on each image (C UNet passes per image)
             cond = tokens.encode(prompts)  # [C, L, width]
             errors = torch.stack([noise_errors(pipe, z0[batch], t, noise, cond[k].expand(len(batch), -1, -1))
@@ -105,7 +106,8 @@ def invert(pipe, tokens, z0: torch.Tensor, labels: torch.Tensor, names: Sequence
     return InversionResult(tokens.embeddings.detach().clone(), losses, passes)
 
 
-def sample_plan(n_samples: Sequence[int], n_train_timesteps: int, seed: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_plan(n_samples: Sequence[int], n_train_timesteps: int, seed: int,
+                shape) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed (timestep, noise) pairs: ``max(n_samples)`` timesteps spread evenly over the schedule, in an order
     whose every prefix of length ``n_samples[s]`` is itself spread evenly, and one seeded noise per pair."""
     total = int(max(n_samples))

@@ -169,6 +169,8 @@ def fit(
     good: Sequence[str | os.PathLike] | None = None,
     good_method: str = "padim",
     meta: FewVisionModel | str | os.PathLike | None = None,
+    synthetic: FewVisionModel | str | os.PathLike | None = None,
+    synthetic_per_class: int = 8,
     cache_dir: str | None = None,
     use_cache: bool = True,
     progress: bool = False,
@@ -182,6 +184,9 @@ def fit(
     With ``good`` (folders and/or files of good images) an anomaly model (``good_method``) is fitted on them with
     the same backbone, and the head learns from its map statistics and map-weighted patch features as well as the
     image features (:class:`fewvision.heads.with_good.WithGoodImages`).
+
+    With ``synthetic`` (a fitted gcpl or comple model), ``synthetic_per_class`` images per class generated from its
+    learned class tokens join the support set (:func:`fewvision.diffusion.generate.synthesize`).
 
     With ``calibrate_fraction`` > 0 a seeded, stratified share of those images is held out (never used for fitting)
     to fit the temperature and, with ``alpha``, split-conformal thresholds (``conformal`` 'lac' or 'aps',
@@ -233,9 +238,24 @@ def fit(
         keep, held = stratified_split(y[pool], calibrate_fraction, seed)
         pool, calib = pool[keep], pool[held]
     chosen = sample_shots(y, shots, seed, pool) if shots else pool
-    expect(len(chosen) + len(calib))
-    support = Support.from_files(bb, [dataset.paths[i] for i in chosen], y[chosen], dataset.class_names,
-                                 cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+    paths, labels = [dataset.paths[i] for i in chosen], list(y[chosen])
+    synthetic_info = None
+    if synthetic is not None:
+        from ..diffusion.generate import synthesize
+
+        source = synthetic if isinstance(synthetic, FewVisionModel) else load(synthetic, cache_dir)
+        unknown = sorted(set(source.head.class_names_) - set(dataset.class_names))
+        if unknown:
+            raise ValueError(f"the synthetic-image model knows class(es) {', '.join(unknown)} that {dataset.name} "
+                             "does not have")
+        drawn = synthesize(source, synthetic_per_class, seed=seed, cache_dir=cache_dir)
+        paths += [p for p, _ in drawn]
+        labels += [dataset.class_names.index(c) for _, c in drawn]
+        synthetic_info = {"method": source.head.method, "per_class": int(synthetic_per_class),
+                          "n_images": len(drawn), "classes": list(source.head.class_names_)}
+    expect(len(paths) + len(calib))
+    support = Support.from_files(bb, paths, labels, dataset.class_names, cache_dir=cache_dir, use_cache=use_cache,
+                                 progress=progress,
                                  captions={it.path: it.caption for it in dataset.items if it.caption})
     head.fit(support)
 
@@ -247,6 +267,8 @@ def fit(
             "skipped": [f"{s.path}: {s.reason}" for s in support.skipped][:20], "n_skipped": len(support.skipped)}
     if anomaly_info:
         info["good_images"] = anomaly_info
+    if synthetic_info:
+        info["synthetic"] = synthetic_info
     model = FewVisionModel(head, bb.spec, bb.id, info=info, _backbone=bb)
     if len(calib):
         calibrate(model, [dataset.paths[i] for i in calib], y[calib], alpha=alpha, score=conformal,
