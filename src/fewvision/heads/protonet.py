@@ -78,11 +78,10 @@ class ProtoNetHead(ClassifierHead):
     def fit(self, support: Support) -> "ProtoNetHead":
         features, labels, names = support.features, support.labels, support.class_names
         if not hasattr(self, "inner_weight_"):
-            counts = torch.bincount(labels, minlength=len(names))
-            if int(counts.min()) >= 2:  # train on the support itself: episodes of its own classes
-                fewest = int(counts.min())
-                shot = max(1, min(int(self.shot), fewest - 1))
-                episodes = {"way": min(int(self.way), len(names)), "shot": shot, "query": fewest - shot}
+            from ..meta.episodes import support_episodes
+
+            episodes = support_episodes(labels, len(names), self.way, self.shot)
+            if episodes is not None:  # train on the support itself: episodes of its own classes
                 head = type(self)(**{**self.get_params(), **episodes}).meta_fit(features, labels)
                 self.adopt(head, {"trained_on": "episodes of the support set itself"})
             else:

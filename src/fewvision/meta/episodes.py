@@ -75,6 +75,18 @@ def split_classes(class_names: Sequence[str], base: Sequence[str]) -> tuple[list
     return base_idx, novel_idx
 
 
+def support_episodes(labels, n_classes: int, way: int, shot: int) -> dict[str, int] | None:
+    """Episode settings for meta-training on a support set itself (way, shot, query), or None when some class has
+    a single image (support and query must differ)."""
+    import torch
+
+    fewest = int(torch.bincount(torch.as_tensor(labels), minlength=n_classes).min())
+    if fewest < 2:
+        return None
+    shot = max(1, min(int(shot), fewest - 1))
+    return {"way": min(int(way), n_classes), "shot": shot, "query": fewest - shot}
+
+
 def train_on_episodes(sampler: EpisodeSampler, parameters: Iterable, episode_loss: Callable[[Episode], "object"],
                       episodes: int, lr: float, weight_decay: float) -> list[float]:
     """One Adam step on ``episode_loss(episode)`` per sampled episode; the mean loss of each block of 100."""

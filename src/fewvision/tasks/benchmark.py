@@ -77,6 +77,13 @@ def split_indices(dataset: Dataset, test_fraction: float, seed: int) -> tuple[np
                          "train": len(train), "test": len(test)}
 
 
+def check_methods(methods: Sequence[str]) -> None:
+    known = head_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(known)}")
+
+
 def _skip_reason(method: str, params: dict, backbone: Backbone) -> str | None:
     head = make_head(method, 0, **params)
     if head.needs_text and not backbone.has_text:
@@ -101,10 +108,7 @@ def run_benchmark(
     echo: Callable[[str], None] = lambda _: None,
 ) -> BenchmarkResult:
     """Run the grid and return the aggregated rows (see module docstring)."""
-    known = head_names()
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(known)}")
+    check_methods(methods)
     if seeds < 1 or any(k < 1 for k in shots):
         raise ValueError("seeds and shots must be >= 1")
     dataset = as_dataset(data)
@@ -199,10 +203,7 @@ def run_episode_benchmark(
     from ..meta.episodes import EpisodeSampler
     from ..modelfile import FewVisionModel, load
 
-    known = head_names()
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}: expected some of {', '.join(known)}")
+    check_methods(methods)
     if episodes < 1 or any(k < 1 for k in shots):
         raise ValueError("episodes and shots must be >= 1")
     from .meta import META_METHODS
