@@ -1,6 +1,8 @@
 """GCPL / CoMPLe class tokens through a tiny Stable Diffusion pipeline and the adaptive diffusion classifier
 (issue 15), on CPU."""
 
+import csv
+import json
 import os
 from pathlib import Path
 
@@ -70,15 +72,59 @@ def test_learned_tokens_make_the_diffusion_classifier_rank_the_right_class_first
     logits = head.image_logits([Image.open(p) for p, _ in test])
     assert list(logits.argmax(1)) == [c for _, c in test]  # measured: all 4 held-out images right
     assert np.array_equal(logits, head.image_logits([Image.open(p) for p, _ in test]))  # seeded (t, noise)
-    # Before learning, both class tokens are the initial word: the classifier cannot tell them apart.
-    untrained = create_head("gcpl", pipeline=str(pipeline), steps=0, **{**FAST, "n_samples": (8,), "to_keep": (1,)})
-    untrained.fit(support_of(images))
-    assert np.allclose(*untrained.image_logits([Image.open(test[0][0])])[0], rtol=1e-6)
-    # Adaptive pruning: the second stage only scores the survivor, as the cost report says.
+    # Adaptive pruning: the second stage only scores the survivor, as the cost report says, and the logits rank
+    # the classes as the pruning did (the survivor first), though the pruned class got fewer pairs.
     cond, pipe = head._conditioning()
-    z0 = latents(pipe, to_pixels(pipe, [Image.open(test[0][0])]))
-    _, passes = classify(pipe, z0, cond, n_samples=(8, 32), to_keep=(1, 1))
-    assert passes == 8 * 2 + 24 * 1 == head.cost_["inference_unet_passes_per_image"]
+    for path, _ in test:
+        z0 = latents(pipe, to_pixels(pipe, [Image.open(path)]))
+        logits, passes = classify(pipe, z0, cond, n_samples=(8, 32), to_keep=(1, 1))
+        first, _ = classify(pipe, z0, cond, n_samples=(8,), to_keep=(1,))  # the pruning stage alone
+        assert passes == 8 * 2 + 24 * 1 == head.cost_["inference_unet_passes_per_image"]
+        assert logits.argmax() == first.argmax()
+
+
+def test_every_stage_of_the_pruning_schedule_sees_the_whole_noise_range():
+    from fewvision.diffusion.gcpl import sample_plan
+
+    for stages in ((50, 500), (20, 50, 100, 500)):
+        t, noise = sample_plan(stages, 1000, 0, (4, 2, 2))
+        assert sorted(t.tolist()) == list(range(1, 1000, 2)) and noise.shape == (500, 4, 2, 2)
+        for n in stages:  # each prefix a stage uses: half its timesteps in the noisier half of the schedule
+            assert 0.45 <= float((t[:n] >= 500).float().mean()) <= 0.55, (stages, n)
+            assert 400 < float(t[:n].float().mean()) < 600, (stages, n)
+
+
+def test_comple_gradient_class_by_class_equals_the_full_loss_gradient(toy):
+    from fewvision.diffusion.gcpl import _comple_step, latents, noise_errors, prompt_for
+    from fewvision.diffusion.pipeline import ClassTokens, load_pipeline, to_pixels, word_embedding
+    from fewvision.heads.gcpl import token_names
+
+    images, pipeline = toy
+    pipe = load_pipeline(str(pipeline))
+    support = support_of(images)
+    z0 = latents(pipe, to_pixels(pipe, [Image.open(p) for p in support.paths]))[:4]
+    y = support.labels[:4].clone()
+    y[1] = 1 - y[1]  # both classes in the batch
+    torch.manual_seed(3)
+    start = word_embedding(pipe, "object").expand(2, -1) + 0.05 * torch.randn(2, 32)
+    t, noise = torch.tensor([100, 400, 700, 900]), torch.randn(z0.shape)
+    prompts = [prompt_for("a photo of a {}", n) for n in token_names(2)]
+    grads = []
+    for way in ("by class", "full"):
+        tokens = ClassTokens(pipe, token_names(2), start)
+        if way == "by class":
+            loss, _ = _comple_step(pipe, tokens, prompts, z0, t, noise, y, 1.0, 0.1, 1.0)
+        else:
+            cond = tokens.encode(prompts)
+            errors = torch.stack([noise_errors(pipe, z0, t, noise, cond[k].expand(4, -1, -1)) for k in range(2)], 1)
+            own = errors.gather(1, y[:, None])
+            other = errors.gather(1, (1 - y)[:, None])
+            loss = own.mean() + torch.relu(0.1 - (other - own)).mean()
+            loss.backward()
+        grads.append((float(loss), tokens.embeddings.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+    assert float(grads[1][1].abs().max()) > 0
 
 
 def test_comple_term_raises_the_other_classes_error(toy):
@@ -90,7 +136,9 @@ def test_comple_term_raises_the_other_classes_error(toy):
     support = support_of(images)
     heads = {w: create_head("comple", pipeline=str(pipeline), steps=30, contrastive_weight=w, **FAST).fit(support)
              for w in (0.0, 1.0)}
-    assert heads[1.0].cost_["training_unet_passes"] == 2 * 30 * 4  # every class's error on each of 4 images
+    # Every class's error on each of the 4 images without gradients, then again with them for each class whose
+    # coefficient is not zero - all of them while the margin is not met.
+    assert heads[1.0].cost_["training_unet_passes"] == 2 * 2 * 30 * 4 == 4 * heads[0.0].cost_["training_unet_passes"]
     _, pipe = heads[0.0]._conditioning()
     z0 = latents(pipe, to_pixels(pipe, [Image.open(p) for p in support.paths]))
     t, noise = sample_plan([64], 1000, 5, z0.shape[1:])  # pairs the training never drew
@@ -105,8 +153,8 @@ def test_comple_term_raises_the_other_classes_error(toy):
                                                       cond[k : k + 1].expand(len(t), -1, -1)).mean())
         y = support.labels.numpy()
         own[w], other[w] = errors[np.arange(len(y)), y].mean(), errors[np.arange(len(y)), 1 - y].mean()
-    # Measured (30 steps, same seed): the other class's error 0.1067 -> 0.1072, its lead over the own class's error
-    # 0.0069 -> 0.0074. Adam's normalised steps keep the difference small: both losses move a token the same way.
+    # Measured (30 steps, same seed): the other class's error 0.1099 -> 0.1104, its lead over the own class's error
+    # 0.0072 -> 0.0077. Adam's normalised steps keep the difference small: both losses move a token the same way.
     assert other[1.0] > other[0.0], other
     assert other[1.0] - own[1.0] > 1.04 * (other[0.0] - own[0.0]), (own, other)
 
@@ -115,27 +163,37 @@ def test_fit_save_load_predict_through_the_cli(toy, monkeypatch, capsys, tmp_pat
     from cli_helpers import run_cli
 
     from fewvision.modelfile import load
-    from fewvision.tasks.fewshot import predict
+    from fewvision.tasks.fewshot import fit, predict
 
     images, pipeline = toy
     out = tmp_path / "gcpl.fvm"
+    settings = {"steps": 40, "n_samples": [8, 32], "to_keep": [1, 1], "lr": 0.01}
     code, _, err = run_cli(monkeypatch, capsys, "fit", images, "--method", "gcpl", "--shots", "4",
-                           "-p", f"pipeline={pipeline}", "-p", "steps=40", "-p", "n_samples=[8,32]",
-                           "-p", "to_keep=[1,1]", "-p", "lr=0.01", "-o", out)
+                           "-p", f"pipeline={pipeline}", *[a for k, v in settings.items()
+                                                           for a in ("-p", f"{k}={json.dumps(v)}")], "-o", out)
     assert code == 0, err
     assert "cost: 160 UNet passes to train (80 per class); 40 per image to predict" in err
-    model = load(out)
-    assert model.backbone_spec == "texture" and model.head.token_embeddings_.shape == (2, 32)
+    loaded = load(out)
+    assert loaded.backbone_spec == "texture" and loaded.head.token_embeddings_.shape == (2, 32)
+    in_memory = fit(str(images), "gcpl", "texture", shots=4, pipeline=str(pipeline), **settings)  # never saved
+    assert torch.equal(in_memory.head.token_embeddings_, loaded.head.token_embeddings_)
     test = [p for p, _ in held_out(images)]
-    fresh = model.head.image_logits([Image.open(p) for p in test])  # rebuilt from the file's tokens
 
     def probabilities(m):
         return [[r["probabilities"][c] for c in m.head.class_names_] for r in predict(m, test).rows]
 
-    assert np.allclose(probabilities(model), torch.softmax(torch.as_tensor(fresh, dtype=torch.float64), 1).numpy(),
-                       atol=1e-6)
-    code, out_text, err = run_cli(monkeypatch, capsys, "predict", out, *test)
+    assert np.allclose(probabilities(loaded), probabilities(in_memory), atol=1e-6)
+    results = tmp_path / "r.csv"
+    code, _, err = run_cli(monkeypatch, capsys, "predict", out, *test, "-o", results)
     assert code == 0, err
+    assert [row["path"] for row in csv.DictReader(results.open())] == test
+    for bad, message in (({"template": "a {} of {}"}, "needs exactly one {}"),
+                         ({"n_samples": [500, 50]}, "must be increasing")):
+        code, _, err = run_cli(monkeypatch, capsys, "fit", images, "--method", "comple", "-p",
+                               f"pipeline={pipeline}", *[a for k, v in bad.items()
+                                                         for a in ("-p", f"{k}={json.dumps(v)}")],
+                               "-o", tmp_path / "bad.fvm")
+        assert code == 2 and message in err, err
 
 
 def test_an_unreachable_pipeline_fails_fast_with_one_line(monkeypatch):

@@ -39,9 +39,12 @@ import torch.nn.functional as F
 def latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latent means (scaled as the UNet expects) of images in [-1, 1], [N, 3, H, W]."""
     vae = pipe.vae
+    out = []
     with torch.no_grad():
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return (dist.mean * vae.config.scaling_factor).float()
+        for start in range(0, len(pixels), 8):  # a few 512-px images at a time
+            dist = vae.encode(pixels[start : start + 8].to(vae.device, vae.dtype)).latent_dist
+            out.append((dist.mean * vae.config.scaling_factor).float())
+    return torch.cat(out)
 
 
 def noise_errors(pipe, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -72,6 +75,8 @@ def invert(pipe, tokens, z0: torch.Tensor, labels: torch.Tensor, names: Sequence
     ``z0`` [N, ...] of ``labels``; ``contrastive_weight`` > 0 is CoMPLe."""
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.AdamW([tokens.embeddings], lr=lr, weight_decay=0.0)  # GCPL: AdamW, lr 5e-4
+    # A half-precision UNet's gradients underflow: scale the loss (AdamW's step does not depend on the scale).
+    scale = 1024.0 if pipe.unet.dtype == torch.float16 else 1.0
     prompts = [prompt_for(template, n) for n in names]
     n_train = pipe.scheduler.config.num_train_timesteps
     n_classes = len(names)
@@ -80,22 +85,17 @@ def invert(pipe, tokens, z0: torch.Tensor, labels: torch.Tensor, names: Sequence
         batch = torch.randint(0, len(z0), (min(batch_size, len(z0)),), generator=generator)
         t = torch.randint(0, n_train, (len(batch),), generator=generator)
         noise = torch.randn(z0[batch].shape, generator=generator)
-        y = labels[batch].to(z0.device)
-        if contrastive_weight > 0:  # every class's error on each image (C UNet passes per image)
-            cond = tokens.encode(prompts)  # [C, L, width]
-            errors = torch.stack([noise_errors(pipe, z0[batch], t, noise, cond[k].expand(len(batch), -1, -1))
-                                  for k in range(n_classes)], dim=1)  # [B, C]
-            passes += len(batch) * n_classes
-            own = errors.gather(1, y[:, None])
-            others = ~F.one_hot(y, n_classes).bool()
-            hinge = F.relu(margin - (errors - own))[others].view(len(batch), n_classes - 1)
-            loss = own.mean() + contrastive_weight * hinge.mean()
+        y = labels[batch]
+        optimiser.zero_grad()
+        if contrastive_weight > 0:
+            loss = _comple_step(pipe, tokens, prompts, z0[batch], t, noise, y, contrastive_weight, margin, scale)
+            passes += int(loss[1])
+            loss = loss[0]
         else:
             cond = tokens.encode([prompts[int(k)] for k in y])
             loss = noise_errors(pipe, z0[batch], t, noise, cond).mean()
+            (loss * scale).backward()
             passes += len(batch)
-        optimiser.zero_grad()
-        loss.backward()
         optimiser.step()
         block.append(float(loss.detach()))
         if len(block) == 50:
@@ -106,34 +106,73 @@ def invert(pipe, tokens, z0: torch.Tensor, labels: torch.Tensor, names: Sequence
     return InversionResult(tokens.embeddings.detach().clone(), losses, passes)
 
 
+def _comple_step(pipe, tokens, prompts, z0, t, noise, y, weight: float, margin: float, scale: float):
+    """Accumulate the gradient of ``L = mean_i e_iy + weight * mean_{i, k != y} max(0, m - (e_ik - e_iy))`` class by
+    class, so that at most one class's UNet graph is alive (C graphs of a 512-px UNet would not fit a GPU): first
+    every error without gradients, to know which hinge terms are active, then one backward pass per class whose
+    coefficient is not zero. Returns (the loss, the UNet passes)."""
+    n, n_classes = len(z0), len(prompts)
+    with torch.no_grad():
+        cond = tokens.encode(prompts)
+        errors = torch.stack([noise_errors(pipe, z0, t, noise, cond[k].expand(n, -1, -1)) for k in range(n_classes)],
+                             dim=1).cpu()  # [B, C]
+    own = errors.gather(1, y[:, None])
+    others = ~F.one_hot(y, n_classes).bool()
+    active = (margin - (errors - own) > 0) & others
+    loss = own.mean() + weight * (F.relu(margin - (errors - own)) * others).sum() / (n * (n_classes - 1))
+    coef = -weight * active.float() / (n * (n_classes - 1))  # d loss / d e_ik for the other classes
+    coef[torch.arange(n), y] = 1.0 / n + weight * active.sum(1).float() / (n * (n_classes - 1))
+    passes = n * n_classes
+    for k in range(n_classes):
+        rows = torch.nonzero(coef[:, k]).squeeze(1)
+        if len(rows) == 0:
+            continue
+        e = noise_errors(pipe, z0[rows], t[rows], noise[rows], tokens.encode([prompts[k]]).expand(len(rows), -1, -1))
+        ((coef[rows, k].to(e.device) * e).sum() * scale).backward()
+        passes += len(rows)
+    return loss, passes
+
+
 def sample_plan(n_samples: Sequence[int], n_train_timesteps: int, seed: int,
                 shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed (timestep, noise) pairs: ``max(n_samples)`` timesteps spread evenly over the schedule, in an order
-    whose every prefix of length ``n_samples[s]`` is itself spread evenly, and one seeded noise per pair."""
+    """The fixed (timestep, noise) pairs: ``max(n_samples)`` timesteps on an even grid over the schedule, in van der
+    Corput order (0.5, 0.25, 0.75, 0.125, ...), so that the pairs a stage uses - a prefix of any length - cover the
+    whole schedule evenly; one seeded noise per pair."""
     total = int(max(n_samples))
     grid = (torch.arange(total) * n_train_timesteps) // total + n_train_timesteps // (2 * total)
-    order, seen = [], set()
-    for n in sorted(set(int(n) for n in n_samples)):
-        for i in np.linspace(0, total - 1, n).round().astype(int):
-            if int(i) not in seen:
-                seen.add(int(i))
-                order.append(int(i))
-    order += [i for i in range(total) if i not in seen]
+    order, used, k = [], np.zeros(total, dtype=bool), 0
+    while len(order) < total:  # the van der Corput sequence (base 2) on the grid, first come first served
+        u, f, i = 0.0, 0.5, k
+        while i:
+            u, i, f = u + f * (i & 1), i >> 1, f / 2
+        index, k = min(int(u * total), total - 1), k + 1
+        if not used[index]:
+            used[index] = True
+            order.append(index)
     generator = torch.Generator().manual_seed(seed)
     return grid[order], torch.randn((total, *shape), generator=generator)
 
 
+def check_schedule(n_samples: Sequence[int], to_keep: Sequence[int]) -> None:
+    if (len(n_samples) == 0 or len(n_samples) != len(to_keep) or any(int(n) < 1 for n in n_samples)
+            or any(b <= a for a, b in zip(n_samples, n_samples[1:])) or any(int(k) < 1 for k in to_keep)):
+        raise ValueError(f"n_samples {list(n_samples)} must be increasing pair counts, one per stage, with a "
+                         f"to_keep of at least 1 for each (got to_keep {list(to_keep)})")
+
+
 def classify(pipe, z0: torch.Tensor, cond: torch.Tensor, *, n_samples: Sequence[int] = (50, 500),
              to_keep: Sequence[int] = (5, 1), seed: int = 0, batch_size: int = 32) -> tuple[np.ndarray, int]:
-    """(class logits [C] = minus each class's summed error, averaged over the pairs it got; UNet passes used) for
-    one image's latent ``z0`` [1, ...] and the class conditionings ``cond`` [C, L, width]."""
-    if len(n_samples) != len(to_keep) or any(b <= a for a, b in zip(n_samples, n_samples[1:])):
-        raise ValueError(f"n_samples {list(n_samples)} must increase and pair with to_keep {list(to_keep)}")
+    """(class logits [C], UNet passes used) for one image's latent ``z0`` [1, ...] and the class conditionings
+    ``cond`` [C, L, width].
+
+    The survivor's logit is minus its summed error (over latent elements) averaged over all pairs; a class pruned
+    after the first ``n`` pairs sits below it by how much worse it did on those same ``n`` pairs (paired, as the
+    pruning judged it), so the logits rank the classes as the schedule did."""
+    check_schedule(n_samples, to_keep)
     n_classes = len(cond)
     timesteps, noises = sample_plan(n_samples, pipe.scheduler.config.num_train_timesteps, seed, z0.shape[1:])
     elements = int(np.prod(z0.shape[1:]))
-    sums = np.zeros(n_classes)
-    counts = np.zeros(n_classes, dtype=np.int64)
+    errors = np.full((n_classes, int(max(n_samples))), np.nan)
     alive, done, passes = list(range(n_classes)), 0, 0
     with torch.no_grad():
         for n, keep in zip(n_samples, to_keep):
@@ -143,13 +182,16 @@ def classify(pipe, z0: torch.Tensor, cond: torch.Tensor, *, n_samples: Sequence[
                     t, noise = timesteps[start:stop], noises[start:stop]
                     e = noise_errors(pipe, z0.expand(len(t), *z0.shape[1:]), t, noise,
                                      cond[k : k + 1].expand(len(t), -1, -1))
-                    sums[k] += float(e.sum()) * elements
-                    counts[k] += len(t)
+                    errors[k, start:stop] = e.cpu().numpy() * elements
                     passes += len(t)
             done = n
-            mean = sums[alive] / counts[alive]
+            mean = errors[alive, :n].mean(1)
             alive = [alive[i] for i in np.argsort(mean, kind="stable")[: max(1, min(int(keep), len(alive)))]]
-    return -(sums / np.maximum(counts, 1)), passes
+    best = alive[0]
+    got = (~np.isnan(errors)).sum(1)
+    logits = np.array([-errors[best].mean() - (errors[k, : got[k]].mean() - errors[best, : got[k]].mean())
+                       for k in range(n_classes)])
+    return logits, passes
 
 
 def inference_passes(n_classes: int, n_samples: Sequence[int], to_keep: Sequence[int]) -> int:

@@ -92,7 +92,9 @@ class ClassTokens:
         import copy
 
         self.tokenizer = copy.deepcopy(pipe.tokenizer)
-        self.text_encoder = copy.deepcopy(pipe.text_encoder)
+        # In float32 even when the pipeline runs in half precision: the gradients that train the tokens pass
+        # through it (as diffusers' textual-inversion recipe keeps it); the UNet takes its output cast to fp16.
+        self.text_encoder = copy.deepcopy(pipe.text_encoder).float()
         size = self.text_encoder.get_input_embeddings().num_embeddings
         if len(self.tokenizer) != size:
             raise BackboneError(f"the pipeline's tokenizer has {len(self.tokenizer)} tokens but its text encoder "

@@ -62,8 +62,17 @@ class GCPLHead(ClassifierHead):
         from ..diffusion.pipeline import to_pixels, word_embedding
         from ..io.images import load_image
 
-        if "{}" not in self.template:
-            raise ValueError(f"the template '{self.template}' needs a {{}} where the class token goes")
+        from ..diffusion.gcpl import check_schedule
+
+        try:  # settings that would only fail after thousands of UNet passes are refused first
+            ok = self.template.count("{}") == 1 and self.template.format("x") != self.template
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"the template '{self.template}' needs exactly one {{}}, where the class token goes")
+        check_schedule(self.n_samples, self.to_keep)
+        if self.contrastive_weight > 0 and len(support.class_names) < 2:
+            raise ValueError("CoMPLe's contrastive term needs at least two classes")
         if not support.paths:
             raise ValueError(f"{self.method} learns from the support images: the support set needs image paths")
         pipe = self._pipe(support.cache_dir)
