@@ -79,7 +79,6 @@ def invert(pipe, tokens, z0: torch.Tensor, labels: torch.Tensor, names: Sequence
     scale = 1024.0 if pipe.unet.dtype == torch.float16 else 1.0
     prompts = [prompt_for(template, n) for n in names]
     n_train = pipe.scheduler.config.num_train_timesteps
-    n_classes = len(names)
     losses, block, passes = [], [], 0
     for _ in range(int(steps)):
         batch = torch.randint(0, len(z0), (min(batch_size, len(z0)),), generator=generator)
