@@ -58,11 +58,9 @@ class GCPLHead(ClassifierHead):
         return ClassTokens(pipe, token_names(len(initial)), initial.to(pipe.text_encoder.device))
 
     def fit(self, support: Support) -> "GCPLHead":
-        from ..diffusion.gcpl import inference_passes, invert, latents
+        from ..diffusion.gcpl import check_schedule, inference_passes, invert, latents
         from ..diffusion.pipeline import to_pixels, word_embedding
         from ..io.images import load_image
-
-        from ..diffusion.gcpl import check_schedule
 
         try:  # settings that would only fail after thousands of UNet passes are refused first
             ok = self.template.count("{}") == 1 and self.template.format("x") != self.template
