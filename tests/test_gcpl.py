@@ -203,6 +203,10 @@ def test_an_unreachable_pipeline_fails_fast_with_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackboneError, match="Stable Diffusion pipeline 'nobody/no-such-pipeline' cannot be loaded"):
         load_pipeline("nobody/no-such-pipeline")
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # not declared offline: one probe of an unreachable hub, then the message
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(BackboneError, match="the hub cannot be reached.*127.0.0.1:9"):
+        load_pipeline("nobody/no-such-pipeline")
 
 
 def test_toy_prompts_are_what_the_unet_learned(toy):

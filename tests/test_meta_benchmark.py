@@ -104,6 +104,7 @@ def test_benchmark_scores_meta_heads_and_baselines_on_the_same_novel_episodes(mo
     assert {(r["method"], r["classes"], r["shots"]) for r in rows} == {
         (m, c, k) for m in contenders for c in ("novel", "base") for k in ("1", "3")}
     doc = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert doc["setup"]["way"] == 5  # the default: 5-way (digits has 5 novel classes here)
     assert doc["setup"]["novel_classes"] == ["5", "6", "7", "8", "9"]
     assert doc["setup"]["base_classes"] == ["0", "1", "2", "3", "4"]
     for run in doc["runs"]:
@@ -134,3 +135,14 @@ def test_benchmark_scores_meta_heads_and_baselines_on_the_same_novel_episodes(mo
     code, _, err = run_cli(monkeypatch, capsys, "benchmark", small_digits, "--meta", plain, "--episodes", "5",
                            "-o", tmp_path / "c")
     assert code == 2 and "not a model from 'fewvision meta-train'" in err, err
+
+
+def test_episodes_default_to_as_many_classes_as_are_novel(tmp_path, small_digits):
+    """A site with three new defect types gets 3-way episodes by default, not a refusal to run 5-way ones."""
+    from fewvision.tasks.benchmark import run_episode_benchmark
+    from fewvision.tasks.meta import meta_train_model
+
+    meta = meta_train_model(small_digits, "protonet", "texture", [str(d) for d in range(7)], episodes=20)
+    result = run_episode_benchmark(small_digits, [meta], ["prototype"], [1], episodes=10)
+    assert result.setup["way"] == 3 and result.setup["novel_classes"] == ["7", "8", "9"]
+    assert {r["way"] for r in result.rows} == {3}

@@ -349,7 +349,9 @@ def benchmark_command(
     episodes: Optional[int] = typer.Option(None, "--episodes", min=1, metavar="E",
                                            help="episodic protocol: E seeded N-way K-shot episodes per shot count, "
                                                 "mean accuracy with a 95% interval [default with --meta: 600]"),
-    way: int = typer.Option(5, "--way", min=2, metavar="N", help="classes per episode (episodic protocol)"),
+    way: Optional[int] = typer.Option(None, "--way", min=2, metavar="N",
+                                      help="classes per episode (episodic protocol) [default: 5, or every novel "
+                                           "class when fewer]"),
     query: int = typer.Option(15, "--query", min=1, metavar="Q",
                               help="query images per class per episode (episodic protocol)"),
     out: Path = typer.Option(Path("benchmark-out"), "--out", "-o", metavar="DIR",

@@ -34,21 +34,27 @@ def load_pipeline(spec: str = DEFAULT_PIPELINE, cache_dir: str | os.PathLike | N
     if key in _LOADED:
         return _LOADED[key]
     local = Path(spec).expanduser()
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if local.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(str(local), torch_dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
-        else:
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            pipe = StableDiffusionPipeline.from_pretrained(str(spec), torch_dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False,
-                                                           cache_dir=str(weights_dir(cache_dir)),
-                                                           local_files_only=offline)
-    except (OSError, ValueError, EnvironmentError) as err:
+            pipe = StableDiffusionPipeline.from_pretrained(str(local), **kwargs)
+        else:  # the hub cache first; the hub only if one short probe reaches it (no minute of retries offline)
+            from ..backbones.weights import hub_reachable
+
+            cache = str(weights_dir(cache_dir))
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(str(spec), cache_dir=cache, local_files_only=True,
+                                                               **kwargs)
+            except (OSError, ValueError):
+                reachable, why = hub_reachable()
+                if not reachable:
+                    raise OSError(f"not in the cache {cache}, and the hub cannot be reached: {why}") from None
+                pipe = StableDiffusionPipeline.from_pretrained(str(spec), cache_dir=cache, **kwargs)
+    except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"Stable Diffusion pipeline '{spec}' cannot be loaded ({first[:200]}): give a local "
-                            "folder saved with save_pretrained, or download it on a connected machine into "
-                            f"{weights_dir(cache_dir)}") from None
+        raise BackboneError(f"Stable Diffusion pipeline '{spec}' cannot be loaded ({first[:240]}): give a local "
+                            "folder saved with save_pretrained (-p pipeline=PATH), or download it on a connected "
+                            f"machine into {weights_dir(cache_dir)}") from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -185,7 +185,7 @@ def run_episode_benchmark(
     methods: Sequence[str] = ("prototype", "linear"),
     shots: Sequence[int] = (1, 5),
     *,
-    way: int = 5,
+    way: int | None = None,
     query: int = 15,
     episodes: int = 600,
     seed: int = 0,
@@ -197,9 +197,10 @@ def run_episode_benchmark(
     progress: bool = False,
     echo: Callable[[str], None] = lambda _: None,
 ) -> BenchmarkResult:
-    """Episodes on the novel classes (and, for contrast, on the base classes the meta models were trained on, when
-    the dataset has them) for every meta model in ``metas`` (model files or models from ``meta-train``) and every
-    head in ``methods``; the same episodes for all. See the module docstring."""
+    """Episodes (``way`` classes each: default 5, or every novel class when fewer) on the novel classes (and, for
+    contrast, on the base classes the meta models were trained on, when the dataset has them) for every meta model
+    in ``metas`` (model files or models from ``meta-train``) and every head in ``methods``; the same episodes for
+    all. See the module docstring."""
     from ..meta.episodes import EpisodeSampler
     from ..modelfile import FewVisionModel, load
 
@@ -246,10 +247,11 @@ def run_episode_benchmark(
     base_names = sorted({c for model, _ in models for c in model.info["meta"]["base_classes"]})
     novel = [i for i, c in enumerate(dataset.class_names) if c not in base_names]
     base = [i for i, c in enumerate(dataset.class_names) if c in base_names]
-    if len(novel) < way:
-        raise ValueError(f"{dataset.name}: {way}-way episodes need {way} novel classes; {len(novel)} of its classes "
-                         f"({', '.join(dataset.class_names[i] for i in novel) or 'none'}) are not base classes of "
-                         "the meta models")
+    way = int(way) if way is not None else min(5, len(novel))  # 5-way, or as many as there are novel classes
+    if len(novel) < max(way, 2):
+        raise ValueError(f"{dataset.name}: {max(way, 2)}-way episodes need {max(way, 2)} novel classes; {len(novel)} "
+                         f"of its classes ({', '.join(dataset.class_names[i] for i in novel) or 'none'}) are not base "
+                         "classes of the meta models")
     feats = encode(bb, dataset.paths, GLOBAL, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
                    description="features")
     rows_of = {p: i for i, p in enumerate(feats.paths)}
