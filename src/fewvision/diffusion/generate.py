@@ -21,10 +21,14 @@ def synthesize(model, per_class: int, *, steps: int = 30, guidance: float = 7.5,
     head = model.head
     if not isinstance(head, GCPLHead):
         raise ValueError(f"synthetic images come from a gcpl or comple model, not a {head.method} model")
-    digest = hashlib.sha256(head.token_embeddings_.numpy().tobytes()).hexdigest()[:16]
-    folder = cache_root(cache_dir) / "synthetic" / f"{digest}-n{per_class}-s{steps}-g{guidance}-seed{seed}"
+    from .pipeline import image_size
+
+    digest = hashlib.sha256(head.token_embeddings_.numpy().tobytes())
+    digest.update(f"{head.pipeline}\n{head.template}".encode())  # the same tokens in another pipeline draw others
+    settings = f"n{per_class}-s{steps}-g{guidance}-seed{seed}"
+    folder = cache_root(cache_dir) / "synthetic" / f"{digest.hexdigest()[:16]}-{settings}"
     cond, pipe = head._conditioning(cache_dir)
-    size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    size = image_size(pipe)
     out = []
     for c, name in enumerate(head.class_names_):
         target = folder / f"{c:03d}"
