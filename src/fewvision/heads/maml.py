@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import ClassifierHead
+from .episodic import EpisodicHead
 from .support import Support
 
 #: fitted attribute <- parameter name in :mod:`fewvision.meta.maml`
@@ -28,7 +28,7 @@ _ADAPTED = {"adapted_inner_weight_": "inner.weight", "adapted_inner_bias_": "inn
             "head_weight_": "head.weight", "head_bias_": "head.bias"}
 
 
-class MamlHead(ClassifierHead):
+class MamlHead(EpisodicHead):
     #: The meta-learned starting point: what ``meta-train`` learns and ``fit --meta`` keeps.
     NETWORK = tuple(_THETA)
     STATE_SHAPES = {"inner_weight_": ("H", "D"), "inner_bias_": ("H",), "outer_weight_": ("D", "H"),
@@ -80,27 +80,10 @@ class MamlHead(ClassifierHead):
         return self
 
     def fit(self, support: Support) -> "MamlHead":
-        from ..meta.maml import adapt, classifier, initial_parameters
+        from ..meta.maml import adapt, classifier
 
         features, labels, names = support.features, support.labels, support.class_names
-        if not hasattr(self, "inner_weight_"):
-            from ..meta.episodes import support_episodes
-
-            episodes = support_episodes(labels, len(names), self.way, self.shot)
-            if episodes is not None:  # train on the support itself: episodes of its own classes
-                head = type(self)(**{**self.get_params(), **episodes}).meta_fit(features, labels)
-                self.adopt(head, {"trained_on": "episodes of the support set itself"})
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.seed)  # the body's first layer is drawn at random
-                    start = initial_parameters(features.shape[1], int(self.hidden))
-                for attr, name in _THETA.items():
-                    setattr(self, attr, start[name])
-                self.meta_ = {"trained_on": "nothing: one image of some class, so no episodes (the untrained "
-                              "starting point: a few steps of logistic regression)"}
-        elif features.shape[1] != self.inner_weight_.shape[1]:
-            raise ValueError(f"the meta-trained network takes {self.inner_weight_.shape[1]}-dimensional features, "
-                             f"got {features.shape[1]}: use the backbone it was meta-trained on")
+        self._network_for(features, labels, names)
         x = F.normalize(features.float(), dim=-1)
         fast = adapt(classifier(self.theta(), len(names)), x, labels, steps=self.inner_steps, lr=self.inner_lr,
                      variant=self.variant)
@@ -108,6 +91,19 @@ class MamlHead(ClassifierHead):
             setattr(self, attr, fast[name].detach().clone().contiguous())
         self.class_names_ = list(names)
         return self
+
+    def _untrained(self, dim: int) -> None:
+        """One image of some class, so no episodes: the untrained start, whose adaptation is a few steps of
+        logistic regression."""
+        from ..meta.maml import initial_parameters
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # the body's first layer is drawn at random
+            start = initial_parameters(dim, int(self.hidden))
+        for attr, name in _THETA.items():
+            setattr(self, attr, start[name])
+        self.meta_ = {"trained_on": "nothing: one image of some class, so no episodes (the untrained starting "
+                      "point: a few steps of logistic regression)"}
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         from ..meta.maml import forward

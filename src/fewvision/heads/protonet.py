@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import ClassifierHead
+from .episodic import EpisodicHead
 from .support import Support
 
 
-class ProtoNetHead(ClassifierHead):
+class ProtoNetHead(EpisodicHead):
     #: The trained network's tensors: what ``meta-train`` learns and ``fit --meta`` keeps.
     NETWORK = ("inner_weight_", "inner_bias_", "outer_weight_", "outer_bias_")
     STATE_SHAPES = {"inner_weight_": ("H", "D"), "inner_bias_": ("H",), "outer_weight_": ("D", "H"),
@@ -77,18 +77,7 @@ class ProtoNetHead(ClassifierHead):
     # --- the head protocol ----------------------------------------------------------------------------------------
     def fit(self, support: Support) -> "ProtoNetHead":
         features, labels, names = support.features, support.labels, support.class_names
-        if not hasattr(self, "inner_weight_"):
-            from ..meta.episodes import support_episodes
-
-            episodes = support_episodes(labels, len(names), self.way, self.shot)
-            if episodes is not None:  # train on the support itself: episodes of its own classes
-                head = type(self)(**{**self.get_params(), **episodes}).meta_fit(features, labels)
-                self.adopt(head, {"trained_on": "episodes of the support set itself"})
-            else:
-                self._untrained(features.shape[1])
-        elif features.shape[1] != self.inner_weight_.shape[1]:
-            raise ValueError(f"the meta-trained embedding takes {self.inner_weight_.shape[1]}-dimensional features, "
-                             f"got {features.shape[1]}: use the backbone it was meta-trained on")
+        self._network_for(features, labels, names)
         from ..meta.protonet import class_means
 
         with torch.no_grad():
