@@ -113,7 +113,8 @@ def test_comple_gradient_class_by_class_equals_the_full_loss_gradient(toy):
     for way in ("by class", "full"):
         tokens = ClassTokens(pipe, token_names(2), start)
         if way == "by class":
-            loss, _ = _comple_step(pipe, tokens, prompts, z0, t, noise, y, 1.0, 0.1, 1.0)
+            loss, _, moved = _comple_step(pipe, tokens, prompts, z0, t, noise, y, 1.0, 0.1, 1.0)
+            assert moved == [0, 1]
         else:
             cond = tokens.encode(prompts)
             errors = torch.stack([noise_errors(pipe, z0, t, noise, cond[k].expand(4, -1, -1)) for k in range(2)], 1)
@@ -256,3 +257,79 @@ def test_generated_images_from_the_learned_tokens_join_another_heads_support(toy
     code, _, err = run_cli(monkeypatch, capsys, "fit", images, "--method", "prototype", "-b", "texture",
                            "--synthetic", out, "-o", tmp_path / "x.fvm")
     assert code == 2 and "gcpl or comple model, not a prototype model" in err, err
+
+
+def test_a_class_absent_from_a_step_keeps_its_token_exactly():
+    """Each class token has its own AdamW state: a step moves only the tokens that got a gradient. (One AdamW over
+    the [C, W] table would move an absent class's token through its momentum and weight decay.)"""
+    from fewvision.diffusion.gcpl import TokenAdamW
+
+    table = torch.nn.Parameter(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+    optimiser = TokenAdamW(table, lr=2e-3, weight_decay=1e-2)
+    table.grad = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    optimiser.step([0, 1, 2])  # every class in the first batch: momentum in every row
+    after_first = table.detach().clone()
+    for _ in range(3):  # then batches of class 0 only
+        optimiser.zero_grad()
+        table.grad = torch.zeros(3, 8)
+        table.grad[0] = torch.randn(8, generator=torch.Generator().manual_seed(2))
+        optimiser.step([0])
+    assert torch.equal(table[1:].detach(), after_first[1:])
+    assert not torch.allclose(table[0].detach(), after_first[0])
+    # the premise: a shared AdamW would have moved them
+    shared = torch.nn.Parameter(after_first.clone())
+    adamw = torch.optim.AdamW([shared], lr=2e-3, weight_decay=1e-2)
+    shared.grad = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    adamw.step()
+    before = shared.detach().clone()
+    shared.grad = torch.zeros(3, 8)
+    adamw.step()
+    assert not torch.equal(shared[1:].detach(), before[1:])
+
+
+def test_a_gcpl_token_is_learned_from_its_own_class_only(toy):
+    """One textual-inversion run per class, as the official code: changing the other class's support images leaves
+    a class's token bit-identical (same code path, same seed)."""
+    from fewvision.heads import create_head
+    from fewvision.heads.support import Support
+
+    images, pipeline = toy
+    support = support_of(images)
+    other = sorted((images / "rows").glob("*.png"))
+    changed = list(support.paths)
+    changed[4:] = [str(p) for p in other[2:6]]  # class 1 ("rows") gets other images
+    swapped = Support(support.features, support.labels, support.class_names, None, changed)
+    tokens = [create_head("gcpl", pipeline=str(pipeline), steps=8, **FAST).fit(s).token_embeddings_
+              for s in (support, swapped)]
+    assert torch.equal(tokens[0][0], tokens[1][0])  # "columns" saw the same images
+    assert not torch.equal(tokens[0][1], tokens[1][1])  # "rows" did not
+
+
+def test_training_images_are_gcpls_view_of_them():
+    """Resized to the whole square without a crop (prediction keeps the centre crop), flipped with probability 0.5,
+    and a fresh draw from the VAE posterior at every use."""
+    from types import SimpleNamespace
+
+    from fewvision.diffusion.gcpl import SupportLatents, training_pixels
+    from fewvision.diffusion.pipeline import to_pixels
+    from fewvision.heads import create_head
+
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=4)), vae_scale_factor=8)
+    wide = np.zeros((32, 128, 3), dtype=np.uint8)
+    wide[:, :16] = (255, 0, 0)  # red at the far left, blue at the far right: a centre crop loses both
+    wide[:, -16:] = (0, 0, 255)
+    image = Image.fromarray(wide)
+    x = training_pixels(pipe, [image])
+    assert x.shape == (1, 3, 32, 32)
+    assert float(x[0, 0, :, 0].mean()) > 0.9 and float(x[0, 2, :, -1].mean()) > 0.9
+    assert float(to_pixels(pipe, [image])[0, 0, :, 0].mean()) < -0.9  # prediction: the centre crop
+    mean = torch.stack([torch.zeros(5, 4, 2, 2), torch.ones(5, 4, 2, 2)], 1)  # [image, mirror]
+    generator = torch.Generator().manual_seed(0)
+    flips = SupportLatents(mean, torch.zeros_like(mean), 0.5).draw(torch.zeros(400, dtype=torch.long), generator)
+    assert 0.4 < float(flips.mean()) < 0.6 and set(flips.unique().tolist()) == {0.0, 1.0}
+    never = SupportLatents(mean, torch.zeros_like(mean), 0.0).draw(torch.zeros(50, dtype=torch.long), generator)
+    assert float(never.abs().max()) == 0.0
+    sampled = SupportLatents(mean, torch.ones_like(mean), 0.0).draw(torch.zeros(2, dtype=torch.long), generator)
+    assert not torch.equal(sampled[0], sampled[1])  # a posterior sample, not the mean
+    head = create_head("gcpl")
+    assert (head.lr, head.weight_decay, head.flip, head.steps_per_class, head.batch_size) == (2e-3, 1e-2, 0.5, 500, 4)

@@ -7,7 +7,11 @@ class ``c``, a timestep ``t``, noise ``ε`` and ``z_t = sqrt(ᾱ_t) z0 + sqrt(1 
 
     e_c(z0, t, ε) = || ε - ε_θ(z_t, t, τ(prompt(v_c))) ||^2        (mean over latent elements)
 
-over the token embeddings only (UNet, VAE and text encoder frozen). CoMPLe adds a contrastive term that makes the
+over the token embeddings only (UNet, VAE and text encoder frozen). As the official ``src/gcpl.py``
+(soumitri2001/GCPL): one textual-inversion run per class on that class's images alone, AdamW (weight decay 1e-2)
+at 2e-3 = 5e-4 x 4 accumulation steps (its ``scale_lr``), 4 images per step, each image resized to the full
+square without a crop, flipped with probability 0.5, and its latent drawn from the VAE posterior
+(``latent_dist.sample()``) afresh every time it is used. CoMPLe adds a contrastive term that makes the
 other classes' tokens explain the image worse. The released code has none; the paper describes minimising the true
 class's error while maximising the others'. A raw "minus the others' error" is unbounded (a token can always be
 made to explain an image worse), so the term here maximises the others' error only until it exceeds the true
@@ -34,6 +38,56 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def training_pixels(pipe, images) -> torch.Tensor:
+    """PIL images -> [N, 3, S, S] in [-1, 1] as GCPL trains on them: resized to the full S x S square (bicubic),
+    no crop, so the whole image is seen (the aspect ratio is not kept). Prediction reads
+    :func:`~fewvision.diffusion.pipeline.to_pixels` (shorter side to S, centre crop), as GCPL's inference does."""
+    from PIL import Image
+
+    from .pipeline import image_size
+
+    size = image_size(pipe)
+    out = []
+    for im in images:
+        arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+@dataclass
+class SupportLatents:
+    """The VAE posterior of every support image and of its mirror image, scaled as the UNet expects: ``mean`` and
+    ``std`` [N, 2, ...] (index 1: flipped left-right). :meth:`draw` gives what GCPL's data loader gives - a random
+    horizontal flip, then ``latent_dist.sample()`` - without running the VAE at every step."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    flip: float = 0.5
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        flipped = (torch.rand(len(index), generator=generator) < float(self.flip)).long()
+        eps = torch.randn((len(index), *self.mean.shape[2:]), generator=generator)
+        return self.mean[index, flipped] + self.std[index, flipped] * eps.to(self.mean.device)
+
+
+def support_latents(pipe, pixels: torch.Tensor, flip: float = 0.5) -> SupportLatents:
+    """Encode images in [-1, 1] [N, 3, H, W] and their mirror images once: :class:`SupportLatents`."""
+    vae = pipe.vae
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, len(pixels), 8):
+            chunk = pixels[start : start + 8]
+            both = torch.stack([chunk, chunk.flip(-1)], 1).flatten(0, 1)  # [2B, 3, H, W]: image, mirror, ...
+            dist = vae.encode(both.to(vae.device, vae.dtype)).latent_dist
+            scale = vae.config.scaling_factor
+            means.append((dist.mean.float() * scale).unflatten(0, (len(chunk), 2)))
+            stds.append((dist.std.float() * scale).unflatten(0, (len(chunk), 2)))
+    return SupportLatents(torch.cat(means), torch.cat(stds), float(flip))
 
 
 def latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
@@ -68,40 +122,100 @@ class InversionResult:
     unet_passes: int
 
 
-def invert(pipe, tokens, z0: torch.Tensor, labels: torch.Tensor, names: Sequence[str], template: str, *,
-           steps: int, batch_size: int = 4, lr: float = 5e-4, contrastive_weight: float = 0.0, margin: float = 0.1,
-           seed: int = 0) -> InversionResult:
-    """Train the class tokens (``tokens``: a :class:`~fewvision.diffusion.pipeline.ClassTokens`) on support latents
-    ``z0`` [N, ...] of ``labels``; ``contrastive_weight`` > 0 is CoMPLe."""
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.AdamW([tokens.embeddings], lr=lr, weight_decay=0.0)  # GCPL: AdamW, lr 5e-4
+class TokenAdamW:
+    """AdamW with its own state for each class token (row of ``table``, the :class:`ClassTokens` parameter
+    [C, width]): :meth:`step` moves only the rows it is told got a gradient. One AdamW over the whole table would
+    move every token at every step - momentum and weight decay act on rows whose gradient is zero - so a class
+    absent from a batch would drift; GCPL's official code has no such coupling (one run, one optimiser per
+    class)."""
+
+    def __init__(self, table: torch.nn.Parameter, lr: float, weight_decay: float):
+        self.table = table
+        self.rows = [torch.nn.Parameter(row.detach().clone()) for row in table.detach()]
+        self.optimiser = torch.optim.AdamW(self.rows, lr=lr, weight_decay=weight_decay)  # betas, eps: GCPL's
+
+    def zero_grad(self) -> None:
+        self.table.grad = None
+
+    def step(self, moved) -> None:
+        moved = sorted({int(k) for k in moved})
+        grad = self.table.grad
+        for k, row in enumerate(self.rows):  # AdamW skips a parameter whose grad is None: no momentum, no decay
+            row.grad = grad[k].detach().clone() if grad is not None and k in moved else None
+        self.optimiser.step()
+        with torch.no_grad():
+            for k in moved:
+                self.table[k].copy_(self.rows[k])
+
+
+class _Shuffled:
+    """Indices in shuffled passes, as a data loader with ``shuffle=True`` serves them (every image once per pass)."""
+
+    def __init__(self, indices: torch.Tensor, generator: torch.Generator):
+        self.indices, self.generator, self.queue = indices, generator, []
+
+    def take(self, n: int) -> torch.Tensor:
+        out = []
+        while len(out) < n:
+            if not self.queue:
+                self.queue = self.indices[torch.randperm(len(self.indices), generator=self.generator)].tolist()
+            out.append(self.queue.pop(0))
+        return torch.tensor(out)
+
+
+def invert(pipe, tokens, data: "SupportLatents | torch.Tensor", labels: torch.Tensor, names: Sequence[str],
+           template: str, *, steps: int, batch_size: int = 4, lr: float = 2e-3, weight_decay: float = 1e-2,
+           contrastive_weight: float = 0.0, margin: float = 0.1, seed: int = 0) -> InversionResult:
+    """Train the class tokens (``tokens``: a :class:`~fewvision.diffusion.pipeline.ClassTokens`) on the support
+    images ``data`` (:class:`SupportLatents`, or fixed latents [N, ...]) of ``labels``, ``steps`` optimiser steps
+    in all.
+
+    GCPL (``contrastive_weight`` 0): one run per class, on its own images only, with its own seeded draws - a
+    class's token does not depend on the other classes' images (tested); the steps are shared out evenly.
+    CoMPLe (> 0): one joint run, since its term compares every class's token on each image; a token moves only
+    at a step where it got a gradient (:class:`TokenAdamW`)."""
+    if not isinstance(data, SupportLatents):
+        data = SupportLatents(torch.stack([data, data], 1), torch.zeros_like(torch.stack([data, data], 1)), 0.0)
+    optimiser = TokenAdamW(tokens.embeddings, lr, weight_decay)
     # A half-precision UNet's gradients underflow: scale the loss (AdamW's step does not depend on the scale).
     scale = 1024.0 if pipe.unet.dtype == torch.float16 else 1.0
     prompts = [prompt_for(template, n) for n in names]
     n_train = pipe.scheduler.config.num_train_timesteps
-    losses, block, passes = [], [], 0
-    for _ in range(int(steps)):
-        batch = torch.randint(0, len(z0), (min(batch_size, len(z0)),), generator=generator)
-        t = torch.randint(0, n_train, (len(batch),), generator=generator)
-        noise = torch.randn(z0[batch].shape, generator=generator)
-        y = labels[batch]
-        optimiser.zero_grad()
-        if contrastive_weight > 0:
-            loss = _comple_step(pipe, tokens, prompts, z0[batch], t, noise, y, contrastive_weight, margin, scale)
-            passes += int(loss[1])
-            loss = loss[0]
-        else:
-            cond = tokens.encode([prompts[int(k)] for k in y])
-            loss = noise_errors(pipe, z0[batch], t, noise, cond).mean()
-            (loss * scale).backward()
-            passes += len(batch)
-        optimiser.step()
-        block.append(float(loss.detach()))
-        if len(block) == 50:
+    labels = torch.as_tensor(labels)
+    losses, passes = [], 0
+    if contrastive_weight > 0:
+        runs = [(torch.arange(len(data)), int(steps), torch.Generator().manual_seed(int(seed)))]
+    else:
+        per_class = [int(steps) // len(names) + (c < int(steps) % len(names)) for c in range(len(names))]
+        runs = [(torch.nonzero(labels == c).squeeze(1), per_class[c],
+                 torch.Generator().manual_seed(int(seed) * 100_003 + c)) for c in range(len(names))]
+    for pool, n_steps, generator in runs:
+        if not len(pool) or not n_steps:
+            continue
+        order, block = _Shuffled(pool, generator), []
+        for _ in range(n_steps):
+            batch = order.take(min(batch_size, len(pool)))
+            t = torch.randint(0, n_train, (len(batch),), generator=generator)
+            noise = torch.randn((len(batch), *data.mean.shape[2:]), generator=generator)
+            z0 = data.draw(batch, generator)
+            y = labels[batch]
+            optimiser.zero_grad()
+            if contrastive_weight > 0:
+                loss, used, moved = _comple_step(pipe, tokens, prompts, z0, t, noise, y, contrastive_weight, margin,
+                                                 scale)
+                passes += used
+            else:
+                cond = tokens.encode([prompts[int(k)] for k in y])
+                loss = noise_errors(pipe, z0, t, noise, cond).mean()
+                (loss * scale).backward()
+                passes, moved = passes + len(batch), y.unique().tolist()
+            optimiser.step(moved)
+            block.append(float(loss.detach()))
+            if len(block) == 50:
+                losses.append(float(np.mean(block)))
+                block = []
+        if block:
             losses.append(float(np.mean(block)))
-            block = []
-    if block:
-        losses.append(float(np.mean(block)))
     return InversionResult(tokens.embeddings.detach().clone(), losses, passes)
 
 
@@ -109,7 +223,7 @@ def _comple_step(pipe, tokens, prompts, z0, t, noise, y, weight: float, margin: 
     """Accumulate the gradient of ``L = mean_i e_iy + weight * mean_{i, k != y} max(0, m - (e_ik - e_iy))`` class by
     class, so that at most one class's UNet graph is alive (C graphs of a 512-px UNet would not fit a GPU): first
     every error without gradients, to know which hinge terms are active, then one backward pass per class whose
-    coefficient is not zero. Returns (the loss, the UNet passes)."""
+    coefficient is not zero. Returns (the loss, the UNet passes, the classes whose token got a gradient)."""
     n, n_classes = len(z0), len(prompts)
     with torch.no_grad():
         cond = tokens.encode(prompts)
@@ -121,15 +235,16 @@ def _comple_step(pipe, tokens, prompts, z0, t, noise, y, weight: float, margin: 
     loss = own.mean() + weight * (F.relu(margin - (errors - own)) * others).sum() / (n * (n_classes - 1))
     coef = -weight * active.float() / (n * (n_classes - 1))  # d loss / d e_ik for the other classes
     coef[torch.arange(n), y] = 1.0 / n + weight * active.sum(1).float() / (n * (n_classes - 1))
-    passes = n * n_classes
+    passes, moved = n * n_classes, []
     for k in range(n_classes):
         rows = torch.nonzero(coef[:, k]).squeeze(1)
         if len(rows) == 0:
             continue
+        moved.append(k)
         e = noise_errors(pipe, z0[rows], t[rows], noise[rows], tokens.encode([prompts[k]]).expand(len(rows), -1, -1))
         ((coef[rows, k].to(e.device) * e).sum() * scale).backward()
         passes += len(rows)
-    return loss, passes
+    return loss, passes, moved
 
 
 def sample_plan(n_samples: Sequence[int], n_train_timesteps: int, seed: int,

@@ -32,8 +32,9 @@ class GCPLHead(ClassifierHead):
 
     def __init__(self, pipeline: str = "CompVis/stable-diffusion-v1-4", init_word: str = "object",
                  template: str = "a photo of a {}", steps: int | None = None, steps_per_class: int = 500,
-                 batch_size: int = 4, lr: float = 5e-4, contrastive_weight: float = 0.0, margin: float = 0.1,
-                 n_samples: Sequence[int] = (50, 500), to_keep: Sequence[int] = (5, 1), seed: int = 0):
+                 batch_size: int = 4, lr: float = 2e-3, weight_decay: float = 1e-2, flip: float = 0.5,
+                 contrastive_weight: float = 0.0, margin: float = 0.1, n_samples: Sequence[int] = (50, 500),
+                 to_keep: Sequence[int] = (5, 1), seed: int = 0):
         self.pipeline = pipeline
         self.init_word = init_word
         self.template = template
@@ -41,6 +42,8 @@ class GCPLHead(ClassifierHead):
         self.steps_per_class = steps_per_class
         self.batch_size = batch_size
         self.lr = lr
+        self.weight_decay = weight_decay
+        self.flip = flip
         self.contrastive_weight = contrastive_weight
         self.margin = margin
         self.n_samples = n_samples
@@ -58,8 +61,8 @@ class GCPLHead(ClassifierHead):
         return ClassTokens(pipe, token_names(len(initial)), initial.to(pipe.text_encoder.device))
 
     def fit(self, support: Support) -> "GCPLHead":
-        from ..diffusion.gcpl import check_schedule, inference_passes, invert, latents
-        from ..diffusion.pipeline import to_pixels, word_embedding
+        from ..diffusion.gcpl import check_schedule, inference_passes, invert, support_latents, training_pixels
+        from ..diffusion.pipeline import word_embedding
         from ..io.images import load_image
 
         try:  # settings that would only fail after thousands of UNet passes are refused first
@@ -69,6 +72,9 @@ class GCPLHead(ClassifierHead):
         if not ok:
             raise ValueError(f"the template '{self.template}' needs exactly one {{}}, where the class token goes")
         check_schedule(self.n_samples, self.to_keep)
+        if not 0.0 <= float(self.flip) <= 1.0:
+            raise ValueError(f"flip is a probability (GCPL: 0.5; 0 for classes a mirror image changes), got "
+                             f"{self.flip}")
         if self.contrastive_weight > 0 and len(support.class_names) < 2:
             raise ValueError("CoMPLe's contrastive term needs at least two classes")
         if not support.paths:
@@ -77,11 +83,11 @@ class GCPLHead(ClassifierHead):
         names = list(support.class_names)
         start = word_embedding(pipe, self.init_word).expand(len(names), -1)
         tokens = self._tokens(pipe, start)
-        z0 = latents(pipe, to_pixels(pipe, [load_image(p) for p in support.paths]))
+        data = support_latents(pipe, training_pixels(pipe, [load_image(p) for p in support.paths]), self.flip)
         steps = int(self.steps) if self.steps is not None else int(self.steps_per_class) * len(names)
-        result = invert(pipe, tokens, z0, support.labels, token_names(len(names)), self.template, steps=steps,
-                        batch_size=self.batch_size, lr=self.lr, contrastive_weight=self.contrastive_weight,
-                        margin=self.margin, seed=self.seed)
+        result = invert(pipe, tokens, data, support.labels, token_names(len(names)), self.template, steps=steps,
+                        batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                        contrastive_weight=self.contrastive_weight, margin=self.margin, seed=self.seed)
         self.token_embeddings_ = result.embeddings.float().cpu().contiguous()
         self.losses_ = result.losses
         self.cost_ = {"training_unet_passes": result.unet_passes,
@@ -138,7 +144,8 @@ class CoMPLeHead(GCPLHead):
 
     def __init__(self, pipeline: str = "CompVis/stable-diffusion-v1-4", init_word: str = "object",
                  template: str = "a photo of a {}", steps: int | None = None, steps_per_class: int = 500,
-                 batch_size: int = 4, lr: float = 5e-4, contrastive_weight: float = 1.0, margin: float = 0.1,
-                 n_samples: Sequence[int] = (50, 500), to_keep: Sequence[int] = (5, 1), seed: int = 0):
-        super().__init__(pipeline, init_word, template, steps, steps_per_class, batch_size, lr, contrastive_weight,
-                         margin, n_samples, to_keep, seed)
+                 batch_size: int = 4, lr: float = 2e-3, weight_decay: float = 1e-2, flip: float = 0.5,
+                 contrastive_weight: float = 1.0, margin: float = 0.1, n_samples: Sequence[int] = (50, 500),
+                 to_keep: Sequence[int] = (5, 1), seed: int = 0):
+        super().__init__(pipeline, init_word, template, steps, steps_per_class, batch_size, lr, weight_decay, flip,
+                         contrastive_weight, margin, n_samples, to_keep, seed)
