@@ -354,14 +354,22 @@ def benchmark_command(
                                            "class when fewer]"),
     query: int = typer.Option(15, "--query", min=1, metavar="Q",
                               help="query images per class per episode (episodic protocol)"),
+    good: Optional[List[Path]] = typer.Option(None, "--good", metavar="GOOD_DIR",
+                                              help="good images (folder or files; repeatable): each head that "
+                                                   "classifies image features also runs as METHOD+good (fit --good) "
+                                                   "on the same draws; not with --meta/--episodes"),
+    good_method: str = typer.Option("padim", "--good-method", metavar="METHOD",
+                                    help="anomaly method fitted on --good: padim | patchcore | anomalydino | ..."),
     out: Path = typer.Option(Path("benchmark-out"), "--out", "-o", metavar="DIR",
                              help="folder for results.csv, results.json and the plot"),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
 ) -> None:
     """Accuracy of several methods at several shot counts, mean and standard deviation over seeds, on a held-out
-    split. With --meta (or --episodes): the few-shot protocol - N-way K-shot episodes on the novel classes, the
-    meta-trained heads next to the frozen-embedding baselines (linear = logistic regression, prototype)."""
+    split. With --good GOOD_DIR, each head that classifies image features also runs as METHOD+good (the classifier
+    fit --good makes) on the same support draws. With --meta (or --episodes): the few-shot protocol - N-way K-shot
+    episodes on the novel classes, the meta-trained heads next to the frozen-embedding baselines (linear = logistic
+    regression, prototype)."""
     from ..progress import job
     from ..tasks.benchmark import run_benchmark, run_episode_benchmark, write_outputs
 
@@ -377,6 +385,17 @@ def benchmark_command(
     if min(shot_list) < 1:
         raise UserError(f"--shots '{shots}': every shot count must be at least 1")
     check_folder(out, "--out")
+    if good:
+        from ..anomaly import anomaly_head_classes
+
+        if episodic:
+            raise UserError("--good runs beside the held-out-split benchmark, not the episodic one (--meta/--episodes)")
+        if good_method not in anomaly_head_classes():
+            raise UserError(f"unknown --good-method '{good_method}': expected one of "
+                            f"{', '.join(sorted(anomaly_head_classes()))}")
+        for folder in good:
+            if not folder.exists():
+                raise UserError(f"{folder}: --good names no such file or folder")
     if episodic:
         metas = [Path(m) for m in comma_list(meta, "model file")] if meta else []
         for m in metas:
@@ -396,8 +415,9 @@ def benchmark_command(
         return
     with job("benchmark"):
         result = run_benchmark(dataset, method_list, shot_list, seeds, backbone=resolve_backbone(backbone),
-                               weights=weights, test_fraction=test_fraction, cache_dir=cache_dir,
-                               use_cache=not no_cache, progress=True, echo=info)
+                               weights=weights, test_fraction=test_fraction, good=[str(g) for g in good or []],
+                               good_method=good_method, cache_dir=cache_dir, use_cache=not no_cache, progress=True,
+                               echo=info)
     paths = write_outputs(result, out)
     for r in result.rows:
         typer.echo(f"{r['method']:>14} {r['shots']:>3}-shot  accuracy {r['accuracy_mean']:.4f} ± "

@@ -1,8 +1,8 @@
 """Few-shot classification that also uses the plentiful good images (``fewvision fit DATASET --good GOOD_DIR``).
 
 A line has hundreds of good images and a handful of labelled defects. An anomaly model fitted on the good images
-(:func:`fewvision.tasks.anomaly.fit_anomaly`, AnomalyDINO by default) knows what "good" looks like far better than
-a few labelled good examples can tell a classifier. This head gives any image-feature head (prototype, linear, ...)
+(:func:`fewvision.tasks.anomaly.fit_anomaly`; ``--good-method``, PaDiM by default) knows what "good" looks like far
+better than a few labelled good examples can tell a classifier. This head gives any image-feature head (prototype, linear, ...)
 that knowledge as extra features of every image, next to its global image features:
 
 * **map statistics**, each relative to the good images the anomaly model was calibrated on: the image score over
@@ -13,8 +13,12 @@ that knowledge as extra features of every image, next to its global image featur
   weights (L2-normalised; zero when nothing exceeds the good images), so the classifier sees *what* the unusual
   region looks like - what tells defect types apart.
 
-The three blocks (global features, statistics, pooled features) are each scaled to unit length and concatenated;
-the inner head is fitted and predicts on that vector. Fitting and prediction compute it with the same function
+The three blocks are concatenated: the global features and the pooled features have unit length (the pooled block
+is zero for an image with no excess); the four statistics are divided by 2 (= sqrt 4), so a good image's block is
+shorter than the others (each of its statistics is at most about log 2 = 0.69: the block at most about 0.6),
+while a defect's grows with the log of how far it exceeds the good images - that size is the signal, so it is not
+normalised away.
+The inner head is fitted and predicts on that vector. Fitting and prediction compute it with the same function
 (:meth:`WithGoodImages.features_of`) from the preprocessed images, and the anomaly maps are finished by
 :func:`fewvision.anomaly.postprocess.finish`, the one post-processing path.
 """
@@ -87,7 +91,8 @@ class WithGoodImages(ClassifierHead):
             unit = F.normalize(patches, dim=1)
             pooled = (unit * weights[:, None]).sum((2, 3)) / weights.sum((1, 2)).clamp_min(1e-12)[:, None]
             pooled = F.normalize(pooled, dim=-1)  # zero stays zero
-        # each block at unit scale, so neither the 4 statistics nor the hundreds of feature dimensions dominate
+        # unit-length features, statistics / 2: a good image's statistics block is about as long as the others, a
+        # defect's grows with log1p of its ratios (not normalised: its size is the signal)
         return torch.cat([glob, stats / math.sqrt(N_STATS), pooled], 1)
 
     def _pixels(self, backbone, images) -> torch.Tensor:

@@ -13,6 +13,14 @@ episodes). The frozen-embedding baselines - logistic regression (``linear``, Tia
 and the untrained prototype head - run on the very same episodes and features. Rows marked ``base`` score episodes
 of the base classes, i.e. of images the meta models were trained on: not a result, the contrast that shows how much
 of the meta-trained accuracy stays with the classes it was learned on.
+
+With ``good`` (good images of the line, ``fewvision benchmark --good GOOD_DIR``), every head that classifies image
+features also runs as ``METHOD+good`` - the classifier ``fewvision fit --good`` makes
+(:class:`fewvision.heads.with_good.WithGoodImages`) - on the very same support draws and test images: one anomaly
+model (``good_method``, PaDiM by default) is fitted on the good images, the with-good features of every image come
+from ``WithGoodImages.features_of`` (the function its fit and predict call), and the inner head is fitted on them.
+Good images that are also held-out test images are refused (the anomaly model would have seen what it is scored
+on).
 """
 
 from __future__ import annotations
@@ -102,12 +110,15 @@ def run_benchmark(
     params: dict[str, dict[str, Any]] | None = None,
     test_fraction: float = 0.5,
     split_seed: int = 0,
+    good: Sequence[str | os.PathLike] | None = None,
+    good_method: str = "padim",
     cache_dir: str | None = None,
     use_cache: bool = True,
     progress: bool = False,
     echo: Callable[[str], None] = lambda _: None,
 ) -> BenchmarkResult:
-    """Run the grid and return the aggregated rows (see module docstring)."""
+    """Run the grid and return the aggregated rows (see module docstring); with ``good``, the ``METHOD+good`` rows
+    beside them on the same draws."""
     check_methods(methods)
     if seeds < 1 or any(k < 1 for k in shots):
         raise ValueError("seeds and shots must be >= 1")
@@ -125,6 +136,16 @@ def run_benchmark(
             echo(f"skipping {m}: {reason}")
         else:
             runnable.append(m)
+
+    with_good = None
+    if good:
+        with_good = _WithGood(good, good_method, bb, dataset, test, cache_dir, use_cache, progress)
+        echo(f"--good: {good_method} fitted on {with_good.n_good} good image(s)")
+        for m in runnable:
+            reason = with_good.refuses(make_head(m, 0, **params.get(m, {})))
+            if reason:
+                skipped.append({"method": m + GOOD_SUFFIX, "reason": reason})
+                echo(f"skipping {m}{GOOD_SUFFIX}: {reason}")
 
     features: dict[str, tuple[Features, dict[str, int]]] = {}
 
@@ -164,11 +185,28 @@ def run_benchmark(
                     pred = images_proba(head, bb, test_paths).proba.argmax(axis=1)
                 else:
                     pred = head.predict(feats.features[test_rows])
+                digest = draw_digest(chosen)
                 runs.append({"method": method, "shots": k, "seed": seed,
                              "accuracy": float(accuracy_score(y_test, pred)),
                              "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
-                             "fit_seconds": fit_seconds, "n_trainable_parameters": head.n_trainable_parameters()})
+                             "fit_seconds": fit_seconds, "n_trainable_parameters": head.n_trainable_parameters(),
+                             "support_digest": digest})
                 echo(f"{method} {k}-shot seed {seed}: accuracy {runs[-1]['accuracy']:.4f}")
+                if with_good is not None and k and not with_good.refuses(head):
+                    # The classifier fit --good makes, on the same support draw and the same test images.
+                    inner = make_head(method, seed, **params.get(method, {}))
+                    x = with_good.features([dataset.paths[i] for i in chosen])
+                    start = time.perf_counter()
+                    inner.fit(Support(x, labels[chosen], dataset.class_names, bb, [dataset.paths[i] for i in chosen],
+                                      cache_dir, use_cache))
+                    fit_seconds = time.perf_counter() - start
+                    pred = inner.predict(with_good.features(test_paths))
+                    runs.append({"method": method + GOOD_SUFFIX, "shots": k, "seed": seed,
+                                 "accuracy": float(accuracy_score(y_test, pred)),
+                                 "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
+                                 "fit_seconds": fit_seconds, "n_trainable_parameters": inner.n_trainable_parameters(),
+                                 "support_digest": digest})
+                    echo(f"{method}{GOOD_SUFFIX} {k}-shot seed {seed}: accuracy {runs[-1]['accuracy']:.4f}")
 
     rows = aggregate(runs)
     setup = {"dataset": dataset.name, "n_images": len(dataset), "classes": list(dataset.class_names),
@@ -176,7 +214,77 @@ def run_benchmark(
              "seeds": list(range(seeds)), "split": split,
              "test_images": [dataset.paths[i] for i in test] if split["kind"] == "stratified" else None,
              "skipped_images": sorted({s.path for f, _ in features.values() for s in f.skipped})}
+    if with_good is not None:
+        setup["good"] = with_good.info
     return BenchmarkResult(rows, runs, skipped, setup)
+
+
+GOOD_SUFFIX = "+good"  # the row of a head fitted with the good images' features (fit --good)
+
+
+def draw_digest(indices) -> str:
+    """A short fingerprint of one support draw (dataset indices), to show rows shared it."""
+    import hashlib
+
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class _WithGood:
+    """The anomaly model fitted on the good images, and the with-good features of dataset images (computed once
+    each, by ``WithGoodImages.features_of``)."""
+
+    def __init__(self, good, method: str, bb: Backbone, dataset: Dataset, test, cache_dir, use_cache: bool,
+                 progress: bool):
+        from ..anomaly import anomaly_head_classes
+        from ..heads.with_good import WithGoodImages
+        from .anomaly import fit_anomaly, good_images
+
+        if method not in anomaly_head_classes():
+            raise ValueError(f"unknown good-image method '{method}': expected one of "
+                             f"{', '.join(sorted(anomaly_head_classes()))}")
+        good = [str(g) for g in good]
+        for g in good:
+            if not Path(g).exists():
+                raise ValueError(f"{g}: --good names no such file or folder")
+        paths, _ = good_images(good)
+        if not paths:
+            raise ValueError(f"{', '.join(good)}: no good images found (--good wants a folder of good images)")
+        held_out = {os.path.realpath(dataset.paths[i]) for i in test}
+        seen = [p for p in paths if os.path.realpath(p) in held_out]
+        if seen:
+            raise ValueError(f"{seen[0]}: {len(seen)} of the --good images are held-out test images of "
+                             f"{dataset.name}; the anomaly model would have seen what it is scored on - give good "
+                             "images outside the test split")
+        model = fit_anomaly(good, method, bb, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+        self.n_good = int(model.info.get("n_fit_images") or len(paths))
+        self.info = {"method": method, "sources": good, "n_good_images": len(paths),
+                     "threshold": model.decision["threshold"]}
+        self.wrapper = WithGoodImages(None, model.head, model.decision)
+        self.bb = bb
+        self._rows: dict[str, Any] = {}
+
+    @staticmethod
+    def refuses(head) -> str | None:
+        from ..heads.with_good import check_inner
+
+        try:
+            check_inner(head)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def features(self, paths: Sequence[str]):
+        import torch
+
+        from ..io.images import load_image
+
+        todo = [p for p in dict.fromkeys(paths) if p not in self._rows]
+        for start in range(0, len(todo), 32):
+            chunk = todo[start : start + 32]
+            pixels = torch.stack([self.bb.preprocess(load_image(p)) for p in chunk])
+            for p, row in zip(chunk, self.wrapper.features_of(self.bb, pixels)):
+                self._rows[p] = row
+        return torch.stack([self._rows[p] for p in paths])
 
 
 def run_episode_benchmark(
@@ -399,4 +507,5 @@ def write_outputs(result: BenchmarkResult, out_dir: str | os.PathLike) -> dict[s
     return paths
 
 
-__all__ = ["run_benchmark", "run_episode_benchmark", "write_outputs", "BenchmarkResult", "aggregate", "parse_list"]
+__all__ = ["run_benchmark", "run_episode_benchmark", "write_outputs", "BenchmarkResult", "aggregate", "parse_list",
+           "GOOD_SUFFIX"]
