@@ -7,14 +7,29 @@ and decision settings. No pickle anywhere, so loading a file cannot run code.
 
 The backbone is not stored: its spec is, and its id must match on load (the id covers weights and preprocessing),
 so a model never silently runs on other weights than it was fitted with.
+
+A packed model (``.fvz``, written by :mod:`fewvision.deploy.pack`) is read here too: an uncompressed tar,
+``manifest.json`` first (format, what it holds, the backbone's spec, the spec that loads it from the unpacked folder,
+its id, and the size and sha256 of every other member), then the model file and the files its backbone reads
+(weights, model config), each under the name the manifest gives it. Bare backbone bundles (``.tar``) share the
+format. Opening an archive streams every member through sha256 and compares it with the manifest, so a tampered,
+damaged or truncated file is refused with one line naming the member (the manifest itself is not signed: someone who
+can rewrite both a file and the manifest is not caught here). The members are unpacked once, into a folder of the
+cache named by the manifest's digest (temp folder, then rename), and reused by later runs - which still check the
+archive's bytes. The backbone is then created from the unpacked files with downloads off, and its id must be the
+one stored, so an archive cannot run other weights than the model was fitted on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import torch
@@ -22,11 +37,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .io.atomic import atomic_path
+from .io.paths import cache_dir as cache_root
 
 FORMAT = "fewvision-model"
 FORMAT_VERSION = 1
 MODEL_SUFFIX = ".fvm"
-PACK_SUFFIX = ".fvz"  # a model with its backbone's files (fewvision.deploy.pack)
+PACK_SUFFIX = ".fvz"  # a model with its backbone's files (written by fewvision.deploy.pack)
 
 
 class ModelFileError(ValueError):
@@ -149,8 +165,6 @@ def read_metadata(path: str | os.PathLike, cache_dir: str | None = None) -> dict
     path = Path(path)
     _not_onnx(path)
     if path.suffix.lower() == PACK_SUFFIX:
-        from .deploy.pack import load_packed
-
         model = load_packed(path, cache_dir)
         return read_metadata(model.packed["model_file"])
     if not path.is_file():
@@ -179,8 +193,6 @@ def load(path: str | os.PathLike, cache_dir: str | None = None) -> FewVisionMode
     path = Path(path)
     _not_onnx(path)
     if path.suffix.lower() == PACK_SUFFIX:
-        from .deploy.pack import load_packed
-
         return load_packed(path, cache_dir)
     meta = read_metadata(path)
     try:
@@ -244,4 +256,214 @@ def is_model_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in (MODEL_SUFFIX, PACK_SUFFIX) and Path(path).is_file()
 
 
-__all__: Sequence[str] = ["FewVisionModel", "save_model", "load", "ModelFileError", "read_metadata"]
+# --- packed models (.fvz) and backbone bundles: reading ---------------------------------------------------------
+PACK_FORMAT = "fewvision-pack"
+PACK_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_MEMBER = "model.fvm"
+PACK_KINDS = ("model", "backbone")
+_BLOCK = 1 << 22
+MAX_MANIFEST_BYTES = 1 << 24
+
+
+class PackError(ModelFileError):
+    """An archive that cannot be used; the message names the file and what failed."""
+
+
+@dataclass
+class Unpacked:
+    """An archive's checked members in the cache, and its manifest: the backbone's files under ``folder``, the
+    model file (packed models) at ``model_file``."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    model_file: Path | None = None
+
+    @property
+    def spec(self) -> str:
+        """The spec that loads the backbone from the unpacked files."""
+        return self.manifest["backbone"]["offline_spec"].replace("{root}", str(self.folder))
+
+
+def check_member_name(archive: Path, name: str) -> None:
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in name or ":" in name:
+        raise PackError(f"{archive}: member name '{name}' is not a plain relative path")
+
+
+def _read_manifest(path: Path, tar: tarfile.TarFile) -> tuple[dict[str, Any], bytes]:
+    first = tar.next()
+    if first is None or first.name != MANIFEST or not first.isfile():
+        raise PackError(f"{path}: not a fewvision archive (it does not start with {MANIFEST})")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise PackError(f"{path}: {MANIFEST} is {first.size} bytes, more than a manifest needs")
+    blob = tar.extractfile(first).read()
+    try:
+        manifest = json.loads(blob)
+    except ValueError as err:
+        raise PackError(f"{path}: {MANIFEST} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+        raise PackError(f"{path}: not a fewvision archive (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > PACK_FORMAT_VERSION:
+        raise PackError(f"{path}: archive format v{version} is newer than this fewvision reads (v{PACK_FORMAT_VERSION})")
+    files, backbone = manifest.get("files"), manifest.get("backbone")
+    if manifest.get("kind") not in PACK_KINDS or not isinstance(files, dict) or not isinstance(backbone, dict) \
+            or not all(isinstance(backbone.get(k), str) for k in ("spec", "offline_spec", "id")):
+        raise PackError(f"{path}: {MANIFEST} lacks the kind, the file list or the backbone's spec and id")
+    for name, entry in files.items():
+        check_member_name(path, name)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
+            raise PackError(f"{path}: {MANIFEST} has no size and sha256 for '{name}'")
+    return manifest, blob
+
+
+_OPENED: dict[tuple, Unpacked] = {}  # archives checked by this process: (path, size, mtime, cache) -> members
+
+
+def _complete(folder: Path, files: dict[str, dict]) -> bool:
+    """An unpacked backbone folder that is whole: marked complete and every file there with its size."""
+    try:
+        return (folder / ".complete").is_file() and all((folder / n).stat().st_size == e["size"]
+                                                         for n, e in files.items())
+    except OSError:
+        return False
+
+
+def open_pack(path: str | os.PathLike, cache_dir: str | None = None) -> Unpacked:
+    """Check every member of an archive against its manifest and unpack what the cache lacks.
+
+    The backbone's files go to ``packs/backbones/<digest of their entries>/``, shared by every archive with the same
+    backbone (a refitted model does not bring a second copy of the weights); the model file to
+    ``packs/models/<its sha256>.fvm``. An unpacked file whose size is off is unpacked again. Within one process an
+    archive whose size and modification time have not changed is checked once."""
+    path = Path(path)
+    if not path.is_file():
+        raise PackError(f"{path}: no such file")
+    root = cache_root(cache_dir) / "packs"
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(root))
+    if key in _OPENED:
+        return _OPENED[key]
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as err:
+        raise PackError(f"{path}: not a fewvision archive (not an uncompressed tar file: {err})") from None
+    temp_dir = temp_model = None
+    try:
+        with tar:
+            manifest, _ = _read_manifest(path, tar)
+            files = manifest["files"]
+            backbone_files = {n: e for n, e in files.items() if n != MODEL_MEMBER}
+            digest = hashlib.sha256(json.dumps([manifest["backbone"]["offline_spec"], backbone_files],
+                                               sort_keys=True).encode()).hexdigest()[:24]
+            folder = root / "backbones" / digest
+            targets: dict[str, Path] = {}
+            if backbone_files and not _complete(folder, backbone_files):
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                temp_dir = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{digest}."))
+                targets.update({n: temp_dir / n for n in backbone_files})
+            model_file = None
+            if MODEL_MEMBER in files:
+                model_file = root / "models" / f"{files[MODEL_MEMBER]['sha256']}.fvm"
+                if not (model_file.is_file() and model_file.stat().st_size == files[MODEL_MEMBER]["size"]):
+                    model_file.parent.mkdir(parents=True, exist_ok=True)
+                    temp_model = model_file.with_name(f".{model_file.name}.{os.getpid()}.tmp")
+                    targets[MODEL_MEMBER] = temp_model
+            _check_members(path, tar, files, targets)
+        if temp_dir is not None:
+            (temp_dir / ".complete").write_text("")
+            for p in [temp_dir, *temp_dir.rglob("*")]:  # mkdtemp's 0700 would lock out other users of the cache
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
+            if folder.exists() and not _complete(folder, backbone_files):
+                shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier copy
+            try:
+                os.replace(temp_dir, folder)
+            except OSError:  # unpacked meanwhile by another process: keep that one
+                if not _complete(folder, backbone_files):
+                    raise
+            else:
+                temp_dir = None
+        if temp_model is not None:
+            os.replace(temp_model, model_file)
+            temp_model = None
+        unpacked = Unpacked(folder, manifest, model_file)
+        _OPENED[key] = unpacked
+        return unpacked
+    except (tarfile.TarError, EOFError) as err:
+        raise PackError(f"{path}: truncated or damaged archive ({err})") from None
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        if temp_model is not None:
+            temp_model.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_members(path: Path, tar: tarfile.TarFile, files: dict[str, dict], targets: dict[str, Path]) -> None:
+    """Stream every member through sha256 against the manifest, writing those named in ``targets`` there."""
+    seen: set[str] = set()
+    while (member := tar.next()) is not None:  # after the manifest (iterating the TarFile would start over)
+        name = member.name
+        if name not in files:
+            raise PackError(f"{path}: member '{name}' is not listed in the manifest")
+        if name in seen or not member.isfile():
+            raise PackError(f"{path}: member '{name}' is repeated or not a plain file")
+        seen.add(name)
+        h, size = hashlib.sha256(), 0
+        source = tar.extractfile(member)
+        target = None
+        if name in targets:
+            targets[name].parent.mkdir(parents=True, exist_ok=True)
+            target = open(targets[name], "wb")
+        try:
+            for block in iter(lambda: source.read(_BLOCK), b""):
+                h.update(block)
+                size += len(block)
+                if target is not None:
+                    target.write(block)
+        finally:
+            if target is not None:
+                target.close()
+        expected = files[name]
+        if size != expected["size"]:
+            raise PackError(f"{path}: member '{name}' has {size} bytes, the manifest says {expected['size']} "
+                            "(truncated or altered)")
+        if h.hexdigest() != expected["sha256"]:
+            raise PackError(f"{path}: member '{name}' fails its sha256 check (altered or damaged)")
+    missing = sorted(set(files) - seen)
+    if missing:
+        raise PackError(f"{path}: truncated or incomplete archive: '{missing[0]}' is missing"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == PACK_SUFFIX
+
+
+def load_packed(path: str | os.PathLike, cache_dir: str | None = None) -> FewVisionModel:
+    """The model of a ``.fvz``; its backbone is created (on first use) from the archive's files, never the hub."""
+    unpacked = open_pack(path, cache_dir)
+    if unpacked.manifest["kind"] != "model":
+        raise PackError(f"{path}: a backbone bundle, not a model (use 'fewvision models import {path}')")
+    try:
+        model = load(unpacked.model_file)
+    except ModelFileError as err:  # name the archive the user gave, not the unpacked copy in the cache
+        raise PackError(f"{path} (its {MODEL_MEMBER}, packed by fewvision "
+                        f"{unpacked.manifest.get('fewvision_version', '?')}): "
+                        f"{str(err).split(': ', 1)[-1]}") from None
+    if model.backbone_id != unpacked.manifest["backbone"]["id"]:
+        raise PackError(f"{path}: the model's backbone id differs from the one in {MANIFEST}")
+    model.offline_spec = unpacked.spec
+    model.packed = {"file": str(path), "model_file": str(unpacked.model_file), "files": len(unpacked.manifest["files"]),
+                    "bytes": sum(f["size"] for f in unpacked.manifest["files"].values())}
+    return model
+
+
+__all__: Sequence[str] = ["FewVisionModel", "save_model", "load", "ModelFileError", "read_metadata", "PackError",
+                          "open_pack", "load_packed"]

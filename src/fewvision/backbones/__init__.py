@@ -124,11 +124,10 @@ def create_backbone(
 
 def _imported(spec: str, cache_dir: str | None) -> dict | None:
     from ..io.paths import weights_dir
+    from .imported import IMPORTED, imported_backbones
 
-    if not (weights_dir(cache_dir) / "imported.json").is_file():
+    if not (weights_dir(cache_dir) / IMPORTED).is_file():
         return None
-    from ..deploy.pack import imported_backbones
-
     return imported_backbones(cache_dir).get(spec)
 
 

@@ -25,11 +25,13 @@ from .common import (
     info,
     lmm_from,
     no_cache_option,
+    print_metrics,
     resolve_backbone,
     spec_has_text,
-    summarise,
+    summarise_predictions,
     templates_from,
     weights_option,
+    write_predictions,
 )
 
 CLASSIFY_EXAMPLE = """
@@ -130,36 +132,6 @@ def classify(
     finish(len(preds.rows), sum(r["label"] == "review" for r in preds.rows), exit_code)
 
 
-def write_predictions(preds, out: Optional[Path], report: Optional[Path], *, title: str, extra: dict,
-                      metrics: Optional[dict] = None) -> None:
-    from .common import write_classification
-
-    if out:
-        write_classification(out, preds)
-        info(f"wrote {out}")
-    elif metrics is None:
-        for r in preds.rows:
-            extra_cols = [r.get("review_reason") or "", "|".join(r["set"]) if "set" in r else "", r.get("note", "")]
-            tail = "\t".join(c for c in extra_cols if c)
-            typer.echo(f"{r['path']}\t{r['label']}\t{r['top_label']}\t{r['top_probability']:.3f}"
-                       + (f"\t{tail}" if tail else ""))
-    if report:
-        from ..reports.classification import write_classification_report
-
-        page = write_classification_report(report, title=title, metrics=metrics, rows=preds.rows,
-                                           class_names=preds.class_names, extra=extra)
-        info(f"report: {page}")
-
-
-def summarise_predictions(bar, preds) -> None:
-    counts: dict[str, int] = {}
-    for r in preds.rows:
-        counts[r["label"]] = counts.get(r["label"], 0) + 1
-    review = [f"review {r['path']}: {r.get('review_reason', '')} (top {r['top_label']} {r['top_probability']:.2f})"
-              for r in preds.rows if r["label"] == "review"]
-    summarise(bar, len(preds.rows), preds.skipped, counts, review)
-
-
 def evaluate(
     dataset: str = typer.Argument(..., metavar="DATASET_OR_MODEL",
                                   help="'textile', a CSV manifest (path,label), an MVTec folder or a folder of class "
@@ -255,10 +227,3 @@ def evaluate(
                       extra={"backbone": bb.spec, "method": method}, metrics=ev.metrics)
     summarise_predictions(bar, ev.predictions)
     finish(len(ev.predictions.rows), 0, False)
-
-
-def print_metrics(what: str, m: dict) -> None:
-    sets = f"  coverage {m['coverage']:.4f}  mean set size {m['mean_set_size']:.3f}" if "coverage" in m else ""
-    ece = f"  ECE {m['ece']:.4f}" if m.get("ece") is not None else ""
-    typer.echo(f"{what}: accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro-F1 "
-               f"{m['macro_f1']:.4f}{ece}{sets}  (n={m['n']})")

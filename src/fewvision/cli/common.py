@@ -363,3 +363,39 @@ def model_task(path: Path, cache_dir: str | None = None) -> str:
     from ..modelfile import read_metadata
 
     return read_metadata(path, cache_dir)["task"]
+
+
+# --- output of the classification commands (classify, eval, predict) ---------------------------------------
+def write_predictions(preds, out: Optional[Path], report: Optional[Path], *, title: str, extra: dict,
+                      metrics: Optional[dict] = None) -> None:
+    if out:
+        write_classification(out, preds)
+        info(f"wrote {out}")
+    elif metrics is None:
+        for r in preds.rows:
+            extra_cols = [r.get("review_reason") or "", "|".join(r["set"]) if "set" in r else "", r.get("note", "")]
+            tail = "\t".join(c for c in extra_cols if c)
+            typer.echo(f"{r['path']}\t{r['label']}\t{r['top_label']}\t{r['top_probability']:.3f}"
+                       + (f"\t{tail}" if tail else ""))
+    if report:
+        from ..reports.classification import write_classification_report
+
+        page = write_classification_report(report, title=title, metrics=metrics, rows=preds.rows,
+                                           class_names=preds.class_names, extra=extra)
+        info(f"report: {page}")
+
+
+def summarise_predictions(bar, preds) -> None:
+    counts: dict[str, int] = {}
+    for r in preds.rows:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    review = [f"review {r['path']}: {r.get('review_reason', '')} (top {r['top_label']} {r['top_probability']:.2f})"
+              for r in preds.rows if r["label"] == "review"]
+    summarise(bar, len(preds.rows), preds.skipped, counts, review)
+
+
+def print_metrics(what: str, m: dict) -> None:
+    sets = f"  coverage {m['coverage']:.4f}  mean set size {m['mean_set_size']:.3f}" if "coverage" in m else ""
+    ece = f"  ECE {m['ece']:.4f}" if m.get("ece") is not None else ""
+    typer.echo(f"{what}: accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro-F1 "
+               f"{m['macro_f1']:.4f}{ece}{sets}  (n={m['n']})")

@@ -28,10 +28,13 @@ from .common import (
     no_cache_option,
     param_option,
     parse_params,
+    print_metrics,
     report_skips,
     resolve_backbone,
     spec_has_text,
+    summarise_predictions,
     weights_option,
+    write_predictions,
 )
 
 FIT_EXAMPLE = """
@@ -275,7 +278,6 @@ def predict_command(
     from ..io.images import iter_image_files
     from ..progress import job
     from ..tasks.fewshot import load, predict
-    from .classify import summarise_predictions, write_predictions
 
     check_output(out, (".csv", ".jsonl"))
     check_folder(report, "--report")
@@ -311,7 +313,6 @@ def evaluate_model_command(model_path: Path, dataset: str, *, out: Path, report:
     from ..metrics import save_metrics
     from ..progress import job
     from ..tasks.fewshot import evaluate_model, load
-    from .classify import print_metrics, summarise_predictions, write_predictions
 
     model = load(model_path, cache_dir)
     with job(f"eval {model.head.method}") as bar:

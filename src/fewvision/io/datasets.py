@@ -19,14 +19,12 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import DatasetError
 from .images import is_image_path
+from .textile import TEXTILE_CLASSES, textile_root
+from .textile import images_in as _images_in
 
-TEXTILE_CLASSES = ("nominal", "local", "global")
 GOOD = "good"
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read; the message names the path and the reason."""
 
 
 @dataclass
@@ -73,10 +71,6 @@ class Dataset:
     def counts(self) -> dict[str, int]:
         c = Counter(it.label for it in self.items)
         return {name: c.get(name, 0) for name in self.class_names}
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p))
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -141,16 +135,6 @@ def from_mvtec(root: Path) -> Dataset:
             items.append(Item(str(p), d.name, "test", mask))
     classes = [GOOD] + sorted({it.label for it in items} - {GOOD})
     return Dataset(root.name, items, classes, "mvtec", str(root))
-
-
-def textile_root() -> Path:
-    try:
-        import conformal_clip_data
-    except ImportError:
-        raise DatasetError(
-            "the textile images come from the 'conformal-clip-data' package: pip install 'fewvision[demo]'"
-        ) from None
-    return Path(conformal_clip_data.textile_simulated_root())
 
 
 def textile() -> Dataset:

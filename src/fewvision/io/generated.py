@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .paths import cache_dir
+from .textile import TEXTILE_CLASSES, images_in, textile_root
 
 DEFECT_TYPES = ("spots", "scratches", "holes", "stains", "folds", "missing_threads")
 GENERATED = ("digits", "textile-defects")
@@ -139,9 +140,7 @@ def write_textile_defects(root: Path, per_class: int = 100, seed: int = 0) -> No
     """``per_class`` images of each defect type and of nominal cloth, each from a different nominal image."""
     from PIL import Image
 
-    from .datasets import TEXTILE_CLASSES, _images_in, textile_root
-
-    nominal = _images_in(textile_root() / TEXTILE_CLASSES[0])
+    nominal = images_in(textile_root() / TEXTILE_CLASSES[0])
     classes = ("nominal",) + DEFECT_TYPES
     if len(nominal) < per_class * len(classes):
         raise ValueError(f"{per_class} images per class need {per_class * len(classes)} nominal textile images; "
