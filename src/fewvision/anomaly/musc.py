@@ -18,7 +18,9 @@ that is far from its nearest patch in most other images is anomalous. Per image 
 * **RsCIN** (re-scoring with constrained image-level neighbourhood): image scores min-max normalised over the batch,
   then for each ``k`` in (1, 2, 3) each image takes the similarity-weighted mean of the scores of its ``k`` most
   similar images (cosine similarity of global image features: CLIP's image embedding, DINOv2's class token) and
-  the ``k`` results are averaged. The official code uses (1, 8, 9) for VisA.
+  the ``k`` results are averaged. The official code uses (1, 8, 9) for VisA, and the plain dot product of the
+  features: the same as the cosine for CLIP's (it normalises them), not for DINO's class token (it does not); ours
+  are the cached, normalised features - docs/methods/musc.md says why.
 
 Feature scale: by default the backbone decides, as for AnomalyDINO - the paper's layer norm and L2 normalisation,
 unless the backbone declares ``patch_distance = "euclidean"`` (the weight-free ``texture`` statistics, standardised
