@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..backbones.base import Backbone, BackboneError
-from ..decide.calibration import apply_temperature, fit_temperature, log_probabilities
+from ..decide.calibration import METHOD as CALIBRATION_METHOD
+from ..decide.calibration import apply_temperature, choose_temperature, log_probabilities, mean_nll
 from ..decide.conformal import calibrate_conformal, prediction_sets, set_metrics
 from ..decide.review import REVIEW
 from ..features.encode import GLOBAL, Features, encode_pixels, hash_files
@@ -49,18 +50,38 @@ def feature_kind(head: ClassifierHead) -> str:
 
 @dataclass
 class Scored:
-    """Raw (uncalibrated) class probabilities of the readable files, in input order, and the skipped files."""
+    """Raw (uncalibrated) class probabilities of the readable files, in input order, and the skipped files.
+    ``log_proba`` (float64 log-softmax of the head's logits) where the head has logits: temperature scaling works on
+    it, since a float32 probability may have underflowed to 0."""
 
     paths: list[str]
     shas: list[str]
     proba: np.ndarray
     skipped: list[Skipped] = field(default_factory=list)
     encoded: int = 0
+    log_proba: np.ndarray | None = None
 
     def subset(self, keep: Sequence[int]) -> "Scored":
         keep = list(keep)
         return Scored([self.paths[i] for i in keep], [self.shas[i] for i in keep], self.proba[keep], self.skipped,
-                      self.encoded)
+                      self.encoded, None if self.log_proba is None else self.log_proba[keep])
+
+    def log_probabilities(self) -> np.ndarray:
+        """float64 log-probabilities: the head's log-softmax where there is one, else the log of ``proba``."""
+        return self.log_proba if self.log_proba is not None else log_probabilities(self.proba)
+
+    def calibrated(self, temperature: float | None) -> np.ndarray:
+        """softmax(log p / T) from the most exact log-probabilities there are."""
+        return apply_temperature(self.proba, temperature, self.log_proba)
+
+
+def head_scores(head: ClassifierHead, features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities as ``head.predict_proba`` gives them, float64 log-softmax of the same logits)."""
+    head._check_fitted()
+    feats = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    with torch.inference_mode():
+        logits = head.logits(feats).double()
+        return torch.softmax(logits, dim=-1).float().numpy(), torch.log_softmax(logits, dim=-1).numpy()
 
 
 def images_proba(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], progress: bool = False) -> Scored:
@@ -101,8 +122,10 @@ def score_files(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], 
         return images_proba(head, backbone, list(paths), progress)
     feats = encode(backbone, list(paths), kind, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
                    description=description)
-    proba = head.predict_proba(feats.tensor) if feats.paths else np.zeros((0, len(head.class_names_)), np.float32)
-    return Scored(feats.paths, feats.shas, proba, feats.skipped, feats.encoded)
+    if not feats.paths:
+        return Scored([], [], np.zeros((0, len(head.class_names_)), np.float32), feats.skipped, feats.encoded)
+    proba, log_proba = head_scores(head, feats.tensor)
+    return Scored(feats.paths, feats.shas, proba, feats.skipped, feats.encoded, log_proba)
 
 
 def score_pixels(head: ClassifierHead, backbone: Backbone, paths: Sequence[str], pixels: torch.Tensor) -> Scored:
@@ -116,7 +139,8 @@ def score_pixels(head: ClassifierHead, backbone: Backbone, paths: Sequence[str],
     if not len(paths):
         return Scored([], [], np.zeros((0, len(head.class_names_)), np.float32))
     feats = torch.from_numpy(np.ascontiguousarray(encode_pixels(backbone, pixels, kind), dtype=np.float32))
-    return Scored(list(paths), [None] * len(paths), head.predict_proba(feats), [], len(paths))
+    proba, log_proba = head_scores(head, feats)
+    return Scored(list(paths), [None] * len(paths), proba, [], len(paths), log_proba)
 
 
 def make_head(method: str, seed: int = 0, **params) -> ClassifierHead:
@@ -276,16 +300,13 @@ def fit(
     return model
 
 
-def _nll(proba: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.log(np.clip(proba[np.arange(len(y)), y].astype(np.float64), 1e-300, None)).mean())
-
-
 def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int], *, alpha: float | None = None,
               score: str = "lac", mondrian: bool = False, cache_dir: str | None = None, use_cache: bool = True,
               progress: bool = False) -> FewVisionModel:
     """Calibrate ``model`` on held-out labelled images (``paths``, ``labels``; never used for fitting).
 
-    The temperature is the MAP fit of :func:`fewvision.decide.calibration.fit_temperature`. With ``alpha`` the
+    The temperature is chosen by :func:`fewvision.decide.calibration.choose_temperature` on the head's
+    log-probabilities (the MAP fit, or T = 1 with the reason when the fit does not hold up). With ``alpha`` the
     split-conformal thresholds are set from the same images' *raw* head probabilities: the score function is then
     fixed before any calibration image is seen, so the coverage guarantee is exact whatever T they give. The NLL and
     expected calibration error of the held-out images before and after scaling are stored.
@@ -296,12 +317,13 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
                          use_cache=use_cache, progress=progress, description="calibration")
     label_of = dict(zip(paths, labels))
     y = np.array([int(label_of[p]) for p in scored.paths], dtype=np.int64)
-    temperature = fit_temperature(log_probabilities(scored.proba), y)
-    calibrated = apply_temperature(scored.proba, temperature)
-    model.decision["temperature"] = temperature
+    log_proba = scored.log_probabilities()
+    choice = choose_temperature(log_proba, y)
+    model.decision["temperature"] = choice.temperature
+    calibrated = scored.calibrated(choice.temperature)
     model.decision["calibration"] = {
-        "method": "temperature scaling, MAP with a N(0, 1) prior on log T", "n": int(len(y)),
-        "nll_before": _nll(scored.proba, y), "nll_after": _nll(calibrated, y),
+        "method": CALIBRATION_METHOD, "n": int(len(y)), **choice.as_dict(),
+        "nll_before": mean_nll(log_proba, y), "nll_after": mean_nll(log_proba, y, choice.temperature),
         "ece_before": expected_calibration_error(scored.proba, y),
         "ece_after": expected_calibration_error(calibrated, y)}
     model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + list(scored.shas)
@@ -355,7 +377,7 @@ def predictions(model: FewVisionModel, scored: Scored, *, abstain: bool = False,
     if abstain and not conformal:
         raise ValueError("--abstain needs conformal thresholds in the model: fit it with --alpha and "
                          "--calibrate-fraction")
-    proba = apply_temperature(scored.proba, model.decision.get("temperature"))
+    proba = scored.calibrated(model.decision.get("temperature"))
     sets = None
     if conformal and len(proba):
         # Thresholds set on raw head probabilities (files before 0.2 set them on calibrated ones).
