@@ -196,6 +196,9 @@ def fit_command(
              f"per class); {cost['inference_unet_passes_per_image']} per image to predict")
     d = model.decision
     extra = f", temperature {d['temperature']:.3f}" if "temperature" in d else ""
+    calibration = d.get("calibration")
+    if isinstance(calibration, dict) and calibration.get("kept") is False:
+        extra += f" (the fitted temperature was not kept: {calibration['reason']})"
     if "conformal" in d:
         extra += f", {d['conformal']['score']} sets at alpha {d['conformal']['alpha']}"
     skipped = f" ({model.info['n_skipped']} unreadable skipped)" if model.info.get("n_skipped") else ""
