@@ -291,9 +291,10 @@ def test_patchcore_memory_stays_bounded_when_streaming(monkeypatch):
     total = 6 * per_chunk
     assert produced == list(range(6))
     assert head.memory_bank_.shape == (math.ceil(0.1 * total), 8)
-    # Per-chunk reductions see one chunk; the final coreset sees 20% of all patches, never all of them.
-    assert sizes[:-1] == [per_chunk] * 6
-    assert sizes[-1] == 6 * math.ceil(0.2 * per_chunk) < total
+    # Per-chunk reductions see one chunk's images of one calibration fold (the images of a chunk of 4 are in
+    # distinct folds of 5: one image each); the final coreset sees 20% of all patches, never all of them.
+    assert sizes[:-1] == [per_chunk // 4] * 24
+    assert sizes[-1] == 24 * math.ceil(0.2 * (per_chunk // 4)) < total
     assert head.n_train_patches_ == total and head.n_train_images_ == 24
     # Up to exact_max_images: one coreset over every patch (the paper's algorithm).
     sizes.clear()

@@ -13,10 +13,24 @@
   equation; the reference code (amazon-science/patchcore-inspection) scores an image by the plain maximum ``s*``
   instead (``num_neighbors=1`` here).
 
+Threshold calibration from the training images themselves (``score_left_out``, used by
+:func:`fewvision.tasks.anomaly.fit_anomaly`):
+
+* ``coreset_ratio < 1`` (the default 0.1): K-fold cross-conformal (``calibration_folds``, default 5). Every training
+  image is put in one of K folds (consecutive blocks of K images in fit order each get a seeded random permutation
+  of the folds, so fold sizes differ by at most one and the assignment never looks at the images). K more coresets
+  are drawn, the k-th from the patches of the images outside fold k only, and each training image is scored by the
+  coreset of its own fold - one whose candidate pool never held a patch of that image. Removing an image's items from
+  the full bank (what an earlier version did) is not that: the other items of the bank were chosen by a greedy
+  k-center that saw the image's patches.
+* ``coreset_ratio == 1``: every patch is in the bank, so the bank without the image's own patches *is* the bank of a
+  refit without it (exact leave-one-out, no extra coreset).
+
 Streaming fit with bounded memory: up to ``exact_max_images`` images the patches are kept and one greedy k-center
 runs over all of them (the paper's algorithm, exactly). Beyond that, the training patches of each chunk of
 ``chunk_images`` images are reduced as they arrive to ``min(1, stream_oversample * coreset_ratio)`` of themselves by
-the same greedy k-center on the same projection, and only the kept patches are carried forward; a final greedy
+the same greedy k-center on the same projection - separately for the images of each calibration fold, so that what
+is kept of a fold depends on that fold's images alone - and only the kept patches are carried forward; a final greedy
 k-center over the union selects ``ceil(coreset_ratio * all patches)`` memory items. Peak memory is therefore at most
 ``(exact_max_images + chunk_images) * h * w * C`` floats of raw patches plus
 ``stream_oversample * coreset_ratio * N * h * w * C`` floats of kept ones - never every patch of every image.
@@ -35,6 +49,25 @@ from . import register
 from .base import AnomalyHead, iter_chunks, selected_layers
 
 PAPER_LAYERS = (2, 3)  # the paper's layer2 + layer3 of a ResNet
+_FOLD_SEED = 104_729  # offsets the seed of the fold assignment and of the fold coresets from the fit's own draws
+
+
+def fold_assignment(n: int, folds: int, seed: int) -> torch.Tensor:
+    """Calibration fold of each of ``n`` images in fit order: every block of ``folds`` consecutive images gets a
+    seeded random permutation of ``0 .. folds - 1``. Balanced (fold sizes differ by at most one), known for an image
+    as soon as it arrives, and independent of the images' content."""
+    generator = torch.Generator().manual_seed(int(seed) + _FOLD_SEED)
+    blocks = [torch.randperm(folds, generator=generator) for _ in range(-(-n // folds))]
+    return torch.cat(blocks)[:n] if blocks else torch.zeros(0, dtype=torch.long)
+
+
+def cross_conformal_bound(alpha: float, n: int, folds: int) -> float:
+    """Worst-case false-reject rate of the K-fold cross-conformal (CV+) rule at target ``alpha`` with ``n``
+    calibration images (Barber, Candes, Ramdas, Tibshirani 2021, Theorem 4):
+    ``2 alpha + min(2 (1 - 1/K) / (n/K + 1), (1 - K/n) / (K + 1))``, at most 1."""
+    k = max(1, int(folds))
+    slack = min(2.0 * (1.0 - 1.0 / k) / (n / k + 1.0), (1.0 - k / n) / (k + 1.0))
+    return min(1.0, 2.0 * float(alpha) + max(0.0, slack))
 
 
 def aggregate_neighbourhood(maps: torch.Tensor, pool_size: int) -> torch.Tensor:
@@ -148,6 +181,7 @@ class PatchCore(AnomalyHead):
         chunk_images: int = 32,
         exact_max_images: int = 96,
         layers: Sequence[int] | None = None,
+        calibration_folds: int = 5,
         seed: int = 0,
     ):
         self.coreset_ratio = coreset_ratio
@@ -158,6 +192,7 @@ class PatchCore(AnomalyHead):
         self.chunk_images = chunk_images
         self.exact_max_images = exact_max_images
         self.layers = layers
+        self.calibration_folds = calibration_folds
         self.seed = seed
 
     def feature_layers(self, backbone) -> list[int] | None:
@@ -177,6 +212,17 @@ class PatchCore(AnomalyHead):
             raise ValueError(f"stream_oversample must be >= 1, got {self.stream_oversample}")
         if self.pool_size < 1 or self.pool_size % 2 == 0:
             raise ValueError(f"pool_size must be an odd number >= 1, got {self.pool_size}")
+        if int(self.calibration_folds) < 2:
+            raise ValueError(f"calibration_folds must be >= 2, got {self.calibration_folds}")
+
+    def cross_fitted(self) -> bool:
+        """Whether the training images' calibration scores come from K fold coresets (``coreset_ratio < 1``) rather
+        than from the full bank without each image's own patches (exact only when every patch is kept)."""
+        return self.coreset_ratio < 1
+
+    def left_out_calibration(self) -> str:
+        """How :meth:`score_left_out` scores the training images, as fit_anomaly records it."""
+        return "cross-conformal" if self.cross_fitted() else "leave-one-out conformal"
 
     def _projection(self, channels: int, generator: torch.Generator) -> torch.Tensor | None:
         if channels <= self.projection_dim:
@@ -193,13 +239,20 @@ class PatchCore(AnomalyHead):
         raw: list[torch.Tensor] = []  # chunks not reduced yet (all of them while n_images <= exact_max_images)
         n_patches = n_images = 0
         keep_ratio = min(1.0, self.stream_oversample * self.coreset_ratio)
+        cross = self.cross_fitted()
+        image_fold = torch.zeros(0, dtype=torch.long)
 
-        def reduce(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        def reduce(part: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
             emb, source = part
-            k = math.ceil(keep_ratio * len(emb))
-            z = emb if projection is None else emb @ projection
-            keep = greedy_coreset(z, k, generator)
-            return emb[keep], source[keep]
+            fold = image_fold[source.long()] if cross else torch.zeros(len(source), dtype=torch.long)
+            out = []
+            for f in torch.unique(fold).tolist():  # each fold's patches on their own: kept ones depend on it alone
+                rows = torch.nonzero(fold == f)[:, 0]
+                k = math.ceil(keep_ratio * len(rows))
+                z = emb[rows] if projection is None else emb[rows] @ projection
+                keep = rows[greedy_coreset(z, k, generator)]
+                out.append((emb[keep], source[keep]))
+            return out
 
         for chunk in iter_chunks(inputs, self.chunk_images):
             if chunk.ndim != 4:
@@ -219,8 +272,11 @@ class PatchCore(AnomalyHead):
             raw.append((emb, source))
             n_patches += len(emb)
             n_images += len(chunk)
+            if cross and len(image_fold) < n_images:
+                image_fold = fold_assignment(n_images + 64 * int(self.calibration_folds), int(self.calibration_folds),
+                                             int(self.seed))
             if n_images > self.exact_max_images:  # streaming from now on: reduce every chunk as it comes
-                kept += [reduce(r) for r in raw]
+                kept += [p for r in raw for p in reduce(r)]
                 raw = []
         if n_images == 0:
             raise ValueError("patchcore needs at least one good image to fit")
@@ -232,6 +288,10 @@ class PatchCore(AnomalyHead):
         chosen = greedy_coreset(z, k, generator)
         self.memory_bank_ = union[chosen].contiguous()
         self._bank_image = sources[chosen]  # for leave-one-out scores; not saved with the model
+        # What the calibration scores need and the model file does not: the candidate pool (every patch up to
+        # exact_max_images images, else the per-fold reduced ones), the image of each candidate, each image's fold.
+        self._pool = (union, sources, image_fold[:n_images].clone(), projection) if cross else None
+        self._fold_banks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.grid_ = list(grid)
         self.n_train_images_ = int(n_images)
         self.n_train_patches_ = int(n_patches)
@@ -263,10 +323,11 @@ class PatchCore(AnomalyHead):
                           for m in pooled], 1)
 
     # --- score --------------------------------------------------------------------------------------------------
-    def nearest(self, queries: torch.Tensor, k: int,
-                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Euclidean distances [n, k], indices [n, k]) of the ``k`` nearest memory items of each query row."""
-        return nearest_rows(queries, self.memory_bank_, k, exclude)
+    def nearest(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+                bank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Euclidean distances [n, k], indices [n, k]) of the ``k`` nearest memory items of each query row (in
+        ``bank`` when given: a calibration fold's coreset)."""
+        return nearest_rows(queries, self.memory_bank_ if bank is None else bank, k, exclude)
 
     def _check_input(self, inputs: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
@@ -283,20 +344,67 @@ class PatchCore(AnomalyHead):
             return torch.zeros(0, h, w), torch.zeros(0)
         return self._score(flatten_patches(self._embed(x)).view(n, h * w, -1), (h, w))
 
-    def _score(self, emb: torch.Tensor, grid: tuple[int, int],
-               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, emb: torch.Tensor, grid: tuple[int, int], exclude: torch.Tensor | None = None,
+               bank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(emb)
-        dist, nn_idx = self.nearest(emb.reshape(-1, emb.shape[-1]), 1, exclude)
+        dist, nn_idx = self.nearest(emb.reshape(-1, emb.shape[-1]), 1, exclude, bank)
         patch_scores = dist[:, 0].view(n, -1)
-        return patch_scores.view(n, *grid), self._reweight(patch_scores, nn_idx[:, 0].view(n, -1), emb, exclude)
+        return patch_scores.view(n, *grid), self._reweight(patch_scores, nn_idx[:, 0].view(n, -1), emb, exclude,
+                                                           bank)
 
-    # --- leave-one-out scores of the training images (their threshold calibration) --------------------------
+    # --- scores of the training images by models that did not see them (their threshold calibration) ---------
     def score_left_out(self, inputs: torch.Tensor, first_index: int, backbone=None):
-        """Scores of training images ``first_index``, ``first_index + 1``, ... (in fit order), each against the
-        memory bank without the items taken from its own patches."""
+        """Scores of training images ``first_index``, ``first_index + 1``, ... (in fit order), each by a model
+        fitted without it: the coreset of its calibration fold (drawn from the other folds' patches only) when
+        ``coreset_ratio < 1``, else the bank without its own patches (then exactly the bank of a refit)."""
         if getattr(self, "_bank_image", None) is None:
             raise RuntimeError("leave-one-out scores are only available right after fit")
         x = self._check_input(inputs)
+        n, _, h, w = x.shape
+        if first_index < 0 or first_index + n > int(self.n_train_images_):
+            raise ValueError(f"training images {first_index}..{first_index + n - 1} asked for, the model was fitted "
+                             f"on {self.n_train_images_}")
+        if not self.cross_fitted():
+            return self._score_without_own_items(x, first_index)
+        emb = flatten_patches(self._embed(x)).view(n, h * w, -1)
+        folds = self._pool[2][first_index : first_index + n]
+        maps, scores = torch.zeros(n, h, w), torch.zeros(n)
+        for f in torch.unique(folds).tolist():
+            rows = torch.nonzero(folds == f)[:, 0]
+            maps[rows], scores[rows] = self._score(emb[rows], (h, w), bank=self.fold_coreset(f)[0])
+        return maps, scores
+
+    def calibration_fold(self, index: int) -> int:
+        """The calibration fold of training image ``index`` (fit order), right after a fit with ``coreset_ratio < 1``."""
+        if getattr(self, "_pool", None) is None:
+            raise RuntimeError("calibration folds exist only right after a fit with coreset_ratio < 1")
+        return int(self._pool[2][index])
+
+    def fold_coreset(self, fold: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memory items, training image of each) of the coreset that scores fold ``fold``'s images: a greedy k-center
+        of ``ceil(coreset_ratio * their patches)`` items drawn from the patches of the *other* folds' images only,
+        with the fit's projection and a start point drawn from ``seed`` and ``fold``. Built once, on first use."""
+        if getattr(self, "_pool", None) is None:
+            raise RuntimeError("fold coresets exist only right after a fit with coreset_ratio < 1")
+        fold = int(fold)
+        if fold not in self._fold_banks:
+            union, sources, image_fold, projection = self._pool
+            if not bool((image_fold == fold).any()):
+                raise ValueError(f"no training image is in calibration fold {fold}")
+            others = image_fold != fold
+            rows = torch.nonzero(others[sources.long()])[:, 0]
+            if len(rows) == 0:
+                raise ValueError("cross-conformal calibration needs training images in at least two folds")
+            pool = union[rows]
+            k = max(1, math.ceil(self.coreset_ratio * int(others.sum()) * int(self.grid_[0]) * int(self.grid_[1])))
+            z = pool if projection is None else pool @ projection
+            chosen = greedy_coreset(z, k, torch.Generator().manual_seed(int(self.seed) + _FOLD_SEED + 1 + fold))
+            self._fold_banks[fold] = (pool[chosen].contiguous(), sources[rows][chosen])
+        return self._fold_banks[fold]
+
+    def _score_without_own_items(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image against the full bank without the items taken from its own patches: a refit without it when
+        every patch is kept (``coreset_ratio == 1``); with a coreset, not (the other items were chosen with it)."""
         n, _, h, w = x.shape
         emb = flatten_patches(self._embed(x)).view(n, h * w, -1)
         maps, scores = [], []
@@ -308,18 +416,20 @@ class PatchCore(AnomalyHead):
 
     def release_fit_data(self) -> None:
         self._bank_image = None
+        self._pool = None
+        self._fold_banks = {}
 
     def _reweight(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, emb: torch.Tensor,
-                  exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """Eq. 7 for every image (rows of ``patch_scores``)."""
+                  exclude: torch.Tensor | None = None, bank: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 7 for every image (rows of ``patch_scores``), against ``bank`` (default: the memory bank)."""
         best = patch_scores.argmax(dim=1, keepdim=True)  # [n, 1]
         s_star = patch_scores.gather(1, best)[:, 0]
         if self.num_neighbors <= 1:
             return s_star
         m_test = emb.gather(1, best.unsqueeze(-1).expand(-1, 1, emb.shape[-1]))[:, 0]  # [n, C]
         m_star_idx = nn_idx.gather(1, best)[:, 0]  # [n]
-        bank = self.memory_bank_.float()
-        _, support = self.nearest(bank[m_star_idx], self.num_neighbors, exclude)
+        bank = (self.memory_bank_ if bank is None else bank).float()
+        _, support = self.nearest(bank[m_star_idx], self.num_neighbors, exclude, bank)
         # m* first, then its other nearest memory items in order (m* may not come first when the bank holds
         # duplicates, or be among them at all). Ranked without data-dependent shapes, so the graph exports: the
         # entries that are not m* keep their positions as keys, m* goes last, and the first b - 1 keys are taken.
