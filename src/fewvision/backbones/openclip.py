@@ -8,7 +8,9 @@ listed tag.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from .. import __version__
+from ..io.atomic import atomic_path
 from ..io.paths import weights_dir
 from .base import Backbone, BackboneError, digest_state_dict, hub_folder_name, make_id
 from .preprocess import as_json, from_recipe
@@ -37,18 +41,25 @@ def parse_openclip_spec(rest: str) -> tuple[str, str | None, str | None]:
     return rest, None, None
 
 
+def read_config(path: Path) -> str:
+    """The text of an open_clip model-config JSON, checked to be JSON."""
+    if not path.is_file():
+        raise BackboneError(f"{path}: open_clip model config not found")
+    text = path.read_text()
+    try:
+        json.loads(text)
+    except ValueError as err:
+        raise BackboneError(f"{path}: not a valid model-config JSON ({err})") from None
+    return text
+
+
 def _register_config(model: str) -> str:
     """A config JSON path -> its registered model name (the file stem)."""
     import open_clip
 
     path = Path(model)
     if path.suffix == ".json":
-        if not path.is_file():
-            raise BackboneError(f"{path}: open_clip model config not found")
-        try:
-            json.loads(path.read_text())
-        except ValueError as err:
-            raise BackboneError(f"{path}: not a valid model-config JSON ({err})") from None
+        read_config(path)
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
@@ -56,6 +67,74 @@ def _register_config(model: str) -> str:
             f"unknown open_clip model '{model}'; see 'fewvision models list' or pass a model-config JSON path"
         )
     return model
+
+
+def local_weight_file(spec: str, path: str) -> Path:
+    """The weight file of ``MODEL@PATH``: the file, or the first .safetensors / .bin / .pt file of a directory."""
+    weight_file = Path(path).expanduser()
+    if weight_file.is_dir():
+        candidates = sorted(weight_file.glob("*.safetensors")) + sorted(weight_file.glob("*.bin")) + sorted(
+            weight_file.glob("*.pt")
+        )
+        if not candidates:
+            raise BackboneError(f"{weight_file}: no .safetensors, .bin or .pt weight file in this directory")
+        weight_file = candidates[0]
+    if not weight_file.is_file():
+        raise BackboneError(f"{weight_file}: weights file not found (from spec '{spec}')")
+    return weight_file  # not resolved: a hub cache's link keeps the file's name, which the weights digest covers
+
+
+# --- what open_clip told an earlier run about a spec (its id and preprocessing), kept in the weights cache -------
+DESCRIPTIONS = "openclip-backbones.json"
+DESCRIPTION_VERSION = 1  # bump when the remembered fields change
+
+
+def file_stamp(path: Path | None) -> list | None:
+    """(resolved path, size, modification time) of a weight file: a file that changed is described again."""
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def description_key(model: str, config_text: str | None, tag: str | None, path: str | None,
+                    weight_file: Path | None) -> str:
+    """Everything the id and preprocessing of a spec follow from, short of open_clip's own tables: the architecture
+    (name, or the config file's path and content), the tag, the weight file, and the library versions."""
+    blob = json.dumps({
+        "v": DESCRIPTION_VERSION, "features": FEATURE_VERSION, "model": model,
+        "config": hashlib.sha256(config_text.encode()).hexdigest() if config_text is not None else None,
+        "tag": tag, "path": "random" if path == "random" else None, "weights": file_stamp(weight_file),
+        "versions": [__version__, *(_version(p) for p in ("open_clip_torch", "torch", "torchvision", "timm"))],
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def known_descriptions(cache: Path) -> dict[str, dict]:
+    try:
+        known = json.loads((cache / DESCRIPTIONS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def remember_description(cache: Path, key: str, description: dict) -> None:
+    known = known_descriptions(cache)
+    known[key] = description
+    try:
+        with atomic_path(cache / DESCRIPTIONS) as tmp:
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    except OSError:
+        pass  # only a speed-up: a read-only cache describes the spec again next time
 
 
 # Bump when fewvision changes how it computes features from the same weights: the version is part of the backbone
@@ -110,39 +189,59 @@ def preprocess_for(model_name: str, tag_cfg: dict | None):
 
 class OpenClipBackbone(Backbone):
     """An open_clip model whose weights are loaded on first use: the id, the preprocessing and cached features need
-    no model, so a run whose features and prompt embeddings are all cached never builds the encoder."""
+    no model, so a run whose features and prompt embeddings are all cached never builds the encoder.
+
+    Working out the id and the preprocessing needs open_clip (its configs, tags and transforms), whose import
+    alone pulls in timm, torchvision and parts of transformers (seconds). What it gives is kept in the weights cache
+    (``openclip-backbones.json``), keyed by the spec's config, weight file (path, size, modification time) and the
+    versions of fewvision, open_clip, torch, torchvision and timm, so a later run with the same inputs imports none
+    of them until it has to build the model, its tokenizer or its transform."""
 
     has_text = True
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
-        import open_clip
-
         self.spec = spec
         model_arg, tag, path = parse_openclip_spec(spec.split(":", 1)[1])
-        model_name = _register_config(model_arg)
-        is_config_file = model_name != model_arg
-        self._config_file = Path(model_arg).expanduser().resolve() if is_config_file else None
+        self._device = torch.device(device)
+        self._model = self._tokenizer = self._transform = None
+        self._lock = threading.Lock()
+        self._registered = False
+        config = Path(model_arg).expanduser()
+        self._config_file = config.resolve() if config.suffix == ".json" else None
+        config_text = read_config(config) if self._config_file is not None else None
+        weight_file = local_weight_file(spec, path) if path not in (None, "random") else None
         cache = weights_dir(cache_dir)
+        key = description_key(str(self._config_file or model_arg), config_text, tag, path, weight_file)
+        # Remembered descriptions save importing open_clip; once it is imported, describing costs no import and
+        # follows open_clip's tables as they are now (what tests that add a tag rely on).
+        known = None if "open_clip" in sys.modules else known_descriptions(cache).get(key)
+        if known is not None and known.get("hub"):  # a pretrained tag: find its file as a cold run would
+            weight_file = hub_file(spec, known["hub"][0], known["hub"][1], cache=cache, download=download)
+        if known is None or known.get("stamp") != file_stamp(weight_file):
+            known = self._describe(model_arg, tag, path, weight_file, cache, download)
+            remember_description(cache, key, known)
+        self.model_name, self.tag, self.quick_gelu = known["model_name"], known["tag"], known["quick_gelu"]
+        self.weight_file = Path(known["weight_file"]) if known["weight_file"] is not None else None
+        self._preprocess_cfg = known["preprocess"]
+        self._id = known["id"]
 
+    def _describe(self, model_arg: str, tag: str | None, path: str | None, weight_file: Path | None, cache: Path,
+                  download: bool) -> dict:
+        """What the id and the preprocessing take, worked out with open_clip (a run with nothing remembered)."""
+        import open_clip
+
+        model_name = _register_config(model_arg)
+        self._registered = True
+        is_config_file = self._config_file is not None
         if path is None and tag is None and not is_config_file:
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if tags:
                 tag = tags[0]
         if path == "random":  # explicit seeded random initialisation of a named architecture
-            path, is_config_file = None, True
-        weight_file: Path | None = None
+            is_config_file = True
         tag_cfg: dict | None = None
-        if path is not None:
-            weight_file = Path(path).expanduser()
-            if weight_file.is_dir():
-                candidates = sorted(weight_file.glob("*.safetensors")) + sorted(weight_file.glob("*.bin")) + sorted(
-                    weight_file.glob("*.pt")
-                )
-                if not candidates:
-                    raise BackboneError(f"{weight_file}: no .safetensors, .bin or .pt weight file in this directory")
-                weight_file = candidates[0]
-            if not weight_file.is_file():
-                raise BackboneError(f"{weight_file}: weights file not found (from spec '{spec}')")
+        hub = None
+        if weight_file is not None:
             # A file from a tag's hub repository gets that tag's activation and preprocessing, as the tag would.
             tag_cfg = tag_of_hub_file(weight_file, model_name)
         elif tag is not None:
@@ -152,27 +251,42 @@ class OpenClipBackbone(Backbone):
                     f"'{tag}' is not a pretrained tag of open_clip model '{model_name}'; "
                     f"known tags: {', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'}"
                 )
-            weight_file = resolve_pretrained_file(spec, tag_cfg, cache, download)
+            hub = pretrained_source(self.spec, tag_cfg)
+            weight_file = hub_file(self.spec, hub[0], hub[1], cache=cache, download=download)
 
         # QuickGELU: OpenAI's checkpoints were trained with it; running them with plain GELU gives wrong features.
         self.quick_gelu = bool((tag_cfg or {}).get("quick_gelu")
                                or (open_clip.get_model_config(model_name) or {}).get("quick_gelu")
                                or (weight_file is not None and is_torchscript_archive(weight_file)))
-        self._preprocess, self._preprocess_cfg = preprocess_for(model_name, tag_cfg)
-        self.model_name = model_name
-        self.tag = tag
-        self.weight_file = weight_file
-        self._device = torch.device(device)
-        self._model = self._tokenizer = None
-        self._lock = threading.Lock()
+        self._transform, preprocess_cfg = preprocess_for(model_name, tag_cfg)
+        self.model_name, self.tag, self.weight_file = model_name, tag, weight_file
         if weight_file is not None:
             weights = file_digest(weight_file)
         else:  # a seeded random initialisation: identified by its values, which needs the model built
             weights = digest_state_dict(self.model)
         architecture = open_clip.get_model_config(model_name) if is_config_file else model_name
-        self._id = make_id("openclip", {"model": architecture, "weights": weights,
-                                        "activation": "quick_gelu" if self.quick_gelu else "gelu",
-                                        "features": FEATURE_VERSION}, repr(self._preprocess))
+        backbone_id = make_id("openclip", {"model": architecture, "weights": weights,
+                                           "activation": "quick_gelu" if self.quick_gelu else "gelu",
+                                           "features": FEATURE_VERSION}, repr(self._transform))
+        return {"model_name": model_name, "tag": tag, "quick_gelu": self.quick_gelu, "hub": hub,
+                "weight_file": str(weight_file) if weight_file is not None else None,
+                "stamp": file_stamp(weight_file), "preprocess": as_json(preprocess_cfg), "id": backbone_id}
+
+    def _open_clip(self):
+        """open_clip, with this backbone's config file registered (the model and its tokenizer are built by name)."""
+        import open_clip
+
+        if not self._registered:
+            _register_config(str(self._config_file) if self._config_file is not None else self.model_name)
+            self._registered = True
+        return open_clip
+
+    @property
+    def preprocess(self):
+        """open_clip's transform, built on first use (a run whose features are all cached never needs it)."""
+        if self._transform is None:
+            self._transform = from_recipe(self.preprocess_recipe)
+        return self._transform
 
     @property
     def preprocess_recipe(self) -> dict:
@@ -203,8 +317,7 @@ class OpenClipBackbone(Backbone):
         return self._model
 
     def _build(self):
-        import open_clip
-
+        open_clip = self._open_clip()
         if self.weight_file is None:
             torch.manual_seed(RANDOM_INIT_SEED)
         # Built on first use, which is often inside an encoder's inference_mode: weights made there would be
@@ -224,9 +337,7 @@ class OpenClipBackbone(Backbone):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            import open_clip
-
-            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+            self._tokenizer = self._open_clip().get_tokenizer(self.model_name)
         return self._tokenizer
 
     @property
@@ -300,15 +411,15 @@ class OpenClipBackbone(Backbone):
             return _attnpool_without_output_projection(visual.attnpool, x).float()
 
 
-def resolve_pretrained_file(spec: str, cfg: dict, cache: Path, download: bool) -> Path:
-    """The local path of a pretrained tag's checkpoint, from the cache or the hub."""
+def pretrained_source(spec: str, cfg: dict) -> tuple[str, list[str]]:
+    """The hub repository of a pretrained tag's checkpoint and the file names to look for there, in order."""
     if not cfg.get("hf_hub"):
         raise BackboneError(f"'{spec}' is only published at a URL, not on the model hub; download it and use @PATH")
     repo_id, filename = hub_repo_and_file(cfg)
     names = [n for n in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin") if n]
     if filename.endswith(".bin"):
         names.insert(0, filename.replace(".bin", ".safetensors"))
-    return hub_file(spec, repo_id, list(dict.fromkeys(names)), cache=cache, download=download)
+    return repo_id, list(dict.fromkeys(names))
 
 
 def hub_repo_and_file(cfg: dict) -> tuple[str, str]:

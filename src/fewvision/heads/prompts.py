@@ -50,15 +50,21 @@ class ClassSpec:
         return {"name": self.name, "synonyms": list(self.synonyms), "descriptions": list(self.descriptions)}
 
 
-def template_sets() -> dict[str, tuple[str, ...]]:
+TEMPLATE_SETS = ("openai", "simple", "industrial")
+
+
+def template_set(name: str) -> tuple[str, ...]:
+    """One named set; open_clip (a slow import) is imported only for its own two sets."""
+    if name == "industrial":
+        return INDUSTRIAL_TEMPLATES
     from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     # open_clip keeps its templates as one-argument callables; calling them with "{}" gives format strings.
-    return {
-        "openai": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
-        "simple": tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES),
-        "industrial": INDUSTRIAL_TEMPLATES,
-    }
+    return tuple(t("{}") for t in {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}[name])
+
+
+def template_sets() -> dict[str, tuple[str, ...]]:
+    return {name: template_set(name) for name in TEMPLATE_SETS}
 
 
 _PLACEHOLDER = re.compile(r"\{(c|name|class|classname)?\}")
@@ -66,16 +72,16 @@ _PLACEHOLDER = re.compile(r"\{(c|name|class|classname)?\}")
 
 def resolve_templates(items: Sequence[str] | None) -> list[str]:
     """Named sets and literal templates -> a de-duplicated list of format strings with one ``{}``."""
-    sets = template_sets()
     items = list(items) if items else [DEFAULT_TEMPLATE_SET]
     out: list[str] = []
     for item in items:
-        if item in sets:
-            out.extend(sets[item])
+        if item in TEMPLATE_SETS:
+            out.extend(template_set(item))
             continue
         if not _PLACEHOLDER.search(item):
             raise PromptError(
-                f"template '{item}' is neither a named set ({', '.join(sets)}) nor a string with '{{}}' for the class"
+                f"template '{item}' is neither a named set ({', '.join(TEMPLATE_SETS)}) nor a string with '{{}}' for "
+                "the class"
             )
         literal = _PLACEHOLDER.sub("{}", item.replace("{{", "\x00").replace("}}", "\x01"))
         literal = literal.replace("\x00", "{{").replace("\x01", "}}")

@@ -10,7 +10,6 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
 REVIEW_INDEX = -1
 REVIEW_LABEL = "review"
@@ -102,6 +101,8 @@ def bootstrap_ci(
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     # Mean recall over the classes present in y_true; abstentions (-1) or classes predicted but absent from the
     # test set are expected here, so scikit-learn's "y_pred contains classes not in y_true" warning is noise.
+    from sklearn.metrics import balanced_accuracy_score
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         return float(balanced_accuracy_score(y_true, y_pred))
@@ -117,6 +118,8 @@ def classification_metrics(
     confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Point metrics (scikit-learn), per-class table, confusion matrix and bootstrap CIs, as a JSON-ready dict."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support  # slow; not for classify
+
     class_names = [str(n) for n in class_names]
     c = len(class_names)
     y_true, y_pred = _check_inputs(y_true, y_pred, c)
