@@ -19,6 +19,9 @@ from fewvision.tasks import fewshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOLERANCE = 1e-4  # the parity bound: absolute below 1, relative above
+# Of the 12 test images, those whose label must agree (top two classes > 2 x TOLERANCE apart) at the least;
+# measured: all 12 for every head below (smallest top-two gap 0.0012, tip-f).
+MIN_CLEAR = 10
 
 
 def worst(a, b):
@@ -68,8 +71,11 @@ def test_every_exportable_classifier_gives_fewvisions_probabilities(tmp_path, ti
     have = np.array([[r["probabilities"][n] for n in names] for r in got.rows])
     assert np.abs(want - have).max() <= TOLERANCE
     assert want.std(0).max() > 1e-3  # the probabilities vary across images: the check is not vacuous
-    assert [r["label"] for r in got.rows] == [r["label"] for r in expected.rows] or \
-        np.abs(np.sort(want, 1)[:, -1] - np.sort(want, 1)[:, -2]).min() < 2 * TOLERANCE
+    # Labels agree on every image whose top two classes are further apart than the parity bound allows to swap.
+    top = np.sort(want, 1)
+    clear = top[:, -1] - top[:, -2] > 2 * TOLERANCE
+    assert clear.sum() >= MIN_CLEAR, (method, int(clear.sum()))
+    assert [r["label"] for r, c in zip(got.rows, clear) if c] == [r["label"] for r, c in zip(expected.rows, clear) if c]
 
 
 def test_calibration_and_prediction_sets_come_through_the_export(tmp_path, tiny_clip_weights, textile_subset,
@@ -176,6 +182,11 @@ def test_what_cannot_be_exported_is_refused_in_one_line(monkeypatch, capsys, tmp
     assert code == 2 and "not one exported by 'fewvision export'" in err
 
 
+# The int8 PaDiM below on its 24 check images (12 good, 12 local; an AUROC step is 1/144): fp32 AUROC 73/144 = 0.507,
+# int8 67/144 = 0.465, measured (repeatably) a drop of 6/144 = 0.0417. The gate is tried half a step either side.
+INT8_DROP, HALF_STEP = 6 / 144, 0.5 / 144
+
+
 def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tmp_path, good_folder, textile_root):
     from sklearn.metrics import roc_auc_score
 
@@ -189,21 +200,25 @@ def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tm
         (check / label).mkdir(parents=True)
         for p in sorted((textile_root / source).glob("*.jpg"))[part]:
             shutil.copy(p, check / label / p.name)
-    q = quantize_int8(path, tmp_path / "padim-int8.onnx", check, max_drop=1.0)["int8"]
-    int8 = load_onnx(tmp_path / "padim-int8.onnx")
+    # Just above the drop this model has: written.
+    int8_path = tmp_path / "padim-int8.onnx"
+    q = quantize_int8(path, int8_path, check, max_drop=INT8_DROP + HALF_STEP)["int8"]
+    int8 = load_onnx(int8_path)
     assert int8.manifest["int8"]["calibration_images"] == 24 and q["metric"] == "AUROC" and q["images"] == 24
-    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "padim-int8.onnx")).graph.node)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8_path)).graph.node)
     images = sorted(check.rglob("*.jpg"))
-    for file, reported in ((path, q["fp32"]), (tmp_path / "padim-int8.onnx", q["int8"])):
+    auroc, scores = {}, {}
+    for file, reported in ((path, q["fp32"]), (int8_path, q["int8"])):
         res = score_onnx(file, images, keep_maps=False)
         truth = [r["path"].split("/")[-2] == "local" for r in res.rows]
-        assert roc_auc_score(truth, [r["score"] for r in res.rows]) == pytest.approx(reported, abs=1e-9)
-    fp32_scores = score_onnx(path, images, keep_maps=False).scores
-    int8_scores = score_onnx(tmp_path / "padim-int8.onnx", images, keep_maps=False).scores
-    assert 0 < np.abs(int8_scores - fp32_scores).max() < 0.2 * np.abs(fp32_scores).max()  # quantised, still close
-    # A model past the limit is refused and nothing is written (max_drop < 0: every model is past it).
+        auroc[file], scores[file] = roc_auc_score(truth, [r["score"] for r in res.rows]), res.scores
+        assert auroc[file] == pytest.approx(reported, abs=1e-9)
+    assert 0 < np.abs(scores[int8_path] - scores[path]).max() < 0.2 * np.abs(scores[path]).max()  # quantised, close
+    drop = auroc[path] - auroc[int8_path]
+    assert abs(drop - INT8_DROP) < HALF_STEP, drop  # the limits above and below are this model's (else re-measure)
+    # Just below it: refused, and nothing is written.
     with pytest.raises(ExportError, match="not written"):
-        quantize_int8(path, tmp_path / "refused.onnx", check, max_drop=-1.0)
+        quantize_int8(path, tmp_path / "refused.onnx", check, max_drop=INT8_DROP - HALF_STEP)
     assert not (tmp_path / "refused.onnx").exists()
 
 
