@@ -107,6 +107,8 @@ def main() -> None:
         + f"\n\n- cold / warm: **{cold / warm:.1f}x** wall, {cold_cpu / warm_cpu:.1f}x CPU (goal >= 4x)\n"
         f"- imported by a warm run (of {', '.join(HEAVY)}): {', '.join(heavy) or 'none'}\n"
         f"- load average at the end: {load:.1f} on {os.cpu_count()} cores (other work shared the machine)\n"
+        + ("" if name == "ViT-B-32" else "- a small model's cold run is mostly imports (encoding takes little), so its "
+           "ratio is bounded by the import time saved; the 4x goal is set for ViT-B-32\n")
     )
     write_section("warm_start" if name == "ViT-B-32" else f"warm_start_{name}", md)
     print(md)
