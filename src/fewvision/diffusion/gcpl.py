@@ -76,18 +76,18 @@ class SupportLatents:
 
 
 def support_latents(pipe, pixels: torch.Tensor, flip: float = 0.5) -> SupportLatents:
-    """Encode images in [-1, 1] [N, 3, H, W] and their mirror images once: :class:`SupportLatents`."""
+    """Encode images in [-1, 1] [N, 3, H, W] and their mirror images once: :class:`SupportLatents`. One image (and
+    its mirror) per VAE call, so an image's latent does not depend on which other images share its batch."""
     vae = pipe.vae
     means, stds = [], []
     with torch.no_grad():
-        for start in range(0, len(pixels), 8):
-            chunk = pixels[start : start + 8]
-            both = torch.stack([chunk, chunk.flip(-1)], 1).flatten(0, 1)  # [2B, 3, H, W]: image, mirror, ...
+        for image in pixels:
+            both = torch.stack([image, image.flip(-1)])  # [2, 3, H, W]: the image, its mirror
             dist = vae.encode(both.to(vae.device, vae.dtype)).latent_dist
             scale = vae.config.scaling_factor
-            means.append((dist.mean.float() * scale).unflatten(0, (len(chunk), 2)))
-            stds.append((dist.std.float() * scale).unflatten(0, (len(chunk), 2)))
-    return SupportLatents(torch.cat(means), torch.cat(stds), float(flip))
+            means.append(dist.mean.float() * scale)
+            stds.append(dist.std.float() * scale)
+    return SupportLatents(torch.stack(means), torch.stack(stds), float(flip))
 
 
 def latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
