@@ -157,7 +157,7 @@ def report(runs: list[dict], n_fit: int, n_images: int, encode_s: float, write: 
         "part rejected only when every fold coreset scores it above the threshold, not for the shipped coreset "
         f"these rows measure) is {cross_conformal_bound(0.01, n_fit, folds):.3f} for a 1 % target and "
         f"{cross_conformal_bound(0.05, n_fit, folds):.3f} for 5 %.\n\n"
-        "Time per split (mean; on features encoded once: "
+        "Time per split (mean; on features encoded once, or read from the feature cache: "
         f"{n_images} images in {encode_s:.1f} s wall):\n\n"
         + table(["step", "wall s", "CPU s (all threads)"], timing)
         + f"\n\nFit plus calibration, CPU time: {old_total:.1f} s with the previous calibration, {new_total:.1f} s "
