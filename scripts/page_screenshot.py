@@ -1,5 +1,5 @@
-"""Screenshots of the review page for the README: runs the page's browser tests (a real service, Debian's chromium)
-and copies the screenshots they take into docs/images/.
+"""Screenshots of the review page for the docs: runs the page's browser tests (a real service, Debian's chromium),
+which write their screenshots under pytest's temp root, and copies them into docs/images/.
 
 Usage: .venv/bin/python scripts/page_screenshot.py
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,14 +18,17 @@ SHOTS = {"page-threshold.png": "service-threshold.png", "page-inspect.png": "ser
 
 
 def main() -> None:
-    artifacts = ROOT / "tests" / "artifacts"
-    for name in SHOTS:
-        (artifacts / name).unlink(missing_ok=True)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "slow", "tests/test_service_page.py"], cwd=ROOT,
-                   check=True)
-    for name, target in SHOTS.items():
-        shutil.copyfile(artifacts / name, ROOT / "docs" / "images" / target)
-        print(f"docs/images/{target}")
+    with tempfile.TemporaryDirectory(prefix="fv-page-shots-") as tmp:
+        basetemp = Path(tmp) / "pytest"
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}",
+                        "tests/test_service_page.py"], cwd=ROOT, check=True)
+        found = {p.name: p for p in basetemp.glob("artifacts*/*.png")}
+        missing = sorted(set(SHOTS) - set(found))
+        if missing:
+            sys.exit(f"the page tests wrote no {', '.join(missing)} under {basetemp}")
+        for name, target in SHOTS.items():
+            shutil.copyfile(found[name], ROOT / "docs" / "images" / target)
+            print(f"docs/images/{target}")
 
 
 if __name__ == "__main__":
