@@ -20,7 +20,8 @@ class EpisodicHead(ClassifierHead):
             return
         episodes = support_episodes(labels, len(names), self.way, self.shot)
         if episodes is not None:  # train on the support itself: episodes of its own classes
-            head = type(self)(**{**self.get_params(), **episodes}).meta_fit(features, labels)
+            # No classes held out for validation: the support's classes are the very ones the head will classify.
+            head = type(self)(**{**self.get_params(), **episodes, "validation_classes": 0}).meta_fit(features, labels)
             self.adopt(head, {"trained_on": "episodes of the support set itself"})
         else:
             self._untrained(features.shape[1])

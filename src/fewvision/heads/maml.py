@@ -41,7 +41,8 @@ class MamlHead(EpisodicHead):
 
     def __init__(self, variant: str = "maml", way: int = 5, shot: int = 5, query: int = 15, episodes: int = 2000,
                  hidden: int = 256, inner_lr: float = 0.5, inner_steps: int = 5, lr: float = 1e-3,
-                 weight_decay: float = 0.0, seed: int = 0):
+                 weight_decay: float = 0.0, validation_classes: int | None = None, validation_episodes: int = 200,
+                 seed: int = 0):
         self.variant = variant
         self.way = way
         self.shot = shot
@@ -52,6 +53,8 @@ class MamlHead(EpisodicHead):
         self.inner_steps = inner_steps
         self.lr = lr
         self.weight_decay = weight_decay
+        self.validation_classes = validation_classes
+        self.validation_episodes = validation_episodes
         self.seed = seed
 
     def theta(self) -> dict[str, torch.Tensor]:
@@ -63,11 +66,15 @@ class MamlHead(EpisodicHead):
 
         result = meta_train(features, labels, classes=classes, variant=self.variant, way=self.way, shot=self.shot,
                             query=self.query, episodes=self.episodes, hidden=self.hidden, inner_lr=self.inner_lr,
-                            inner_steps=self.inner_steps, lr=self.lr, weight_decay=self.weight_decay, seed=self.seed)
+                            inner_steps=self.inner_steps, lr=self.lr, weight_decay=self.weight_decay,
+                            validation_classes=self.validation_classes,
+                            validation_episodes=self.validation_episodes, seed=self.seed)
         for attr, name in _THETA.items():
             setattr(self, attr, result.theta[name].clone())
         self.meta_ = {"trained_on": "episodes", "variant": self.variant, "episodes": int(self.episodes),
-                      "way": int(self.way), "shot": int(self.shot), "query": int(self.query), "losses": result.losses}
+                      "way": int(self.way), "shot": int(self.shot), "query": int(self.query), "losses": result.losses,
+                      "validation": None if result.validation is None else
+                      {**result.validation, "class_indices": list(result.validation_classes)}}
         return self
 
     def adopt(self, meta: "MamlHead", origin: dict[str, Any]) -> "MamlHead":

@@ -31,7 +31,8 @@ class ProtoNetHead(EpisodicHead):
     needs_text = False
 
     def __init__(self, way: int = 5, shot: int = 5, query: int = 15, episodes: int = 2000, hidden: int = 256,
-                 lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0):
+                 lr: float = 1e-3, weight_decay: float = 1e-4, validation_classes: int | None = None,
+                 validation_episodes: int = 200, seed: int = 0):
         self.way = way
         self.shot = shot
         self.query = query
@@ -39,6 +40,8 @@ class ProtoNetHead(EpisodicHead):
         self.hidden = hidden
         self.lr = lr
         self.weight_decay = weight_decay
+        self.validation_classes = validation_classes
+        self.validation_episodes = validation_episodes
         self.seed = seed
 
     # --- the embedding ----------------------------------------------------------------------------------------
@@ -61,11 +64,21 @@ class ProtoNetHead(EpisodicHead):
 
         result = meta_train(features, labels, classes=classes, way=self.way, shot=self.shot, query=self.query,
                             episodes=self.episodes, hidden=self.hidden, lr=self.lr, weight_decay=self.weight_decay,
-                            seed=self.seed)
+                            validation_classes=self.validation_classes,
+                            validation_episodes=self.validation_episodes, seed=self.seed)
         self._keep(result.embedding)
-        self.meta_ = {"trained_on": "episodes", "episodes": int(self.episodes), "way": int(self.way),
-                      "shot": int(self.shot), "query": int(self.query), "losses": result.losses}
+        self.meta_ = self._trained_record(result)
         return self
+
+    def _trained_record(self, result) -> dict[str, Any]:
+        """What ``meta_`` says of a meta-training run: its settings, losses and validation on held-out classes."""
+        record = {"trained_on": "episodes", "episodes": int(self.episodes), "way": int(self.way),
+                  "shot": int(self.shot), "query": int(self.query), "losses": result.losses}
+        if result.validation is not None:
+            record["validation"] = {**result.validation, "class_indices": list(result.validation_classes)}
+        else:
+            record["validation"] = None
+        return record
 
     def adopt(self, meta: "ProtoNetHead", origin: dict[str, Any]) -> "ProtoNetHead":
         """Use ``meta``'s trained embedding (prototypes are made by :meth:`fit`)."""

@@ -29,22 +29,26 @@ class RelationNetHead(ProtoNetHead):
     method = "relationnet"
 
     def __init__(self, way: int = 5, shot: int = 5, query: int = 15, episodes: int = 2000, hidden: int = 256,
-                 relation_hidden: int = 64, lr: float = 3e-4, weight_decay: float = 1e-4, seed: int = 0):
-        super().__init__(way, shot, query, episodes, hidden, lr, weight_decay, seed)
+                 relation_hidden: int = 64, lr: float = 3e-4, weight_decay: float = 1e-4, clip: float | None = 0.5,
+                 validation_classes: int | None = None, validation_episodes: int = 200, seed: int = 0):
+        super().__init__(way, shot, query, episodes, hidden, lr, weight_decay, validation_classes,
+                         validation_episodes, seed)
         self.relation_hidden = relation_hidden
+        self.clip = clip
 
     def meta_fit(self, features: torch.Tensor, labels, classes=None) -> "RelationNetHead":
         from ..meta.relationnet import meta_train
 
         result = meta_train(features, labels, classes=classes, way=self.way, shot=self.shot, query=self.query,
                             episodes=self.episodes, hidden=self.hidden, relation_hidden=self.relation_hidden,
-                            lr=self.lr, weight_decay=self.weight_decay, seed=self.seed)
+                            lr=self.lr, weight_decay=self.weight_decay, clip=self.clip,
+                            validation_classes=self.validation_classes,
+                            validation_episodes=self.validation_episodes, seed=self.seed)
         self._keep(result.embedding)
         state = result.relation.state_dict()
         for attr, key in self.RELATION.items():
             setattr(self, attr, state[key].detach().clone())
-        self.meta_ = {"trained_on": "episodes", "episodes": int(self.episodes), "way": int(self.way),
-                      "shot": int(self.shot), "query": int(self.query), "losses": result.losses}
+        self.meta_ = self._trained_record(result)
         return self
 
     def relation(self):

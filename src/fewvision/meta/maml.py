@@ -17,14 +17,14 @@ classes and one class order. Gradients are taken with ``torch.func.grad`` on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import grad
 
-from .episodes import Episode, EpisodeSampler, train_on_episodes
+from .episodes import Episode, episode_plan, train_on_episodes
 
 VARIANTS = ("maml", "fomaml", "anil")
 BODY = ("inner.weight", "inner.bias", "outer.weight", "outer.bias")
@@ -81,26 +81,43 @@ def adapt(start: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, s
 class MamlTraining:
     theta: dict[str, torch.Tensor]  # the meta-learned initialisation
     losses: list[float]  # mean query loss after adaptation, per block of 100 episodes
+    validation: dict | None = None  # early stopping on held-out base classes (see episodes.train_on_episodes)
+    validation_classes: list[int] = field(default_factory=list)
 
 
 def meta_train(features, labels, *, classes=None, variant: str = "maml", way: int = 5, shot: int = 5,
                query: int = 15, episodes: int = 2000, hidden: int = 256, inner_lr: float = 0.5,
-               inner_steps: int = 5, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> MamlTraining:
-    """Algorithm 2 on episodes of ``classes`` (the base classes), one task per outer Adam step."""
+               inner_steps: int = 5, lr: float = 1e-3, weight_decay: float = 0.0,
+               validation_classes: int | None = None, validation_episodes: int = 200, validate_every: int = 100,
+               seed: int = 0) -> MamlTraining:
+    """Algorithm 2 on episodes of ``classes`` (the base classes), one task per outer Adam step; early stopping on
+    held-out base classes as in :func:`fewvision.meta.protonet.meta_train` (the untrained start scored too)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown MAML variant '{variant}': expected one of {', '.join(VARIANTS)}")
     torch.manual_seed(seed)
     x = F.normalize(torch.as_tensor(np.asarray(features), dtype=torch.float32), dim=-1)
-    sampler = EpisodeSampler(labels, way, shot, query, classes=classes, seed=seed)
+    sampler, val, held = episode_plan(labels, classes, way, shot, query, validation_classes=validation_classes,
+                                      validation_episodes_n=validation_episodes, seed=seed)
     theta = {k: v.requires_grad_() for k, v in initial_parameters(x.shape[1], hidden).items()}
 
     def loss(ep: Episode) -> torch.Tensor:
-        fast = adapt(classifier(theta, way), x[ep.support], torch.as_tensor(ep.support_labels), steps=inner_steps,
-                     lr=inner_lr, variant=variant)
+        fast = adapt(classifier(theta, len(ep.classes)), x[ep.support], torch.as_tensor(ep.support_labels),
+                     steps=inner_steps, lr=inner_lr, variant=variant)
         return F.cross_entropy(forward(fast, x[ep.query]), torch.as_tensor(ep.query_labels))
 
-    losses = train_on_episodes(sampler, theta.values(), loss, episodes, lr, weight_decay)
-    return MamlTraining({k: v.detach() for k, v in theta.items()}, losses)
+    def validate() -> np.ndarray:
+        current = {k: v.detach() for k, v in theta.items()}
+        return episode_accuracy(x, labels, val, current, steps=inner_steps, lr=inner_lr, variant=variant)
+
+    def restore(state: dict) -> None:
+        with torch.no_grad():
+            for k, v in state.items():
+                theta[k].copy_(v)
+
+    result = train_on_episodes(sampler, theta.values(), loss, episodes, lr, weight_decay,
+                               validate=validate if val else None, every=validate_every,
+                               snapshot=lambda: {k: v.detach().clone() for k, v in theta.items()}, restore=restore)
+    return MamlTraining({k: v.detach() for k, v in theta.items()}, result.losses, result.validation, held)
 
 
 def episode_accuracy(features, labels, episodes: list[Episode], theta: dict[str, torch.Tensor], *, steps: int,

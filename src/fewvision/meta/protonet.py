@@ -13,13 +13,13 @@ prototypes of unit vectors rank classes as cosine does), so what meta-training a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .episodes import Episode, EpisodeSampler, train_on_episodes
+from .episodes import Episode, episode_plan, train_on_episodes
 
 
 class ResidualEmbedding(torch.nn.Module):
@@ -51,23 +51,49 @@ def prototype_logits(embedded_query: torch.Tensor, embedded_support: torch.Tenso
 class MetaTraining:
     embedding: ResidualEmbedding
     losses: list[float]  # mean query loss per block of 100 episodes
+    validation: dict | None = None  # early stopping on held-out base classes (see episodes.train_on_episodes)
+    validation_classes: list[int] = field(default_factory=list)  # the held-out class indices
+
+
+def snapshot(*modules: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def restore(modules, states) -> None:
+    for m, s in zip(modules, states):
+        m.load_state_dict(s)
 
 
 def meta_train(features: torch.Tensor | np.ndarray, labels: np.ndarray, *, classes=None, way: int = 5,
                shot: int = 5, query: int = 15, episodes: int = 2000, hidden: int = 256, lr: float = 1e-3,
-               weight_decay: float = 1e-4, seed: int = 0) -> MetaTraining:
-    """Algorithm 1 on the examples of ``classes`` (the base classes): one Adam step per episode."""
+               weight_decay: float = 1e-4, validation_classes: int | None = None, validation_episodes: int = 200,
+               validate_every: int = 100, seed: int = 0) -> MetaTraining:
+    """Algorithm 1 on the examples of ``classes`` (the base classes): one Adam step per episode.
+
+    ``validation_classes`` of the base classes (default: a fifth, at least two, when four or more) are held out of
+    training; the embedding is scored on ``validation_episodes`` fixed episodes of them before training and every
+    ``validate_every`` episodes, and the best state - the identity start included - is kept."""
     torch.manual_seed(seed)
     x = F.normalize(torch.as_tensor(np.asarray(features), dtype=torch.float32), dim=-1)
-    sampler = EpisodeSampler(labels, way, shot, query, classes=classes, seed=seed)
+    sampler, val, held = episode_plan(labels, classes, way, shot, query, validation_classes=validation_classes,
+                                      validation_episodes_n=validation_episodes, seed=seed)
     net = ResidualEmbedding(x.shape[1], hidden)
 
     def loss(ep: Episode) -> torch.Tensor:
-        logits = prototype_logits(net(x[ep.query]), net(x[ep.support]), torch.as_tensor(ep.support_labels), way)
+        logits = prototype_logits(net(x[ep.query]), net(x[ep.support]), torch.as_tensor(ep.support_labels),
+                                  len(ep.classes))
         return F.cross_entropy(logits, torch.as_tensor(ep.query_labels))
 
-    losses = train_on_episodes(sampler, net.parameters(), loss, episodes, lr, weight_decay)
-    return MetaTraining(net.eval(), losses)
+    def validate() -> np.ndarray:
+        net.eval()
+        acc = episode_accuracy(x, labels, val, net)
+        net.train()
+        return acc
+
+    result = train_on_episodes(sampler, net.parameters(), loss, episodes, lr, weight_decay,
+                               validate=validate if val else None, every=validate_every,
+                               snapshot=lambda: snapshot(net), restore=lambda s: restore([net], s))
+    return MetaTraining(net.eval(), result.losses, result.validation, held)
 
 
 def episode_accuracy(features, labels, episodes: list[Episode], embedding: torch.nn.Module | None = None) -> np.ndarray:

@@ -53,6 +53,9 @@ def meta_train_model(data: Dataset | str | os.PathLike, method: str, backbone: s
                              f"need at least {shot + 1} (lower --shot)")
         params["query"] = min(15, fewest - shot)
     head = make_head(method, seed, **params).meta_fit(feats.tensor, labels)
+    if head.meta_.get("validation"):  # the held-out base classes, by name
+        v = head.meta_["validation"]
+        v["classes"] = [names[i] for i in v.pop("class_indices")]
     head.fit(Support(feats.tensor, labels, names))
     head.meta_.update({"base_classes": names, "novel_classes": [dataset.class_names[i] for i in novel],
                        "dataset": dataset.name, "n_images": len(feats.paths)})
