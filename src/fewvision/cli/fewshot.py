@@ -206,6 +206,12 @@ def fit_command(
         g = model.info["good_images"]
         extra += f", with {g['method']} features from {g['n_good_images']} good image(s)"
     typer.echo(f"{method}: fitted on {model.info['n_support']} image(s){skipped}{extra} -> {out}")
+    if meta is not None:  # say plainly what validation on held-out base classes found
+        from ..meta.episodes import validation_note
+
+        note = validation_note(getattr(model.head, "meta_", {}))
+        if note:
+            info(f"{meta}: {note}")
 
 
 def meta_train_command(
@@ -254,6 +260,9 @@ def meta_train_command(
     losses = m["losses"]
     typer.echo(f"{method}: meta-trained on {m['n_images']} image(s) of {len(m['base_classes'])} base class(es), "
                f"{episodes} episodes, query loss {losses[0]:.3f} -> {losses[-1]:.3f} -> {out}")
+    from ..meta.episodes import validation_note
+
+    info(validation_note(m) or "not validated: no base classes held out (fewer than four, or validation_classes=0)")
 
 
 def predict_command(

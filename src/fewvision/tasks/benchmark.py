@@ -335,6 +335,11 @@ def run_episode_benchmark(
         label = f"{model.head.method} [meta: {Path(origin).name}]" if origin in map(str, metas) else \
             f"{model.head.method} [meta-trained]"
         labels_of[origin] = label if label not in labels_of.values() else f"{label} #{len(labels_of) + 1}"
+        from ..meta.episodes import validation_note
+
+        note = validation_note(model.info["meta"])  # did meta-training help on held-out base classes?
+        if note:
+            echo(f"{labels_of[origin]}: {note}")
     specs = sorted({model.backbone_spec for model, _ in models})
     if len(specs) > 1:
         raise ValueError(f"the meta models were trained on different backbones ({', '.join(specs)}): benchmark "
@@ -414,6 +419,7 @@ def run_episode_benchmark(
     setup = {"mode": "episodes", "dataset": dataset.name, "n_images": len(dataset), "backbone": bb.spec,
              "backbone_id": bb.id, "meta_models": [origin for _, origin in models], "methods": list(methods),
              "base_classes": base_names, "novel_classes": [dataset.class_names[i] for i in novel],
+             "meta_validation": {labels_of[origin]: model.info["meta"].get("validation") for model, origin in models},
              "classes_in_episodes": eligible,
              "shots": list(shots), "way": way, "query": query, "episodes": episodes, "seed": seed,
              "skipped_images": sorted(s.path for s in feats.skipped)}
