@@ -93,7 +93,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, mvtec):
     code, out, err = run_cli(monkeypatch, capsys, "anomaly", "fit", mvtec / "train" / "good", "--backbone",
                              BACKBONE, "-o", tmp_path / "m.fvm")  # 1% false rejects from 16 good images: not refused
     assert code == 0 and "needs at least 99 calibration images; 16 support at best 0.0588" in err
-    assert "at most 0.0588 of good parts" in out
+    assert "target of 0.0588 of good parts rejected" in out  # the closest 16 images support
     code, _, err = run_cli(monkeypatch, capsys, "anomaly", "predict", tmp_path / "nope.fvm", mvtec, "--out",
                            tmp_path / "r.csv")
     assert code == 2 and "nope.fvm" in err

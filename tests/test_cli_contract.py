@@ -308,7 +308,7 @@ def test_info_tells_what_a_model_holds(tmp_path, textile_subset):
     assert code == 0
     fields = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in out.splitlines() if " " in line}
     assert fields["task"].strip() == "anomaly" and fields["method"].strip() == "patchcore"
-    assert "at most 0.25 of good parts are rejected" in out and "12 good image(s)" in out
+    assert "target of 0.25 of good parts rejected" in out and "12 good image(s)" in out
     classifier = tmp_path / "c.fvm"
     assert run("fit", textile_subset, "--method", "prototype", "--backbone", "texture", "--calibrate-fraction", "0.34",
                "--alpha", "0.2", "-o", classifier)[0] == 0

@@ -95,7 +95,7 @@ def test_finds_textile_defects_with_no_good_images(scored, batch):
     for defect in (1, 2):
         keep = kind != (3 - defect)
         auroc = roc_auc_score(kind[keep] == defect, scores.numpy()[keep])
-        assert auroc >= 0.9, (defect, auroc)  # measured 1.0 (local) and 0.99 (global) on 60 + 10 + 10 images
+        assert auroc >= 0.95, (defect, auroc)  # measured 0.993 (local) and 0.987 (global) on these 30 + 5 + 5
 
 
 def test_paper_normalisation_would_hide_global_defects_of_the_texture_statistics(batch, texture):
