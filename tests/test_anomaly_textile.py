@@ -1,8 +1,8 @@
 """PatchCore and PaDiM on the real textile images with the built-in weight-free `texture` backbone.
 
 Good = nominal; defects = local (small noisy spots) and global (a change of the whole texture). Fitted on 30 good
-images (each also calibrates the threshold through its leave-one-out score), tested on 30 good + 30 local + 30 global images that are
-not among them. Floors are measured values minus an honest margin (the numbers are deterministic for a given
+images (each also calibrates the threshold through a score by a model fitted without it), tested on 30 good + 30 local
++ 30 global images that are not among them. Floors are measured values minus an honest margin (the numbers are deterministic for a given
 backbone; the margin absorbs numerical differences between machines and small revisions of the texture features).
 """
 
@@ -65,7 +65,7 @@ def test_textile_pasted_defects_pixel_metrics(tmp_path, textile_root, texture):
 @pytest.mark.slow
 def test_default_fit_on_200_good_images_meets_its_false_reject_target(texture, textile_root):
     """The common case: 200 good images and the default flags (PatchCore, 1% false rejects). The fit must not refuse,
-    every image fits and calibrates (leave-one-out), and on 200 other good images the realised false-reject rate is
+    every image fits and calibrates (5-fold cross-conformal), and on 200 other good images the realised false-reject rate is
     within the target plus three binomial standard deviations (measured: 0.5%)."""
     nominal = sorted(str(p) for p in (textile_root / "nominal").glob("*.jpg"))
     model = fit_anomaly(nominal[:200], backbone=texture)

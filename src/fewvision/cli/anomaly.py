@@ -111,7 +111,7 @@ def fit(
                                                    "tightest the images support when there are too few)"),
     holdout_fraction: float = typer.Option(0.2, "--holdout-fraction", min=0.0, max=1.0, metavar="F",
                                            help="share of good images held out to set the threshold, for methods "
-                                                "without leave-one-out scores (ae, vae, ganomaly, stpm, winclip)"),
+                                                "that cannot score each good image without it (ae, vae, ganomaly, stpm, winclip)"),
     all_subfolders: bool = typer.Option(False, "--all-subfolders",
                                         help="fit on every image below the folders even when sub-folders look like "
                                              "defect classes"),
@@ -121,8 +121,8 @@ def fit(
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
 ) -> None:
-    """Fit an anomaly model on good images and set its threshold from good images alone (leave-one-out for
-    patchcore and padim, so every image both fits and calibrates)."""
+    """Fit an anomaly model on good images and set its threshold from good images alone (patchcore: 5-fold
+    cross-conformal, padim: exact leave-one-out, so every image both fits and calibrates)."""
     from ..anomaly import anomaly_head_classes
     from ..modelfile import MODEL_SUFFIX, save_model
     from ..progress import job

@@ -97,6 +97,7 @@ class Service:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
+        self._running_job: str | None = None
         # Every prediction and incremental update runs on this one thread. OpenMP keeps a team of threads per
         # thread that calls into torch; once the teams hold more threads than there are cores, libgomp stops
         # spinning between parallel regions, and a ViT-B/32 forward took 68 ms from a pool of request threads
@@ -106,10 +107,7 @@ class Service:
 
     # --- life cycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
-        with self.Session.begin() as s:
-            s.execute(update(Job).where(Job.state == "running").values(
-                state="failed", finished_at=utcnow(),
-                error="interrupted: the service stopped while this job ran; start the fit again"))
+        self._mark_interrupted(Job.state == "running")
         if self.settings.worker and self._worker is None:
             self._worker = threading.Thread(target=self._work, name="fewvision-fit-worker", daemon=True)
             self._worker.start()
@@ -118,9 +116,20 @@ class Service:
         self._stop.set()
         self._wake.set()
         if self._worker is not None:
-            self._worker.join(timeout=30)
+            # A fit can run for minutes: the service stops now and says so on the job's row (its model file, written
+            # by temp file + rename, is never half there).
+            self._worker.join(timeout=5)
+            running = self._running_job
+            if self._worker.is_alive() and running is not None:
+                self._mark_interrupted(Job.id == running)
         self._inference_pool.shutdown(wait=True)
         self.engine.dispose()
+
+    def _mark_interrupted(self, which) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(Job).where(which, Job.state == "running").values(
+                state="failed", finished_at=utcnow(),
+                error="interrupted: the service stopped while this job ran; start the fit again"))
 
     def _on_inference_thread(self, fn, *args):
         if threading.current_thread().name.startswith("fewvision-inference"):
@@ -326,8 +335,10 @@ class Service:
                 continue
             # a thread per job: its OpenMP team ends with it (see _inference_pool)
             job = threading.Thread(target=self.run_job, args=(job_id,), name=f"fewvision-job-{job_id}", daemon=True)
+            self._running_job = job_id
             job.start()
             job.join()
+            self._running_job = None
 
     def run_job(self, job_id: str) -> None:
         try:
