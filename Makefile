@@ -27,7 +27,7 @@ demo: $(STAMP_DEMO)
 
 test: $(STAMP_DEV)
 	bash .ci/system-deps.sh
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 benchmarks: $(STAMP_DEV)
 	$(BIN)/python benchmarks/run_all.py

@@ -42,6 +42,17 @@ def fresh_postgres_database(server_url: str) -> str:
     return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
+# httpx's default is 5 s; on a loaded 2-core machine (two test workers, each with servers in subprocesses) one
+# request to a server that has just started can take longer than that.
+REQUEST_TIMEOUT_S = 120
+
+
+def http(method: str, url: str, **kwargs) -> httpx.Response:
+    """One request to a test server, with a timeout made for a loaded machine unless the call gives its own."""
+    kwargs.setdefault("timeout", REQUEST_TIMEOUT_S)
+    return httpx.request(method, url, **kwargs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

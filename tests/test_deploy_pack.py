@@ -4,13 +4,12 @@ import csv
 import shutil
 import tarfile
 
-import httpx
 import open_clip
 import pytest
 import torch
 from cli_helpers import run_cli
 from safetensors.torch import save_file
-from service_helpers import Server, textile_bytes
+from service_helpers import Server, http, textile_bytes
 
 import fewvision.backbones.openclip as oc
 from fewvision.backbones import create_backbone
@@ -234,11 +233,11 @@ def test_serve_installs_a_packed_model_and_predicts_with_no_hub(tmp_path, monkey
     server.start()
     try:
         h = {"Authorization": f"Bearer {token}"}
-        projects = httpx.get(f"{server.url}/v1/projects", headers=h).json()
+        projects = http("GET", f"{server.url}/v1/projects", headers=h).json()
         project = next(p for p in projects if p["name"] == "line3")
         assert project["active_version"] == 1 and project["method"] == "prototype"
         name, data = textile_bytes("local", 0, 1)[0]
-        r = httpx.post(f"{server.url}/v1/projects/{project['id']}/predict", files={"file": (name, data)}, headers=h,
+        r = http("POST", f"{server.url}/v1/projects/{project['id']}/predict", files={"file": (name, data)}, headers=h,
                        timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["label"] in ("nominal", "local", "global")
@@ -247,7 +246,7 @@ def test_serve_installs_a_packed_model_and_predicts_with_no_hub(tmp_path, monkey
     # Started again with the same file: the same version, not a new one.
     server = Server(tmp_path / "data", extra=["--model", str(clip_pack), "--project", "line3"]).start()
     try:
-        models = httpx.get(f"{server.url}/v1/projects/{project['id']}/models", headers=h).json()
+        models = http("GET", f"{server.url}/v1/projects/{project['id']}/models", headers=h).json()
         assert [m["version"] for m in models] == [1]
     finally:
         server.stop()
