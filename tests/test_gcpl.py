@@ -154,10 +154,10 @@ def test_comple_term_raises_the_other_classes_error(toy):
                                                       cond[k : k + 1].expand(len(t), -1, -1)).mean())
         y = support.labels.numpy()
         own[w], other[w] = errors[np.arange(len(y)), y].mean(), errors[np.arange(len(y)), 1 - y].mean()
-    # Measured (30 steps, same seed): the other class's error 0.1099 -> 0.1104, its lead over the own class's error
-    # 0.0072 -> 0.0077. Adam's normalised steps keep the difference small: both losses move a token the same way.
+    # Measured (30 steps, same seed): the other class's error 0.1205 -> 0.1214, its lead over the own class's error
+    # 0.0028 -> 0.0039. Adam's normalised steps keep the difference small: both losses move a token the same way.
     assert other[1.0] > other[0.0], other
-    assert other[1.0] - own[1.0] > 1.04 * (other[0.0] - own[0.0]), (own, other)
+    assert other[1.0] - own[1.0] > 1.2 * (other[0.0] - own[0.0]), (own, other)
 
 
 def test_fit_save_load_predict_through_the_cli(toy, monkeypatch, capsys, tmp_path):
