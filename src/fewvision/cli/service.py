@@ -42,7 +42,7 @@ def db_option():
 
 
 def _settings(data_dir: Path, db: Optional[str], **kw):
-    from ..service.core import Settings
+    from ..service.common import Settings
 
     if db and not (db.startswith("postgresql://") or db.startswith("sqlite")):
         raise UserError(f"--db '{db}': expected a postgresql:// or sqlite:/// URL")
@@ -95,7 +95,7 @@ def serve(
     service = _offline_service(data_dir, db)  # a store that cannot be opened or migrated: one line, exit 2
     try:
         if model is not None:
-            from ..service.core import ServiceError
+            from ..service.common import ServiceError
 
             try:
                 installed, version = service.install_model(model, project)
@@ -118,7 +118,7 @@ def tokens_create(
 ) -> None:
     """Create an access token. It is printed once, alone on the last line of standard output; only its hash is
     stored."""
-    from ..service.core import ServiceError
+    from ..service.common import ServiceError
 
     service = _offline_service(data_dir, db)
     try:
@@ -147,7 +147,7 @@ def tokens_list(data_dir: Path = data_dir_option(), db: Optional[str] = db_optio
 def tokens_revoke(token_id: int = typer.Argument(..., metavar="ID", help="the token's id (from 'tokens list')"),
                   data_dir: Path = data_dir_option(), db: Optional[str] = db_option()) -> None:
     """Revoke a token: requests that carry it are refused from now on."""
-    from ..service.core import ServiceError
+    from ..service.common import ServiceError
 
     service = _offline_service(data_dir, db)
     try:

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .core import Service as _Service
-from .core import ServiceError, Settings, read_uploads
+from .common import ServiceError, Settings, read_uploads
 
 PAGE = Path(__file__).resolve().parent / "page"
 

@@ -1,0 +1,67 @@
+"""What every part of the service shares: its settings, the error a client is answered with, and the checks and
+constants of more than one resource."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import store
+from .blobs import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+TASKS = ("classification", "anomaly")
+DEFAULT_METHODS = {"classification": "prototype", "anomaly": "patchcore"}
+GOOD_NAMES = ("good", "ok", "nominal", "normal", "pass")
+ANOMALY_LABELS = ("good", "defect")
+JOB_STATES = ("queued", "running", "done", "failed")
+MAX_BATCH = 64
+
+
+class ServiceError(Exception):
+    """An error answered to the client: HTTP ``status``, a stable ``code`` and a one-line ``message``."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def not_found(what: str, key: Any) -> ServiceError:
+    return ServiceError(404, "not_found", f"no {what} {key}")
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    db_url: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    cors_origins: list[str] = field(default_factory=list)
+    worker: bool = True  # run fits in a background thread (tests of the API alone may turn it off)
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db_url = store.database_url(self.data_dir, self.db_url)
+
+    @property
+    def cache_dir(self) -> str:
+        return str(self.data_dir / "cache")
+
+
+def check_text(value: Any, what: str) -> None:
+    """Refuse NUL characters anywhere in a client's text or JSON: PostgreSQL cannot store them in text columns."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ServiceError(422, "invalid", f"{what} contains a NUL character")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, what)
+            check_text(v, what)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            check_text(v, what)
+
+
+def read_uploads(files: Iterable) -> list[tuple[bytes, str]]:
+    return [(f.file.read(), f.filename or "") for f in files]

@@ -1,0 +1,138 @@
+"""Model versions of a project: saved by a fit, an update or an install, listed, activated, loaded (and kept)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from . import store
+from .common import ServiceError, not_found
+from .store import ModelVersion, Project
+
+
+class Models:
+    """Methods of :class:`~fewvision.service.core.Service` for model versions."""
+
+    def _save_version(self, project_id: int, model, origin: str) -> int:
+        from ..modelfile import save_model
+
+        with self._project_lock(project_id):
+            with self.Session() as s:
+                version = (s.scalar(select(func.max(ModelVersion.version))
+                                    .where(ModelVersion.project_id == project_id)) or 0) + 1
+            path = save_model(self.blobs.model_path(project_id, version), model)  # temp + rename, then the row
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            fitted = model.info.get("n_support", model.info.get("n_fit_images")) or 0
+            summary = {"method": model.head.method, "n_images": int(fitted) + int(model.info.get("n_added", 0)),
+                       "threshold": model.decision.get("threshold"), "guarantee": model.decision.get("guarantee")}
+            with self.Session.begin() as s:
+                s.add(ModelVersion(project_id=project_id, version=version, path=self.blobs.relative(path), sha256=sha,
+                                   origin=origin, summary=summary))
+                project = s.get(Project, project_id)
+                project.active_version = version
+                project.needs_refit = False
+            return version
+
+    def install_model(self, path: str | Path, project_name: str | None = None) -> tuple[dict, int]:
+        """A model file (``.fvm``, or a packed ``.fvz`` whose backbone then loads from its own files) as the active
+        version of project ``project_name`` (default: the file's stem), created when missing. The same file
+        installed again activates the version it gave before instead of adding one."""
+        from ..cli.common import file_sha256
+        from ..deploy.pack import register_backbone
+        from ..modelfile import load
+
+        path = Path(path)
+        model = load(path, self.settings.cache_dir)
+        origin = f"installed from {path.name} (sha256 {file_sha256(path)[:16]})"
+        name = (project_name or path.stem).strip()
+        with self.Session() as s:
+            row = s.scalars(select(Project).where(Project.name == name)).first()
+            project = None if row is None else self._project_dict(s, row, counts=False)
+        if project is None:
+            classes = [{"name": n, "description": ""} for n in model.class_names] or None
+            project = self.create_project(name, model.task, model.backbone_spec, model.head.method, classes)
+        elif (project["task"], project["backbone"]) != (model.task, model.backbone_spec):
+            raise ServiceError(409, "conflict", f"project {name!r} is a {project['task']} project on "
+                                                f"{project['backbone']}; {path} is a {model.task} model on "
+                                                f"{model.backbone_spec}")
+        if model.offline_spec is not None:  # the service creates backbones by spec: point this one at the archive
+            register_backbone(model.backbone_spec, model.offline_spec, model.backbone_id, self.settings.cache_dir)
+        with self.Session() as s:
+            same = s.scalars(select(ModelVersion.version).where(ModelVersion.project_id == project["id"],
+                                                                ModelVersion.origin == origin)).first()
+        if same is not None:
+            return self.activate(project["id"], same), same
+        version = self._save_version(project["id"], model, origin=origin)
+        return self.project(project["id"]), version
+
+    def models(self, project_id: int) -> list[dict]:
+        project = self.project(project_id)
+        with self.Session() as s:
+            rows = s.scalars(select(ModelVersion).where(ModelVersion.project_id == project_id)
+                             .order_by(ModelVersion.version)).all()
+            out = [store.as_dict(r, ["version", "sha256", "origin", "summary", "created_at"]) for r in rows]
+        for m in out:
+            m["active"] = m["version"] == project["active_version"]
+        return out
+
+    def model_detail(self, project_id: int, version: int) -> dict:
+        model = self.load_model(project_id, version)
+        d = model.decision
+        return {"version": version, "task": model.task, "method": model.head.method,
+                "backbone": model.backbone_spec, "classes": model.class_names, "threshold": d.get("threshold"),
+                "guarantee": d.get("guarantee"), "calibration_scores": d.get("calibration_scores"),
+                "target_false_reject": d.get("target_false_reject"), "temperature": d.get("temperature")}
+
+    def activate(self, project_id: int, version: int) -> dict:
+        with self.Session.begin() as s:
+            project = s.get(Project, project_id)
+            if project is None:
+                raise not_found("project", project_id)
+            if s.scalars(select(ModelVersion).where(ModelVersion.project_id == project_id,
+                                                    ModelVersion.version == version)).first() is None:
+                raise not_found(f"model version of project {project_id}:", version)
+            project.active_version = version
+        return self.project(project_id)
+
+    def backbone(self, spec: str):
+        from ..backbones import create_backbone
+
+        with self._lock:
+            if spec not in self._backbones:
+                self._backbones[spec] = create_backbone(spec, cache_dir=self.settings.cache_dir)
+            return self._backbones[spec]
+
+    def load_model(self, project_id: int, version: int | None = None):
+        from ..modelfile import load
+
+        if version is None:
+            version = self.project(project_id)["active_version"]
+            if version is None:
+                raise ServiceError(409, "no_model", f"project {project_id} has no fitted model yet: POST "
+                                                    f"/v1/projects/{project_id}/fit")
+        key = (project_id, int(version))
+        with self._lock:
+            cached = self._models.get(key)
+        if cached is not None:
+            return cached
+        with self.Session() as s:
+            row = s.scalars(select(ModelVersion).where(ModelVersion.project_id == project_id,
+                                                       ModelVersion.version == version)).first()
+        if row is None:
+            raise not_found(f"model version of project {project_id}:", version)
+        model = load(self.blobs.resolve(row.path))
+        model.bind(self.backbone(model.backbone_spec))
+        with self._lock:
+            self._models[key] = model
+        return model
+
+    @staticmethod
+    def can_update(project: dict) -> bool:
+        """Whether the project's method takes new images without a refit (prototype, tip, patchcore, padim, anomalydino)."""
+        if project["task"] == "anomaly":
+            from ..anomaly import anomaly_head_classes as classes
+        else:
+            from ..heads import head_classes as classes
+        return callable(getattr(classes().get(project["method"]), "partial_fit", None))

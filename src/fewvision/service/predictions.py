@@ -1,0 +1,142 @@
+"""Predictions: uploaded images scored by the active model, every result stored before it is returned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from sqlalchemy import select
+
+from . import store
+from .blobs import UploadError, check_image, clean_filename
+from .common import GOOD_NAMES, MAX_BATCH, ServiceError, not_found
+from .store import Prediction
+
+
+class Predictions:
+    """Methods of :class:`~fewvision.service.core.Service` for predictions and their files."""
+
+    def predict(self, project_id: int, files: Sequence[tuple[bytes, str]]) -> list[dict]:
+        """Score uploaded images with the active model; every result is stored before it is returned."""
+        if not files:
+            raise ServiceError(422, "invalid", "no file uploaded")
+        if len(files) > MAX_BATCH:
+            raise ServiceError(413, "too_many_files", f"at most {MAX_BATCH} images per request, got {len(files)}")
+        project = self.project(project_id, counts=False)
+        version = project["active_version"]
+        if version is None:
+            raise ServiceError(409, "no_model", f"project {project_id} has no fitted model yet: POST "
+                                                f"/v1/projects/{project_id}/fit")
+        images = []
+        for data, name in files:
+            try:
+                check_image(data, name, self.settings.max_upload_bytes, self.settings.max_pixels)
+            except UploadError as err:
+                raise ServiceError(err.status, "bad_image", str(err)) from None
+            images.append((self.blobs.put_image(data), clean_filename(name)))
+        paths = [str(self.blobs.image_path(sha)) for sha, _ in images]
+        results = self._on_inference_thread(self._score, project, version, paths)
+        rows = []
+        with self.Session.begin() as s:
+            for (sha, name), path in zip(images, paths):
+                r = results[path]
+                row = Prediction(project_id=project_id, model_version=version, image_sha256=sha, filename=name,
+                                 label=r.get("label"), score=r.get("score"), threshold=r.get("threshold"),
+                                 probabilities=r.get("probabilities"), decision=r["decision"], reason=r.get("reason"),
+                                 heatmap=r.get("heatmap"))
+                s.add(row)
+                rows.append(row)
+            s.flush()
+            return [self._prediction_dict(row) for row in rows]
+
+    def _score(self, project: dict, version: int, paths: list[str]) -> dict[str, dict]:
+        model = self.load_model(project["id"], version)
+        if project["task"] == "anomaly":
+            return self._score_anomaly(project, model, version, paths)
+        return self._score_classification(project, model, paths)
+
+    def _score_classification(self, project: dict, model, paths: list[str]) -> dict[str, dict]:
+        from ..tasks.fewshot import predict
+
+        params = project["params"]
+        abstain = bool(params.get("abstain", bool(model.decision.get("conformal"))))
+        preds = predict(model, paths, abstain=abstain, unknown_threshold=params.get("review_threshold"),
+                        cache_dir=self.settings.cache_dir)
+        if preds.skipped:
+            raise ServiceError(400, "bad_image", f"cannot score the image: {preds.skipped[0].reason}")
+        accept = params.get("accept_classes") or [c for c in model.class_names if c.lower() in GOOD_NAMES]
+        out = {}
+        for r in preds.rows:
+            if r["label"] == "review":
+                decision = "review"
+            elif accept:
+                decision = "accept" if r["label"] in accept else "reject"
+            else:
+                decision = "accept"
+            out[r["path"]] = {"label": r["label"], "probabilities": r["probabilities"], "decision": decision,
+                              "reason": r.get("review_reason"), "score": r["top_probability"]}
+        return out
+
+    def _score_anomaly(self, project: dict, model, version: int, paths: list[str]) -> dict[str, dict]:
+        from ..reports.anomaly import overlay_on_image, write_png
+        from ..tasks.anomaly import score_files
+
+        res = score_files(model, paths, keep_maps=True, review_band=float(project["params"].get("review_band", 0)),
+                          cache_dir=self.settings.cache_dir)
+        if res.skipped:
+            raise ServiceError(400, "bad_image", f"cannot score the image: {res.skipped[0].reason}")
+        preprocess = model.backbone().preprocess
+        out = {}
+        for i, r in enumerate(res.rows):
+            sha = Path(r["path"]).name
+            heat = self.blobs.heatmap_path(project["id"], sha, version)
+            if not heat.is_file():
+                write_png(heat, overlay_on_image(r["path"], res.maps[i], preprocess, model.decision))
+            decision = {"ok": "accept", "ng": "reject", "review": "review"}[r["verdict"]]
+            out[r["path"]] = {"label": "good" if r["verdict"] == "ok" else "defect" if r["verdict"] == "ng" else
+                              "review", "score": r["score"], "threshold": r["threshold"], "decision": decision,
+                              "heatmap": self.blobs.relative(heat),
+                              "reason": "the score is within the review band of the threshold"
+                              if r["verdict"] == "review" else None}
+        return out
+
+    @staticmethod
+    def _prediction_dict(row: Prediction) -> dict:
+        out = store.as_dict(row, ["id", "project_id", "model_version", "image_sha256", "filename", "label", "score",
+                                  "threshold", "probabilities", "decision", "reason", "reviewed_label", "created_at"])
+        out["prediction_id"] = out.pop("id")
+        out["heatmap_url"] = f"/v1/predictions/{row.id}/heatmap" if row.heatmap else None
+        out["image_url"] = f"/v1/predictions/{row.id}/image"
+        return out
+
+    def predictions(self, project_id: int, limit: int = 50, before_id: int | None = None,
+                    decision: str | None = None) -> dict:
+        self.project(project_id)
+        limit = max(1, min(int(limit), 500))
+        with self.Session() as s:
+            q = select(Prediction).where(Prediction.project_id == project_id)
+            if before_id is not None:
+                q = q.where(Prediction.id < before_id)
+            if decision:
+                q = q.where(Prediction.decision == decision)
+            rows = s.scalars(q.order_by(Prediction.id.desc()).limit(limit + 1)).all()
+        items = [self._prediction_dict(r) for r in rows[:limit]]
+        return {"items": items, "next_before_id": items[-1]["prediction_id"] if len(rows) > limit else None}
+
+    def prediction(self, prediction_id: int) -> dict:
+        with self.Session() as s:
+            row = s.get(Prediction, prediction_id)
+            if row is None:
+                raise not_found("prediction", prediction_id)
+            return self._prediction_dict(row)
+
+    def prediction_file(self, prediction_id: int, kind: str) -> Path:
+        with self.Session() as s:
+            row = s.get(Prediction, prediction_id)
+            if row is None:
+                raise not_found("prediction", prediction_id)
+            if kind == "heatmap":
+                if not row.heatmap:
+                    raise not_found("heat map for prediction", prediction_id)
+                return self.blobs.resolve(row.heatmap)
+            return self.blobs.image_path(row.image_sha256)
