@@ -2,8 +2,8 @@
 
 Every ``import`` / ``from ... import`` statement counts, wherever it is (module level, inside a function, under
 ``if TYPE_CHECKING``), read from the source with :mod:`ast` - nothing is imported. A package's ``__init__`` importing
-its own submodules is not counted as a circle (the package is those modules); a submodule importing its package's
-``__init__`` is.
+its own submodules counts like any other import, so a submodule that reaches back to its package's ``__init__``
+(directly or through other modules) closes a circle.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def import_edges(mods: dict[str, Path], package: str) -> dict[str, set[str]]:
 
 
 def circles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan, iterative), skipping package -> own child."""
+    """Strongly connected components of more than one module (Tarjan, iterative). A package's ``__init__`` importing
+    its children counts: a child that reaches back to the ``__init__`` (even through another module) closes a circle."""
     def followed(v):
-        return [w for w in sorted(edges[v]) if not w.startswith(v + ".")]
+        return sorted(edges[v])
 
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -117,6 +118,10 @@ def test_the_checker_finds_a_circle_through_a_function_level_import(tmp_path):
     assert circles(edges) == [["pkg.a", "pkg.sub.b"]]
     (pkg / "sub" / "b.py").write_text("def thing():\n    return 1\n")
     assert circles(import_edges(module_files(tmp_path, "pkg"), "pkg")) == []
+    # a child reaching its package's __init__ through another module (heads.with_good -> modelfile -> heads)
+    (pkg / "c.py").write_text("def load():\n    from pkg import registry_of_a\n")
+    (pkg / "a.py").write_text("def build():\n    from .c import load\n")
+    assert circles(import_edges(module_files(tmp_path, "pkg"), "pkg")) == [["pkg", "pkg.a", "pkg.c"]]
 
 
 def test_no_import_circles_in_fewvision():

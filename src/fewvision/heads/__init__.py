@@ -13,6 +13,7 @@ from .maml import MamlHead
 from .prolip import ProLIPHead
 from .protonet import ProtoNetHead
 from .prototype import PrototypeHead
+from .registry import REGISTRY as _REGISTRY
 from .relationnet import RelationNetHead
 from .slac import SLACHead
 from .tip import TipAdapterFHead, TipAdapterHead
@@ -20,7 +21,7 @@ from .tlac import TLACHead
 from .with_good import WithGoodImages
 from .zeroshot import ZeroShotHead
 
-_REGISTRY: dict[str, type[ClassifierHead]] = {
+_REGISTRY.update({
     "zeroshot": ZeroShotHead,
     "prototype": PrototypeHead,
     "protonet": ProtoNetHead,
@@ -40,7 +41,7 @@ _REGISTRY: dict[str, type[ClassifierHead]] = {
     "comple": CoMPLeHead,
     # not a method of its own: any image-feature head with features from good images (fit(..., good=GOOD_DIR))
     "with-good": WithGoodImages,
-}
+})
 
 
 def head_names() -> list[str]:

@@ -137,12 +137,13 @@ class WithGoodImages(ClassifierHead):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "WithGoodImages":
-        from ..modelfile import head_class
+        from ..anomaly import anomaly_head_classes
+        from .registry import REGISTRY
 
         fitted = config["fitted"]
         inner_c, anomaly_c = fitted["inner_"], fitted["anomaly_"]
-        inner = head_class("classification", inner_c["method"]).from_state(_split(tensors, INNER), inner_c)
-        anomaly = head_class("anomaly", anomaly_c["method"]).from_state(_split(tensors, ANOMALY), anomaly_c)
+        inner = REGISTRY[inner_c["method"]].from_state(_split(tensors, INNER), inner_c)
+        anomaly = anomaly_head_classes()[anomaly_c["method"]].from_state(_split(tensors, ANOMALY), anomaly_c)
         head = cls(inner, anomaly, _from_json(fitted["decision_"]))
         head.class_names_ = list(fitted["class_names_"])
         head.feature_dims_ = list(fitted["feature_dims_"])
