@@ -14,7 +14,6 @@ TASKS = ("classification", "anomaly")
 DEFAULT_METHODS = {"classification": "prototype", "anomaly": "patchcore"}
 GOOD_NAMES = ("good", "ok", "nominal", "normal", "pass")
 ANOMALY_LABELS = ("good", "defect")
-JOB_STATES = ("queued", "running", "done", "failed")
 MAX_BATCH = 64
 
 
