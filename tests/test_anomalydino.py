@@ -31,13 +31,13 @@ def texture():
 
 @pytest.fixture(scope="module")
 def textile_pixels(texture, textile_root):
-    """Preprocessed textile images: 16 good to fit on, and 60 good / 60 local / 60 global to test."""
+    """Preprocessed textile images: 16 good to fit on, and 40 good / 40 local / 40 global to test."""
     def load(kind, start, n):
         paths = sorted((textile_root / kind).glob("*.jpg"))[start : start + n]
         return torch.stack([texture.preprocess(load_image(p)) for p in paths])
 
-    return {"fit": load("nominal", 0, 16), "good": load("nominal", 600, 60), "local": load("local", 0, 60),
-            "global": load("global", 0, 60)}
+    return {"fit": load("nominal", 0, 16), "good": load("nominal", 600, 40), "local": load("local", 0, 40),
+            "global": load("global", 0, 40)}
 
 
 def test_rotations_turn_about_the_centre_with_a_reflected_border():
@@ -96,10 +96,10 @@ def test_the_foreground_mask_keeps_the_object_whatever_the_sign_of_the_component
     assert torch.equal(foreground_mask(-feats, threshold=5.0), mask)
 
 
-@pytest.mark.parametrize("shots, floors", [(1, (0.95, 0.90)), (4, (0.93, 0.93))])
+@pytest.mark.parametrize("shots, floors", [(1, (0.95, 0.88)), (4, (0.95, 0.90))])
 def test_few_shot_image_auroc_on_the_textile_images(texture, textile_pixels, shots, floors):
-    """Measured on these images (seed 0, texture backbone, 100 per kind): 1-shot 0.979 local / 0.944 global,
-    4-shot 0.966 / 0.965; floors pinned below."""
+    """Measured on these images (seed 0, texture backbone, 40 per kind): 1-shot 0.998 local / 0.924 global,
+    4-shot 0.994 / 0.940; floors pinned below."""
     head = create_anomaly_head("anomalydino").fit(textile_pixels["fit"][:shots], texture)
     assert head.metric_ == "euclidean" and head.rotated_  # the texture statistics declare their distance
 

@@ -26,15 +26,15 @@ def texture():
 
 @pytest.fixture(scope="module")
 def batch(texture, textile_root):
-    """40 unlabelled textile images: 30 good, 5 local and 5 global defects, as the texture backbone sees them."""
+    """30 unlabelled textile images: 20 good, 5 local and 5 global defects, as the texture backbone sees them."""
     def load(kind, start, n):
         paths = sorted((textile_root / kind).glob("*.jpg"))[start : start + n]
         return torch.stack([texture.preprocess(load_image(p)) for p in paths])
 
-    x = torch.cat([load("nominal", 600, 30), load("local", 20, 5), load("global", 20, 5)])
+    x = torch.cat([load("nominal", 600, 20), load("local", 20, 5), load("global", 20, 5)])
     with torch.inference_mode():
         maps, feats = texture.patch_features(x), texture.encode_images(x)
-    return {"maps": maps, "features": feats, "kind": np.array([0] * 30 + [1] * 5 + [2] * 5)}
+    return {"maps": maps, "features": feats, "kind": np.array([0] * 20 + [1] * 5 + [2] * 5)}
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +91,11 @@ def test_rescoring_by_hand():
 def test_finds_textile_defects_with_no_good_images(scored, batch):
     maps, scores = scored
     kind = batch["kind"]
-    assert maps.shape == (40, 32, 32)
+    assert maps.shape == (30, 32, 32)
     for defect in (1, 2):
         keep = kind != (3 - defect)
         auroc = roc_auc_score(kind[keep] == defect, scores.numpy()[keep])
-        assert auroc >= 0.95, (defect, auroc)  # measured 0.993 (local) and 0.987 (global) on these 30 + 5 + 5
+        assert auroc >= 0.93, (defect, auroc)  # measured 0.990 (local) and 0.970 (global) on these 20 + 5 + 5
 
 
 def test_paper_normalisation_would_hide_global_defects_of_the_texture_statistics(batch, texture):
@@ -106,7 +106,7 @@ def test_paper_normalisation_would_hide_global_defects_of_the_texture_statistics
 
 
 def test_scores_do_not_depend_on_the_order_of_the_batch(scored, batch, texture):
-    perm = torch.randperm(40, generator=torch.Generator().manual_seed(7))
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(7))
     maps, scores = MuSc(block_elements=1 << 22).score([batch["maps"][perm]], batch["features"][perm], texture)
     torch.testing.assert_close(maps, scored[0][perm], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores, scored[1][perm], rtol=1e-5, atol=1e-5)
