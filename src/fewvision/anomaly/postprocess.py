@@ -156,9 +156,11 @@ def image_coordinates(preprocess, width: int, height: int, size: tuple[int, int]
 def _image_coordinates(preprocess, width: int, height: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    xs = np.linspace(0, 255, width)[None, :].repeat(height, 0)
-    ys = np.linspace(0, 255, height)[:, None].repeat(width, 1)
-    ramp = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).round().astype(np.uint8), mode="RGB")
+    # uint8 from the start: float64 ramps of a 40 MP image would take 1.9 GB
+    ramp = np.zeros((height, width, 3), dtype=np.uint8)
+    ramp[..., 0] = np.linspace(0, 255, width).round().astype(np.uint8)[None, :]
+    ramp[..., 1] = np.linspace(0, 255, height).round().astype(np.uint8)[:, None]
+    ramp = Image.fromarray(ramp, mode="RGB")
     view = input_view(ramp, preprocess, size)
     return view[..., 0] * (width - 1), view[..., 1] * (height - 1)
 

@@ -35,6 +35,7 @@ class Settings:
     db_url: str | None = None
     max_upload_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    heatmap_max_side: int = 1024  # heat maps are drawn at most this many pixels a side, whatever the image's size
     cors_origins: list[str] = field(default_factory=list)
     worker: bool = True  # run fits in a background thread (tests of the API alone may turn it off)
 

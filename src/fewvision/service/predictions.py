@@ -91,7 +91,8 @@ class Predictions:
             sha = Path(r["path"]).name
             heat = self.blobs.heatmap_path(project["id"], sha, version)
             if not heat.is_file():
-                write_png(heat, overlay_on_image(r["path"], res.maps[i], preprocess, model.decision))
+                write_png(heat, overlay_on_image(r["path"], res.maps[i], preprocess, model.decision,
+                                                 max_side=self.settings.heatmap_max_side))
             decision = {"ok": "accept", "ng": "reject", "review": "review"}[r["verdict"]]
             out[r["path"]] = {"label": "good" if r["verdict"] == "ok" else "defect" if r["verdict"] == "ng" else
                               "review", "score": r["score"], "threshold": r["threshold"], "decision": decision,
