@@ -237,6 +237,65 @@ def test_a_large_image_is_scored_with_bounded_memory_and_a_capped_heat_map(clien
     assert peak < 300 * 2**20, f"{peak / 2**20:.0f} MB"
 
 
+def _raw_upload(app, headers: dict, chunks: int, chunk: bytes = bytes(1 << 20)) -> tuple[int, int, dict]:
+    """An upload straight into the ASGI app, its body offered in ``chunks`` chunks: (status, chunks the app read,
+    response headers). A client of a real server would still be sending what was not read."""
+    import anyio
+
+    read, sent = 0, {}
+    started = False
+
+    async def receive():
+        nonlocal read
+        if started:  # the answer is out: the client hangs up
+            return {"type": "http.disconnect"}
+        read += 1
+        head = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' if read == 1 else b""
+        return {"type": "http.request", "body": head + chunk, "more_body": read < chunks}
+
+    async def send(message):
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+            sent["status"] = message["status"]
+            sent["headers"] = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/projects/1/exemplars", "raw_path": b"/v1/projects/1/exemplars",
+             "query_string": b"", "root_path": "", "scheme": "http", "server": ("testserver", 80), "client": ("c", 1),
+             "http_version": "1.1", "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    anyio.run(app, scope, receive, send)
+    return sent["status"], read, sent["headers"]
+
+
+def test_an_upload_is_refused_before_its_body_is_read_without_a_token_or_over_the_cap(client):
+    app = client.app
+    cap = app.state.service.settings.max_request_bytes
+    form = {"Content-Type": "multipart/form-data; boundary=x"}
+    # no token: 401 before a single byte of the body is read (it used to read it all first); 2000 MB announced:
+    # 413 at once, token or not
+    assert _raw_upload(app, {**form, "Content-Length": str(50 << 20)}, chunks=50)[:2] == (401, 0)
+    assert _raw_upload(app, {**form, "Authorization": "Bearer fv_wrong"}, chunks=2000)[:2] == (401, 0)
+    assert _raw_upload(app, {**form, "Content-Length": str(2000 << 20)}, chunks=2000)[:2] == (413, 0)
+    token = client.headers["Authorization"]
+    # a valid token, a length over the cap: 413 before reading; no length (chunked): 413 once the cap is passed
+    assert _raw_upload(app, {**form, "Authorization": token, "Content-Length": str(cap + 1)}, chunks=2000)[:2] == \
+        (413, 0)
+    status, read, headers = _raw_upload(app, {**form, "Authorization": token}, chunks=2000)
+    assert status == 413 and read <= cap // (1 << 20) + 1  # 1 MB chunks: no more than the cap was read
+    assert headers["x-content-type-options"] == "nosniff" and "frame-ancestors 'none'" in \
+        headers["content-security-policy"]
+
+
+def test_every_response_carries_the_browser_headers_and_nothing_loads_from_a_cdn(client):
+    for path in ("/", "/static/index.html", "/v1/projects", "/v1/health"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"], path
+    assert client.get("/v1/projects").headers["cache-control"] == "no-store"
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404  # Swagger UI's CDN
+
+
 def test_hostile_uploads_get_a_clear_4xx(client, tmp_path):
     p = client.post("/v1/projects", json={"name": "guard", "task": "anomaly", "backbone": "texture"}).json()
     (name, real), = textile_bytes("nominal", 0, 1)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from .core import Service as _Service
 from .common import ServiceError, Settings, read_uploads
+from .guard import Guard, bearer
 
 PAGE = Path(__file__).resolve().parent / "page"
 
@@ -48,11 +49,10 @@ def svc(request: Request) -> _Service:
 
 
 def auth(request: Request, authorization: Annotated[str | None, Header()] = None):
-    """The caller's token (``Authorization: Bearer ...``); 401 without a valid one."""
-    token = None
-    if authorization and authorization.lower().startswith("bearer "):
-        token = authorization[7:].strip()
-    return svc(request).authenticate(token)
+    """The caller's token (``Authorization: Bearer ...``); 401 without a valid one. A request with a body had it
+    checked before the body was read (:class:`~fewvision.service.guard.Guard`)."""
+    checked = getattr(request.state, "token", None)
+    return checked if checked is not None else svc(request).authenticate(bearer(authorization))
 
 
 # Module-level, so FastAPI can resolve the (string) annotations of the routes.
@@ -78,9 +78,12 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
         if own:
             app.state.service.stop()
 
+    # No /docs or /redoc: their pages load from a CDN, which a line network does not reach; the schema is served.
     app = FastAPI(title="fewvision inspection service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, max_body_size=settings.max_request_bytes,
                   description="Zero-shot / few-shot classification and anomaly detection for visual inspection. "
                               "Every endpoint but /v1/health needs 'Authorization: Bearer <token>'.")
+    app.add_middleware(Guard)
     if service is not None:
         app.state.service = service
     if settings.cors_origins:
@@ -220,8 +223,6 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def page():
-        return FileResponse(PAGE / "index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
-                                     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:"})
+        return FileResponse(PAGE / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
 
     return app

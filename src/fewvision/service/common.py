@@ -34,6 +34,7 @@ class Settings:
     data_dir: Path
     db_url: str | None = None
     max_upload_bytes: int = DEFAULT_MAX_BYTES
+    max_request_bytes: int = 100 * 1024 * 1024  # a whole request (a batch of images), refused while it is read
     max_pixels: int = DEFAULT_MAX_PIXELS
     heatmap_max_side: int = 1024  # heat maps are drawn at most this many pixels a side, whatever the image's size
     cors_origins: list[str] = field(default_factory=list)
