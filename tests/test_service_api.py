@@ -101,6 +101,60 @@ def test_projects_are_validated_with_json_errors(client):
         client.get("/openapi.json").json()["paths"]
 
 
+def test_params_backbone_and_method_are_checked_when_set_naming_the_field(client):
+    def refused(body, field):
+        r = client.post("/v1/projects", content=body if isinstance(body, str) else None,
+                        json=None if isinstance(body, str) else body,
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert field in r.json()["error"]["message"], r.text
+
+    base = '{"name": "p", "task": "anomaly", "backbone": "texture", "params": %s}'
+    refused(base % '{"review_band": "wide"}', "params.review_band")  # was 201, then every predict a 500
+    refused(base % '{"review_band": 1e400}', "params.review_band")  # Python reads 1e400 as infinity
+    refused(base % '{"review_band": NaN}', "params.review_band")
+    refused(base % '{"target_false_reject": Infinity}', "params.target_false_reject")
+    refused(base % '{"target_false_reject": 1.5}', "params.target_false_reject")
+    refused(base % '{"coreset_ratio": 0}', "coreset_ratio")  # the head's own check, run at create
+    refused(base % '{"coreset_raito": 0.1}', "params.coreset_raito")  # not a setting of PatchCore
+    refused({"name": "p", "task": "anomaly", "backbone": "bogus:x"}, "backbone")
+    refused({"name": "p", "task": "anomaly", "backbone": "timm:"}, "backbone")
+    refused({"name": "p", "task": "classification", "classes": [{"name": "a"}, {"name": "b"}],
+             "params": {"accept_classes": ["c"]}}, "params.accept_classes")
+    ok = client.post("/v1/projects", json={"name": "p", "task": "anomaly", "backbone": "texture",
+                                           "params": {"review_band": 0.1, "coreset_ratio": 0.2, "shots": 4}})
+    assert ok.status_code == 201, ok.text
+
+
+def test_a_project_is_renamed_re_set_and_deleted_with_its_data(client, anomaly_project):
+    pid = anomaly_project["id"]
+    (name, data), = textile_bytes("nominal", 600, 1)
+    predicted = client.post(f"/v1/projects/{pid}/predict", files={"file": (name, data)}).json()
+    assert predicted["heatmap_url"]
+    # a bad PATCH changes nothing; a good one applies to the next prediction at once
+    assert client.patch(f"/v1/projects/{pid}", json={"params": {"review_band": "wide"}}).status_code == 422
+    assert client.get(f"/v1/projects/{pid}").json()["params"]["review_band"] == 0.15
+    r = client.patch(f"/v1/projects/{pid}", json={"name": "line 3 fabric (old)", "params": {"review_band": 0.9,
+                                                                                          "target_false_reject": 0.1}})
+    assert r.status_code == 200 and r.json()["name"] == "line 3 fabric (old)" and not r.json()["needs_refit"]
+    again = client.post(f"/v1/projects/{pid}/predict", files={"file": (name, data)}).json()
+    assert again["decision"] == "review", again  # within 90 % of the threshold, either side
+    assert client.patch(f"/v1/projects/{pid}", json={"params": {"target_false_reject": 0.05}}).json()["needs_refit"]
+    # a token of the project cannot delete it; an unlimited one can, and every trace goes
+    _, scoped = client.app.state.service.create_token("line 3", pid)
+    assert client.delete(f"/v1/projects/{pid}", headers={"Authorization": f"Bearer {scoped}"}).status_code == 403
+    data_dir = client.app.state.service.settings.data_dir
+    assert list((data_dir / "models" / str(pid)).glob("*.fvm")) and (data_dir / "heatmaps" / str(pid)).is_dir()
+    gone = client.delete(f"/v1/projects/{pid}")
+    assert gone.status_code == 200 and gone.json()["images_removed"] == 21, gone.text  # 20 to fit + 1 predicted
+    assert client.get(f"/v1/projects/{pid}").status_code == 404
+    assert client.get(f"/v1/predictions/{predicted['prediction_id']}").status_code == 404
+    assert not (data_dir / "models" / str(pid)).exists() and not (data_dir / "heatmaps" / str(pid)).exists()
+    assert not [p for p in (data_dir / "images").rglob("*") if p.is_file()]
+    assert client.get("/v1/projects", headers={"Authorization": f"Bearer {scoped}"}).status_code == 401  # revoked
+    assert client.delete(f"/v1/projects/{pid}").status_code == 404
+
+
 def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_project, monkeypatch):
     pid = anomaly_project["id"]
     import fewvision.tasks.anomaly as anomaly_tasks

@@ -105,12 +105,7 @@ def create_backbone(
 ) -> Backbone:
     """Create a backbone from its spec. Raises :class:`BackboneError` (or :class:`WeightsUnavailable`)."""
     spec = with_weights(spec.strip(), weights)
-    kind = spec.split(":", 1)[0]
-    factory = _REGISTRY.get(kind)
-    if factory is None:
-        raise BackboneError(f"unknown backbone '{spec}': expected one of {', '.join(k + ':...' for k in backbone_kinds())}")
-    if kind != "texture" and ":" not in spec:
-        raise BackboneError(f"backbone '{spec}' needs a model after '{kind}:'")
+    factory = _REGISTRY[check_backbone_spec(spec)]
     imported = None if weights else _imported(spec, cache_dir)
     if imported is not None:  # 'fewvision models import' unpacked its files: load those, never the hub
         backbone = create_backbone(imported["spec"], cache_dir=cache_dir, download=False, device=device)
@@ -122,6 +117,17 @@ def create_backbone(
     return factory(spec, cache_dir=cache_dir, download=download, device=device)
 
 
+def check_backbone_spec(spec: str) -> str:
+    """The kind of backbone ``spec`` names (texture, openclip, hf, timm), checked without loading anything; raises
+    :class:`BackboneError` for a spec no backbone could be created from."""
+    kind, colon, model = spec.strip().partition(":")
+    if kind not in _REGISTRY:
+        raise BackboneError(f"unknown backbone '{spec}': expected one of {', '.join(k + ':...' for k in backbone_kinds())}")
+    if kind != "texture" and not (colon and model.strip()):
+        raise BackboneError(f"backbone '{spec}' needs a model after '{kind}:'")
+    return kind
+
+
 def _imported(spec: str, cache_dir: str | None) -> dict | None:
     from ..io.paths import weights_dir
     from .imported import IMPORTED, imported_backbones
@@ -131,7 +137,8 @@ def _imported(spec: str, cache_dir: str | None) -> dict | None:
     return imported_backbones(cache_dir).get(spec)
 
 
-__all__ = ["Backbone", "BackboneError", "WeightsUnavailable", "create_backbone", "backbone_kinds", "DEFAULT_CLIP_SPEC"]
+__all__ = ["Backbone", "BackboneError", "WeightsUnavailable", "create_backbone", "check_backbone_spec", "backbone_kinds",
+           "DEFAULT_CLIP_SPEC"]
 
 
 def weights_location(spec: str, cache_dir: str | None = None) -> str:

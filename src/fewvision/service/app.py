@@ -40,6 +40,11 @@ class ProjectIn(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ProjectPatch(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    params: dict[str, Any] | None = None
+
+
 class ReviewIn(BaseModel):
     label: str = Field(min_length=1, max_length=200)
 
@@ -89,8 +94,8 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
@@ -135,6 +140,18 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
     @app.get("/v1/projects/{project_id}")
     def get_project(project_id: Id, service: Svc, token: Auth) -> dict:
         return project_of(service, token, project_id)
+
+    @app.patch("/v1/projects/{project_id}")
+    def patch_project(project_id: Id, body: ProjectPatch, service: Svc, token: Auth) -> dict:
+        project_of(service, token, project_id)
+        return service.update_project(project_id, body.name, body.params)
+
+    @app.delete("/v1/projects/{project_id}")
+    def delete_project(project_id: Id, service: Svc, token: Auth) -> dict:
+        project_of(service, token, project_id)
+        if token.project_id is not None:
+            raise ServiceError(403, "forbidden", "a token limited to one project cannot delete it")
+        return service.delete_project(project_id)
 
     @app.post("/v1/projects/{project_id}/exemplars", status_code=201)
     def add_exemplar(project_id: Id, service: Svc, token: Auth, file: Annotated[UploadFile, File()],

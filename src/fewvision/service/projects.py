@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 
 from . import store
 from .blobs import UploadError, check_image, clean_filename
 from .common import DEFAULT_METHODS, TASKS, ServiceError, check_text, not_found
-from .store import Exemplar, Project, Token
+from .params import check_params
+from .store import Exemplar, Job, ModelVersion, Prediction, Project, Review, Token, utcnow
 
 
 class Projects:
@@ -17,6 +19,7 @@ class Projects:
 
     def create_project(self, name: str, task: str, backbone: str | None = None, method: str | None = None,
                        classes: Sequence[dict] | None = None, params: dict | None = None) -> dict:
+        from ..backbones import BackboneError, check_backbone_spec
         from ..defaults import default_backbone
 
         for value, what in ((name, "name"), (backbone, "backbone"), (method, "method"), (classes, "classes"),
@@ -29,6 +32,10 @@ class Projects:
             raise ServiceError(422, "invalid", f"task must be one of {', '.join(TASKS)}, got {task!r}")
         method = method or DEFAULT_METHODS[task]
         backbone = (backbone or default_backbone(task)).strip()
+        try:
+            check_backbone_spec(backbone)
+        except BackboneError as err:
+            raise ServiceError(422, "invalid", f"backbone: {err}") from None
         classes = [{"name": str(c.get("name", "")).strip(), "description": str(c.get("description") or "")}
                    for c in (classes or [])]
         if task == "classification":
@@ -48,6 +55,7 @@ class Projects:
                 raise ServiceError(422, "invalid", f"unknown anomaly method {method!r}: expected one of "
                                                    f"{', '.join(sorted(anomaly_head_classes()))}")
             classes = [{"name": "good", "description": "a good part"}, {"name": "defect", "description": "a defect"}]
+        params = check_params(task, method, classes, {} if params is None else params)
         with self.Session.begin() as s:
             if s.scalars(select(Project).where(Project.name == name)).first() is not None:
                 raise ServiceError(409, "conflict", f"a project named {name!r} exists")
@@ -56,6 +64,65 @@ class Projects:
             s.add(row)
             s.flush()
             return self._project_dict(s, row)
+
+    def update_project(self, project_id: int, name: str | None = None, params: dict | None = None) -> dict:
+        """A new name and/or new params (checked as at create; they replace the old ones). New params apply to the
+        next prediction at once; those of the fit mark the project for refit."""
+        check_text(name, "name")
+        check_text(params, "params")
+        with self.Session.begin() as s:
+            row = s.get(Project, project_id)
+            if row is None:
+                raise not_found("project", project_id)
+            if name is not None:
+                name = name.strip()
+                if not name or len(name) > 200:
+                    raise ServiceError(422, "invalid", "name: a project needs a name of 1 to 200 characters")
+                if s.scalars(select(Project).where(Project.name == name, Project.id != project_id)).first():
+                    raise ServiceError(409, "conflict", f"a project named {name!r} exists")
+                row.name = name
+            if params is not None:
+                params = check_params(row.task, row.method, list(row.classes), params)
+                served = {"review_band", "review_threshold", "abstain", "accept_classes"}
+                if {k: v for k, v in params.items() if k not in served} != \
+                        {k: v for k, v in dict(row.params).items() if k not in served}:
+                    row.needs_refit = True
+                row.params = dict(params)
+            s.flush()
+            return self._project_dict(s, row)
+
+    def delete_project(self, project_id: int) -> dict:
+        """The project and everything of it: exemplars, jobs, model versions and files, predictions, reviews, heat
+        maps, tokens limited to it, and the images no other project refers to. Refused (409) while a job of the
+        project is queued or running."""
+        with self._project_lock(project_id), self.Session.begin() as s:
+            row = s.get(Project, project_id)
+            if row is None:
+                raise not_found("project", project_id)
+            busy = s.scalars(select(Job.id).where(Job.project_id == project_id,
+                                                  Job.state.in_(("queued", "running")))).first()
+            if busy is not None:
+                raise ServiceError(409, "busy", f"job {busy} of project {project_id} has not finished; wait for it")
+            images = set(s.scalars(select(Exemplar.sha256).where(Exemplar.project_id == project_id)).all())
+            images |= set(s.scalars(select(Prediction.image_sha256).where(Prediction.project_id == project_id)).all())
+            predictions = select(Prediction.id).where(Prediction.project_id == project_id)
+            s.execute(delete(Review).where(Review.prediction_id.in_(predictions)))
+            for table in (Prediction, ModelVersion, Job, Exemplar):
+                s.execute(delete(table).where(table.project_id == project_id))
+            s.execute(update(Token).where(Token.project_id == project_id, Token.revoked_at.is_(None))
+                      .values(revoked_at=utcnow()))
+            s.delete(row)
+            s.flush()
+            shared = set(s.scalars(select(Exemplar.sha256).where(Exemplar.sha256.in_(images))).all())
+            shared |= set(s.scalars(select(Prediction.image_sha256).where(Prediction.image_sha256.in_(images))).all())
+        # the rows are gone (committed): now the files, which nothing refers to any more
+        for key in [k for k in self._models if k[0] == project_id]:
+            self._models.pop(key, None)
+        for folder in ("models", "heatmaps"):
+            shutil.rmtree(self.blobs.root / folder / str(int(project_id)), ignore_errors=True)
+        for sha in images - shared:
+            self.blobs.image_path(sha).unlink(missing_ok=True)
+        return {"deleted": project_id, "images_removed": len(images - shared)}
 
     def _project_dict(self, s, row: Project, counts: bool = True) -> dict:
         out = store.as_dict(row, ["id", "name", "task", "backbone", "method", "classes", "params", "active_version",
