@@ -188,3 +188,37 @@ def test_schemathesis_finds_no_server_error(server):
 
         check()
     assert failures == []
+
+
+def test_a_second_serve_on_a_sqlite_store_refuses_in_one_line_and_touches_nothing(tmp_path):
+    import subprocess
+
+    first = Server(tmp_path / "data")
+    first.data_dir.mkdir(parents=True)
+    first.token_value = first.token("--name", "tests")
+    first.start()
+    try:
+        h = headers(first)
+        p = http("POST", f"{first.url}/v1/projects", json={"name": "owned", "task": "anomaly", "backbone": "texture",
+                                                         "params": {"target_false_reject": 0.2}}, headers=h).json()
+        for name, data in textile_bytes("nominal", 0, 10):
+            http("POST", f"{first.url}/v1/projects/{p['id']}/exemplars", files={"file": (name, data)},
+                 data={"label": "good"}, headers=h)
+        job = http("POST", f"{first.url}/v1/projects/{p['id']}/fit", headers=h).json()
+        second = Server(first.data_dir)  # another port, the same store
+        proc = subprocess.run(second.command("serve", "--port", str(second.port)), capture_output=True, text=True,
+                              timeout=60)  # one that starts serving never returns
+        assert proc.returncode == 2
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "owns the store" in lines[0] and str(first.proc.pid) in lines[0], proc.stderr
+        # the first one's fit was not marked failed by the second (which used to do so at start), and it finishes
+        for _ in range(600):
+            state = http("GET", f"{first.url}/v1/jobs/{job['job_id']}", headers=h).json()
+            if state["state"] in ("done", "failed"):
+                break
+            time.sleep(0.2)
+        assert state["state"] == "done" and state["model_version"] == 1, state
+    finally:
+        first.stop()
+    first.start()  # stopped, the store is free again
+    first.stop()

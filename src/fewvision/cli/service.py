@@ -80,8 +80,9 @@ def serve(
                                           help="the project --model goes to, created when missing "
                                                "[default: the file's name]"),
 ) -> None:
-    """Run the inspection service: the REST API under /v1 (OpenAPI at /docs), the review page at /, fits in a
-    background worker, every prediction recorded. The store is migrated to the current schema at start."""
+    """Run the inspection service: the REST API under /v1 (its OpenAPI schema at /openapi.json), the review page at
+    /, fits in a background worker, every prediction recorded. The store is migrated to the current schema at start.
+    A SQLite store has one owner: a second serve on it refuses to start."""
     import uvicorn
 
     from ..service.app import create_app
@@ -92,6 +93,12 @@ def serve(
                          cors_origins=comma_list(cors_origin, "origin") if cors_origin else [])
     if project and not model:
         raise UserError("--project applies to --model")
+    from ..service.store import StoreOwned, own_sqlite_store
+
+    try:
+        owner = own_sqlite_store(settings.db_url)  # held until this process ends
+    except StoreOwned as err:
+        raise UserError(str(err)) from None
     service = _offline_service(data_dir, db)  # a store that cannot be opened or migrated: one line, exit 2
     try:
         if model is not None:
@@ -106,7 +113,11 @@ def serve(
         service.stop()
     info(f"fewvision service on http://{host}:{port}/ (store: {settings.db_url.split('@')[-1]}, data: "
          f"{settings.data_dir})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        if owner is not None:
+            owner.close()
 
 
 def tokens_create(

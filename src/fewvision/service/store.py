@@ -203,3 +203,36 @@ def as_dict(row: Any, fields: list[str]) -> dict:
             v = (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).isoformat()  # SQLite keeps no time zone
         out[f] = v
     return out
+
+
+class StoreOwned(RuntimeError):
+    """Another service process owns this SQLite store."""
+
+
+def own_sqlite_store(url: str):
+    """An exclusive lock on a SQLite store for this process's lifetime (the file ``<database>.owner``, holding the
+    owner's process id); None for other databases. Two services on one SQLite file would each think they own its
+    jobs and model versions: the second refuses to start (:class:`StoreOwned`) before it reads or writes anything.
+    The lock goes with the process, however it ends (kill -9 included)."""
+    import fcntl
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    path = Path(parsed.database).expanduser().resolve().with_name(Path(parsed.database).name + ".owner")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StoreOwned(f"another fewvision serve (process {owner}) owns the store {parsed.database}; stop it "
+                         "first (several service processes need PostgreSQL: --db postgresql://...)") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
