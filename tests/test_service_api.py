@@ -231,6 +231,27 @@ def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_pro
     assert client.post(f"/v1/projects/{pid}/models/9/activate").status_code == 404
 
 
+def test_an_answer_is_final_and_the_audit_trail_says_who_gave_it(client, anomaly_project):
+    pid = anomaly_project["id"]
+    (name, data), = textile_bytes("local", 3, 1)
+    pred = client.post(f"/v1/projects/{pid}/predict", files={"file": (name, data)}).json()
+    first = client.post(f"/v1/predictions/{pred['prediction_id']}/review", json={"label": "good"})
+    assert first.status_code == 200 and first.json()["exemplar"]["label"] == "good"
+    again = client.post(f"/v1/predictions/{pred['prediction_id']}/review", json={"label": "good"})  # a retry
+    assert again.status_code == 200 and again.json()["exemplar"] is None and again.json()["update_job"] is None
+    other = client.post(f"/v1/predictions/{pred['prediction_id']}/review", json={"label": "defect"})
+    assert other.status_code == 409 and "was reviewed as 'good'" in other.json()["error"]["message"]
+    # one exemplar of the image, under one label (it used to get a second one, labelled defect)
+    mine = [e for e in client.get(f"/v1/projects/{pid}/exemplars").json() if e["sha256"] == pred["image_sha256"]]
+    assert [(e["label"], e["source"]) for e in mine] == [("good", "review")]
+    trail = client.get(f"/v1/predictions/{pred['prediction_id']}/reviews").json()
+    assert [(t["label"], t["token_name"]) for t in trail] == [("good", "tests")] and trail[0]["created_at"]
+    update = wait_for(client, first.json()["update_job"]["job_id"])
+    assert update["state"] == "done" and update["model_version"] == 2, update
+    origin = {m["version"]: m["origin"] for m in client.get(f"/v1/projects/{pid}/models").json()}[2]
+    assert origin == "update: +1 image(s), 1 reviewed, 0 uploaded (good)", origin  # it said "reviewed" of uploads
+
+
 def test_classification_fit_predict_and_a_correction_updates_the_prototypes(client):
     classes = [{"name": "nominal", "description": "even fabric"}, {"name": "local", "description": "a small spot"},
                {"name": "global", "description": "a changed texture"}]

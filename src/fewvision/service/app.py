@@ -230,6 +230,11 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
         project_of(service, token, project_id)
         return service.review_queue(project_id, limit)
 
+    @app.get("/v1/predictions/{prediction_id}/reviews")
+    def list_reviews(prediction_id: Id, service: Svc, token: Auth) -> list[dict]:
+        service.allow(token, service.prediction(prediction_id)["project_id"])
+        return service.reviews(prediction_id)
+
     @app.post("/v1/predictions/{prediction_id}/review")
     def review(prediction_id: Id, body: ReviewIn, service: Svc, token: Auth) -> dict:
         service.allow(token, service.prediction(prediction_id)["project_id"])

@@ -156,7 +156,9 @@ class Jobs:
 
             updated = update(model, paths, [e["label"] for e in new], cache_dir=self.settings.cache_dir)
         labels = ", ".join(sorted({e["label"] for e in new}))
-        version = self._save_version(project["id"], updated, origin=f"update: +{len(new)} reviewed image(s) ({labels})")
+        reviewed = sum(e["source"] == "review" for e in new)
+        version = self._save_version(project["id"], updated, origin=f"update: +{len(new)} image(s), {reviewed} "
+                                                                    f"reviewed, {len(new) - reviewed} uploaded ({labels})")
         with self.Session.begin() as s:
             s.get(Project, project["id"]).needs_refit = True  # a full refit would still recalibrate
         return version

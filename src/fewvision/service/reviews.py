@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from . import store
 from .common import ANOMALY_LABELS, ServiceError
 from .store import Prediction, Review, Token
 
@@ -30,9 +31,20 @@ class Reviews:
         if label not in allowed:
             raise ServiceError(422, "invalid", f"label must be one of {', '.join(allowed)}, got {label!r}")
         with self.Session.begin() as s:
-            row = s.get(Prediction, prediction_id)
-            row.reviewed_label = label
-            s.add(Review(prediction_id=prediction_id, label=label, token_id=token.id if token else None))
+            row = s.get(Prediction, prediction_id, with_for_update=True)  # two inspectors at once: one answer
+            repeated = row.reviewed_label == label
+            if row.reviewed_label is not None and not repeated:
+                first = s.scalars(select(Review).where(Review.prediction_id == prediction_id)
+                                  .order_by(Review.id)).first()
+                raise ServiceError(409, "already_reviewed", f"prediction {prediction_id} was reviewed as "
+                                   f"{row.reviewed_label!r} at {store.as_dict(first, ['created_at'])['created_at']}; "
+                                   "an answer is final (its image is an exemplar of that label)")
+            if not repeated:
+                row.reviewed_label = label
+                s.add(Review(prediction_id=prediction_id, label=label, token_id=token.id if token else None))
+        if repeated:  # the same answer again (a retried request): recorded already, nothing more to do
+            return {"prediction": self.prediction(prediction_id), "exemplar": None, "update_job": None,
+                    "needs_refit": project["needs_refit"]}
         exemplar = job = None
         if project["task"] == "classification" or label == "good":
             data = self.blobs.image_path(pred["image_sha256"]).read_bytes()
@@ -41,3 +53,11 @@ class Reviews:
                 job = self._queue_job(project["id"], "update")
         return {"prediction": self.prediction(prediction_id), "exemplar": exemplar, "update_job": job,
                 "needs_refit": self.project(project["id"])["needs_refit"]}
+
+    def reviews(self, prediction_id: int) -> list[dict]:
+        """The audit trail of a prediction's review: each answer with who gave it (the token's id and name) and when."""
+        self.prediction(prediction_id)
+        with self.Session() as s:
+            rows = s.execute(select(Review, Token.name).outerjoin(Token, Token.id == Review.token_id)
+                             .where(Review.prediction_id == prediction_id).order_by(Review.id)).all()
+            return [{**store.as_dict(r, ["label", "token_id", "created_at"]), "token_name": name} for r, name in rows]
