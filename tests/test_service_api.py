@@ -384,6 +384,9 @@ def test_hostile_uploads_get_a_clear_4xx(client, tmp_path):
     bomb = io.BytesIO()
     Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # 64 MP of zeros in a small file
     assert "pixels is over the limit" in err(upload(client, p["id"], "bomb.png", bomb.getvalue()), 413)
+    bomb = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(bomb, format="PNG")  # 225 MP: Pillow itself refuses to open it
+    assert "too many pixels" in err(upload(client, p["id"], "bigger-bomb.png", bomb.getvalue()), 413)  # was 415
     assert "empty file" in err(upload(client, p["id"], "empty.jpg", b""), 400)
     ok = upload(client, p["id"], "../../../etc/passwd.jpg", real)
     assert ok.status_code == 201 and ok.json()["filename"] == "passwd.jpg"
@@ -393,6 +396,33 @@ def test_hostile_uploads_get_a_clear_4xx(client, tmp_path):
     assert again.json()["id"] == ok.json()["id"]
     assert "no fitted model" in err(client.post(f"/v1/projects/{p['id']}/predict",
                                                 files={"file": (name, real, "image/jpeg")}), 409)
+
+
+def test_a_start_removes_the_temp_files_of_writers_killed_mid_write(client):
+    import os
+    import subprocess
+    import sys
+
+    from fewvision.service.core import Service
+
+    settings = client.app.state.service.settings
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended
+    left = settings.data_dir / "heatmaps" / "7" / f".{'ab' * 32}-v1.png.{pid}.x1y2z3.tmp"  # a heat map's, never rewritten
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a png")
+    os.utime(left, (time.time() - 7200, time.time() - 7200))
+    recent = left.with_name(f".{'cd' * 32}-v1.png.{pid}.a1b2c3.tmp")
+    recent.write_bytes(b"half a png, a minute ago")
+    writing = left.with_name(f".{'ef' * 32}-v1.png.{os.getppid()}.q1w2e3.tmp")  # a live writer's
+    writing.write_bytes(b"being written")
+    again = Service(settings)
+    again.start()
+    again.stop()
+    assert not left.exists() and writing.exists()
+    # SQLite has one owner on this machine: a dead pid is enough. On PostgreSQL the folder may be shared with
+    # replicas on other machines, whose pids mean nothing here: only a temp file an hour old goes.
+    assert recent.exists() == (client.store == "postgresql")
 
 
 def test_the_schema_is_migrated_once_and_restarts_cleanly(client):

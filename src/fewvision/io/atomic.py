@@ -41,6 +41,26 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
     return removed
 
 
+def remove_stale_temp_files_under(folder: Path, min_age_s: float = 0.0) -> list[Path]:
+    """Temp files anywhere under ``folder`` whose writer's pid is gone and that were last written at least
+    ``min_age_s`` ago: those of targets never written again (a heat map is written once) would stay for ever.
+    A pid says nothing about a writer on another machine (a shared folder): there the age has to."""
+    import time
+
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        pid = tmp.name[:-len(".tmp")].rsplit(".", 2)[-2] if tmp.name.count(".") >= 4 else ""
+        try:
+            old = time.time() - tmp.stat().st_mtime >= min_age_s
+        except OSError:
+            continue
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and old:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in ``path``'s folder; on success it replaces ``path``, on error it is removed.

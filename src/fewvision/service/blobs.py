@@ -105,7 +105,9 @@ def check_image(data: bytes, filename: str, max_bytes: int = DEFAULT_MAX_BYTES,
                 im.load()
     except UploadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow refused it before we could
+        raise UploadError(f"{name}: too many pixels (over the limit of {max_pixels:,} pixels)", 413) from None
+    except UnidentifiedImageError:
         raise UploadError(f"{name}: not an image (the content is no JPEG, PNG, BMP, TIFF or WebP, whatever the "
                           "name says)", 415) from None
     except (OSError, ValueError, SyntaxError, IndexError) as err:

@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..io.atomic import remove_stale_temp_files_under
 from . import store
 from .blobs import Blobs
 from .common import ServiceError, Settings
@@ -55,6 +56,11 @@ class Service(Tokens, Projects, Jobs, Models, Predictions, Reviews):
     # --- life cycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
         self._mark_interrupted(Job.state == "running")
+        # what a killed writer left (a heat map is written once: its temp file would stay); on a shared folder a
+        # writer may be another machine's, whose pid says nothing here: there only files an hour old go
+        min_age = 0.0 if self.settings.db_url.startswith("sqlite") else 3600.0
+        for folder in ("images", "models", "heatmaps"):
+            remove_stale_temp_files_under(self.blobs.root / folder, min_age)
         if self.settings.worker and self._worker is None:
             self._worker = threading.Thread(target=self._work, name="fewvision-fit-worker", daemon=True)
             self._worker.start()
