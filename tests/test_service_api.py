@@ -430,7 +430,7 @@ def test_the_schema_is_migrated_once_and_restarts_cleanly(client):
 
     engine = client.app.state.service.engine
     with engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
     tables = set(inspect(engine).get_table_names())
     assert {"projects", "exemplars", "jobs", "models", "predictions", "reviews", "tokens"} <= tables
     from fewvision.service.store import migrate
@@ -458,3 +458,47 @@ def test_serve_refuses_a_store_it_cannot_migrate_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fewvision.cli", "serve", "--data-dir", str(data), "--port", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "revision 0099" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_two_replicas_saving_versions_of_one_project_at_once_number_them_apart(tmp_path, monkeypatch, textile_root):
+    """Two services on one PostgreSQL database (replicas) each save a model of the same project at the same moment;
+    the model file takes a while to write (a real one: seconds). They used to both take version 1 and one failed on
+    the unique constraint."""
+    import fewvision.modelfile
+    from fewvision.service.core import Service
+
+    db = fresh_postgres_database(postgres_server_url())
+    first, second = (Service(Settings(tmp_path / "shared", db, worker=False)) for _ in range(2))
+    project = first.create_project("shared", "anomaly", "texture")
+    real_save = fewvision.modelfile.save_model
+    both_saving = threading.Barrier(2)
+
+    def slow_save(path, model):
+        both_saving.wait(timeout=30)  # each has decided what it can before writing its file
+        time.sleep(0.3)
+        return real_save(path, model)
+
+    monkeypatch.setattr(fewvision.modelfile, "save_model", slow_save)
+    from fewvision.tasks.anomaly import fit_anomaly
+
+    nominal = sorted((textile_root / "nominal").glob("*.jpg"))[:4]
+    model = fit_anomaly(nominal, "patchcore", "texture", target_false_reject=0.25, use_cache=False)
+    versions, errors = [], []
+
+    def save(service):
+        try:
+            versions.append(service._save_version(project["id"], model, origin="test"))
+        except Exception as err:  # noqa: BLE001 - what the test looks for
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(s,)) for s in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for s in (first, second):
+        s.stop()
+    assert errors == [] and sorted(versions) == [1, 2]
+    files = sorted(p.name for p in (tmp_path / "shared" / "models" / str(project["id"])).iterdir())
+    assert files == ["v1.fvm", "v2.fvm"]
+

@@ -19,7 +19,8 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -34,7 +35,7 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed.append(tmp)
@@ -54,7 +55,7 @@ def remove_stale_temp_files_under(folder: Path, min_age_s: float = 0.0) -> list[
             old = time.time() - tmp.stat().st_mtime >= min_age_s
         except OSError:
             continue
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and old:
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and old:
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed.append(tmp)

@@ -9,6 +9,8 @@ failed.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,6 +48,9 @@ class Service(Tokens, Projects, Jobs, Models, Predictions, Reviews):
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
         self._running_job: str | None = None
+        self._started = False
+        # who runs a job (jobs.owner): replicas on one PostgreSQL database tell each other's jobs apart by it
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
         # Every prediction and incremental update runs on this one thread. OpenMP keeps a team of threads per
         # thread that calls into torch; once the teams hold more threads than there are cores, libgomp stops
         # spinning between parallel regions, and a ViT-B/32 forward took 68 ms from a pool of request threads
@@ -55,7 +60,8 @@ class Service(Tokens, Projects, Jobs, Models, Predictions, Reviews):
 
     # --- life cycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._mark_interrupted(Job.state == "running")
+        self._mark_interrupted(self._abandoned())
+        self._started = True
         # what a killed writer left (a heat map is written once: its temp file would stay); on a shared folder a
         # writer may be another machine's, whose pid says nothing here: there only files an hour old go
         min_age = 0.0 if self.settings.db_url.startswith("sqlite") else 3600.0

@@ -6,13 +6,19 @@ import threading
 import time
 import traceback
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 
+from ..io.atomic import pid_alive
 from . import store
 from .common import ServiceError, not_found
 from .store import Exemplar, Job, Project, utcnow
+
+
+HEARTBEAT_S = 2.0  # a running job's row is touched this often by the process that runs it
+STALE_S = 30.0  # a running job not touched for this long lost its process (clocks of replicas kept in sync: NTP)
 
 
 class Jobs:
@@ -56,16 +62,24 @@ class Jobs:
             return self._job_dict(row)
 
     def _claim(self) -> str | None:
+        """The oldest queued job, now running here. With replicas on PostgreSQL each takes a different one: the row
+        is locked while it is claimed and the others skip it (``FOR UPDATE SKIP LOCKED``)."""
         with self.Session.begin() as s:
-            job_id = s.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.created_at).limit(1)).first()
+            job_id = s.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.created_at).limit(1)
+                               .with_for_update(skip_locked=True)).first()
             if job_id is None:
                 return None
+            now = utcnow()
             claimed = s.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
-                                .values(state="running", started_at=utcnow()))
+                                .values(state="running", started_at=now, owner=self.replica, heartbeat_at=now))
             return job_id if claimed.rowcount == 1 else None
 
     def _work(self) -> None:
+        last_sweep = 0.0
         while not self._stop.is_set():
+            if time.monotonic() - last_sweep > HEARTBEAT_S:
+                self._mark_interrupted(self._abandoned())  # a replica that died with a job
+                last_sweep = time.monotonic()
             job_id = self._claim()
             if job_id is None:
                 self._wake.wait(timeout=1.0)
@@ -75,8 +89,27 @@ class Jobs:
             job = threading.Thread(target=self.run_job, args=(job_id,), name=f"fewvision-job-{job_id}", daemon=True)
             self._running_job = job_id
             job.start()
-            job.join()
+            while job.is_alive():
+                job.join(timeout=HEARTBEAT_S)
+                with self.Session.begin() as s:  # alive: no other replica takes this job for abandoned
+                    s.execute(update(Job).where(Job.id == job_id, Job.state == "running")
+                              .values(heartbeat_at=utcnow()))
             self._running_job = None
+
+    def _abandoned(self):
+        """Running jobs whose process is gone: on this machine, one whose process id is no longer alive; anywhere,
+        one not heard of for STALE_S (its replica stopped or lost the database). A SQLite store has one owner, so
+        every running job it finds at start was interrupted."""
+        if self.settings.db_url.startswith("sqlite") and not self._started:
+            return Job.state == "running"
+        host = self.replica.rsplit(":", 1)[0]
+        with self.Session() as s:
+            owners = s.scalars(select(Job.owner).where(Job.state == "running").distinct()).all()
+        dead_here = [o for o in owners if o and o.rsplit(":", 1)[0] == host and o != self.replica
+                     and not pid_alive(int(o.rsplit(":", 1)[1]))]
+        stale = utcnow() - timedelta(seconds=STALE_S)
+        return (Job.state == "running") & (Job.owner.in_(dead_here) | Job.heartbeat_at.is_(None) |
+                                           (Job.heartbeat_at < stale))
 
     def run_job(self, job_id: str) -> None:
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -18,22 +20,29 @@ class Models:
     def _save_version(self, project_id: int, model, origin: str) -> int:
         from ..modelfile import save_model
 
-        with self._project_lock(project_id):
-            with self.Session() as s:
-                version = (s.scalar(select(func.max(ModelVersion.version))
-                                    .where(ModelVersion.project_id == project_id)) or 0) + 1
-            path = save_model(self.blobs.model_path(project_id, version), model)  # temp + rename, then the row
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        # The file first, under a name of its own; then, in one transaction holding the project's row (replicas on
+        # PostgreSQL number their versions one after another: SELECT ... FOR UPDATE), the next number, the file
+        # renamed to it and the row. A crash before the commit leaves a file no row names, which the next version
+        # of the project replaces.
+        pending = save_model(self.blobs.model_path(project_id, 0).with_name(f"pending-{uuid.uuid4().hex}.fvm"), model)
+        try:
+            sha = hashlib.sha256(pending.read_bytes()).hexdigest()
             fitted = model.info.get("n_support", model.info.get("n_fit_images")) or 0
             summary = {"method": model.head.method, "n_images": int(fitted) + int(model.info.get("n_added", 0)),
                        "threshold": model.decision.get("threshold"), "guarantee": model.decision.get("guarantee")}
-            with self.Session.begin() as s:
+            with self._project_lock(project_id), self.Session.begin() as s:
+                project = s.scalars(select(Project).where(Project.id == project_id).with_for_update()).one()
+                version = (s.scalar(select(func.max(ModelVersion.version))
+                                    .where(ModelVersion.project_id == project_id)) or 0) + 1
+                path = self.blobs.model_path(project_id, version)
+                os.replace(pending, path)
                 s.add(ModelVersion(project_id=project_id, version=version, path=self.blobs.relative(path), sha256=sha,
                                    origin=origin, summary=summary))
-                project = s.get(Project, project_id)
                 project.active_version = version
                 project.needs_refit = False
             return version
+        finally:
+            pending.unlink(missing_ok=True)
 
     def install_model(self, path: str | Path, project_name: str | None = None) -> tuple[dict, int]:
         """A model file (``.fvm``, or a packed ``.fvz`` whose backbone then loads from its own files) as the active

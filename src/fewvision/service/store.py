@@ -79,6 +79,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid of the process running it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ModelVersion(Base):
@@ -166,6 +168,9 @@ def create(url: str) -> Engine:
     return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
 
 
+_MIGRATION_LOCK = 0x66657776  # "fewv": the advisory lock replicas take around a migration
+
+
 def migrate(url: str) -> None:
     """Bring the schema up to the latest Alembic revision (creating it on an empty database)."""
     from alembic import command
@@ -188,7 +193,19 @@ def migrate(url: str) -> None:
     if unknown:  # written by a newer fewvision: migrating "up" from it is impossible, writing to it unsafe
         raise RuntimeError(f"the store's schema is at revision {unknown[0]}, which this fewvision does not know "
                            "(a newer version wrote it); upgrade fewvision to use this store")
-    command.upgrade(config, "head")
+    if url.startswith("postgresql"):  # replicas starting together: one migrates, the others wait for it
+        engine = create(url)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+                try:
+                    command.upgrade(config, "head")
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+        finally:
+            engine.dispose()
+    else:
+        command.upgrade(config, "head")
 
 
 def sessions(engine: Engine) -> sessionmaker:
