@@ -79,10 +79,20 @@ def serve(
     project: Optional[str] = typer.Option(None, "--project", metavar="NAME",
                                           help="the project --model goes to, created when missing "
                                                "[default: the file's name]"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, metavar="N",
+                                          help="CPU threads a model uses [default: every core]; replicas on one "
+                                               "machine: its cores divided by the replicas"),
 ) -> None:
     """Run the inspection service: the REST API under /v1 (its OpenAPI schema at /openapi.json), the review page at
     /, fits in a background worker, every prediction recorded. The store is migrated to the current schema at start.
     A SQLite store has one owner: a second serve on it refuses to start."""
+    if threads is not None:  # before torch starts its thread pools: OpenMP reads the variable once
+        import os
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
     import uvicorn
 
     from ..service.app import create_app
