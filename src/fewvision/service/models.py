@@ -24,7 +24,9 @@ class Models:
         # PostgreSQL number their versions one after another: SELECT ... FOR UPDATE), the next number, the file
         # renamed to it and the row. A crash before the commit leaves a file no row names, which the next version
         # of the project replaces.
-        pending = save_model(self.blobs.model_path(project_id, 0).with_name(f"pending-{uuid.uuid4().hex}.fvm"), model)
+        # named as a temp file of this process (io.atomic): a start-up sweep removes it if a kill -9 leaves it
+        pending = save_model(self.blobs.model_path(project_id, 0).with_name(
+            f".pending.fvm.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"), model)
         try:
             sha = hashlib.sha256(pending.read_bytes()).hexdigest()
             fitted = model.info.get("n_support", model.info.get("n_fit_images")) or 0
