@@ -296,7 +296,7 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_prediction_and_no_que
         for i in range(per_client):
             name, data = images[(k + i) % len(images)]
             tag = f"c{k}-{i}-{name}"
-            for target in ((a, b) if (k + i) % 2 else (b, a)):  # spread over both; the other when one is gone
+            for attempt, target in enumerate((a, b) if (k + i) % 2 else (b, a)):  # spread; the other when one is gone
                 try:
                     r = httpx.post(f"{target.url}/v1/projects/{p['id']}/predict", files={"file": (tag, data)},
                                    headers=h, timeout=60)
@@ -304,7 +304,7 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_prediction_and_no_que
                     continue
                 if r.status_code == 200:
                     with lock:
-                        acknowledged[tag] = r.json()["prediction_id"]
+                        acknowledged[tag] = (r.json()["prediction_id"], attempt)
                     break
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
@@ -327,9 +327,11 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_prediction_and_no_que
             break
         page = http("GET", f"{b.url}/v1/projects/{p['id']}/predictions?limit=500&before_id={page['next_before_id']}",
                     headers=h).json()
-    for tag, pid in acknowledged.items():
+    for tag, (pid, attempt) in acknowledged.items():
         assert pid in stored.get(tag, []), tag  # stored, under its own request
-    assert all(len(set(ids)) == len(ids) for ids in stored.values())
+        # once: a request answered at its first try has one row; a retry after the kill may have left one more on
+        # the killed replica (stored, never acknowledged)
+        assert len(stored[tag]) == 1 if attempt == 0 else len(stored[tag]) <= 2, (tag, stored[tag])
     # every queued fit ran exactly once: done by the survivor, or - the one running on the killed replica - failed
     # as interrupted by the survivor, which saw its process gone
     deadline = time.monotonic() + 300
