@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from .core import Service as _Service
 from .common import ServiceError, Settings, read_uploads
-from .guard import Guard, bearer
+from .guard import Guard, bearer, error
 
 PAGE = Path(__file__).resolve().parent / "page"
 
@@ -64,10 +64,6 @@ def auth(request: Request, authorization: Annotated[str | None, Header()] = None
 Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]  # a database integer: larger ids cannot exist
 Svc = Annotated[_Service, Depends(svc)]
 Auth = Annotated[Any, Depends(auth)]
-
-
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:

@@ -25,6 +25,11 @@ SECURITY_HEADERS = {
 }
 
 
+def error(status: int, code: str, message: str) -> JSONResponse:
+    """The service's error answer: ``{"error": {"code", "message"}}`` with a 4xx (or 500) status."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
 def bearer(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer ...`` header, else None."""
     if authorization and authorization.lower().startswith("bearer "):
@@ -55,7 +60,6 @@ class Guard:
             try:
                 token = await run_in_threadpool(service.authenticate, bearer(Headers(scope=scope).get("authorization")))
             except ServiceError as err:
-                response = JSONResponse({"error": {"code": err.code, "message": err.message}}, status_code=err.status)
-                return await response(scope, receive, send_with_headers)
+                return await error(err.status, err.code, err.message)(scope, receive, send_with_headers)
             scope.setdefault("state", {})["token"] = token  # the route's own check reuses it
         await self.app(scope, receive, send_with_headers)
