@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The system packages the test suite needs, from Debian: PostgreSQL (a real server for the store tests) and Chromium
-# (the page tests drive it with Playwright). Installs what is missing when run as root; otherwise says what to install.
+# The system packages the test suite needs, from Debian: PostgreSQL (a real server for the store tests), Chromium
+# (the page tests drive it with Playwright) and Mosquitto (the station's MQTT sink is tested against it). Installs
+# what is missing when run as root; otherwise says what to install.
 set -euo pipefail
 missing=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "the tests need these Debian packages: ${missing[*]} (apt-get install -y ${missing[*]})" >&2

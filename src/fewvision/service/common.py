@@ -12,7 +12,9 @@ from .blobs import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 TASKS = ("classification", "anomaly")
 DEFAULT_METHODS = {"classification": "prototype", "anomaly": "patchcore"}
-GOOD_NAMES = ("good", "ok", "nominal", "normal", "pass")
+# a verdict (tasks.verdicts: ok / ng / review / error) as the store's and the API's decision
+DECISIONS = {"ok": "accept", "ng": "reject", "review": "review", "error": "error"}
+VERDICT_OF = {decision: verdict for verdict, decision in DECISIONS.items()}
 ANOMALY_LABELS = ("good", "defect")
 MAX_BATCH = 64
 
@@ -42,12 +44,23 @@ class Settings:
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if self.db_url is None and self.data_dir.is_file():  # a station's store file: its folder holds the data
+            self.db_url = f"sqlite:///{self.data_dir}"
+            self.data_dir = self.data_dir.parent
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db_url = store.database_url(self.data_dir, self.db_url)
 
     @property
     def cache_dir(self) -> str:
         return str(self.data_dir / "cache")
+
+
+def policy_of(params: dict):
+    """How the project's parameters decide a prediction (:class:`fewvision.tasks.verdicts.Policy`)."""
+    from ..tasks.verdicts import Policy
+
+    return Policy(review_band=float(params.get("review_band", 0)), abstain=params.get("abstain"),
+                  review_threshold=params.get("review_threshold"), accept=list(params.get("accept_classes") or []))
 
 
 def check_text(value: Any, what: str) -> None:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from . import store
 from .blobs import UploadError, check_image, clean_filename
-from .common import GOOD_NAMES, MAX_BATCH, ServiceError, not_found
+from .common import DECISIONS, MAX_BATCH, ServiceError, not_found, policy_of
 from .store import Prediction
 
 
@@ -50,55 +50,26 @@ class Predictions:
             return [self._prediction_dict(row) for row in rows]
 
     def _score(self, project: dict, version: int, paths: list[str]) -> dict[str, dict]:
-        model = self.load_model(project["id"], version)
-        if project["task"] == "anomaly":
-            return self._score_anomaly(project, model, version, paths)
-        return self._score_classification(project, model, paths)
-
-    def _score_classification(self, project: dict, model, paths: list[str]) -> dict[str, dict]:
-        from ..tasks.fewshot import predict
-
-        params = project["params"]
-        abstain = bool(params.get("abstain", bool(model.decision.get("conformal"))))
-        preds = predict(model, paths, abstain=abstain, unknown_threshold=params.get("review_threshold"),
-                        cache_dir=self.settings.cache_dir)
-        if preds.skipped:
-            raise ServiceError(400, "bad_image", f"cannot score the image: {preds.skipped[0].reason}")
-        accept = params.get("accept_classes") or [c for c in model.class_names if c.lower() in GOOD_NAMES]
-        out = {}
-        for r in preds.rows:
-            if r["label"] == "review":
-                decision = "review"
-            elif accept:
-                decision = "accept" if r["label"] in accept else "reject"
-            else:
-                decision = "accept"
-            out[r["path"]] = {"label": r["label"], "probabilities": r["probabilities"], "decision": decision,
-                              "reason": r.get("review_reason"), "score": r["top_probability"]}
-        return out
-
-    def _score_anomaly(self, project: dict, model, version: int, paths: list[str]) -> dict[str, dict]:
         from ..reports.anomaly import overlay_on_image, write_png
-        from ..tasks.anomaly import score_files
+        from ..tasks.verdicts import ERROR, judge
 
-        res = score_files(model, paths, keep_maps=True, review_band=float(project["params"].get("review_band", 0)),
-                          cache_dir=self.settings.cache_dir)
-        if res.skipped:
-            raise ServiceError(400, "bad_image", f"cannot score the image: {res.skipped[0].reason}")
-        preprocess = model.backbone().preprocess
+        model = self.load_model(project["id"], version)
+        params = project["params"]
+        anomaly = project["task"] == "anomaly"
+        judged = judge(model, paths, policy_of(params), keep_maps=anomaly, cache_dir=self.settings.cache_dir)
         out = {}
-        for i, r in enumerate(res.rows):
-            sha = Path(r["path"]).name
-            heat = self.blobs.heatmap_path(project["id"], sha, version)
-            if not heat.is_file():
-                write_png(heat, overlay_on_image(r["path"], res.maps[i], preprocess, model.decision,
-                                                 max_side=self.settings.heatmap_max_side))
-            decision = {"ok": "accept", "ng": "reject", "review": "review"}[r["verdict"]]
-            out[r["path"]] = {"label": "good" if r["verdict"] == "ok" else "defect" if r["verdict"] == "ng" else
-                              "review", "score": r["score"], "threshold": r["threshold"], "decision": decision,
-                              "heatmap": self.blobs.relative(heat),
-                              "reason": "the score is within the review band of the threshold"
-                              if r["verdict"] == "review" else None}
+        for r in judged.rows:
+            if r["verdict"] == ERROR:
+                raise ServiceError(400, "bad_image", f"cannot score the image: {r['reason']}")
+            row = {k: r[k] for k in ("label", "score", "threshold", "probabilities", "reason")}
+            row["decision"] = DECISIONS[r["verdict"]]
+            if anomaly:
+                heat = self.blobs.heatmap_path(project["id"], Path(r["path"]).name, version)
+                if not heat.is_file():
+                    write_png(heat, overlay_on_image(r["path"], r["map"], model.backbone().preprocess,
+                                                     model.decision, max_side=self.settings.heatmap_max_side))
+                row["heatmap"] = self.blobs.relative(heat)
+            out[r["path"]] = row
         return out
 
     @staticmethod
@@ -140,4 +111,8 @@ class Predictions:
                 if not row.heatmap:
                     raise not_found("heat map for prediction", prediction_id)
                 return self.blobs.resolve(row.heatmap)
+            if row.uid is not None and row.path:  # a station's verdict: the image stays where the station put it
+                if not Path(row.path).is_file():
+                    raise not_found("image file (moved or deleted since) of prediction", prediction_id)
+                return Path(row.path)
             return self.blobs.image_path(row.image_sha256)

@@ -112,6 +112,42 @@ class Prediction(Base):
     heatmap: Mapped[str | None] = mapped_column(String(500), nullable=True)
     reviewed_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # a station's verdicts (none on an upload): the verdict's stable id (the sinks' idempotency key), the station,
+    # the part, where the image ended up, and file complete -> verdict recorded
+    uid: Mapped[str | None] = mapped_column(String(36), nullable=True, unique=True)
+    station: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    part_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Outbox(Base):
+    """Messages for a station's sinks, written in the transaction that records what they tell (a verdict, an
+    alarm): a message exists exactly when its record does. Each sink reads them in ``id`` order from its cursor."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    station: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(20), default="verdict")
+    payload: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SinkCursor(Base):
+    """How far one sink of a station has delivered the outbox (``position``: the last outbox id it took)."""
+
+    __tablename__ = "sink_cursors"
+    __table_args__ = (UniqueConstraint("station", "sink", name="uq_sink_cursor"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    station: Mapped[str] = mapped_column(String(200))
+    sink: Mapped[str] = mapped_column(String(200))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)  # messages the receiver refused for good (4xx)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts, retried
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Review(Base):

@@ -1,0 +1,248 @@
+"""The station's loop: complete files in, one verdict each, recorded with its outbox messages, then moved.
+
+For each batch of complete files: the ids already in the store are files judged before a crash (their move is
+finished, nothing is judged again); the others are scored by :func:`fewvision.tasks.verdicts.judge` (the service's
+scoring), and in one transaction each gets its prediction row and its outbox message; only after the commit is
+the file moved to its verdict's folder. A crash before the commit leaves the file in the folder to be judged
+(under the same id); after it, the file is found judged and moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from ..service.common import DECISIONS, VERDICT_OF
+from ..service.store import Outbox, Prediction
+from ..tasks.verdicts import ERROR, VERDICTS, judge
+from .config import StationConfig
+from .metrics import Metrics
+from .outbox import Delivery, backlog
+from .sinks import create_sink
+from .source import Arrival, HotFolder
+
+log = logging.getLogger("fewvision.station")
+
+
+class StationBusy(RuntimeError):
+    """Another station process runs this station on this store."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return hashlib.sha256(b"").hexdigest()
+    return h.hexdigest()
+
+
+def _hold_lock(config: StationConfig):
+    """One process per station and store: a lock file beside a SQLite store (gone with the process, however it
+    ends); on PostgreSQL an advisory lock on a connection this process keeps."""
+    if config.store.startswith("sqlite:///"):
+        try:
+            import fcntl
+        except ImportError:  # Windows: one station per folder is the operator's to keep
+            return None
+        path = Path(config.store[len("sqlite:///"):] + f".station-{config.name}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise StationBusy(f"station {config.name} already runs on {path.parent} (process {owner})") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(config.store.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=None)
+    conn = engine.connect()
+    key = int.from_bytes(hashlib.sha256(f"fewvision-station:{config.name}".encode()).digest()[:8], "big", signed=True)
+    if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+        conn.close()
+        raise StationBusy(f"station {config.name} already runs on this database")
+    return conn
+
+
+class Station:
+    def __init__(self, config: StationConfig, metrics_port: int | None = None):
+        from ..service.common import ServiceError, Settings
+        from ..service.core import Service
+
+        self.config = config
+        self.name = config.name
+        self._lock = _hold_lock(config)
+        self.service = Service(Settings(config.data_dir, config.store, worker=False))
+        try:
+            project, self.version = self.service.install_model(config.model, project_name=config.name)
+        except ServiceError as err:
+            raise RuntimeError(f"{config.path}: {err.message}") from None
+        self.project_id = project["id"]
+        self.model = self.service.load_model(self.project_id, self.version)
+        self.model_sha256 = file_sha256(config.model)
+        self.Session = self.service.Session
+        self.folder = HotFolder(config.source, config.name)
+        self.metrics = Metrics(config.name)
+        self.metrics_port = metrics_port if metrics_port is not None else config.metrics_port
+        self._metrics_server = None
+        self.deliveries: list[Delivery] = []
+        self.stopping = threading.Event()
+        self.judged = 0
+
+    # --- life cycle ----------------------------------------------------------------------------------------
+    def delivered_counts(self, position: int) -> dict[str, int]:
+        """Verdicts per verdict among the messages up to ``position`` (what a sink delivered before a restart)."""
+        with self.Session() as s:
+            counts = dict(s.execute(select(Prediction.decision, func.count(Prediction.id))
+                                    .where(Prediction.station == self.name).group_by(Prediction.decision)).all())
+            pending = s.scalars(select(Outbox.payload).where(Outbox.station == self.name, Outbox.id > position,
+                                                             Outbox.kind == "verdict")).all()
+        out = {VERDICT_OF.get(k, k): int(v) for k, v in counts.items()}
+        for p in pending:
+            out[p["verdict"]] = out.get(p["verdict"], 0) - 1
+        return out
+
+    def start(self) -> None:
+        from .outbox import cursor
+
+        for sink in self.config.sinks:
+            position = cursor(self.Session, self.name, sink.name).position
+            context = {"model_sha256": self.model_sha256, "counts": self.delivered_counts(position)}
+            delivery = Delivery(create_sink(sink.kind, sink.name, sink.options, self.name, context), sink,
+                                self.Session, self.name, on_event=self.metrics.sink_event)
+            self.deliveries.append(delivery)
+        if self.metrics_port:
+            positions = {d.config.name: d for d in self.deliveries}
+            self.metrics.watch(list(positions), lambda n: backlog(self.Session, self.name, positions[n].position),
+                               lambda: len(self.folder._waiting))
+            self._metrics_server = self.metrics.serve(self.metrics_port, self.config.metrics_address)
+        for d in self.deliveries:
+            d.start()
+        self.folder.start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.folder.stop()
+        for d in self.deliveries:
+            d.stop()
+        for d in self.deliveries:
+            d.join(timeout=10)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.service.engine.dispose()
+        if self._lock is not None:
+            self._lock.close()
+
+    def run(self, stop: threading.Event | None = None, until: int | None = None) -> None:
+        """Judge files until ``stop`` is set (or, for tests and benchmarks, ``until`` verdicts were recorded)."""
+        stop = stop or self.stopping
+        while not stop.is_set() and (until is None or self.judged < until):
+            arrivals = self.folder.ready()
+            if not arrivals:
+                self.folder.wait(1.0)
+                continue
+            for i in range(0, len(arrivals), self.config.source.batch):
+                if stop.is_set():
+                    for a in arrivals[i:]:
+                        self.folder.again(a)
+                    break
+                self.process(arrivals[i:i + self.config.source.batch])
+
+    # --- one batch -------------------------------------------------------------------------------------------
+    def process(self, arrivals: list[Arrival]) -> None:
+        with self.Session() as s:
+            known = dict(s.execute(select(Prediction.uid, Prediction.path)
+                                   .where(Prediction.uid.in_([a.id for a in arrivals]))).all())
+        for a in [a for a in arrivals if a.id in known]:  # judged before a crash: finish its move
+            self._move(a, Path(known[a.id]) if known[a.id] else a.path)
+        todo = [a for a in arrivals if a.id not in known and a.path.exists()]
+        for a in arrivals:
+            if a.id not in known and not a.path.exists():
+                self.folder.done(a, still_here=False)
+        if not todo:
+            return
+        rows = judge(self.model, [str(a.path) for a in todo], self.config.policy, use_cache=False).rows
+        keep = []
+        for a, r in zip(todo, rows):
+            if r["verdict"] == ERROR and not a.settled:  # found by its end marker yet unreadable: wait, then judge
+                self.folder.again(a)
+            else:
+                keep.append((a, r))
+        if not keep:
+            return
+        destinations = self._destinations(keep)
+        recorded = time.time()
+        now = datetime.fromtimestamp(recorded, timezone.utc)
+        messages = []
+        with self.Session.begin() as s:
+            for (a, r), dest in zip(keep, destinations):
+                latency_ms = max(0.0, (recorded - a.complete_at) * 1000.0)
+                part = self.folder.part_id(a.name)
+                message = {"kind": "verdict", "id": a.id, "station": self.name, "part_id": part, "path": str(dest),
+                           "filename": a.name, "verdict": r["verdict"], "score": r["score"],
+                           "threshold": r["threshold"], "label": r["label"], "probabilities": r["probabilities"],
+                           "reason": r["reason"], "model_sha256": self.model_sha256, "model_version": self.version,
+                           "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                           "latency_ms": round(latency_ms, 3)}
+                s.add(Prediction(project_id=self.project_id, model_version=self.version,
+                                 image_sha256=file_sha256(a.path), filename=a.name[:255], label=r["label"],
+                                 score=r["score"], threshold=r["threshold"], probabilities=r["probabilities"],
+                                 decision=DECISIONS[r["verdict"]], reason=r["reason"], uid=a.id, station=self.name,
+                                 part_id=part[:200], path=str(dest), latency_ms=latency_ms, created_at=now))
+                s.add(Outbox(station=self.name, kind="verdict", payload=message, created_at=now))
+                messages.append(message)
+        for d in self.deliveries:
+            d.wake.set()
+        for (a, r), dest, m in zip(keep, destinations, messages):
+            self.metrics.verdict(r["verdict"], m["latency_ms"] / 1000.0, recorded)
+            self._move(a, dest)
+        self.judged += len(keep)
+
+    def _destinations(self, keep: list[tuple[Arrival, dict]]) -> list[Path]:
+        out, taken = [], set()
+        for a, r in keep:
+            folder = self.config.source.after.get(r["verdict"])
+            if folder is None:
+                out.append(a.path)
+                continue
+            dest = folder / a.name
+            if dest.exists() or dest in taken:  # a name seen before (another part, or a camera's counter reset)
+                dest = folder / f"{a.path.stem}.{a.id[:8]}{a.path.suffix}"
+            taken.add(dest)
+            out.append(dest)
+        return out
+
+    def _move(self, a: Arrival, dest: Path) -> None:
+        if dest == a.path:
+            self.folder.done(a, still_here=True)
+            return
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(a.path, dest)
+            except OSError:  # another file system: copy, then remove (a crash in between is finished at restart)
+                shutil.move(str(a.path), str(dest))
+        except OSError as err:
+            log.error("cannot move %s to %s: %s (it stays; its verdict is recorded)", a.path, dest, err)
+            self.folder.done(a, still_here=True)
+            return
+        self.folder.done(a, still_here=False)
+
+
+__all__ = ["Station", "StationBusy", "VERDICTS"]

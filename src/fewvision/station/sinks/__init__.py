@@ -1,0 +1,60 @@
+"""Where a station's messages go: one small module per kind behind one protocol, created by :func:`create_sink`.
+
+A sink's ``send`` either returns (delivered), raises :class:`Rejected` (the receiver refused this message for good:
+logged, counted, and the cursor moves past it) or raises anything else (not delivered: retried with back-off, the
+same message first, so the order is kept). Delivery is at least once; every message carries its stable ``id``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+
+class Rejected(Exception):
+    """The receiver refused the message itself (e.g. HTTP 4xx): sending it again would not help."""
+
+
+class Sink(Protocol):
+    name: str
+
+    def open(self) -> None: ...
+
+    def send(self, message: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _checkers() -> dict[str, Callable[[dict, Path], dict]]:
+    from . import csv_file, mqtt, opcua, webhook
+
+    return {"mqtt": mqtt.check_options, "opcua": opcua.check_options, "webhook": webhook.check_options,
+            "csv": csv_file.check_options}
+
+
+def check_options(kind: str, options: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The sink's options with defaults filled in; ValueError naming the option when one is wrong."""
+    return _checkers()[kind](dict(options), base)
+
+
+def create_sink(kind: str, name: str, options: dict[str, Any], station: str, context: dict[str, Any]) -> Sink:
+    """``context``: what a sink may need from its station (``model_sha256``, ``counts`` - verdicts delivered so
+    far, per verdict)."""
+    from . import csv_file, mqtt, opcua, webhook
+
+    cls = {"mqtt": mqtt.MqttSink, "opcua": opcua.OpcUaSink, "webhook": webhook.WebhookSink,
+           "csv": csv_file.CsvSink}[kind]
+    return cls(name, options, station, context)
+
+
+def known_options(options: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+def positive(options: dict, key: str, default: float) -> float:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key}: expected a number > 0, got {value!r}")
+    return float(value)
