@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tasks.verdicts import VERDICTS, Policy
+from .sinks import check_options
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SINK_KINDS = ("mqtt", "opcua", "webhook", "csv")
@@ -126,8 +127,6 @@ def _sink(path: Path, base: Path, item: Any, i: int, taken: set[str]) -> SinkCon
     retry = _mapping(path, options.pop("retry", None), f"{key}.{kind}.retry")
     _known(path, retry, f"{key}.{kind}.retry", {"initial_s", "max_s"})
     r = Retry(**{k: float(_number(path, v, f"{key}.{kind}.retry.{k}")) for k, v in retry.items()})
-    from .sinks import check_options
-
     try:
         options = check_options(kind, options, base)
     except ValueError as err:

@@ -74,8 +74,8 @@ class HotFolder:
         self.config, self.station = config, station
         self.folder = config.folder
         self._pattern = config.pattern.lower() if config.pattern else None
-        # name -> (size, mtime_ns, when this station last saw it change)
-        self._waiting: dict[str, tuple[int, int, float]] = {}
+        # name -> (size, mtime_ns, when this station last saw it change, whether its end marker may be trusted)
+        self._waiting: dict[str, tuple[int, int, float, bool]] = {}
         self._handed: set[str] = set()  # handed out, not yet done or given back
         self._done: dict[str, tuple[int, int]] = {}  # judged files still in the folder (no 'after' move)
         self._touched: set[str] = set()
@@ -155,7 +155,7 @@ class HotFolder:
         self._done.pop(name, None)
         seen = self._waiting.get(name)
         if seen is None or seen[:2] != key:
-            self._waiting[name] = (*key, now)
+            self._waiting[name] = (*key, now, True)
 
     def _scan(self, now: float) -> None:
         present = set()
@@ -182,17 +182,17 @@ class HotFolder:
                 self._look(name, now)
         out = []
         wall = time.time()
-        for name, (size, mtime_ns, changed) in list(self._waiting.items()):
+        for name, (size, mtime_ns, changed, marker) in list(self._waiting.items()):
             path = self.folder / name
             settled = now - changed >= self.config.settle_s
-            if settled or has_end_marker(path):
+            if settled or (marker and has_end_marker(path)):
                 if not settled:  # the marker may be read before the stat moved: look once more
                     try:
                         st = path.stat()
                     except OSError:
                         continue
                     if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                        self._waiting[name] = (st.st_size, st.st_mtime_ns, now)
+                        self._waiting[name] = (st.st_size, st.st_mtime_ns, now, True)
                         continue
                 del self._waiting[name]
                 self._handed.add(name)
@@ -208,9 +208,10 @@ class HotFolder:
             self._done[arrival.name] = (arrival.size, arrival.mtime_ns)
 
     def again(self, arrival: Arrival) -> None:
-        """Not judged now (it did not decode before it settled): looked at again once it has."""
+        """Not judged now (it ended with its marker yet did not decode): judged once it has settled, whatever its
+        end says (a change to the file makes it new again)."""
         self._handed.discard(arrival.name)
-        self._waiting[arrival.name] = (arrival.size, arrival.mtime_ns, time.monotonic())
+        self._waiting[arrival.name] = (arrival.size, arrival.mtime_ns, time.monotonic(), False)
 
     def part_id(self, name: str) -> str:
         stem = os.path.splitext(name)[0]

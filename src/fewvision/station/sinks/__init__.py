@@ -8,26 +8,15 @@ same message first, so the order is kept). Delivery is at least once; every mess
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
+from . import csv_file, mqtt, opcua, webhook
+from .base import Rejected, Sink
 
-class Rejected(Exception):
-    """The receiver refused the message itself (e.g. HTTP 4xx): sending it again would not help."""
-
-
-class Sink(Protocol):
-    name: str
-
-    def open(self) -> None: ...
-
-    def send(self, message: dict) -> None: ...
-
-    def close(self) -> None: ...
+__all__ = ["Rejected", "Sink", "check_options", "create_sink"]
 
 
 def _checkers() -> dict[str, Callable[[dict, Path], dict]]:
-    from . import csv_file, mqtt, opcua, webhook
-
     return {"mqtt": mqtt.check_options, "opcua": opcua.check_options, "webhook": webhook.check_options,
             "csv": csv_file.check_options}
 
@@ -40,21 +29,6 @@ def check_options(kind: str, options: dict[str, Any], base: Path) -> dict[str, A
 def create_sink(kind: str, name: str, options: dict[str, Any], station: str, context: dict[str, Any]) -> Sink:
     """``context``: what a sink may need from its station (``model_sha256``, ``counts`` - verdicts delivered so
     far, per verdict)."""
-    from . import csv_file, mqtt, opcua, webhook
-
     cls = {"mqtt": mqtt.MqttSink, "opcua": opcua.OpcUaSink, "webhook": webhook.WebhookSink,
            "csv": csv_file.CsvSink}[kind]
     return cls(name, options, station, context)
-
-
-def known_options(options: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
-
-
-def positive(options: dict, key: str, default: float) -> float:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{key}: expected a number > 0, got {value!r}")
-    return float(value)

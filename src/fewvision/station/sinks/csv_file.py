@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from . import known_options
+from .base import known_options
 
 COLUMNS = ["id", "time", "station", "part_id", "path", "verdict", "label", "score", "threshold", "reason",
            "latency_ms", "model_sha256", "probabilities"]

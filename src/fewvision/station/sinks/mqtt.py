@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import known_options, positive
+from .base import known_options, positive
 
 ONLINE, OFFLINE = "online", "offline"
 

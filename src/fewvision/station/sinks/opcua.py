@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import known_options
+from .base import known_options
 
 COUNTERS = {"ok": "OkCount", "ng": "NgCount", "review": "ReviewCount", "error": "ErrorCount"}
 

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import Rejected, known_options, positive
+from .base import Rejected, known_options, positive
 
 SIGNATURE_HEADER = "X-Fewvision-Signature"  # "sha256=" + hex HMAC-SHA256 of the body with the shared secret
 ID_HEADER = "X-Fewvision-Id"  # the message's id, the receiver's idempotency key
