@@ -147,8 +147,11 @@ def hash_files(paths: Sequence[str]) -> tuple[list[str | None], dict[int, str]]:
         except OSError as err:  # sha256_file's own reasons (not a regular file) carry no strerror
             return None, f"cannot read file ({err.strerror})" if err.strerror else str(err)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(one, paths))
+    if len(paths) <= 2:  # a station's or a service's one image: threads would cost more than they save
+        results = [one(p) for p in paths]
+    else:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(one, paths))
     return [sha for sha, _ in results], {i: why for i, (_, why) in enumerate(results) if why is not None}
 
 

@@ -43,8 +43,9 @@ class SourceConfig:
     after: dict[str, Path] = field(default_factory=dict)  # verdict -> folder the image is moved to
     part_id: re.Pattern | None = None
     settle_s: float = 1.0  # a file without its format's end marker is complete once unchanged this long
-    scan_s: float = 2.0  # a full scan of the folder this often, besides the file system's events
-    batch: int = 8  # at most this many waiting images scored together
+    poll_s: float = 0.005  # new names looked for this often
+    scan_s: float = 2.0  # every file's size and time looked at this often (a file rewritten in place)
+    batch: int = 16  # at most this many waiting images scored together (as anomaly predict does)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def load_config(path: str | os.PathLike) -> StationConfig:
         raise _fail(path, "model", f"no such file {model}")
 
     src = _mapping(path, raw.get("source"), "source")
-    _known(path, src, "source", {"folder", "pattern", "after", "part_id", "settle_s", "scan_s", "batch"})
+    _known(path, src, "source", {"folder", "pattern", "after", "part_id", "settle_s", "poll_s", "scan_s", "batch"})
     if "folder" not in src:
         raise _fail(path, "source.folder", "missing: the hot folder the camera writes into")
     folder = _local(base, src["folder"], path, "source.folder")
@@ -176,7 +177,7 @@ def load_config(path: str | os.PathLike) -> StationConfig:
     if pattern is not None and (not isinstance(pattern, str) or "/" in pattern or not pattern.strip()):
         raise _fail(path, "source.pattern", f"expected a file name pattern such as '*.png', got {pattern!r}")
     source = SourceConfig(folder=folder, pattern=pattern, after=after, part_id=part_re)
-    for key in ("settle_s", "scan_s"):
+    for key in ("settle_s", "poll_s", "scan_s"):
         if key in src:
             setattr(source, key, float(_number(path, src[key], f"source.{key}")))
     if "batch" in src:

@@ -1,8 +1,10 @@
 """Delivery of the outbox to one sink: a thread per sink, a cursor per sink in the store.
 
 A message is in the outbox from the transaction that recorded its verdict. Each sink's thread reads the messages
-after its cursor in order, sends them one by one and moves its cursor (committed) after each batch it delivered:
-a crash between a send and the cursor's commit sends that message again (at least once, same ``id``). A failed
+after its cursor in order and sends them one by one; its cursor is saved every second (after the sink's ``flush``,
+which makes what it delivered durable), when a send fails and when it stops. A crash sends again what was delivered
+since the last save (at least once, same ``id``), and the inspection's own writes do not queue behind a cursor
+update per message. A failed
 send waits (``retry.initial_s``, doubling up to ``retry.max_s``) and tries the same message again, so a sink that
 is down never holds up the inspection or the other sinks, and the order is kept. A message the receiver refuses for
 good (:class:`~fewvision.station.sinks.Rejected`) is logged, counted and passed.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from sqlalchemy import func, select
@@ -23,6 +26,7 @@ from .sinks import Rejected, Sink
 
 log = logging.getLogger("fewvision.station")
 BATCH = 100
+SAVE_EVERY_S = 1.0  # the cursor is saved this often (and when a sink fails or stops): a crash resends at most this
 
 
 def cursor(Session: sessionmaker, station: str, sink: str) -> SinkCursor:
@@ -53,33 +57,68 @@ class Delivery(threading.Thread):
         self.on_event = on_event or (lambda sink, event, n: None)
         self.wake = threading.Event()
         self._halt = threading.Event()
-        self.position = cursor(Session, station, config.name).position
+        self.position = cursor(Session, station, config.name).position  # delivered up to here (in memory)
+        self._saved = self.position
+        self._tally = {"delivered": 0, "rejected": 0, "failures": 0}
+        self._error: str | None = None
+        self._saved_at = time.monotonic()
         self.opened = False
 
     def stop(self) -> None:
         self._halt.set()
         self.wake.set()
 
-    def _record(self, position: int, delivered: int, rejected: int, failed: int, error: str | None) -> None:
+    def _save(self) -> None:
+        """The cursor and the counts into the store, once the sink made what it delivered durable (its flush)."""
+        if self.position == self._saved and not any(self._tally.values()) and self._error is None:
+            return
+        flush = getattr(self.sink, "flush", None)
+        if flush is not None and self.opened:
+            flush()
         with self.Session.begin() as s:
             row = s.scalars(select(SinkCursor).where(SinkCursor.station == self.station,
                                                      SinkCursor.sink == self.config.name)).one()
-            row.position = max(row.position, position)
-            row.delivered += delivered
-            row.rejected += rejected
-            row.failures += failed
+            row.position = max(row.position, self.position)
+            row.delivered += self._tally["delivered"]
+            row.rejected += self._tally["rejected"]
+            row.failures += self._tally["failures"]
             row.updated_at = utcnow()
-            if error is not None:
-                row.last_error, row.last_error_at = error[:1000], utcnow()
-        self.position = max(self.position, position)
+            if self._error is not None:
+                row.last_error, row.last_error_at = self._error[:1000], utcnow()
+        self._saved = self.position
+        self._tally = dict.fromkeys(self._tally, 0)
+        self._error = None
+        self._saved_at = time.monotonic()
+
+    def _count(self, event: str, n: int, error: str | None = None) -> None:
+        self._tally[event] += n
+        if error is not None:
+            self._error = error
+        self.on_event(self.config.name, event, n)
 
     def _pause(self, delay: float) -> float:
+        self._save()
         self._halt.wait(delay)
         return min(delay * 2, self.config.retry.max_s)
 
     def run(self) -> None:
+        try:
+            self._deliver()
+        finally:
+            try:
+                self._save()
+            finally:
+                if self.opened:
+                    try:
+                        self.sink.close()
+                    except Exception:  # noqa: BLE001 - closing is best effort
+                        pass
+
+    def _deliver(self) -> None:
         delay = self.config.retry.initial_s
         while not self._halt.is_set():
+            if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+                self._save()
             if not self.opened:
                 try:
                     self.sink.open()
@@ -87,8 +126,7 @@ class Delivery(threading.Thread):
                 except Exception as err:  # noqa: BLE001 - a sink that cannot start is retried like a send
                     message = f"cannot open: {type(err).__name__}: {err}"
                     log.warning("sink %s: %s (again in %.1f s)", self.config.name, message, delay)
-                    self._record(self.position, 0, 0, 1, message)
-                    self.on_event(self.config.name, "failure", 1)
+                    self._count("failures", 1, message)
                     delay = self._pause(delay)
                     continue
             with self.Session() as s:
@@ -96,13 +134,10 @@ class Delivery(threading.Thread):
                                                                          Outbox.id > self.position)
                                  .order_by(Outbox.id).limit(BATCH)).all()
             if not rows:
-                self.wake.wait(1.0)
+                self.wake.wait(SAVE_EVERY_S)
                 self.wake.clear()
                 continue
-            done = rejected = 0
-            position = self.position
-            error = None
-            failed = 0
+            done = 0
             for row_id, payload in rows:
                 if self._halt.is_set():
                     break
@@ -112,27 +147,16 @@ class Delivery(threading.Thread):
                 except Rejected as err:
                     log.warning("sink %s: message %s refused: %s (not sent again)", self.config.name,
                                 payload.get("id"), err)
-                    rejected += 1
-                    error = f"message {payload.get('id')} refused: {err}"
+                    self._count("rejected", 1, f"message {payload.get('id')} refused: {err}")
                 except Exception as err:  # noqa: BLE001 - anything else is a delivery to try again
-                    error = f"{type(err).__name__}: {err}"
-                    failed = 1
+                    if done:
+                        self._count("delivered", done)
+                    self._count("failures", 1, f"{type(err).__name__}: {err}")
+                    log.warning("sink %s: %s (again in %.1f s)", self.config.name, self._error, delay)
+                    delay = self._pause(delay)
                     break
-                position = row_id
-            if position != self.position or failed or rejected:
-                self._record(position, done, rejected, failed, error)
-            if done:
-                self.on_event(self.config.name, "delivered", done)
-            if rejected:
-                self.on_event(self.config.name, "rejected", rejected)
-            if failed:
-                self.on_event(self.config.name, "failure", 1)
-                log.warning("sink %s: %s (again in %.1f s)", self.config.name, error, delay)
-                delay = self._pause(delay)
+                self.position = row_id
             else:
+                if done:
+                    self._count("delivered", done)
                 delay = self.config.retry.initial_s
-        if self.opened:
-            try:
-                self.sink.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass

@@ -104,6 +104,7 @@ class Station:
         self.deliveries: list[Delivery] = []
         self.stopping = threading.Event()
         self.judged = 0
+        self._made: set[Path] = set()  # 'after' folders known to exist
 
     # --- life cycle ----------------------------------------------------------------------------------------
     def delivered_counts(self, position: int) -> dict[str, int]:
@@ -166,9 +167,14 @@ class Station:
 
     # --- one batch -------------------------------------------------------------------------------------------
     def process(self, arrivals: list[Arrival]) -> None:
-        with self.Session() as s:
-            known = dict(s.execute(select(Prediction.uid, Prediction.path)
-                                   .where(Prediction.uid.in_([a.id for a in arrivals]))).all())
+        # Only a file that was already there when the station started can have been judged (before a crash):
+        # the others need no look-up.
+        earlier = [a.id for a in arrivals if a.found_at_start]
+        known = {}
+        if earlier:
+            with self.Session() as s:
+                known = dict(s.execute(select(Prediction.uid, Prediction.path)
+                                       .where(Prediction.uid.in_(earlier))).all())
         for a in [a for a in arrivals if a.id in known]:  # judged before a crash: finish its move
             self._move(a, Path(known[a.id]) if known[a.id] else a.path)
         todo = [a for a in arrivals if a.id not in known and a.path.exists()]
@@ -233,7 +239,9 @@ class Station:
             self.folder.done(a, still_here=True)
             return
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.parent not in self._made:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(dest.parent)
             try:
                 os.replace(a.path, dest)
             except OSError:  # another file system: copy, then remove (a crash in between is finished at restart)

@@ -6,8 +6,11 @@ as seen by this station (its own clock: a share's clock may differ). Dot-files a
 ``.part``, ``.partial``, ``.crdownload``, ``.filepart``, ``~``) are never read: cameras that write a temp name and
 rename it are seen at the rename.
 
-The file system's events (watchdog: inotify on Linux, ReadDirectoryChanges on Windows) wake the station as soon as
-a file lands; a full scan every ``scan_s`` catches what events miss (network shares send none).
+The folder is polled: its names every ``poll_s`` (default 5 ms: an empty folder's listing costs microseconds, and
+the wait after a file lands is half that on average), a full look at every file's size and time every ``scan_s``.
+Polling works the same on local disks and network shares (SMB, NFS send no change events), and file system events
+were no faster in practice: watchdog's inotify reader holds every event for 0.5 s after a file is moved out of the
+folder (waiting for the other half of a rename), which a station moving each judged file would hit every time.
 
 A file's id is derived from the station, its name, size and modification time: the same file found again after a
 crash gets the same id, which is how the station knows it was already judged.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class Arrival:
     id: str
     complete_at: float
     settled: bool  # complete by the quiet interval, not only by its end marker
+    found_at_start: bool  # in the folder when the station started: it may have been judged before a crash
 
     @property
     def name(self) -> str:
@@ -78,11 +81,8 @@ class HotFolder:
         self._waiting: dict[str, tuple[int, int, float, bool]] = {}
         self._handed: set[str] = set()  # handed out, not yet done or given back
         self._done: dict[str, tuple[int, int]] = {}  # judged files still in the folder (no 'after' move)
-        self._touched: set[str] = set()
-        self._touched_lock = threading.Lock()
-        self._wake = threading.Event()
         self._last_scan = -1e9
-        self._observer = None
+        self._at_start: set[str] | None = None  # the names of the first scan, until each is handed out
 
     # --- what counts ----------------------------------------------------------------------------------------
     def wanted(self, name: str) -> bool:
@@ -93,47 +93,16 @@ class HotFolder:
             return fnmatch.fnmatchcase(low, self._pattern)
         return os.path.splitext(low)[1] in IMAGE_SUFFIXES
 
-    # --- events ----------------------------------------------------------------------------------------------
+    # --- polling -------------------------------------------------------------------------------------------
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-
-            folder = self
-
-            class _Handler(FileSystemEventHandler):
-                def on_any_event(self, event):
-                    for p in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
-                        if p:
-                            folder._touch(os.path.basename(os.fsdecode(p)))
-
-            observer = Observer()
-            observer.schedule(_Handler(), str(self.folder), recursive=False)
-            observer.daemon = True
-            observer.start()
-            self._observer = observer
-        except Exception:  # noqa: BLE001 - no events on this file system: the periodic scan does the work
-            self._observer = None
 
     def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
-
-    def _touch(self, name: str) -> None:
-        with self._touched_lock:
-            self._touched.add(name)
-        self._wake.set()
+        pass
 
     def wait(self, timeout: float) -> None:
-        """Until a file event, or ``timeout`` seconds (capped by the next scan or settle check due)."""
-        if self._waiting:
-            timeout = min(timeout, self.config.settle_s / 4)
-        timeout = max(0.0, min(timeout, self._last_scan + self.config.scan_s - time.monotonic()))
-        self._wake.wait(timeout)
-        self._wake.clear()
+        """Until the next look at the folder is due (at most ``timeout`` seconds)."""
+        time.sleep(max(0.0, min(timeout, self.config.poll_s, self._last_scan + self.config.scan_s - time.monotonic())))
 
     # --- the folder ------------------------------------------------------------------------------------------
     def _look(self, name: str, now: float) -> None:
@@ -167,18 +136,22 @@ class HotFolder:
             del self._waiting[gone]
         for gone in [n for n in self._done if n not in present]:
             del self._done[gone]
+        if self._at_start is None:
+            self._at_start = present
         self._last_scan = now
 
     def ready(self) -> list[Arrival]:
         """Complete files not handed out yet, oldest first; each is handed out once (until :meth:`done` or
         :meth:`again`)."""
         now = time.monotonic()
-        with self._touched_lock:
-            touched, self._touched = self._touched, set()
         if now - self._last_scan >= self.config.scan_s:
             self._scan(now)
-        else:
-            for name in touched:
+        else:  # new names only (and the files still waiting): a listing, no stat of the files already known
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    if entry.name not in self._waiting and entry.name not in self._done:
+                        self._look(entry.name, now)
+            for name in list(self._waiting):
                 self._look(name, now)
         out = []
         wall = time.time()
@@ -196,8 +169,11 @@ class HotFolder:
                         continue
                 del self._waiting[name]
                 self._handed.add(name)
+                at_start = name in self._at_start
+                if at_start:
+                    self._at_start.discard(name)
                 out.append(Arrival(path, size, mtime_ns, verdict_id(self.station, name, size, mtime_ns), wall,
-                                   settled))
+                                   settled, at_start))
         out.sort(key=lambda a: (a.mtime_ns, a.name))
         return out
 

@@ -28,6 +28,7 @@ class CsvSink:
 
     def __init__(self, name: str, options: dict, station: str, context: dict):
         self.name, self.path = name, Path(options["path"])
+        self._file = None
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,12 +43,21 @@ class CsvSink:
             writer.writerow(COLUMNS)
         writer.writerow([json.dumps(message.get(c), sort_keys=True) if c == "probabilities" and message.get(c)
                          else ("" if message.get(c) is None else message.get(c)) for c in COLUMNS])
-        # one write of whole rows, then fsync: a crash leaves whole rows (a row may repeat after a restart:
-        # delivery is at least once, and the id column tells repeats apart)
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
+        # one write of whole rows (a row may repeat after a restart: delivery is at least once, and the id column
+        # tells repeats apart); on disk at the next flush, before the station's cursor moves past it
+        if self._file is not None and not self.path.exists():  # moved away (rotated): a new file, with its header
+            self.close()
+        if self._file is None:
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._file.write(buf.getvalue())
+        self._file.flush()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        pass
+        if self._file is not None:
+            self.flush()
+            self._file.close()
+            self._file = None
