@@ -35,7 +35,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
 class Broker:
     """Debian's mosquitto on 127.0.0.1, with persistence so that sessions survive a stop and start."""
 
-    def __init__(self, folder: Path, password_file: Path | None = None):
+    def __init__(self, folder: Path, password_file: Path | None = None, tls: dict | None = None):
         if MOSQUITTO is None:
             raise RuntimeError("the station tests need Debian's mosquitto (bash .ci/system-deps.sh as root)")
         self.folder = folder
@@ -50,6 +50,11 @@ class Broker:
             lines += ["allow_anonymous false", f"password_file {password_file}"]
         else:
             lines.append("allow_anonymous true")
+        self.tls_port = None
+        if tls is not None:  # a second listener, TLS (the first stays plain for the test's subscriber)
+            self.tls_port = free_port()
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls['ca']}", f"certfile {tls['cert']}",
+                      f"keyfile {tls['key']}"]
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
@@ -76,6 +81,51 @@ class Broker:
             self.proc.terminate()
             self.proc.wait(20)
         self.proc = None
+
+
+def passwords(folder: Path, users: dict[str, str]) -> Path:
+    """A mosquitto password file (hashed by Debian's mosquitto_passwd)."""
+    path = folder / "passwords"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    for user, password in users.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(path), user, password], check=True, capture_output=True)
+    return path
+
+
+def tls_files(folder: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files), made with cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, public_key, signing_key, ca: bool, san=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signing_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fewvision test CA")])
+    server = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    ca = cert(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    srv = cert(server, ca_name, key.public_key(), ca_key, False, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    out = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["cert"].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    return out
 
 
 class Subscriber:

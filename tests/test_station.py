@@ -19,10 +19,12 @@ from station_helpers import (
     Subscriber,
     WebhookReceiver,
     land,
+    passwords,
     running,
     signed,
     station_process,
     store_rows,
+    tls_files,
     wait_for,
     write_station,
 )
@@ -241,6 +243,49 @@ def test_kill_9_mid_stream_then_restart_judges_every_image_once(tmp_path, model_
     csv_ids = {line.split(",")[0] for line in (station_dir / "verdicts.csv").read_text().splitlines()[1:]}
     assert csv_ids == {r[0] for r in rows}
     assert all(Path(r[3]).is_file() for r in rows), out[-2000:]
+
+
+def test_mqtt_over_tls_with_a_password(tmp_path, model_file, textile_images):
+    """The broker takes only known users, the station connects over TLS (its CA given, the password from the
+    environment): verdicts arrive. A wrong password is a delivery that fails, retried, and shown in the status."""
+    from fewvision.station.config import load_config
+    from fewvision.station.status import station_status
+
+    tls = tls_files(tmp_path / "tls")
+    broker = Broker(tmp_path / "mosquitto", passwords(tmp_path / "mosquitto", {"station": "pw-station",
+                                                                              "reader": "pw-reader"}), tls)
+    broker.start()
+    os.environ["FV_TEST_MQTT_PASSWORD"] = "pw-station"
+    topic = "plant/line3/cam1/verdict"
+    sink = {"url": f"mqtts://127.0.0.1:{broker.tls_port}", "topic": topic, "username": "station",
+            "password_env": "FV_TEST_MQTT_PASSWORD", "tls": {"ca": str(tls["ca"])}}
+    subscriber = Subscriber(broker, [topic], client_id="reader-tls", username="reader", password="pw-reader")
+    try:
+        for password, expect in (("pw-station", 3), ("wrong", 0)):
+            os.environ["FV_TEST_MQTT_PASSWORD"] = password
+            station_dir = tmp_path / f"station-{password}"
+            config = write_station(station_dir, model_file, [quick_retry({"mqtt": sink}, 0.1, 0.2)])
+            (station_dir / "incoming").mkdir(parents=True)
+            before = len(subscriber.on(topic))
+            with running(config) as station:
+                for i, src in enumerate(stream(textile_images, 3)):
+                    land(src, station_dir / "incoming", f"P{i:04d}_{src.name}")
+                wait_for(lambda: station.judged >= 3, 60, "3 verdicts")
+                if expect:
+                    wait_for(lambda: len(subscriber.on(topic)) >= before + expect, 30, "the verdicts over TLS")
+                else:
+                    time.sleep(1.5)
+            st = station_status(load_config(config))["sinks"][0]
+            if expect:
+                ids = {json.loads(p)["id"] for p in subscriber.on(topic)[before:]}
+                assert ids == {r[0] for r in store_rows(station_dir)} and st["backlog"] == 0
+            else:
+                assert len(subscriber.on(topic)) == before and st["backlog"] == 3 and st["failures"] >= 1
+                assert "not connected" in st["last_error"]
+    finally:
+        subscriber.close()
+        broker.stop()
+        os.environ.pop("FV_TEST_MQTT_PASSWORD", None)
 
 
 def test_a_crash_between_the_commit_and_the_move_is_finished_not_judged_again(tmp_path, model_file,
