@@ -397,9 +397,9 @@ def test_10000_files_waiting_at_start(tmp_path, model_file, textile_images):
             at_400 = rss_mb(), tracemalloc.get_traced_memory()[0] / 2**20
     finally:
         tracemalloc.stop()
-    # measured: Python objects +0.x MB; resident memory moves by up to 70 MB either way (allocator arenas) with no
-    # trend over 2,000 verdicts. Holding the 10,000 decoded images would take 1.9 GB.
-    assert at_400[1] - at_100[1] < 10, (at_100, at_400)
+    # measured: Python's allocations +0.06 MB from the 100th to the 400th verdict; resident memory moves by up to
+    # 70 MB either way (allocator arenas) with no trend over 2,000 verdicts. The 10,000 decoded images: 1.9 GB.
+    assert at_400[1] - at_100[1] < 5, (at_100, at_400)
     assert at_400[0] - at_100[0] < 150, (at_100, at_400)
     rows = store_rows(station_dir)
     assert len(rows) >= 400 and len({r[0] for r in rows}) == len(rows)
