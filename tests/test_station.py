@@ -146,15 +146,22 @@ def test_300_images_through_a_broker_outage_arrive_once_each_in_order(tmp_path, 
 
 def test_a_webhook_that_fails_five_times_gets_each_verdict_with_its_id(tmp_path, model_file, textile_images):
     """500 five times, then 200: every verdict delivered, the retries carrying the same id and a valid HMAC-SHA256
-    signature. A 400 is the receiver refusing that message: not sent again, counted, the next ones go on."""
+    signature. A 400 is the receiver refusing that message: not sent again, counted, the next ones go on. (The
+    station runs a packed model here.)"""
+    import hashlib
+
+    from fewvision.deploy.pack import pack_model
     from fewvision.station.config import load_config
     from fewvision.station.status import station_status
+
+    packed = tmp_path / "textile.fvz"
+    pack_model(model_file, packed)
 
     os.environ["FV_TEST_MES_HMAC"] = "s3cret"
     station_dir = tmp_path / "station"
     receiver = WebhookReceiver([500] * 5)
     refusing = WebhookReceiver(lambda body, n: 400 if body["part_id"] == "P0001" else 200)
-    config = write_station(station_dir, model_file,
+    config = write_station(station_dir, packed,
                            [quick_retry({"webhook": {"url": receiver.url, "secret_env": "FV_TEST_MES_HMAC"}}),
                             quick_retry({"webhook": {"url": refusing.url, "name": "refusing"}})])
     incoming = station_dir / "incoming"
@@ -167,6 +174,7 @@ def test_a_webhook_that_fails_five_times_gets_each_verdict_with_its_id(tmp_path,
                      "4 deliveries to each webhook")
         ids = [r[0] for r in store_rows(station_dir)]
         assert [b["id"] for b in receiver.bodies(200)] == ids
+        assert {b["model_sha256"] for b in receiver.bodies()} == {hashlib.sha256(packed.read_bytes()).hexdigest()}
         failed = receiver.bodies(500)
         assert len(failed) == 5 and {b["id"] for b in failed} == {ids[0]}  # the first verdict, retried
         for headers, body, _ in receiver.requests:

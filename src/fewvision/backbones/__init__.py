@@ -107,6 +107,8 @@ def create_backbone(
     spec = with_weights(spec.strip(), weights)
     factory = _REGISTRY[check_backbone_spec(spec)]
     imported = None if weights else _imported(spec, cache_dir)
+    if imported is not None and imported["spec"] == spec:  # a weight-free backbone packed as itself (texture)
+        imported = None
     if imported is not None:  # 'fewvision models import' unpacked its files: load those, never the hub
         backbone = create_backbone(imported["spec"], cache_dir=cache_dir, download=False, device=device)
         if backbone.id != imported["id"]:

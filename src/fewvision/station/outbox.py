@@ -103,7 +103,14 @@ class Delivery(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._deliver()
+            delay = self.config.retry.initial_s
+            while not self._halt.is_set():
+                try:
+                    self._deliver()
+                except Exception as err:  # noqa: BLE001 - the store itself failed (locked, disk full): try again
+                    log.error("sink %s: %s: %s (again in %.1f s)", self.config.name, type(err).__name__, err, delay)
+                    self._halt.wait(delay)
+                    delay = min(delay * 2, self.config.retry.max_s)
         finally:
             try:
                 self._save()

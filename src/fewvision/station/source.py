@@ -19,6 +19,7 @@ crash gets the same id, which is how the station knows it was already judged.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import time
 import uuid
@@ -30,6 +31,7 @@ from .config import SourceConfig
 
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".filepart", "~")
 END_MARKERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+log = logging.getLogger("fewvision.station")
 ID_NAMESPACE = uuid.UUID("5f0c2a8e-6c55-4d1b-9a63-0d7f3c1e9b21")
 
 
@@ -82,6 +84,7 @@ class HotFolder:
         self._handed: set[str] = set()  # handed out, not yet done or given back
         self._done: dict[str, tuple[int, int]] = {}  # judged files still in the folder (no 'after' move)
         self._last_scan = -1e9
+        self._unreachable = False
         self._at_start: set[str] | None = None  # the names of the first scan, until each is handed out
 
     # --- what counts ----------------------------------------------------------------------------------------
@@ -144,15 +147,26 @@ class HotFolder:
         """Complete files not handed out yet, oldest first; each is handed out once (until :meth:`done` or
         :meth:`again`)."""
         now = time.monotonic()
-        if now - self._last_scan >= self.config.scan_s:
-            self._scan(now)
-        else:  # new names only (and the files still waiting): a listing, no stat of the files already known
-            with os.scandir(self.folder) as entries:
-                for entry in entries:
-                    if entry.name not in self._waiting and entry.name not in self._done:
-                        self._look(entry.name, now)
-            for name in list(self._waiting):
-                self._look(name, now)
+        try:
+            if self._at_start is None or now - self._last_scan >= self.config.scan_s:
+                self._scan(now)
+            else:  # new names only (and the files still waiting): a listing, no stat of the files already known
+                with os.scandir(self.folder) as entries:
+                    for entry in entries:
+                        if entry.name not in self._waiting and entry.name not in self._done:
+                            self._look(entry.name, now)
+                for name in list(self._waiting):
+                    self._look(name, now)
+        except OSError as err:  # a share that went away: say so once, look again until it is back
+            if not self._unreachable:
+                log.error("cannot list %s (%s); looking again every %.1f s", self.folder,
+                          err.strerror or err, self.config.scan_s)
+            self._unreachable = True
+            self._last_scan = now
+            return []
+        if self._unreachable:
+            log.info("%s is readable again", self.folder)
+            self._unreachable = False
         out = []
         wall = time.time()
         for name, (size, mtime_ns, changed, marker) in list(self._waiting.items()):

@@ -93,8 +93,8 @@ class OpcUaSink:
         self._write("LastVerdict", verdict)
         self._write("LastScore", math.nan if score is None else float(score))
         self._write("LastPartId", str(message.get("part_id") or ""))
-        self._write("LastTime", datetime.fromisoformat(message["time"]) if message.get("time") else
-                    datetime.now(timezone.utc))
+        self._write("LastTime", datetime.fromisoformat(message["time"].replace("Z", "+00:00"))
+                    if message.get("time") else datetime.now(timezone.utc))
         latency = message.get("latency_ms")
         self._write("LastLatencyMs", math.nan if latency is None else float(latency))
         if verdict in self.counts:
