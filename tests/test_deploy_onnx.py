@@ -182,9 +182,10 @@ def test_what_cannot_be_exported_is_refused_in_one_line(monkeypatch, capsys, tmp
     assert code == 2 and "not one exported by 'fewvision export'" in err
 
 
-# The int8 PaDiM below on its 24 check images (12 good, 12 local; an AUROC step is 1/144): fp32 AUROC 73/144 = 0.507,
-# int8 67/144 = 0.465, measured (repeatably) a drop of 6/144 = 0.0417. The gate is tried half a step either side.
-INT8_DROP, HALF_STEP = 6 / 144, 0.5 / 144
+# The int8 PaDiM below on its 24 check images (12 good, 12 local; an AUROC step is 1/144). Its drop depends on the
+# CPU's int8 kernels (measured 6/144 on one AMD EPYC, 0/144 on another with AVX-512 VNNI), so the test measures it
+# first and tries the gate half a step either side of it.
+HALF_STEP = 0.5 / 144
 
 
 def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tmp_path, good_folder, textile_root):
@@ -200,9 +201,8 @@ def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tm
         (check / label).mkdir(parents=True)
         for p in sorted((textile_root / source).glob("*.jpg"))[part]:
             shutil.copy(p, check / label / p.name)
-    # Just above the drop this model has: written.
     int8_path = tmp_path / "padim-int8.onnx"
-    q = quantize_int8(path, int8_path, check, max_drop=INT8_DROP + HALF_STEP)["int8"]
+    q = quantize_int8(path, int8_path, check, max_drop=1.0)["int8"]
     int8 = load_onnx(int8_path)
     assert int8.manifest["int8"]["calibration_images"] == 24 and q["metric"] == "AUROC" and q["images"] == 24
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8_path)).graph.node)
@@ -215,11 +215,12 @@ def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tm
         assert auroc[file] == pytest.approx(reported, abs=1e-9)
     assert 0 < np.abs(scores[int8_path] - scores[path]).max() < 0.2 * np.abs(scores[path]).max()  # quantised, close
     drop = auroc[path] - auroc[int8_path]
-    assert abs(drop - INT8_DROP) < HALF_STEP, drop  # the limits above and below are this model's (else re-measure)
-    # Just below it: refused, and nothing is written.
+    # Just below this model's drop: refused, and nothing is written. Just above: written.
     with pytest.raises(ExportError, match="not written"):
-        quantize_int8(path, tmp_path / "refused.onnx", check, max_drop=INT8_DROP - HALF_STEP)
+        quantize_int8(path, tmp_path / "refused.onnx", check, max_drop=drop - HALF_STEP)
     assert not (tmp_path / "refused.onnx").exists()
+    quantize_int8(path, tmp_path / "kept.onnx", check, max_drop=drop + HALF_STEP)
+    assert (tmp_path / "kept.onnx").is_file()
 
 
 def test_a_runtime_that_would_preprocess_differently_is_refused(tmp_path, textile_subset, test_images):
