@@ -258,10 +258,13 @@ def running(station_file: Path, **kwargs):
         station.close()
 
 
-def station_process(station_file: Path, *args: str) -> subprocess.Popen:
+def station_process(station_file: Path, *args: str, threads: int | None = 1) -> subprocess.Popen:
+    """``fewvision station run`` as its own process (one torch thread by default: the tests run two at a time)."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.Popen([sys.executable, "-m", "fewvision.cli", "station", "run", str(station_file), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ,
-                                                                                   "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
 def store_rows(station_dir: Path, sql: str = "select uid, filename, decision, path from predictions order by id"):
