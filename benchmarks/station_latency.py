@@ -27,12 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _report import table, write_section  # noqa: E402
-
-
-def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, int(round(q * (len(values) - 1)))))]
+from _report import percentile, table, write_section  # noqa: E402
 
 
 def main() -> None:

@@ -299,7 +299,7 @@ def test_mqtt_over_tls_with_a_password(tmp_path, model_file, textile_images):
 def test_a_crash_between_the_commit_and_the_move_is_finished_not_judged_again(tmp_path, model_file,
                                                                               textile_images):
     from fewvision.station.config import load_config
-    from fewvision.station.run import Station
+    from fewvision.station.run import Station, StationBusy
 
     station_dir = tmp_path / "station"
     config = write_station(station_dir, model_file, [{"csv": {"path": "verdicts.csv"}}],
@@ -309,6 +309,8 @@ def test_a_crash_between_the_commit_and_the_move_is_finished_not_judged_again(tm
     for i, src in enumerate(stream(textile_images, 5)):
         land(src, incoming, f"P{i:04d}_{src.name}")
     first = Station(load_config(config))
+    with pytest.raises(StationBusy, match="station cam1 already runs on"):  # one process per station and store
+        Station(load_config(config))
     first._move = lambda arrival, dest: None  # the process dies right after the commit
 
     def judge_some() -> bool:

@@ -262,19 +262,21 @@ class StoreOwned(RuntimeError):
     """Another service process owns this SQLite store."""
 
 
-def own_sqlite_store(url: str):
-    """An exclusive lock on a SQLite store for this process's lifetime (the file ``<database>.owner``, holding the
-    owner's process id); None for other databases. Two services on one SQLite file would each think they own its
-    jobs and model versions: the second refuses to start (:class:`StoreOwned`) before it reads or writes anything.
-    The lock goes with the process, however it ends (kill -9 included)."""
-    import fcntl
+class Locked(RuntimeError):
+    """The lock file is held by another process (``owner``: the process id it wrote)."""
 
-    from sqlalchemy.engine import make_url
+    def __init__(self, path: Path, owner: str):
+        super().__init__(f"{path} is held by process {owner}")
+        self.path, self.owner = path, owner
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+
+def hold_lock_file(path: Path):
+    """An exclusive lock on ``path`` for this process's lifetime (the file holds the owner's process id); the lock
+    goes with the process, however it ends (kill -9 included). None where the OS has no ``fcntl`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
         return None
-    path = Path(parsed.database).expanduser().resolve().with_name(Path(parsed.database).name + ".owner")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:
@@ -283,9 +285,32 @@ def own_sqlite_store(url: str):
         handle.seek(0)
         owner = handle.read().strip() or "unknown"
         handle.close()
-        raise StoreOwned(f"another fewvision serve (process {owner}) owns the store {parsed.database}; stop it "
-                         "first (several service processes need PostgreSQL: --db postgresql://...)") from None
+        raise Locked(path, owner) from None
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for other databases and in-memory ones."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).expanduser().resolve()
+
+
+def own_sqlite_store(url: str):
+    """An exclusive lock on a SQLite store for this process's lifetime (the file ``<database>.owner``); None for
+    other databases. Two services on one SQLite file would each think they own its jobs and model versions: the
+    second refuses to start (:class:`StoreOwned`) before it reads or writes anything."""
+    database = sqlite_file(url)
+    if database is None:
+        return None
+    try:
+        return hold_lock_file(database.with_name(database.name + ".owner"))
+    except Locked as err:
+        raise StoreOwned(f"another fewvision serve (process {err.owner}) owns the store {database}; stop it "
+                         "first (several service processes need PostgreSQL: --db postgresql://...)") from None

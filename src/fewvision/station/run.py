@@ -50,25 +50,14 @@ def file_sha256(path: Path) -> str:
 def _hold_lock(config: StationConfig):
     """One process per station and store: a lock file beside a SQLite store (gone with the process, however it
     ends); on PostgreSQL an advisory lock on a connection this process keeps."""
-    if config.store.startswith("sqlite:///"):
+    from ..service.store import Locked, hold_lock_file, sqlite_file
+
+    database = sqlite_file(config.store)
+    if database is not None:
         try:
-            import fcntl
-        except ImportError:  # Windows: one station per folder is the operator's to keep
-            return None
-        path = Path(config.store[len("sqlite:///"):] + f".station-{config.name}.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            handle.close()
-            raise StationBusy(f"station {config.name} already runs on {path.parent} (process {owner})") from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        return handle
+            return hold_lock_file(database.with_name(f"{database.name}.station-{config.name}.lock"))
+        except Locked as err:
+            raise StationBusy(f"station {config.name} already runs on {database} (process {err.owner})") from None
     from sqlalchemy import create_engine, text
 
     engine = create_engine(config.store.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=None)
