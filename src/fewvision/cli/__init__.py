@@ -14,7 +14,7 @@ import sys
 import typer
 
 from .. import __version__
-from . import anomaly, batch, classify, deploy, fewshot, models, service, station
+from . import anomaly, batch, classify, deploy, fewshot, models, monitor, service, station
 from .common import (
     CONTEXT,
     EXIT_CODES_HELP,
@@ -33,7 +33,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   context_settings=CONTEXT, epilog=EXIT_CODES_HELP,
                   help="Zero-shot and few-shot image classification and anomaly detection for visual inspection.")
 
-for _group in (classify, fewshot, models, anomaly, service, deploy, batch, station):
+for _group in (classify, fewshot, models, anomaly, service, deploy, batch, station, monitor):
     _group.register(app)
 
 

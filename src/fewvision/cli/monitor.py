@@ -1,0 +1,108 @@
+"""``fewvision monitor SCORES.csv ... --model MODEL``: drift alarms and control charts over scores already written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import CONTEXT, EXIT_CODES_HELP, EXIT_FLAGGED, UserError, info
+
+EXAMPLE = """
+
+\b
+Examples:
+  fewvision anomaly predict line3.fvm monday/ -o monday.csv
+  fewvision monitor monday.csv tuesday.csv --model line3.fvm -o monitor.json --report monitor/ --exit-code
+  fewvision monitor /data/cam1/verdicts.csv --model line3.fvz -o monitor.json      (a station's CSV)
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("monitor", context_settings=CONTEXT, epilog=EXIT_CODES_HELP + EXAMPLE)(monitor)
+
+
+def read_scores(paths: List[Path]) -> list[float | None]:
+    """The ``score`` of every row of the files, in order (None where a row has none: a skipped file)."""
+    out: list[float | None] = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as err:
+            raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+        if path.suffix.lower() == ".jsonl":
+            rows = []
+            for i, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        raise UserError(f"{path}: line {i} is not JSON") from None
+        else:
+            rows = list(csv.DictReader(text.splitlines()))
+            if rows and "score" not in rows[0]:
+                raise UserError(f"{path}: no 'score' column (the rows 'anomaly predict' or a station writes)")
+        for i, row in enumerate(rows, start=1):
+            value = row.get("score")
+            if value in (None, ""):
+                out.append(None)
+                continue
+            try:
+                score = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: row {i}: score {value!r} is not a number") from None
+            out.append(score if math.isfinite(score) else None)
+    return out
+
+
+def monitor(
+    scores: List[Path] = typer.Argument(..., metavar="SCORES.csv [MORE ...]",
+                                        help="rows written by 'anomaly predict' or a station (CSV or JSONL), read "
+                                             "in the order given"),
+    model: Path = typer.Option(..., "--model", metavar="MODEL", help="the .fvm / .fvz that scored them"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="monitor.json: alarms and series"),
+    report: Optional[Path] = typer.Option(None, "--report", metavar="DIR", help="write DIR/monitor.html"),
+    delta: float = typer.Option(0.01, "--delta", min=1e-9, max=0.5, metavar="P",
+                                help="the martingale's false-alarm probability"),
+    seed: int = typer.Option(0, "--seed", help="seed of the p-values' tie-breaking"),
+    exit_code: bool = typer.Option(False, "--exit-code", help="exit 1 when there is an alarm"),
+) -> None:
+    """Drift alarms over scores already written: each score's conformal p-value against the model's calibration
+    scores, a conformal test martingale (an alarm when it reaches 1/delta: false with probability at most delta
+    while the images are like the calibration images), an EWMA chart with its control limits and the Nelson rules
+    1-4. Rows are numbered from 0 over all the files; rows without a score (skipped files) are passed over."""
+    from ..io.atomic import atomic_write_text
+    from ..modelfile import ModelFileError, read_metadata
+    from ..monitor.watch import Monitor
+
+    try:
+        meta = read_metadata(model)
+    except ModelFileError as err:
+        raise UserError(str(err)) from None
+    decision = meta.get("decision") or {}
+    calibration = decision.get("calibration_scores")
+    if not calibration:
+        raise UserError(f"{model}: a {meta.get('task', '?')} model without calibration scores; the monitor needs the "
+                        "scores its threshold was set on (anomaly models fitted by fewvision 0.2 or later)")
+    values = read_scores(scores)
+    mon = Monitor(calibration, threshold=decision.get("threshold"), delta=delta, seed=seed)
+    for row, score in enumerate(values):
+        if score is not None:
+            mon.add(score, row=row)
+    result = mon.result()
+    atomic_write_text(out, json.dumps(result))
+    if report is not None:
+        from ..reports.monitor import write_monitor_report
+
+        info(f"report: {write_monitor_report(result, report, [str(p) for p in scores])}")
+    kinds = sorted({a["kind"] for a in result["alarms"]})
+    info(f"{sum(v is not None for v in values)} score(s) of {len(values)} row(s) watched; "
+         f"{len(result['alarms'])} alarm(s){' (' + ', '.join(kinds) + ')' if kinds else ''} -> {out}")
+    for a in result["alarms"][:5]:
+        info(f"  row {a['row']}: {a['kind']}: {a['message']}")
+    if exit_code and result["alarms"]:
+        raise typer.Exit(EXIT_FLAGGED)
