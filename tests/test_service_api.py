@@ -430,10 +430,10 @@ def test_the_schema_is_migrated_once_and_restarts_cleanly(client):
 
     engine = client.app.state.service.engine
     with engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0003"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0004"
     tables = set(inspect(engine).get_table_names())
     assert {"projects", "exemplars", "jobs", "models", "predictions", "reviews", "tokens", "outbox",
-            "sink_cursors"} <= tables
+            "sink_cursors", "alarms"} <= tables
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 

@@ -515,3 +515,52 @@ def test_status_metrics_and_the_service_page_read_the_same_store(tmp_path, model
         assert str(path) in {r[3] for r in rows.values()} and path.is_file()
     finally:
         service.stop()
+
+
+def test_the_monitor_raises_a_drift_alarm_to_the_sinks_and_resumes_after_a_restart(tmp_path, model_file,
+                                                                                   textile_images):
+    """Good images, then blurred ones (Gaussian, sigma 2): the drift alarm is recorded (alarms table) and sent as an
+    ``alarm`` message after the verdict that raised it; a restarted station rebuilds the monitor from the store
+    (the same martingale) and raises nothing twice."""
+    from PIL import Image, ImageFilter
+
+    from fewvision.station.config import load_config
+    from fewvision.station.run import Station
+
+    good, _ = textile_images
+    blurred = tmp_path / "blurred"
+    blurred.mkdir()
+    for p in good[50:80]:
+        Image.open(p).filter(ImageFilter.GaussianBlur(2)).save(blurred / p.name)
+    station_dir = tmp_path / "station"
+    receiver = WebhookReceiver()
+    config = write_station(station_dir, model_file, [quick_retry({"webhook": {"url": receiver.url}})])
+    incoming = station_dir / "incoming"
+    incoming.mkdir(parents=True)
+    try:
+        with running(config) as station:
+            for i, src in enumerate(good[20:50]):
+                land(src, incoming, f"GOOD{i:03d}_{src.name}")
+            wait_for(lambda: station.judged >= 30, 60, "30 verdicts")
+            for i, src in enumerate(sorted(blurred.iterdir())):
+                land(src, incoming, f"BLUR{i:03d}_{src.name}")
+            wait_for(lambda: station.judged >= 60, 60, "60 verdicts")
+            wait_for(lambda: any(b["kind"] == "alarm" for b in receiver.bodies()), 30, "the alarm message")
+            before = station.monitor.martingale.value, station.monitor.pvalues.seen
+        alarms = store_rows(station_dir, "select a.kind, p.filename, a.message from alarms a join predictions p "
+                                         "on p.id = a.prediction_id order by a.id")
+        drift = [a for a in alarms if a[0] == "martingale"]
+        assert drift and all(a[1].startswith("BLUR") for a in drift), alarms
+        assert "over the threshold" in drift[0][2]
+        bodies = receiver.bodies()
+        alarm = next(b for b in bodies if b["kind"] == "alarm" and b["alarm"] == "martingale")
+        verdict_at = next(i for i, b in enumerate(bodies) if b.get("id") == alarm["verdict_id"])
+        assert bodies.index(alarm) > verdict_at and alarm["part_id"].startswith("BLUR")
+        again = Station(load_config(config))
+        try:
+            assert (again.monitor.martingale.value, again.monitor.pvalues.seen) == before
+        finally:
+            again.close()
+        assert len(store_rows(station_dir, "select id from alarms")) == len(alarms)
+    finally:
+        receiver.close()

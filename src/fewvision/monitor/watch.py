@@ -30,6 +30,7 @@ class Monitor:
     delta: float = DEFAULT_DELTA
     jump: float = DEFAULT_JUMP
     seed: int | None = 0
+    keep_series: bool = True  # a long-running station keeps no series (its store has the scores)
     alarms: list[dict] = field(default_factory=list)
     series: dict[str, list] = field(default_factory=dict)
 
@@ -72,9 +73,10 @@ class Monitor:
         p = self.pvalues(score)
         m = self.martingale.update(p)
         c = self.chart.update(score)
-        for key, value in (("row", self._row), ("score", float(score)), ("p_value", p), ("martingale", m),
-                           ("ewma", c["ewma"]), ("ewma_lower", c["lower"]), ("ewma_upper", c["upper"])):
-            self.series[key].append(value)
+        if self.keep_series:
+            for key, value in (("row", self._row), ("score", float(score)), ("p_value", p), ("martingale", m),
+                               ("ewma", c["ewma"]), ("ewma_lower", c["lower"]), ("ewma_upper", c["upper"])):
+                self.series[key].append(value)
         if m >= 1 / self.delta:
             self._alarm("martingale", m, f"the scores stopped looking like the calibration images (test martingale "
                                          f"{m:.4g} >= 1/delta = {1 / self.delta:.4g})")

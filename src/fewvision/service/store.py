@@ -121,6 +121,24 @@ class Prediction(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class Alarm(Base):
+    """A monitor's alarm (docs/monitor.md): raised by the scores of a project's (or a station's) predictions,
+    acknowledged by a person."""
+
+    __tablename__ = "alarms"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    station: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))  # the score that raised it
+    kind: Mapped[str] = mapped_column(String(20))
+    value: Mapped[float] = mapped_column(Float)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    acknowledged_by: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the token's id
+
+
 class Outbox(Base):
     """Messages for a station's sinks, written in the transaction that records what they tell (a verdict, an
     alarm): a message exists exactly when its record does. Each sink reads them in ``id`` order from its cursor."""

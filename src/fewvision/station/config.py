@@ -60,6 +60,7 @@ class StationConfig:
     policy: Policy = field(default_factory=Policy)
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
+    monitor_delta: float | None = 0.01  # the drift alarm's false-alarm probability (None: no monitor)
 
 
 def _fail(path: Path, key: str, reason: str) -> ConfigError:
@@ -147,7 +148,7 @@ def load_config(path: str | os.PathLike) -> StationConfig:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
     raw = _mapping(path, raw, "(top level)")
     base = path.resolve().parent
-    _known(path, raw, "", {"name", "model", "source", "sinks", "store", "decision", "metrics"})
+    _known(path, raw, "", {"name", "model", "source", "sinks", "store", "decision", "metrics", "monitor"})
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.match(name):
         raise _fail(path, "name", f"expected letters, digits, '.', '_' or '-' (it names topics and OPC UA nodes), "
@@ -213,6 +214,14 @@ def load_config(path: str | os.PathLike) -> StationConfig:
     port = metrics.get("port")
     if port is not None:
         port = int(_number(path, port, "metrics.port", lo=1, integer=True, lo_open=False))
+    monitor = raw.get("monitor", {})
+    delta = None
+    if monitor is not False:
+        monitor = _mapping(path, monitor, "monitor")
+        _known(path, monitor, "monitor", {"delta"})
+        delta = float(_number(path, monitor.get("delta", 0.01), "monitor.delta"))
+        if not delta < 1:
+            raise _fail(path, "monitor.delta", f"expected a probability below 1, got {delta!r}")
     return StationConfig(path=path, name=name, model=model, source=source, sinks=sinks, store=url,
                          data_dir=data_dir, policy=policy, metrics_port=port,
-                         metrics_address=str(metrics.get("address", "127.0.0.1")))
+                         metrics_address=str(metrics.get("address", "127.0.0.1")), monitor_delta=delta)

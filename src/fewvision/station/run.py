@@ -15,13 +15,15 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import func, select
 
 from ..service.common import DECISIONS, VERDICT_OF
-from ..service.store import Outbox, Prediction
+from ..monitor.watch import Monitor
+from ..service.store import Alarm, Outbox, Prediction
 from ..tasks.verdicts import ERROR, VERDICTS, judge
 from .config import StationConfig
 from .metrics import Metrics
@@ -30,6 +32,7 @@ from .sinks import create_sink
 from .source import Arrival, HotFolder
 
 log = logging.getLogger("fewvision.station")
+ALARM_NAMESPACE = uuid.UUID("9b3f1e52-7a0c-4f5e-8d21-6c4b2a9e7f10")
 
 
 class StationBusy(RuntimeError):
@@ -94,6 +97,27 @@ class Station:
         self.stopping = threading.Event()
         self.judged = 0
         self._made: set[Path] = set()  # 'after' folders known to exist
+        self.monitor = self._monitor()
+
+    def _monitor(self) -> Monitor | None:
+        """The drift monitor of this model version (docs/monitor.md), its state rebuilt by replaying the scores
+        the station recorded under this version, in order: the same p-values (seeded), the same martingale; the
+        alarms the replay raises again were recorded already. None for a model without calibration scores."""
+        calibration = self.model.decision.get("calibration_scores")
+        if self.config.monitor_delta is None or not calibration:
+            return None
+        monitor = Monitor(calibration, threshold=self.model.decision.get("threshold"),
+                          delta=self.config.monitor_delta, keep_series=False)
+        with self.Session() as s:
+            scores = s.scalars(select(Prediction.score).where(Prediction.station == self.name,
+                                                              Prediction.model_version == self.version,
+                                                              Prediction.score.is_not(None),
+                                                              Prediction.decision != "error")
+                               .order_by(Prediction.id)).all()
+        for score in scores:
+            monitor.add(score)
+        monitor.alarms.clear()
+        return monitor
 
     # --- life cycle ----------------------------------------------------------------------------------------
     def delivered_counts(self, position: int) -> dict[str, int]:
@@ -184,7 +208,7 @@ class Station:
         destinations = self._destinations(keep)
         recorded = time.time()
         now = datetime.fromtimestamp(recorded, timezone.utc)
-        messages = []
+        messages, rows_added = [], []
         with self.Session.begin() as s:
             for (a, r), dest in zip(keep, destinations):
                 latency_ms = max(0.0, (recorded - a.complete_at) * 1000.0)
@@ -195,19 +219,40 @@ class Station:
                            "reason": r["reason"], "model_sha256": self.model_sha256, "model_version": self.version,
                            "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                            "latency_ms": round(latency_ms, 3)}
-                s.add(Prediction(project_id=self.project_id, model_version=self.version,
+                row = Prediction(project_id=self.project_id, model_version=self.version,
                                  image_sha256=file_sha256(a.path), filename=a.name[:255], label=r["label"],
                                  score=r["score"], threshold=r["threshold"], probabilities=r["probabilities"],
                                  decision=DECISIONS[r["verdict"]], reason=r["reason"], uid=a.id, station=self.name,
-                                 part_id=part[:200], path=str(dest), latency_ms=latency_ms, created_at=now))
-                s.add(Outbox(station=self.name, kind="verdict", payload=message, created_at=now))
+                                 part_id=part[:200], path=str(dest), latency_ms=latency_ms, created_at=now)
+                s.add(row)
+                rows_added.append(row)
                 messages.append(message)
+            s.flush()  # the rows' ids, for the alarms that name them
+            for row, message in zip(rows_added, messages):
+                s.add(Outbox(station=self.name, kind="verdict", payload=message, created_at=now))
+                for alarm in self._watch(row, message):
+                    s.add(Alarm(project_id=self.project_id, model_version=self.version, station=self.name,
+                                prediction_id=row.id, kind=alarm["alarm"], value=alarm["value"],
+                                message=alarm["message"], created_at=now))
+                    s.add(Outbox(station=self.name, kind="alarm", payload=alarm, created_at=now))
         for d in self.deliveries:
             d.wake.set()
         for (a, r), dest, m in zip(keep, destinations, messages):
             self.metrics.verdict(r["verdict"], m["latency_ms"] / 1000.0, recorded)
             self._move(a, dest)
         self.judged += len(keep)
+
+    def _watch(self, row: Prediction, verdict: dict) -> list[dict]:
+        """The monitor's alarms raised by this verdict's score, as outbox messages."""
+        if self.monitor is None or row.score is None or verdict["verdict"] == "error":
+            return []
+        out = []
+        for alarm in self.monitor.add(row.score):
+            out.append({"kind": "alarm", "id": str(uuid.uuid5(ALARM_NAMESPACE, f"{verdict['id']}:{alarm['kind']}")),
+                        "station": self.name, "alarm": alarm["kind"], "active": True, "value": alarm["value"],
+                        "message": alarm["message"], "verdict_id": verdict["id"], "part_id": verdict["part_id"],
+                        "model_sha256": self.model_sha256, "time": verdict["time"]})
+        return out
 
     def _destinations(self, keep: list[tuple[Arrival, dict]]) -> list[Path]:
         out, taken = [], set()

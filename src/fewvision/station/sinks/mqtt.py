@@ -20,7 +20,7 @@ ONLINE, OFFLINE = "online", "offline"
 
 def check_options(options: dict, base: Path) -> dict:
     known_options(options, {"url", "topic", "qos", "username", "password_env", "tls", "client_id", "status_topic",
-                            "keepalive_s", "timeout_s", "retain"})
+                            "keepalive_s", "timeout_s", "retain", "alarm_topic"})
     url = options.get("url", "mqtt://127.0.0.1:1883")
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -44,6 +44,7 @@ def check_options(options: dict, base: Path) -> dict:
     return {"host": parts.hostname, "port": parts.port or (8883 if tls is not None else 1883), "topic": topic,
             "qos": qos, "username": options.get("username"), "password_env": options.get("password_env"),
             "tls": tls, "client_id": options.get("client_id"), "status_topic": status,
+            "alarm_topic": options.get("alarm_topic", f"{topic}/alarm"),
             "keepalive_s": int(positive(options, "keepalive_s", 30)), "timeout_s": positive(options, "timeout_s", 5),
             "retain": bool(options.get("retain", False))}
 
@@ -86,7 +87,8 @@ class MqttSink:
         o = self.options
         if not self._connected.wait(o["timeout_s"]):
             raise ConnectionError(f"not connected to the MQTT broker {o['host']}:{o['port']}")
-        info = self.client.publish(o["topic"], json.dumps(message, sort_keys=True), qos=o["qos"], retain=o["retain"])
+        topic = o["alarm_topic"] if message.get("kind") == "alarm" else o["topic"]
+        info = self.client.publish(topic, json.dumps(message, sort_keys=True), qos=o["qos"], retain=o["retain"])
         info.wait_for_publish(timeout=o["timeout_s"])
         if not info.is_published():
             raise TimeoutError(f"the MQTT broker {o['host']}:{o['port']} did not acknowledge within "
