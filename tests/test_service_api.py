@@ -511,3 +511,49 @@ def test_two_replicas_saving_versions_of_one_project_at_once_number_them_apart(t
     files = sorted(p.name for p in (tmp_path / "shared" / "models" / str(project["id"])).iterdir())
     assert files == ["v1.fvm", "v2.fvm"]
 
+
+
+def test_the_monitor_endpoint_counts_watches_and_takes_acknowledgements(client, anomaly_project):
+    """Good images, then blurred ones (sigma 2): /monitor counts the decisions per hour, replays the drift monitor
+    over the active version's predictions (a martingale alarm on a blurred image, recorded once), and an alarm is
+    acknowledged with the token that did it; a new service on the same store computes the same."""
+    import io
+
+    from PIL import Image, ImageFilter
+
+    pid = anomaly_project["id"]
+    good = textile_bytes("nominal", 20, 20)
+    blurred = []
+    for name, data in textile_bytes("nominal", 40, 30):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).filter(ImageFilter.GaussianBlur(2)).save(buf, format="JPEG", quality=95)
+        blurred.append((f"blur-{name}", buf.getvalue()))
+    for batch in (good, blurred):
+        r = client.post(f"/v1/projects/{pid}/predict-batch", files=[("files", (n, d, "image/jpeg")) for n, d in batch])
+        assert r.status_code == 200, r.text
+    m = client.get(f"/v1/projects/{pid}/monitor", params={"since": "1h"})
+    assert m.status_code == 200, m.text
+    m = m.json()
+    assert sum(m["counts"].values()) == 50 and sum(sum(v for k, v in h.items() if k not in ("hour", "yield"))
+                                                   for h in m["per_hour"]) == 50
+    assert m["yield"] == m["counts"].get("accept", 0) / 50
+    series = m["monitor"]["series"]
+    assert len(series["martingale"]) == 50 and series["prediction_id"] == sorted(series["prediction_id"])
+    names = {p["prediction_id"]: p["filename"] for p in
+             client.get(f"/v1/projects/{pid}/predictions", params={"limit": 100}).json()["items"]}
+    drift = [a for a in m["alarms"] if a["kind"] == "martingale"]
+    assert drift and all(names[a["prediction_id"]].startswith("blur-") for a in drift), m["alarms"]
+    assert client.get(f"/v1/projects/{pid}/monitor", params={"since": "yesterday"}).status_code == 422
+    ack = client.post(f"/v1/alarms/{drift[0]['id']}/acknowledge")
+    assert ack.status_code == 200 and ack.json()["acknowledged_by"] is not None and ack.json()["acknowledged_at"]
+    again = client.get(f"/v1/projects/{pid}/monitor").json()
+    assert [a["id"] for a in again["alarms"]] == [a["id"] for a in m["alarms"]]  # recorded once
+    from fewvision.service.core import Service
+
+    other = Service(client.app.state.service.settings)
+    try:
+        replayed = other.monitor(pid)
+    finally:
+        other.stop()
+    assert replayed["monitor"]["series"]["martingale"] == series["martingale"]
+    assert [a["id"] for a in replayed["alarms"]] == [a["id"] for a in m["alarms"]]

@@ -236,6 +236,17 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
         service.allow(token, service.prediction(prediction_id)["project_id"])
         return service.review(prediction_id, body.label, token)
 
+    @app.get("/v1/projects/{project_id}/monitor")
+    def get_monitor(project_id: Id, service: Svc, token: Auth,
+                    since: Annotated[str | None, Query(max_length=40)] = None) -> dict:
+        project_of(service, token, project_id)
+        return service.monitor(project_id, since)
+
+    @app.post("/v1/alarms/{alarm_id}/acknowledge")
+    def acknowledge(alarm_id: Id, service: Svc, token: Auth) -> dict:
+        service.allow(token, service.alarm(alarm_id)["project_id"])
+        return service.acknowledge_alarm(alarm_id, token)
+
     # --- the page -------------------------------------------------------------------------------------------
     app.mount("/static", StaticFiles(directory=PAGE), name="static")
 

@@ -21,6 +21,7 @@ from .blobs import Blobs
 from .common import ServiceError, Settings
 from .jobs import Jobs
 from .models import Models
+from .monitoring import Monitoring
 from .predictions import Predictions
 from .projects import Projects
 from .reviews import Reviews
@@ -30,9 +31,9 @@ from .tokens import Tokens
 __all__ = ["Service", "ServiceError", "Settings"]  # the settings and the error live in common.py
 
 
-class Service(Tokens, Projects, Jobs, Models, Predictions, Reviews):
+class Service(Tokens, Projects, Jobs, Models, Predictions, Reviews, Monitoring):
     """The service: its store, worker and caches here; each resource's methods in its own module (tokens.py,
-    projects.py, jobs.py, models.py, predictions.py, reviews.py)."""
+    projects.py, jobs.py, models.py, predictions.py, reviews.py, monitoring.py)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -44,6 +45,8 @@ class Service(Tokens, Projects, Jobs, Models, Predictions, Reviews):
         self._backbones: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._project_locks: dict[int, threading.Lock] = {}
+        self._watchers: dict[tuple[int, int], dict] = {}  # the drift monitor per model version (monitoring.py)
+        self._watch_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None

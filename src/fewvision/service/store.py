@@ -126,6 +126,7 @@ class Alarm(Base):
     acknowledged by a person."""
 
     __tablename__ = "alarms"
+    __table_args__ = (UniqueConstraint("prediction_id", "kind", name="uq_alarm"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
     model_version: Mapped[int] = mapped_column(Integer)

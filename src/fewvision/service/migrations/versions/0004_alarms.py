@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("acknowledged_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("acknowledged_by", sa.Integer, nullable=True),
+        sa.UniqueConstraint("prediction_id", "kind", name="uq_alarm"),
     )
 
 
