@@ -2,10 +2,11 @@
 sigma taken from the model's calibration scores.
 
 EWMA (Roberts 1959; Montgomery, "Introduction to Statistical Quality Control", sec. 9.2):
-z_t = lambda x_t + (1 - lambda) z_{t-1}, z_0 = mu, limits mu +- L sigma sqrt(lambda / (2 - lambda) (1 - (1 - lambda)^(2t)))
-with lambda = 0.2 and L = 3. Nelson rules (Nelson 1984) on the individual scores: 1 - a point beyond 3 sigma;
-2 - nine points in a row on one side of the centre line; 3 - six points in a row steadily increasing or
-decreasing; 4 - fourteen points in a row alternating up and down.
+z_t = lambda x_t + (1 - lambda) z_{t-1}, z_0 = mu,
+limits mu +- L sigma sqrt(lambda / (2 - lambda) (1 - (1 - lambda)^(2t))), with lambda = 0.2 and L = 3.
+Nelson rules (Nelson 1984) on the individual scores: 1 - a point beyond 3 sigma; 2 - nine points in a row on
+one side of the centre line; 3 - six points in a row steadily increasing or decreasing; 4 - fourteen points in a
+row alternating up and down.
 
 These are the charts quality engineers know; their textbook false-alarm rates assume normal, independent scores,
 which anomaly scores are not (they are skewed): the guarantee is the martingale's, not the chart's.
