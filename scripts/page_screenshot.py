@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = {"page-threshold.png": "service-threshold.png", "page-inspect.png": "service-inspect.png",
-         "page-review.png": "service-review.png"}
+         "page-review.png": "service-review.png", "page-monitor.png": "service-monitor.png"}
 
 
 def main() -> None:

@@ -159,6 +159,33 @@ def test_the_whole_loop_in_a_real_browser(browser, server, tmp_path, artifacts):
     assert len(requests) == before  # computed in the page
     page.screenshot(path=str(artifacts / "page-threshold.png"), full_page=True)
 
+    # the monitor: blurred images (a camera out of focus) through the API raise a drift alarm; the tab shows the
+    # counts, draws both charts and takes the acknowledgement
+    import io
+
+    from PIL import Image, ImageFilter
+
+    blurred = []
+    for name, data in textile_bytes("nominal", 420, 30):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).filter(ImageFilter.GaussianBlur(2)).save(buf, format="JPEG", quality=95)
+        blurred.append(("files", (f"blur-{name}", buf.getvalue(), "image/jpeg")))
+    assert post(f"{server.url}/v1/projects/{project_id}/predict-batch", files=blurred, headers=h).status_code == 200
+    page.click("button[data-tab=monitor]")
+    page.wait_for_selector("#monitor-summary:has-text('37 predictions')")
+    page.select_option("#monitor-since", "")
+    page.wait_for_selector("#alarm-list li:has-text('martingale') button.ack")
+    for canvas in ("#yield-chart", "#score-chart"):
+        painted = page.eval_on_selector(canvas, "c => c.getContext('2d').getImageData(0, 0, c.width, c.height)"
+                                                ".data.filter((v, i) => i % 4 === 3 && v > 0).length")
+        assert painted > 500, canvas
+    page.screenshot(path=str(artifacts / "page-monitor.png"), full_page=True)
+    alarm_id = int(page.get_attribute("#alarm-list li:has-text('martingale')", "data-alarm"))
+    page.click(f"#alarm-list li[data-alarm='{alarm_id}'] button.ack")
+    page.wait_for_selector(f"#alarm-list li[data-alarm='{alarm_id}']:has-text('acknowledged')")
+    alarms = get(f"{server.url}/v1/projects/{project_id}/monitor", headers=h).json()["alarms"]
+    assert next(a for a in alarms if a["id"] == alarm_id)["acknowledged_by"] is not None
+
     assert not any(server.token_value in url for url in requests)  # the token never travels in a URL
 
 

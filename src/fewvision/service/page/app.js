@@ -103,6 +103,7 @@ function showTab(name) {
   document.querySelectorAll(".tab").forEach((t) => { t.hidden = t.id !== `tab-${name}`; });
   if (name === "review") loadReview().then(renderReview);
   if (name === "threshold") loadThreshold();  // the latest predictions and reviews
+  if (name === "monitor") loadMonitor();
 }
 
 // --- exemplars: drag and drop -------------------------------------------------------------------------------------
@@ -305,3 +306,70 @@ document.addEventListener("keydown", (e) => {
 });
 
 if (state.token) signIn(state.token);
+
+// --- monitor: yield per hour, the score chart with its control limits, the alarms --------------------------------
+$("#monitor-since").addEventListener("change", () => loadMonitor());
+
+async function loadMonitor() {
+  const since = $("#monitor-since").value;
+  const m = await api(`/v1/projects/${state.project.id}/monitor` + (since ? `?since=${encodeURIComponent(since)}` : ""));
+  state.monitor = m;
+  const n = Object.values(m.counts).reduce((a, b) => a + b, 0);
+  const yieldText = m.yield === null ? "no yield yet" : `yield ${(100 * m.yield).toFixed(1)}%`;
+  const latency = m.latency_ms ? `, latency p50 ${m.latency_ms.p50.toFixed(0)} ms / p95 ${m.latency_ms.p95.toFixed(0)} ms` : "";
+  const open = m.alarms.filter((a) => !a.acknowledged_at).length;
+  $("#monitor-summary").textContent = `${n} predictions, ${yieldText}${latency}; ${m.alarms.length} alarms (${open} open)`;
+  drawYield(m.per_hour);
+  drawScores(m);
+  $("#alarm-list").innerHTML = m.alarms.map((a) => `<li data-alarm="${a.id}"><b>${escapeHtml(a.kind)}</b> ` +
+    `${escapeHtml(a.created_at)} (prediction ${a.prediction_id}): ${escapeHtml(a.message)} ` +
+    (a.acknowledged_at ? `<span class="muted">acknowledged ${escapeHtml(a.acknowledged_at)}</span>`
+                       : `<button class="ack" data-alarm="${a.id}">Acknowledge</button>`) + "</li>").join("");
+  document.querySelectorAll("#alarm-list button.ack").forEach((b) => b.addEventListener("click", async () => {
+    b.disabled = true;
+    await api(`/v1/alarms/${b.dataset.alarm}/acknowledge`, { method: "POST" });
+    loadMonitor();
+  }));
+}
+
+function drawYield(hours) {
+  const canvas = $("#yield-chart"), ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (!hours.length) return;
+  const w = canvas.width / Math.max(hours.length, 1), h = canvas.height - 16;
+  hours.forEach((hour, i) => {
+    ctx.fillStyle = hour.yield >= 0.95 ? "#3a3" : hour.yield >= 0.8 ? "#ca3" : "#c33";
+    ctx.fillRect(i * w + 1, h - hour.yield * h, w - 2, hour.yield * h);
+  });
+  ctx.fillStyle = "#000";
+  ctx.fillText(hours[0].hour.slice(0, 16), 2, canvas.height - 3);
+}
+
+function drawScores(m) {
+  const canvas = $("#score-chart"), ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (!m.monitor || !m.monitor.series.score.length) return;
+  const s = m.monitor.series, n = s.score.length;
+  const values = s.score.concat(s.ewma_upper, s.ewma_lower, m.monitor.threshold === null ? [] : [m.monitor.threshold]);
+  const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
+  const x = (i) => (n === 1 ? 0.5 : i / (n - 1)) * (canvas.width - 10) + 5;
+  const y = (v) => canvas.height - 5 - (v - lo) / span * (canvas.height - 10);
+  ctx.fillStyle = "#555";
+  s.score.forEach((v, i) => ctx.fillRect(x(i) - 1, y(v) - 1, 3, 3));
+  const line = (key, dash) => {
+    ctx.setLineDash(dash); ctx.strokeStyle = "#8e44ad"; ctx.beginPath();
+    s[key].forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v)))); ctx.stroke();
+  };
+  line("ewma", []); line("ewma_upper", [4, 3]); line("ewma_lower", [4, 3]);
+  ctx.setLineDash([]);
+  if (m.monitor.threshold !== null) {
+    ctx.strokeStyle = "#c0392b"; ctx.beginPath();
+    ctx.moveTo(0, y(m.monitor.threshold)); ctx.lineTo(canvas.width, y(m.monitor.threshold)); ctx.stroke();
+  }
+  const index = new Map(s.prediction_id.map((id, i) => [id, i]));
+  ctx.strokeStyle = "rgba(192,57,43,0.7)";
+  m.alarms.filter((a) => index.has(a.prediction_id)).forEach((a) => {
+    const i = index.get(a.prediction_id);
+    ctx.beginPath(); ctx.moveTo(x(i), 0); ctx.lineTo(x(i), canvas.height); ctx.stroke();
+  });
+}
