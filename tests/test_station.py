@@ -534,7 +534,8 @@ def test_the_monitor_raises_a_drift_alarm_to_the_sinks_and_resumes_after_a_resta
         Image.open(p).filter(ImageFilter.GaussianBlur(2)).save(blurred / p.name)
     station_dir = tmp_path / "station"
     receiver = WebhookReceiver()
-    config = write_station(station_dir, model_file, [quick_retry({"webhook": {"url": receiver.url}})])
+    config = write_station(station_dir, model_file, [quick_retry({"webhook": {"url": receiver.url}})],
+                           monitor={"delta": 0.01})
     incoming = station_dir / "incoming"
     incoming.mkdir(parents=True)
     try:

@@ -26,8 +26,9 @@ def register(app: typer.Typer) -> None:
     app.command("monitor", context_settings=CONTEXT, epilog=EXIT_CODES_HELP + EXAMPLE)(monitor)
 
 
-def read_scores(paths: List[Path]) -> list[float | None]:
-    """The ``score`` of every row of the files, in order (None where a row has none: a skipped file)."""
+def read_scores(paths: List[Path], column: str = "score") -> list[float | None]:
+    """The ``column`` of every row of the files (``score`` where a file has no such column: a station's CSV), in
+    order (None where a row has none: a skipped file)."""
     out: list[float | None] = []
     for path in paths:
         try:
@@ -44,17 +45,20 @@ def read_scores(paths: List[Path]) -> list[float | None]:
                         raise UserError(f"{path}: line {i} is not JSON") from None
         else:
             rows = list(csv.DictReader(text.splitlines()))
-            if rows and "score" not in rows[0]:
-                raise UserError(f"{path}: no 'score' column (the rows 'anomaly predict' or a station writes)")
+            if rows and column not in rows[0] and "score" in rows[0]:
+                rows = [{**r, column: r["score"]} for r in rows]
+            if rows and column not in rows[0]:
+                raise UserError(f"{path}: no '{column}' column (the rows 'predict', 'anomaly predict' or a station "
+                                "writes)")
         for i, row in enumerate(rows, start=1):
-            value = row.get("score")
+            value = row.get(column, row.get("score"))
             if value in (None, ""):
                 out.append(None)
                 continue
             try:
                 score = float(value)
             except (TypeError, ValueError):
-                raise UserError(f"{path}: row {i}: score {value!r} is not a number") from None
+                raise UserError(f"{path}: row {i}: {column} {value!r} is not a number") from None
             out.append(score if math.isfinite(score) else None)
     return out
 
@@ -72,27 +76,28 @@ def monitor(
     exit_code: bool = typer.Option(False, "--exit-code", help="exit 1 when there is an alarm"),
 ) -> None:
     """Drift alarms over scores already written: each score's conformal p-value against the model's calibration
-    scores, a conformal test martingale (an alarm when it reaches 1/delta: false with probability at most delta
+    scores (a classification model: 1 - the top probability, against its held-out calibration images), a conformal test martingale (an alarm when it reaches 1/delta: false with probability at most delta
     while the images are like the calibration images), an EWMA chart with its control limits and the Nelson rules
     1-4. Rows are numbered from 0 over all the files; rows without a score (skipped files) are passed over."""
     from ..io.atomic import atomic_write_text
     from ..modelfile import ModelFileError, read_metadata
-    from ..monitor.watch import Monitor
+    from ..monitor.watch import Monitor, nonconformity, reference
 
     try:
         meta = read_metadata(model)
     except ModelFileError as err:
         raise UserError(str(err)) from None
-    decision = meta.get("decision") or {}
-    calibration = decision.get("calibration_scores")
+    task = meta.get("task", "?")
+    calibration, threshold = reference(task, meta.get("decision") or {})
     if not calibration:
-        raise UserError(f"{model}: a {meta.get('task', '?')} model without calibration scores; the monitor needs the "
-                        "scores its threshold was set on (anomaly models fitted by fewvision 0.2 or later)")
-    values = read_scores(scores)
-    mon = Monitor(calibration, threshold=decision.get("threshold"), delta=delta, seed=seed)
+        raise UserError(f"{model}: a {task} model without reference scores for the monitor: an anomaly model keeps "
+                        "the scores its threshold was set on; a classification model needs held-out calibration "
+                        "images (fit with --calibrate-fraction)")
+    values = read_scores(scores, "score" if task == "anomaly" else "top_probability")
+    mon = Monitor(calibration, threshold=threshold, delta=delta, seed=seed)
     for row, score in enumerate(values):
         if score is not None:
-            mon.add(score, row=row)
+            mon.add(nonconformity(task, score), row=row)
     result = mon.result()
     atomic_write_text(out, json.dumps(result))
     if report is not None:

@@ -18,9 +18,24 @@ from .pvalues import OnlinePValues
 from .spc import Chart
 
 DEFAULT_DELTA = 0.01
+LINE_ALARMS = ("martingale", "ewma")  # the alarms a station or the service raises
 RECENT = 50  # the scores an alarm's description looks back over
 NELSON = {1: "a score beyond 3 sigma of the calibration scores", 2: "nine scores in a row on one side of the mean",
           3: "six scores in a row steadily rising or falling", 4: "fourteen scores in a row alternating up and down"}
+
+
+def reference(task: str, decision: dict) -> tuple[list[float] | None, float | None]:
+    """The scores a model's monitor compares new ones with, and the threshold on that scale: an anomaly model's
+    calibration scores and threshold; a classification model's non-conformity (1 - top probability) of its held-out
+    calibration images (fitted with a calibration fraction), with no threshold. (None, None) when there are none."""
+    if task == "anomaly":
+        return decision.get("calibration_scores") or None, decision.get("threshold")
+    return decision.get("nonconformity_scores") or None, None
+
+
+def nonconformity(task: str, score: float) -> float:
+    """A row's score on the monitor's scale: the anomaly score, or 1 - the top class probability."""
+    return float(score) if task == "anomaly" else 1.0 - float(score)
 
 
 @dataclass
@@ -31,6 +46,9 @@ class Monitor:
     jump: float = DEFAULT_JUMP
     seed: int | None = 0
     keep_series: bool = True  # a long-running station keeps no series (its store has the scores)
+    # what is raised as an alarm: the service and the station raise the martingale's and the EWMA's only (a Nelson
+    # rule 1 would fire on every defect, which the threshold already rejects); the offline report all of them
+    kinds: tuple[str, ...] = ("martingale", "ewma", "nelson1", "nelson2", "nelson3", "nelson4")
     alarms: list[dict] = field(default_factory=list)
     series: dict[str, list] = field(default_factory=dict)
 
@@ -61,6 +79,8 @@ class Monitor:
         return text
 
     def _alarm(self, kind: str, value: float, why: str) -> None:
+        if kind not in self.kinds:
+            return
         self.alarms.append({"row": self._row, "kind": kind, "value": float(value),
                             "message": f"{why}: {self.moved()}"})
 

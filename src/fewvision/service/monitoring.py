@@ -50,15 +50,16 @@ class Monitoring:
 
     def _watcher(self, project_id: int, version: int):
         """(monitor, the last prediction id it took, its rows) for a model version, brought up to date."""
-        from ..monitor.watch import Monitor
+        from ..monitor.watch import LINE_ALARMS, Monitor, nonconformity, reference
 
         with self._watch_lock:
             entry = self._watchers.get((project_id, version))
             if entry is None:
-                decision = self.load_model(project_id, version).decision
-                calibration = decision.get("calibration_scores")
-                monitor = (Monitor(calibration, threshold=decision.get("threshold")) if calibration else None)
-                entry = self._watchers[(project_id, version)] = {"monitor": monitor, "last": 0, "times": []}
+                model = self.load_model(project_id, version)
+                calibration, threshold = reference(model.task, model.decision)
+                monitor = Monitor(calibration, threshold=threshold, kinds=LINE_ALARMS) if calibration else None
+                entry = self._watchers[(project_id, version)] = {"monitor": monitor, "last": 0, "times": [],
+                                                                 "task": model.task}
             monitor = entry["monitor"]
             if monitor is None:
                 return entry
@@ -70,7 +71,7 @@ class Monitoring:
                                  .order_by(Prediction.id)).all()
             raised = []
             for pid, score, created, station in rows:
-                for alarm in monitor.add(score, row=pid):
+                for alarm in monitor.add(nonconformity(entry["task"], score), row=pid):
                     raised.append((alarm, pid, station, created))
                 entry["times"].append(_utc(created))
                 entry["last"] = pid

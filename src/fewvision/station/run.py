@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from ..service.common import DECISIONS, VERDICT_OF
-from ..monitor.watch import Monitor
+from ..monitor.watch import LINE_ALARMS, Monitor, nonconformity, reference
 from ..service.store import Alarm, Outbox, Prediction
 from ..tasks.verdicts import ERROR, VERDICTS, judge
 from .config import StationConfig
@@ -102,12 +102,13 @@ class Station:
     def _monitor(self) -> Monitor | None:
         """The drift monitor of this model version (docs/monitor.md), its state rebuilt by replaying the scores
         the station recorded under this version, in order: the same p-values (seeded), the same martingale; the
-        alarms the replay raises again were recorded already. None for a model without calibration scores."""
-        calibration = self.model.decision.get("calibration_scores")
+        alarms the replay raises again were recorded already. None for a model without reference scores (a
+        classification model fitted without a calibration fraction)."""
+        calibration, threshold = reference(self.model.task, self.model.decision)
         if self.config.monitor_delta is None or not calibration:
             return None
-        monitor = Monitor(calibration, threshold=self.model.decision.get("threshold"),
-                          delta=self.config.monitor_delta, keep_series=False)
+        monitor = Monitor(calibration, threshold=threshold, delta=self.config.monitor_delta, keep_series=False,
+                          kinds=LINE_ALARMS)
         with self.Session() as s:
             scores = s.scalars(select(Prediction.score).where(Prediction.station == self.name,
                                                               Prediction.model_version == self.version,
@@ -115,7 +116,7 @@ class Station:
                                                               Prediction.decision != "error")
                                .order_by(Prediction.id)).all()
         for score in scores:
-            monitor.add(score)
+            monitor.add(nonconformity(self.model.task, score))
         monitor.alarms.clear()
         return monitor
 
@@ -247,7 +248,7 @@ class Station:
         if self.monitor is None or row.score is None or verdict["verdict"] == "error":
             return []
         out = []
-        for alarm in self.monitor.add(row.score):
+        for alarm in self.monitor.add(nonconformity(self.model.task, row.score)):
             out.append({"kind": "alarm", "id": str(uuid.uuid5(ALARM_NAMESPACE, f"{verdict['id']}:{alarm['kind']}")),
                         "station": self.name, "alarm": alarm["kind"], "active": True, "value": alarm["value"],
                         "message": alarm["message"], "verdict_id": verdict["id"], "part_id": verdict["part_id"],

@@ -326,6 +326,9 @@ def calibrate(model: FewVisionModel, paths: Sequence[str], labels: Sequence[int]
         "nll_before": mean_nll(log_proba, y), "nll_after": mean_nll(log_proba, y, choice.temperature),
         "ece_before": expected_calibration_error(scored.proba, y),
         "ece_after": expected_calibration_error(calibrated, y)}
+    # the drift monitor's reference (docs/monitor.md): how unsure the model is of each held-out image, label-free,
+    # as 'predict' will report it (calibrated probabilities)
+    model.decision["nonconformity_scores"] = sorted(float(v) for v in 1.0 - calibrated.max(axis=1))
     model.info["fitted_on_sha256"] = model.info.get("fitted_on_sha256", []) + list(scored.shas)
     if scored.skipped:
         model.info["skipped"] = (model.info.get("skipped", []) + [f"{s.path}: {s.reason}" for s in scored.skipped])[:20]
