@@ -5,10 +5,10 @@ PaDiM on the weight-free ``texture`` backbone, fitted on 100 good textile images
 calibration scores are its leave-one-out scores. In-distribution: the other 900 good images, in ``--null-orders``
 random orders (the martingale's alarm must come in at most delta of them). The same for a prototype classification
 head (60 images per class, half held out for calibration; the monitor watches 1 - the top probability). Shifts,
-applied to images the model never saw: Gaussian blur sigma 1 and 2, brightness -15 %, JPEG quality 30, a 5 degree rotation; each stream is 100 good
-images then the shifted ones, in ``--orders`` random orders; the delay is the number of shifted images up to and
-including the one that raised the alarm (an alarm before the shift counts as a false alarm, none at all as "not
-caught"). Goal: blur sigma 2 caught within 50 images at delta 0.01.
+applied to images the model never saw: Gaussian blur sigma 1 and 2, brightness -15 %, JPEG quality 30, a 5 degree
+rotation; each stream is 100 good images then the shifted ones, in ``--orders`` random orders; the delay is the
+number of shifted images up to and including the one that raised the alarm (an alarm before the shift counts as a
+false alarm, none at all as "not caught"). Goal: blur sigma 2 caught within 50 images at delta 0.01.
 
 Usage: .venv/bin/python benchmarks/monitor_drift.py [--orders 100]
 """
