@@ -513,7 +513,7 @@ def test_two_replicas_saving_versions_of_one_project_at_once_number_them_apart(t
 
 
 
-def test_the_monitor_endpoint_counts_watches_and_takes_acknowledgements(client, anomaly_project):
+def test_the_monitor_endpoint_counts_watches_and_takes_acknowledgements(client, anomaly_project, monkeypatch, capsys):
     """Good images, then blurred ones (sigma 2): /monitor counts the decisions per hour, replays the drift monitor
     over the active version's predictions (a martingale alarm on a blurred image, recorded once), and an alarm is
     acknowledged with the token that did it; a new service on the same store computes the same."""
@@ -557,3 +557,18 @@ def test_the_monitor_endpoint_counts_watches_and_takes_acknowledgements(client, 
         other.stop()
     assert replayed["monitor"]["series"]["martingale"] == series["martingale"]
     assert [a["id"] for a in replayed["alarms"]] == [a["id"] for a in m["alarms"]]
+    # the shift report: the flagged images (reject, review) as a gallery, the alarms, from the API and the command
+    flagged = sum(m["counts"].get(d, 0) for d in ("reject", "review"))
+    html = client.get(f"/v1/projects/{pid}/report", params={"since": "all"})
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert html.text.count('<img src="data:image/jpeg;base64,') == flagged >= 25
+    assert f"<h2>Flagged images ({flagged})</h2>" in html.text and "the scores stopped looking like" in html.text
+    settings = client.app.state.service.settings
+    from cli_helpers import run_cli
+
+    out = settings.data_dir.parent / "shift.html"
+    args = ["report", "--data-dir", settings.data_dir, "--project", "line 3 fabric", "--since", "all", "-o", out]
+    code, _, err = run_cli(monkeypatch, capsys, *args, *(["--db", settings.db_url] if client.store == "postgresql"
+                                                         else []))
+    assert code == 0 and f"{flagged} flagged" in err, err
+    assert out.read_text().count('<img src="data:image/jpeg;base64,') == flagged

@@ -185,6 +185,10 @@ def test_the_whole_loop_in_a_real_browser(browser, server, tmp_path, artifacts):
     page.wait_for_selector(f"#alarm-list li[data-alarm='{alarm_id}']:has-text('acknowledged')")
     alarms = get(f"{server.url}/v1/projects/{project_id}/monitor", headers=h).json()["alarms"]
     assert next(a for a in alarms if a["id"] == alarm_id)["acknowledged_by"] is not None
+    with page.expect_download() as download:  # the shift report, fetched with the token, saved as one file
+        page.click("#shift-report")
+    report = Path(download.value.path()).read_text()
+    assert "Shift report: fabric line" in report and report.count('<img src="data:image/jpeg;base64,') >= 25
 
     assert not any(server.token_value in url for url in requests)  # the token never travels in a URL
 

@@ -1,4 +1,5 @@
-"""``fewvision monitor SCORES.csv ... --model MODEL``: drift alarms and control charts over scores already written."""
+"""``fewvision monitor SCORES.csv ... --model MODEL``: drift alarms and control charts over scores already written;
+``fewvision report``: a shift report of a project or a station from its store."""
 
 from __future__ import annotations
 
@@ -22,8 +23,18 @@ Examples:
 """
 
 
+REPORT_EXAMPLE = """
+
+\b
+Examples:
+  fewvision report --data-dir /srv/fewvision --project "line 3 fabric" --since 8h -o shift.html
+  fewvision report --data-dir /data/cam1/station.sqlite --project line3-cam1 --since 12h -o shift.html
+"""
+
+
 def register(app: typer.Typer) -> None:
     app.command("monitor", context_settings=CONTEXT, epilog=EXIT_CODES_HELP + EXAMPLE)(monitor)
+    app.command("report", context_settings=CONTEXT, epilog=EXIT_CODES_HELP + REPORT_EXAMPLE)(report)
 
 
 def read_scores(paths: List[Path], column: str = "score") -> list[float | None]:
@@ -76,9 +87,10 @@ def monitor(
     exit_code: bool = typer.Option(False, "--exit-code", help="exit 1 when there is an alarm"),
 ) -> None:
     """Drift alarms over scores already written: each score's conformal p-value against the model's calibration
-    scores (a classification model: 1 - the top probability, against its held-out calibration images), a conformal test martingale (an alarm when it reaches 1/delta: false with probability at most delta
-    while the images are like the calibration images), an EWMA chart with its control limits and the Nelson rules
-    1-4. Rows are numbered from 0 over all the files; rows without a score (skipped files) are passed over."""
+    scores (a classification model: 1 - the top probability, against its held-out calibration images), a conformal
+    test martingale (an alarm when it reaches 1/delta: false with probability at most delta while the images are
+    like the calibration images), an EWMA chart with its control limits and the Nelson rules 1-4. Rows are numbered
+    from 0 over all the files; rows without a score (skipped files) are passed over."""
     from ..io.atomic import atomic_write_text
     from ..modelfile import ModelFileError, read_metadata
     from ..monitor.watch import Monitor, nonconformity, reference
@@ -111,3 +123,37 @@ def monitor(
         info(f"  row {a['row']}: {a['kind']}: {a['message']}")
     if exit_code and result["alarms"]:
         raise typer.Exit(EXIT_FLAGGED)
+
+
+def report(
+    project: str = typer.Option(..., "--project", metavar="NAME", help="the project (a station: its name)"),
+    data_dir: Path = typer.Option(Path("fewvision-data"), "--data-dir", metavar="DIR",
+                                  help="the service's data folder, or a station's store file (station.sqlite)"),
+    db: Optional[str] = typer.Option(None, "--db", metavar="URL", help="the database URL [default: SQLite in DIR]"),
+    since: str = typer.Option("8h", "--since", metavar="SPAN", help="8h, 30m, 2d or an ISO 8601 time; 'all'"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="the report, shift.html"),
+) -> None:
+    """A shift report of a project or a station (docs/monitor.md): counts and yield, the scores with the drift
+    monitor, the alarms, the flagged images as a gallery and the model versions in use; one self-contained HTML file
+    (the page's Monitor tab links the same report)."""
+    from ..io.atomic import atomic_write_text
+    from ..reports.shift import shift_report
+    from ..service.common import ServiceError
+    from .service import _offline_service
+
+    service = _offline_service(data_dir, db)
+    try:
+        match = [p for p in service.projects() if p["name"] == project or str(p["id"]) == project]
+        if not match:
+            raise UserError(f"no project {project!r} in {data_dir} (projects: "
+                            f"{', '.join(p['name'] for p in service.projects()) or 'none'})")
+        try:
+            data = service.shift(match[0]["id"], None if since == "all" else since)
+        except ServiceError as err:
+            raise UserError(err.message) from None
+        atomic_write_text(out, shift_report(data))
+    finally:
+        service.stop()
+    m = data["monitor"]
+    info(f"{sum(m['counts'].values())} prediction(s) since {m['since'] or 'the beginning'}, "
+         f"{data['n_flagged']} flagged, {len(m['alarms'])} alarm(s) -> {out}")

@@ -13,12 +13,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..reports.shift import shift_report
 from .core import Service as _Service
 from .common import ServiceError, Settings, read_uploads
 from .guard import Guard, bearer, error
@@ -241,6 +242,12 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
                     since: Annotated[str | None, Query(max_length=40)] = None) -> dict:
         project_of(service, token, project_id)
         return service.monitor(project_id, since)
+
+    @app.get("/v1/projects/{project_id}/report", response_class=HTMLResponse)
+    def get_report(project_id: Id, service: Svc, token: Auth,
+                   since: Annotated[str | None, Query(max_length=40)] = "8h"):
+        project_of(service, token, project_id)
+        return HTMLResponse(shift_report(service.shift(project_id, since or None)))
 
     @app.post("/v1/alarms/{alarm_id}/acknowledge")
     def acknowledge(alarm_id: Id, service: Svc, token: Auth) -> dict:

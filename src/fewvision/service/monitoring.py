@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from . import store
-from .common import ServiceError, not_found
+from .common import VERDICT_OF, ServiceError, not_found
 from .store import Alarm, Prediction, Token
 
 SINCE = re.compile(r"^(\d+(?:\.\d+)?)([mhd])$")
@@ -27,8 +27,8 @@ ALARM_FIELDS = ["id", "project_id", "model_version", "station", "prediction_id",
 
 
 def parse_since(value: str | None, now: datetime) -> datetime | None:
-    """``8h``, ``30m``, ``2d`` (before now) or an ISO 8601 time; None: everything."""
-    if value is None or value == "":
+    """``8h``, ``30m``, ``2d`` (before now) or an ISO 8601 time; None or ``all``: everything."""
+    if value is None or value in ("", "all"):
         return None
     m = SINCE.match(value.strip())
     if m:
@@ -151,3 +151,33 @@ class Monitoring:
             if alarm is None:
                 raise not_found("alarm", alarm_id)
             return store.as_dict(alarm, ALARM_FIELDS)
+
+    def shift(self, project_id: int, since: str | None = None, gallery: int = 60) -> dict:  # 60: the newest shown
+        """What the shift report shows (:func:`fewvision.reports.shift.shift_report`): the project, its monitor
+        since ``since``, the newest ``gallery`` flagged predictions (reject, review, error) with their image files,
+        and the model versions its predictions used."""
+        from sqlalchemy import func
+
+        project = self.project(project_id, counts=False)
+        m = self.monitor(project_id, since)
+        flagged_q = select(Prediction).where(Prediction.project_id == project_id,
+                                             Prediction.decision.in_(("reject", "review", "error")))
+        if m["since"]:
+            flagged_q = flagged_q.where(Prediction.created_at >= datetime.fromisoformat(m["since"]))
+        with self.Session() as s:
+            n_flagged = s.scalar(select(func.count()).select_from(flagged_q.subquery()))
+            rows = s.scalars(flagged_q.order_by(Prediction.id.desc()).limit(gallery)).all()
+            used = {v for (v,) in s.execute(select(Prediction.model_version).where(
+                Prediction.project_id == project_id).distinct())}
+        flagged = []
+        for p in rows:
+            try:
+                image = self.prediction_file(p.id, "image")
+            except ServiceError:
+                image = None
+            flagged.append({"id": p.id, "verdict": VERDICT_OF.get(p.decision, p.decision), "score": p.score,
+                            "part_id": p.part_id, "filename": p.filename, "reason": p.reason,
+                            "image": image if image is not None and image.is_file() else None})
+        versions = [v for v in self.models(project_id) if v["version"] in used]
+        return {"project": project, "monitor": m, "flagged": flagged, "n_flagged": int(n_flagged or 0),
+                "versions": versions, "verdict_of": VERDICT_OF}

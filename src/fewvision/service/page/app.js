@@ -309,6 +309,14 @@ if (state.token) signIn(state.token);
 
 // --- monitor: yield per hour, the score chart with its control limits, the alarms --------------------------------
 $("#monitor-since").addEventListener("change", () => loadMonitor());
+$("#shift-report").addEventListener("click", async () => {  // fetched with the token, saved as one HTML file
+  const since = $("#monitor-since").value || "all";
+  const html = await api(`/v1/projects/${state.project.id}/report?since=${encodeURIComponent(since)}`);
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(html);
+  a.download = `shift-report-${state.project.name.replace(/[^A-Za-z0-9_-]+/g, "_")}.html`;
+  document.body.appendChild(a); a.click(); a.remove();
+});
 
 async function loadMonitor() {
   const since = $("#monitor-since").value;
