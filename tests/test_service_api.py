@@ -572,3 +572,21 @@ def test_the_monitor_endpoint_counts_watches_and_takes_acknowledgements(client, 
                                                          else []))
     assert code == 0 and f"{flagged} flagged" in err, err
     assert out.read_text().count('<img src="data:image/jpeg;base64,') == flagged
+    # a person resets the monitor after the fix: it starts again from the calibration scores alone, and a replay
+    # restarts at the same prediction
+    reset = client.post(f"/v1/projects/{pid}/monitor/reset")
+    assert reset.status_code == 200 and reset.json()["kind"] == "reset", reset.text
+    assert reset.json()["prediction_id"] == max(series["prediction_id"]) and reset.json()["acknowledged_by"]
+    assert client.post(f"/v1/projects/{pid}/monitor/reset").json()["error"]["code"] == "conflict"
+    r = client.post(f"/v1/projects/{pid}/predict-batch",
+                    files=[("files", (n, d, "image/jpeg")) for n, d in textile_bytes("nominal", 80, 5)])
+    assert r.status_code == 200
+    after = client.get(f"/v1/projects/{pid}/monitor").json()
+    n_cal = after["monitor"]["calibration"]["n"]
+    assert client.app.state.service._watchers[(pid, 1)]["monitor"].pvalues.seen == n_cal + 5
+    other = Service(client.app.state.service.settings)
+    try:
+        assert other.monitor(pid)["monitor"]["series"]["martingale"] == after["monitor"]["series"]["martingale"]
+        assert other._watchers[(pid, 1)]["monitor"].pvalues.seen == n_cal + 5
+    finally:
+        other.stop()

@@ -563,5 +563,27 @@ def test_the_monitor_raises_a_drift_alarm_to_the_sinks_and_resumes_after_a_resta
         finally:
             again.close()
         assert len(store_rows(station_dir, "select id from alarms")) == len(alarms)
+        # a person resets the monitor through the service on the station's store: the running station follows,
+        # starting again from the calibration scores (and a restart replays the reset where it was recorded)
+        from fewvision.service.common import Settings
+        from fewvision.service.core import Service
+
+        n_cal = len(again.monitor.calibration)
+        with running(config) as station:
+            service = Service(Settings(station_dir / "station.sqlite", worker=False))
+            try:
+                project = next(p for p in service.projects() if p["name"] == "cam1")
+                assert service.reset_monitor(project["id"])["kind"] == "reset"
+            finally:
+                service.stop()
+            for i, src in enumerate(good[80:85]):
+                land(src, incoming, f"AFTER{i:03d}_{src.name}")
+            wait_for(lambda: station.judged >= 5 and station.monitor.pvalues.seen == n_cal + 5, 30,
+                     "the monitor restarted from the calibration scores")
+        again = Station(load_config(config))
+        try:
+            assert again.monitor.pvalues.seen == n_cal + 5
+        finally:
+            again.close()
     finally:
         receiver.close()

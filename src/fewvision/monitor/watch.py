@@ -69,6 +69,16 @@ class Monitor:
         self.cal_median = float(np.median(cal))
         self.cal_over = float(np.mean(cal > self.threshold)) if self.threshold is not None else None
 
+    def restart(self) -> None:
+        """Start again from the calibration scores alone (a person reset the monitor after fixing the cause): the
+        scores seen so far leave the reference, the martingale and the chart start over; series and alarms stay."""
+        self.pvalues = OnlinePValues(self.calibration, self.seed)
+        self.martingale = SimpleJumper(self.jump)
+        self.chart = Chart(self.calibration)
+        self._ewma_out = False
+        self._rules = set()
+        self._recent = []
+
     def moved(self) -> str:
         recent = np.asarray(self._recent)
         text = (f"median score {np.median(recent):.4g} over the last {len(recent)} image(s) against "

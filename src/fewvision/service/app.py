@@ -249,6 +249,11 @@ def create_app(settings: Settings, service: _Service | None = None) -> FastAPI:
         project_of(service, token, project_id)
         return HTMLResponse(shift_report(service.shift(project_id, since or None)))
 
+    @app.post("/v1/projects/{project_id}/monitor/reset")
+    def reset_monitor(project_id: Id, service: Svc, token: Auth) -> dict:
+        project_of(service, token, project_id)
+        return service.reset_monitor(project_id, token)
+
     @app.post("/v1/alarms/{alarm_id}/acknowledge")
     def acknowledge(alarm_id: Id, service: Svc, token: Auth) -> dict:
         service.allow(token, service.alarm(alarm_id)["project_id"])

@@ -21,6 +21,7 @@ from . import store
 from .common import VERDICT_OF, ServiceError, not_found
 from .store import Alarm, Prediction, Token
 
+RESET = "reset"  # an alarms row: a person restarted the monitor after this prediction
 SINCE = re.compile(r"^(\d+(?:\.\d+)?)([mhd])$")
 ALARM_FIELDS = ["id", "project_id", "model_version", "station", "prediction_id", "kind", "value", "message",
                 "created_at", "acknowledged_at", "acknowledged_by"]
@@ -69,12 +70,16 @@ class Monitoring:
                                         Prediction.id > entry["last"], Prediction.score.is_not(None),
                                         Prediction.decision != "error")
                                  .order_by(Prediction.id)).all()
+                resets = set(s.scalars(select(Alarm.prediction_id).where(
+                    Alarm.project_id == project_id, Alarm.model_version == version, Alarm.kind == RESET)))
             raised = []
             for pid, score, created, station in rows:
                 for alarm in monitor.add(nonconformity(entry["task"], score), row=pid):
                     raised.append((alarm, pid, station, created))
                 entry["times"].append(_utc(created))
                 entry["last"] = pid
+                if pid in resets:
+                    monitor.restart()
             for alarm, pid, station, created in raised:  # once each: another process may have recorded it
                 try:
                     with self.Session.begin() as s:
@@ -134,6 +139,32 @@ class Monitoring:
                 q = q.where(Alarm.created_at >= start)
             out["alarms"] = [store.as_dict(a, ALARM_FIELDS) for a in s.scalars(q.order_by(Alarm.id))]
         return out
+
+    def reset_monitor(self, project_id: int, token: Token | None = None) -> dict:
+        """A person restarts the active version's monitor from its calibration scores (after fixing what an alarm
+        showed): recorded as a ``reset`` row after the latest prediction, so every replay restarts there too."""
+        project = self.project(project_id, counts=False)
+        version = project["active_version"]
+        if version is None:
+            raise ServiceError(409, "no_model", f"project {project_id} has no fitted model yet")
+        entry = self._watcher(project_id, version)
+        if entry["monitor"] is None:
+            raise ServiceError(409, "conflict", f"the model of project {project_id} has no reference scores to "
+                                                "monitor with")
+        if not entry["last"]:
+            raise ServiceError(409, "conflict", "nothing to reset: the model has no predictions yet")
+        now = datetime.now(timezone.utc)
+        name = getattr(token, "name", None)
+        with self._watch_lock, self.Session.begin() as s:
+            if s.scalars(select(Alarm.id).where(Alarm.prediction_id == entry["last"], Alarm.kind == RESET)).first():
+                raise ServiceError(409, "conflict", "the monitor was reset after this prediction already")
+            row = Alarm(project_id=project_id, model_version=version, station=None, prediction_id=entry["last"],
+                        kind=RESET, value=0.0, message=f"monitor reset by {name or 'a person'}", created_at=now,
+                        acknowledged_at=now, acknowledged_by=token.id if token else None)
+            s.add(row)
+            s.flush()
+            entry["monitor"].restart()
+            return store.as_dict(row, ALARM_FIELDS)
 
     def acknowledge_alarm(self, alarm_id: int, token: Token | None = None) -> dict:
         with self.Session.begin() as s:

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from ..service.common import DECISIONS, VERDICT_OF
 from ..monitor.watch import LINE_ALARMS, Monitor, nonconformity, reference
+from ..service.monitoring import RESET
 from ..service.store import Alarm, Outbox, Prediction
 from ..tasks.verdicts import ERROR, VERDICTS, judge
 from .config import StationConfig
@@ -32,6 +33,7 @@ from .sinks import create_sink
 from .source import Arrival, HotFolder
 
 log = logging.getLogger("fewvision.station")
+RESET_CHECK_S = 2.0  # how often the store is asked whether a person reset the monitor
 ALARM_NAMESPACE = uuid.UUID("9b3f1e52-7a0c-4f5e-8d21-6c4b2a9e7f10")
 
 
@@ -97,6 +99,7 @@ class Station:
         self.stopping = threading.Event()
         self.judged = 0
         self._made: set[Path] = set()  # 'after' folders known to exist
+        self._last_reset, self._reset_checked = 0, 0.0
         self.monitor = self._monitor()
 
     def _monitor(self) -> Monitor | None:
@@ -110,15 +113,32 @@ class Station:
         monitor = Monitor(calibration, threshold=threshold, delta=self.config.monitor_delta, keep_series=False,
                           kinds=LINE_ALARMS)
         with self.Session() as s:
-            scores = s.scalars(select(Prediction.score).where(Prediction.station == self.name,
-                                                              Prediction.model_version == self.version,
-                                                              Prediction.score.is_not(None),
-                                                              Prediction.decision != "error")
-                               .order_by(Prediction.id)).all()
-        for score in scores:
+            scores = s.execute(select(Prediction.id, Prediction.score).where(
+                Prediction.station == self.name, Prediction.model_version == self.version,
+                Prediction.score.is_not(None), Prediction.decision != "error").order_by(Prediction.id)).all()
+            resets = dict(s.execute(select(Alarm.prediction_id, Alarm.id).where(
+                Alarm.project_id == self.project_id, Alarm.model_version == self.version, Alarm.kind == RESET)).all())
+        for pid, score in scores:
             monitor.add(nonconformity(self.model.task, score))
+            if pid in resets:  # a person restarted the monitor here (the service's POST .../monitor/reset)
+                monitor.restart()
         monitor.alarms.clear()
+        self._last_reset = max(resets.values(), default=0)
         return monitor
+
+    def _follow_resets(self) -> None:
+        """A reset made through the service since the last look: the monitor is rebuilt (replayed) so that it
+        restarts exactly where the reset was recorded, as every later replay will."""
+        now = time.monotonic()
+        if self.monitor is None or now - self._reset_checked < RESET_CHECK_S:
+            return
+        self._reset_checked = now
+        with self.Session() as s:
+            newer = s.scalar(select(Alarm.id).where(Alarm.project_id == self.project_id, Alarm.kind == RESET,
+                                                    Alarm.model_version == self.version,
+                                                    Alarm.id > self._last_reset).limit(1))
+        if newer is not None:
+            self.monitor = self._monitor()
 
     # --- life cycle ----------------------------------------------------------------------------------------
     def delivered_counts(self, position: int) -> dict[str, int]:
@@ -168,6 +188,7 @@ class Station:
         """Judge files until ``stop`` is set (or, for tests and benchmarks, ``until`` verdicts were recorded)."""
         stop = stop or self.stopping
         while not stop.is_set() and (until is None or self.judged < until):
+            self._follow_resets()
             arrivals = self.folder.ready()
             if not arrivals:
                 self.folder.wait(1.0)

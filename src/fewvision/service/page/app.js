@@ -309,6 +309,10 @@ if (state.token) signIn(state.token);
 
 // --- monitor: yield per hour, the score chart with its control limits, the alarms --------------------------------
 $("#monitor-since").addEventListener("change", () => loadMonitor());
+$("#monitor-reset").addEventListener("click", async () => {
+  await api(`/v1/projects/${state.project.id}/monitor/reset`, { method: "POST" });
+  loadMonitor();
+});
 $("#shift-report").addEventListener("click", async () => {  // fetched with the token, saved as one HTML file
   const since = $("#monitor-since").value || "all";
   const html = await api(`/v1/projects/${state.project.id}/report?since=${encodeURIComponent(since)}`);
