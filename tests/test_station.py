@@ -456,6 +456,12 @@ def test_opcua_nodes_follow_the_verdicts(tmp_path, model_file, textile_images):
             assert node("NgCount").read_value() == counts["reject"]
             assert node("ModelSha256").read_value() == hashlib.sha256(model_file.read_bytes()).hexdigest()
             assert node("LastVerdict").read_value() in ("ok", "ng")
+            assert node("Alarm").read_value() is False
+            # an alarm message (the monitor's, through the outbox) sets the Alarm node and its message
+            station.deliveries[0].sink.send({"kind": "alarm", "alarm": "martingale", "active": True,
+                                             "message": "the scores stopped looking like the calibration images"})
+            assert node("Alarm").read_value() is True
+            assert node("AlarmMessage").read_value().startswith("the scores stopped looking")
     ids = [v for k, v in seen if k == "cam1.LastId" and v]
     assert set(ids) == {r[0] for r in store_rows(station_dir)}
     beats = [v for k, v in seen if k == "cam1.Heartbeat"]
