@@ -55,6 +55,15 @@ def broker(tmp_path):
     b.stop()
 
 
+def age_outbox(station_dir: Path, when: str, where: str = "1 = 1") -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(station_dir / "station.sqlite")
+    with conn:
+        conn.execute(f"update outbox set created_at = ? where {where}", (when,))
+    conn.close()
+
+
 def stream(textile_images, n: int) -> list[Path]:
     """``n`` images: good ones with every fifth a defect (names stay unique: P0000_..., P0001_...)."""
     good, bad = textile_images
@@ -328,6 +337,14 @@ def test_a_crash_between_the_commit_and_the_move_is_finished_not_judged_again(tm
     assert len(rows) == 5 and all(Path(r[3]).is_file() for r in rows)
     outbox = store_rows(station_dir, "select payload from outbox")
     assert sorted(json.loads(p[0])["id"] for p in outbox) == sorted(r[0] for r in rows)
+    # a week later the delivered messages go (the verdicts stay); younger ones stay
+    age_outbox(station_dir, "2000-01-01 00:00:00.000000", "id <= 3")
+    pruner = Station(load_config(config))
+    try:
+        assert pruner.prune_outbox() == 3
+    finally:
+        pruner.close()
+    assert len(store_rows(station_dir, "select id from outbox")) == 2 and len(store_rows(station_dir)) == 5
 
 
 def test_slow_and_corrupt_files(tmp_path, model_file, textile_images):
@@ -510,6 +527,17 @@ def test_status_metrics_and_the_service_page_read_the_same_store(tmp_path, model
     assert "URLError" in sinks["webhook"]["last_error"] or "Connection" in sinks["webhook"]["last_error"]
     text = CliRunner().invoke(app, ["station", "status", str(config)]).output
     assert "backlog 6" in text and "sink      csv (csv): backlog 0, delivered 6" in text
+
+    age_outbox(station_dir, "2000-01-01 00:00:00.000000")  # old, but not delivered to the webhook: kept
+    from fewvision.station.config import load_config
+    from fewvision.station.run import Station
+
+    pruner = Station(load_config(config))
+    try:
+        assert pruner.prune_outbox() == 0
+    finally:
+        pruner.close()
+    assert len(store_rows(station_dir, "select id from outbox")) == 6
 
     service = Service(Settings(station_dir / "station.sqlite", worker=False))
     try:

@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -34,6 +34,8 @@ from .source import Arrival, HotFolder
 
 log = logging.getLogger("fewvision.station")
 RESET_CHECK_S = 2.0  # how often the store is asked whether a person reset the monitor
+OUTBOX_KEEP = timedelta(days=7)  # delivered messages are kept this long (to look into), then deleted
+PRUNE_EVERY_S = 3600.0
 ALARM_NAMESPACE = uuid.UUID("9b3f1e52-7a0c-4f5e-8d21-6c4b2a9e7f10")
 
 
@@ -100,6 +102,7 @@ class Station:
         self.judged = 0
         self._made: set[Path] = set()  # 'after' folders known to exist
         self._last_reset, self._reset_checked = 0, 0.0
+        self._pruned = -PRUNE_EVERY_S
         self.monitor = self._monitor()
 
     def _monitor(self) -> Monitor | None:
@@ -189,6 +192,8 @@ class Station:
         stop = stop or self.stopping
         while not stop.is_set() and (until is None or self.judged < until):
             self._follow_resets()
+            if time.monotonic() - self._pruned >= PRUNE_EVERY_S:
+                self.prune_outbox()
             arrivals = self.folder.ready()
             if not arrivals:
                 self.folder.wait(1.0)
@@ -199,6 +204,24 @@ class Station:
                         self.folder.again(a)
                     break
                 self.process(arrivals[i:i + self.config.source.batch])
+
+    def prune_outbox(self) -> int:
+        """Delete the outbox messages every sink of this station has delivered and that are older than a week (the
+        verdicts themselves stay in the predictions table); the number deleted."""
+        from sqlalchemy import delete
+
+        from ..service.store import SinkCursor
+
+        self._pruned = time.monotonic()
+        before = datetime.now(timezone.utc) - OUTBOX_KEEP
+        with self.Session.begin() as s:
+            positions = dict(s.execute(select(SinkCursor.sink, SinkCursor.position)
+                                       .where(SinkCursor.station == self.name)).all())
+            upto = min((positions.get(sink.name, 0) for sink in self.config.sinks), default=None)
+            q = delete(Outbox).where(Outbox.station == self.name, Outbox.created_at < before)
+            if upto is not None:
+                q = q.where(Outbox.id <= upto)
+            return s.execute(q).rowcount or 0
 
     # --- one batch -------------------------------------------------------------------------------------------
     def process(self, arrivals: list[Arrival]) -> None:
