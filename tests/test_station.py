@@ -587,6 +587,9 @@ def test_the_monitor_raises_a_drift_alarm_to_the_sinks_and_resumes_after_a_resta
         drift = [a for a in alarms if a[0] == "martingale"]
         assert drift and all(a[1].startswith("BLUR") for a in drift), alarms
         assert "over the threshold" in drift[0][2]
+        from fewvision.station.status import station_status
+
+        assert [a["kind"] for a in station_status(load_config(config))["open_alarms"]] == [a[0] for a in alarms]
         bodies = receiver.bodies()
         alarm = next(b for b in bodies if b["kind"] == "alarm" and b["alarm"] == "martingale")
         verdict_at = next(i for i, b in enumerate(bodies) if b.get("id") == alarm["verdict_id"])

@@ -87,7 +87,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the status as one JSON object"),
 ) -> None:
     """Verdicts per verdict, each sink's backlog, deliveries and last error, the last verdict and the last error,
-    from the station's store (whether the station runs or not)."""
+    the drift alarms nobody acknowledged yet, from the station's store (whether the station runs or not)."""
     from ..station.status import station_status
 
     config = _config(station_file)
@@ -110,6 +110,10 @@ def status(
     err = st["last_error"]
     if err:
         typer.echo(f"error     {err['time']}  part {err['part_id']}: {err['reason']}")
+    for a in st["open_alarms"][-3:]:
+        typer.echo(f"alarm     {a['created_at']}  {a['kind']}: {a['message']}")
+    if len(st["open_alarms"]) > 3:
+        typer.echo(f"          ({len(st['open_alarms'])} open alarms in all)")
     for s in st["sinks"]:
         line = (f"sink      {s['name']} ({s['kind']}): backlog {s['backlog']}, delivered {s['delivered']}, "
                 f"refused {s['rejected']}, failed attempts {s['failures']}")

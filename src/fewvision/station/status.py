@@ -8,14 +8,15 @@ from sqlalchemy import func, inspect, select
 
 from ..service import store
 from ..service.common import VERDICT_OF
-from ..service.store import Outbox, Prediction, SinkCursor
+from ..service.store import Alarm, Outbox, Prediction, SinkCursor
 from .config import StationConfig
 
 
 def station_status(config: StationConfig) -> dict:
     if config.store.startswith("sqlite:///") and not Path(config.store[len("sqlite:///"):]).is_file():
         return {"station": config.name, "store": config.store, "verdicts": {}, "total": 0,
-                "last_verdict": None, "last_error": None, "sinks": [], "note": "the station has not run yet"}
+                "last_verdict": None, "last_error": None, "sinks": [], "open_alarms": [],
+                "note": "the station has not run yet"}
     engine = store.create(config.store)
     try:
         with engine.connect() as conn:
@@ -31,6 +32,9 @@ def station_status(config: StationConfig) -> dict:
             error = s.scalars(select(Prediction).where(Prediction.station == config.name,
                                                        Prediction.decision == "error")
                               .order_by(Prediction.id.desc()).limit(1)).first()
+            alarms = s.scalars(select(Alarm).where(Alarm.station == config.name, Alarm.kind != "reset",
+                                                   Alarm.acknowledged_at.is_(None)).order_by(Alarm.id)).all()
+            open_alarms = [store.as_dict(a, ["kind", "value", "message", "created_at"]) for a in alarms]
             cursors = {c.sink: c for c in s.scalars(select(SinkCursor).where(SinkCursor.station == config.name))}
             sinks = []
             for sink in config.sinks:
@@ -53,6 +57,6 @@ def station_status(config: StationConfig) -> dict:
             return d
 
         return {"station": config.name, "store": config.store, "verdicts": verdicts, "total": sum(verdicts.values()),
-                "last_verdict": brief(last), "last_error": brief(error), "sinks": sinks}
+                "last_verdict": brief(last), "last_error": brief(error), "sinks": sinks, "open_alarms": open_alarms}
     finally:
         engine.dispose()
