@@ -531,6 +531,12 @@ def test_the_monitor_endpoint_counts_watches_and_takes_acknowledgements(client, 
     for batch in (good, blurred):
         r = client.post(f"/v1/projects/{pid}/predict-batch", files=[("files", (n, d, "image/jpeg")) for n, d in batch])
         assert r.status_code == 200, r.text
+    from sqlalchemy import select
+
+    from fewvision.service.store import Alarm
+
+    with client.app.state.service.Session() as s:  # raised as the predictions came, before anyone looked
+        assert "martingale" in s.scalars(select(Alarm.kind).where(Alarm.project_id == pid)).all()
     m = client.get(f"/v1/projects/{pid}/monitor", params={"since": "1h"})
     assert m.status_code == 200, m.text
     m = m.json()

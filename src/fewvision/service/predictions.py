@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +12,8 @@ from . import store
 from .blobs import UploadError, check_image, clean_filename
 from .common import DECISIONS, MAX_BATCH, ServiceError, not_found, policy_of
 from .store import Prediction
+
+log = logging.getLogger("fewvision.service")
 
 
 class Predictions:
@@ -47,7 +50,17 @@ class Predictions:
                 s.add(row)
                 rows.append(row)
             s.flush()
-            return [self._prediction_dict(row) for row in rows]
+            out = [self._prediction_dict(row) for row in rows]
+        self._watch_after_predict(project_id, version)
+        return out
+
+    def _watch_after_predict(self, project_id: int, version: int) -> None:
+        """The drift monitor takes the new scores now, so its alarms are recorded without anyone looking (the
+        predictions are stored already: a monitor that fails is logged, not answered)."""
+        try:
+            self._watcher(project_id, version)
+        except Exception:  # noqa: BLE001
+            log.exception("the drift monitor of project %s could not take the new predictions", project_id)
 
     def _score(self, project: dict, version: int, paths: list[str]) -> dict[str, dict]:
         from ..reports.anomaly import overlay_on_image, write_png
