@@ -168,7 +168,7 @@ class Station:
         if self.metrics_port:
             positions = {d.config.name: d for d in self.deliveries}
             self.metrics.watch(list(positions), lambda n: backlog(self.Session, self.name, positions[n].position),
-                               lambda: len(self.folder._waiting))
+                               lambda: self.folder.waiting)
             self._metrics_server = self.metrics.serve(self.metrics_port, self.config.metrics_address)
         for d in self.deliveries:
             d.start()
@@ -176,7 +176,6 @@ class Station:
 
     def close(self) -> None:
         self.stopping.set()
-        self.folder.stop()
         for d in self.deliveries:
             d.stop()
         for d in self.deliveries:

@@ -100,8 +100,10 @@ class HotFolder:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def stop(self) -> None:
-        pass
+    @property
+    def waiting(self) -> int:
+        """Files seen and not complete yet."""
+        return len(self._waiting)
 
     def wait(self, timeout: float) -> None:
         """Until the next look at the folder is due (at most ``timeout`` seconds)."""

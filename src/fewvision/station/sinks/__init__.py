@@ -16,19 +16,17 @@ from .base import Rejected, Sink
 __all__ = ["Rejected", "Sink", "check_options", "create_sink"]
 
 
-def _checkers() -> dict[str, Callable[[dict, Path], dict]]:
-    return {"mqtt": mqtt.check_options, "opcua": opcua.check_options, "webhook": webhook.check_options,
-            "csv": csv_file.check_options}
+KINDS = {"mqtt": mqtt, "opcua": opcua, "webhook": webhook, "csv": csv_file}  # each: check_options and its Sink
+SINKS: dict[str, Callable[..., Sink]] = {"mqtt": mqtt.MqttSink, "opcua": opcua.OpcUaSink,
+                                         "webhook": webhook.WebhookSink, "csv": csv_file.CsvSink}
 
 
 def check_options(kind: str, options: dict[str, Any], base: Path) -> dict[str, Any]:
     """The sink's options with defaults filled in; ValueError naming the option when one is wrong."""
-    return _checkers()[kind](dict(options), base)
+    return KINDS[kind].check_options(dict(options), base)
 
 
 def create_sink(kind: str, name: str, options: dict[str, Any], station: str, context: dict[str, Any]) -> Sink:
     """``context``: what a sink may need from its station (``model_sha256``, ``counts`` - verdicts delivered so
     far, per verdict)."""
-    cls = {"mqtt": mqtt.MqttSink, "opcua": opcua.OpcUaSink, "webhook": webhook.WebhookSink,
-           "csv": csv_file.CsvSink}[kind]
-    return cls(name, options, station, context)
+    return SINKS[kind](name, options, station, context)
