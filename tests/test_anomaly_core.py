@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 from fewvision.anomaly import anomaly_head_classes
 from fewvision.anomaly.padim import PaDiM
 from fewvision.anomaly.patchcore import PatchCore, greedy_coreset
-from fewvision.anomaly.postprocess import finish, finish_maps, gaussian_blur, mask_view
+from fewvision.anomaly.postprocess import finish, finish_maps, gaussian_blur
+from fewvision.io.geometry import mask_view
 from fewvision.backbones.base import pack_layers
 from fewvision.decide.threshold import (
     ThresholdError,

@@ -82,14 +82,19 @@ def test_a_packed_clip_model_predicts_offline_exactly_as_the_model_file(monkeypa
     # The line PC: the archive alone (the hub-cache folder and the config file are gone too).
     shutil.rmtree(weights_dir() / "models--test-org--tiny-pack")
     offline()
-    code, _, err = run_cli(monkeypatch, capsys, "predict", packed, textile_subset, "-o", tmp_path / "fvz.csv")
-    assert code == 0, err
-    a, b = read_csv(tmp_path / "fvm.csv"), read_csv(tmp_path / "fvz.csv")
-    assert_same_rows(a, b, [c for c in a[0] if c.startswith("p_") or c in ("label", "top_label")])
+    # On torch from the archive's files: the model file's numbers; on its ONNX graph (the default where the pack
+    # carries one): within the export's parity bound.
+    for engine, tolerance in (("torch", 1e-6), ("auto", 1e-4)):
+        code, _, err = run_cli(monkeypatch, capsys, "predict", packed, textile_subset, "-o", tmp_path / "fvz.csv",
+                               "--engine", engine)
+        assert code == 0, err
+        a, b = read_csv(tmp_path / "fvm.csv"), read_csv(tmp_path / "fvz.csv")
+        assert_same_rows(a, b, [c for c in a[0] if c.startswith("p_") or c in ("label", "top_label")], tolerance)
     backbone = load_packed(packed).backbone()
     assert backbone.quick_gelu  # the tag's activation came with the hub folder name
     code, out, _ = run_cli(monkeypatch, capsys, "info", packed)
     assert code == 0 and "packed" in out and "tip" in out
+    assert "fp32 (--engine auto on this machine)" in out  # the graph ran above, not torch again
 
 
 def test_a_packed_timm_anomaly_model_scores_offline_as_the_model_file(monkeypatch, capsys, tmp_path, offline):
@@ -117,10 +122,12 @@ def test_a_packed_timm_anomaly_model_scores_offline_as_the_model_file(monkeypatc
     assert code == 0, err
     weights.rename(tmp_path / "moved.safetensors")  # the original weights are gone on the line PC
     offline()
-    code, _, err = run_cli(monkeypatch, capsys, "anomaly", "predict", packed, *test, "-o", tmp_path / "fvz.csv")
-    assert code == 0, err
-    a, b = read_csv(tmp_path / "fvm.csv"), read_csv(tmp_path / "fvz.csv")
-    assert_same_rows(a, b, ["score", "threshold", "verdict", "x", "y"])
+    for engine, tolerance in (("torch", 1e-6), ("auto", 1e-4)):
+        code, _, err = run_cli(monkeypatch, capsys, "anomaly", "predict", packed, *test, "-o", tmp_path / "fvz.csv",
+                               "--engine", engine)
+        assert code == 0, err
+        a, b = read_csv(tmp_path / "fvm.csv"), read_csv(tmp_path / "fvz.csv")
+        assert_same_rows(a, b, ["score", "threshold", "verdict", "x", "y"], tolerance)
     assert {r["verdict"] for r in a} <= {"ok", "ng"}
 
 

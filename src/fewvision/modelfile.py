@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .io.atomic import atomic_path
 from .io.paths import cache_dir as cache_root
@@ -67,6 +65,10 @@ class FewVisionModel:
     @property
     def class_names(self) -> list[str]:
         return list(getattr(self.head, "class_names_", []))
+
+    @property
+    def method(self) -> str:
+        return self.head.method
 
     def backbone(self, cache_dir: str | None = None, weights: str | None = None):
         """The backbone, created on first use and checked against the id stored in the file."""
@@ -102,6 +104,9 @@ def check_backbone(model: FewVisionModel, backbone) -> None:
 
 def save_model(path: str | os.PathLike, model: FewVisionModel) -> Path:
     """Write ``model`` atomically (temp file in the same folder, then rename)."""
+    import torch
+    from safetensors.torch import save_file
+
     from . import __version__
 
     path = Path(path)
@@ -165,12 +170,14 @@ def read_metadata(path: str | os.PathLike, cache_dir: str | None = None) -> dict
     path = Path(path)
     _not_onnx(path)
     if path.suffix.lower() == PACK_SUFFIX:
-        model = load_packed(path, cache_dir)
-        return read_metadata(model.packed["model_file"])
+        unpacked = open_pack(path, cache_dir, backbone=False)
+        if unpacked.model_file is None:
+            raise PackError(f"{path}: a backbone bundle, not a model (use 'fewvision models import {path}')")
+        return read_metadata(unpacked.model_file)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="numpy") as fh:  # the metadata alone: no torch needed
             raw = (fh.metadata() or {}).get("fewvision")
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(f"{path}: not a fewvision model file ({err})") from None
@@ -190,6 +197,9 @@ def read_metadata(path: str | os.PathLike, cache_dir: str | None = None) -> dict
 def load(path: str | os.PathLike, cache_dir: str | None = None) -> FewVisionModel:
     """Read and check a model file (metadata fields, finite tensors of consistent shapes). The backbone is created
     (and its id checked) when first needed. A packed model (.fvz) is unpacked into ``cache_dir``'s cache."""
+    import torch
+    from safetensors.torch import load_file
+
     path = Path(path)
     _not_onnx(path)
     if path.suffix.lower() == PACK_SUFFIX:
@@ -223,6 +233,8 @@ def load(path: str | os.PathLike, cache_dir: str | None = None) -> FewVisionMode
 def state_shape_problem(head) -> str | None:
     """A sentence naming the first fitted tensor whose shape disagrees with the head's declared ``STATE_SHAPES``
     (symbols bound across tensors, some bound up front by ``state_symbols()``), or None."""
+    import torch
+
     shapes = getattr(head, "STATE_SHAPES", {})
     bound = dict(head.state_symbols()) if hasattr(head, "state_symbols") else {}
     for name, dims in shapes.items():
@@ -261,6 +273,13 @@ PACK_FORMAT = "fewvision-pack"
 PACK_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_MEMBER = "model.fvm"
+GRAPH_PREFIX = "graph/"  # the model's ONNX graphs (graph/fp32.onnx, graph/int8.onnx): scored without torch
+
+
+def is_model_member(name: str) -> bool:
+    """Members that belong to the model (unpacked by content hash), not to its backbone (shared between models)."""
+    return name == MODEL_MEMBER or name.startswith(GRAPH_PREFIX)
+
 PACK_KINDS = ("model", "backbone")
 _BLOCK = 1 << 22
 MAX_MANIFEST_BYTES = 1 << 24
@@ -278,6 +297,7 @@ class Unpacked:
     folder: Path
     manifest: dict[str, Any]
     model_file: Path | None = None
+    graphs: dict[str, Path] = field(default_factory=dict)  # member name -> unpacked ONNX graph
 
     @property
     def spec(self) -> str:
@@ -330,46 +350,47 @@ def _complete(folder: Path, files: dict[str, dict]) -> bool:
         return False
 
 
-def open_pack(path: str | os.PathLike, cache_dir: str | None = None) -> Unpacked:
+def open_pack(path: str | os.PathLike, cache_dir: str | None = None, *, backbone: bool = True) -> Unpacked:
     """Check every member of an archive against its manifest and unpack what the cache lacks.
 
     The backbone's files go to ``packs/backbones/<digest of their entries>/``, shared by every archive with the same
     backbone (a refitted model does not bring a second copy of the weights); the model file to
-    ``packs/models/<its sha256>.fvm``. An unpacked file whose size is off is unpacked again. Within one process an
-    archive whose size and modification time have not changed is checked once."""
+    ``packs/models/<its sha256>.fvm``, and its ONNX graphs likewise. An unpacked file whose size is off is unpacked
+    again. Within one process an archive whose size and modification time have not changed is checked once.
+    ``backbone=False`` (scoring an ONNX graph without torch): the backbone's files are checked but not unpacked."""
     path = Path(path)
     if not path.is_file():
         raise PackError(f"{path}: no such file")
     root = cache_root(cache_dir) / "packs"
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(root))
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(root), backbone)
     if key in _OPENED:
         return _OPENED[key]
     try:
         tar = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as err:
         raise PackError(f"{path}: not a fewvision archive (not an uncompressed tar file: {err})") from None
-    temp_dir = temp_model = None
+    temp_dir, temp_models = None, {}
     try:
         with tar:
             manifest, _ = _read_manifest(path, tar)
             files = manifest["files"]
-            backbone_files = {n: e for n, e in files.items() if n != MODEL_MEMBER}
+            backbone_files = {n: e for n, e in files.items() if not is_model_member(n)}
             digest = hashlib.sha256(json.dumps([manifest["backbone"]["offline_spec"], backbone_files],
                                                sort_keys=True).encode()).hexdigest()[:24]
             folder = root / "backbones" / digest
             targets: dict[str, Path] = {}
-            if backbone_files and not _complete(folder, backbone_files):
+            if backbone and backbone_files and not _complete(folder, backbone_files):
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 temp_dir = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{digest}."))
                 targets.update({n: temp_dir / n for n in backbone_files})
-            model_file = None
-            if MODEL_MEMBER in files:
-                model_file = root / "models" / f"{files[MODEL_MEMBER]['sha256']}.fvm"
-                if not (model_file.is_file() and model_file.stat().st_size == files[MODEL_MEMBER]["size"]):
-                    model_file.parent.mkdir(parents=True, exist_ok=True)
-                    temp_model = model_file.with_name(f".{model_file.name}.{os.getpid()}.tmp")
-                    targets[MODEL_MEMBER] = temp_model
+            unpacked_as = {n: root / "models" / f"{e['sha256']}{PurePosixPath(n).suffix}"
+                           for n, e in files.items() if is_model_member(n)}
+            temp_models = {}
+            for name, final in unpacked_as.items():
+                if not (final.is_file() and final.stat().st_size == files[name]["size"]):
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    temp_models[name] = targets[name] = final.with_name(f".{final.name}.{os.getpid()}.tmp")
             _check_members(path, tar, files, targets)
         if temp_dir is not None:
             (temp_dir / ".complete").write_text("")
@@ -384,10 +405,11 @@ def open_pack(path: str | os.PathLike, cache_dir: str | None = None) -> Unpacked
                     raise
             else:
                 temp_dir = None
-        if temp_model is not None:
-            os.replace(temp_model, model_file)
-            temp_model = None
-        unpacked = Unpacked(folder, manifest, model_file)
+        for name, temp_model in list(temp_models.items()):
+            os.replace(temp_model, unpacked_as[name])
+            del temp_models[name]
+        graphs = {n: f for n, f in unpacked_as.items() if n.startswith(GRAPH_PREFIX)}
+        unpacked = Unpacked(folder, manifest, unpacked_as.get(MODEL_MEMBER), graphs)
         _OPENED[key] = unpacked
         return unpacked
     except (tarfile.TarError, EOFError) as err:
@@ -395,7 +417,7 @@ def open_pack(path: str | os.PathLike, cache_dir: str | None = None) -> Unpacked
     finally:
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        if temp_model is not None:
+        for temp_model in temp_models.values():
             temp_model.unlink(missing_ok=True)
 
 

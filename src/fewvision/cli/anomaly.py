@@ -18,6 +18,7 @@ from .common import (
     check_folder,
     check_output,
     create,
+    engine_option,
     exit_code_option,
     file_sha256,
     finish,
@@ -28,6 +29,7 @@ from .common import (
     param_option,
     parse_params,
     resolve_backbone,
+    scoring_model,
     summarise,
     weights_option,
     write_table,
@@ -175,6 +177,7 @@ def predict(
                                       help="verdict 'review' for scores within F of the threshold (relative: 0.1 "
                                            "= 10%) [default: no review band]"),
     weights: Optional[str] = weights_option(),
+    engine: str = engine_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
     exit_code: bool = exit_code_option(),
@@ -183,28 +186,27 @@ def predict(
     where the heat map peaks."""
     from ..io.images import iter_image_files
     from ..progress import expect, job
-    from ..tasks.anomaly import score_files
+    from ..runtime.model import RuntimeModel
 
     check_output(out, (".csv", ".jsonl"))
     check_folder(heatmaps, "--heatmaps")
     check_folder(report, "--report")
-    from ..deploy.onnx import is_onnx, load_onnx, score_onnx
-
-    exported = is_onnx(model_path)
-    model = load_onnx(model_path) if exported else load_anomaly_model(model_path, cache_dir)
-    if exported and weights:
-        raise UserError(f"{model_path}: an exported model carries its weights; --weights does not apply")
-    if exported and model.task != "anomaly":
-        raise UserError(f"{model_path}: an exported classification model; classify images with 'fewvision predict "
-                        f"{model_path} IMAGES...'")
-    method = model.method if exported else model.head.method
+    model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
+    if model.task != "anomaly":
+        raise UserError(f"{model_path}: a {model.task} model, not an anomaly model; classify images with "
+                        f"'fewvision predict {model_path} IMAGES...'")
+    method = model.method
     iter_image_files(images)  # a missing input is reported before any model is loaded
     keep_maps = heatmaps is not None or report is not None
     with job(f"predict {method}") as bar:
-        if exported:  # onnxruntime; the rows are built by the same task code
-            res = score_onnx(model, images, review_band=review_band, keep_maps=keep_maps, progress=True)
+        if isinstance(model, RuntimeModel):  # its graph; the rows are built by the same task code
+            from ..runtime.model import score_files
+
+            res = score_files(model, images, review_band=review_band, keep_maps=keep_maps, progress=True)
             preprocess = model.preprocess
         else:
+            from ..tasks.anomaly import score_files
+
             res = score_files(model, images, keep_maps=keep_maps, review_band=review_band, weights=weights,
                               cache_dir=cache_dir, use_cache=not no_cache, progress=True)
             preprocess = model.backbone(cache_dir=cache_dir, weights=weights).preprocess
@@ -267,7 +269,8 @@ def _formatted(row: dict) -> dict:
 
 
 def evaluate(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file from 'fewvision anomaly fit'"),
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="model file from 'fewvision anomaly fit' (.fvm), "
+                                      "packed (.fvz) or exported (.onnx)"),
     dataset: str = typer.Argument(..., metavar="DATASET",
                                   help="an MVTec AD category folder, a folder with good/ and defect folders, a CSV "
                                        "manifest (path,label), or 'textile'"),
@@ -278,6 +281,7 @@ def evaluate(
     recall: float = typer.Option(0.95, "--recall", min=0.0, max=1.0, metavar="R",
                                  help="also report the threshold that catches this share of defects"),
     weights: Optional[str] = weights_option(),
+    engine: str = engine_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
 ) -> None:
@@ -285,19 +289,30 @@ def evaluate(
     AUPRO when masks exist. Images the model was fitted on are left out."""
     from ..metrics import save_metrics
     from ..progress import job
-    from ..tasks.anomaly import evaluate_anomaly
+    from ..runtime.model import RuntimeModel
 
     check_output(out, (".json",))
     check_folder(report, "--report")
-    model = load_anomaly_model(model_path, cache_dir)
-    with job(f"eval {model.head.method}") as bar:
-        ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, weights=weights,
-                              cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+    model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
+    if model.task != "anomaly":
+        raise UserError(f"{model_path}: a classification model, not an anomaly model; use 'fewvision eval'")
+    with job(f"eval {model.method}") as bar:
+        if isinstance(model, RuntimeModel):
+            from ..runtime.model import evaluate_anomaly
+
+            ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, progress=True)
+            preprocess = model.preprocess
+        else:
+            from ..tasks.anomaly import evaluate_anomaly
+
+            ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, weights=weights,
+                                  cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+            preprocess = model.backbone(cache_dir=cache_dir, weights=weights).preprocess
     m = ev.metrics
-    m.update({"method": model.head.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
+    m.update({"method": model.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
               "dataset": str(dataset), "model": str(model_path), "guarantee": model.decision.get("guarantee")})
     save_metrics(m, out)
-    line = f"{model.head.method} on {dataset}: n_good {m['n_good']}  n_defect {m['n_defect']}"
+    line = f"{model.method} on {dataset}: n_good {m['n_good']}  n_defect {m['n_defect']}"
     for key in ("image_auroc", "image_aupr", "image_f1", "pixel_auroc", "aupro"):
         if m.get(key) is not None:
             line += f"  {key} {m[key]:.4f}"
@@ -308,12 +323,11 @@ def evaluate(
     if report:
         from ..reports.anomaly import write_anomaly_report
 
-        bb = model.backbone(cache_dir=cache_dir, weights=weights)
         page = write_anomaly_report(
-            report, title=f"fewvision anomaly eval: {model.head.method} on {dataset}", rows=ev.predictions.rows,
-            maps=ev.predictions.maps, preprocess=bb.preprocess, decision=model.decision, metrics=m,
+            report, title=f"fewvision anomaly eval: {model.method} on {dataset}", rows=ev.predictions.rows,
+            maps=ev.predictions.maps, preprocess=preprocess, decision=model.decision, metrics=m,
             is_defect=ev.is_defect, masks=ev.masks,
-            extra={"model": str(model_path), "backbone": model.backbone_spec, "method": model.head.method})
+            extra={"model": str(model_path), "backbone": model.backbone_spec, "method": model.method})
         info(f"report: {page}")
     counts = {"ok": sum(r["verdict"] == "ok" for r in ev.predictions.rows),
               "ng": sum(r["verdict"] == "ng" for r in ev.predictions.rows)}

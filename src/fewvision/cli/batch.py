@@ -15,10 +15,10 @@ from .common import (
     UserError,
     cache_dir_option,
     check_output,
+    engine_option,
     exit_code_option,
     finish,
     info,
-    model_task,
     no_cache_option,
     summarise,
     weights_option,
@@ -41,8 +41,8 @@ def register(app: typer.Typer) -> None:
 
 def batch_command(
     model_path: Path = typer.Argument(..., metavar="MODEL",
-                                      help="model file (.fvm, or packed .fvz) from 'fewvision fit' or "
-                                           "'fewvision anomaly fit'"),
+                                      help="model file (.fvm, packed .fvz or exported .onnx) from 'fewvision fit' "
+                                           "or 'fewvision anomaly fit'"),
     root: Path = typer.Argument(..., metavar="IMAGES_ROOT", help="folder of images (searched recursively)"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE",
                              help="results.parquet; when it exists, the images it holds are skipped and the new rows "
@@ -64,6 +64,7 @@ def batch_command(
                                            "(relative: 0.1 = 10%)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, metavar="N", help="images per Ray batch"),
     weights: Optional[str] = weights_option(),
+    engine: str = engine_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
     exit_code: bool = exit_code_option(),
@@ -83,16 +84,13 @@ def batch_command(
         ray_module()  # a missing Ray is one line, before any work
     if not root.exists():
         raise UserError(f"{root}: no such folder")
-    task = model_task(model_path, cache_dir)
-    if task == "anomaly" and (abstain or review_threshold is not None):
-        raise UserError(f"{model_path}: an anomaly model; --abstain and --review-threshold apply to classification "
-                        "models (an anomaly model takes --review-band)")
-    if task != "anomaly" and review_band:
-        raise UserError(f"{model_path}: a classification model; --review-band applies to anomaly models")
-    with job(f"batch {task}" + (" on ray" if ray else "")) as bar:
+    if ray is not None and engine not in ("auto", "torch"):
+        raise UserError(f"--engine {engine}: Ray's actors run the model on torch; drop --ray to run its graph")
+    with job("batch" + (" on ray" if ray else "")) as bar:
         summary = run_batch(model_path, root, out, ray=ray, workers=workers, abstain=abstain,
                             review_threshold=review_threshold, review_band=review_band, weights=weights,
-                            cache_dir=cache_dir, use_cache=not no_cache, batch_size=batch_size, progress=True)
+                            cache_dir=cache_dir, use_cache=not no_cache, batch_size=batch_size, progress=True,
+                            engine=engine)
     engine = f" on Ray, {summary.workers} worker(s)" if summary.engine == "ray" else ""
     summarise(bar, summary.n_scored, summary.skipped, summary.counts, summary.flagged, what=f"scored{engine}")
     new = summary.n_found - summary.n_done_before

@@ -20,6 +20,7 @@ from .common import (
     check_output,
     classes_from,
     create,
+    engine_option,
     exit_code_option,
     finish,
     info,
@@ -135,7 +136,7 @@ def classify(
 def evaluate(
     dataset: str = typer.Argument(..., metavar="DATASET_OR_MODEL",
                                   help="'textile', a CSV manifest (path,label), an MVTec folder or a folder of class "
-                                       "folders - or a fitted model file (.fvm), followed by the dataset"),
+                                       "folders - or a fitted model (.fvm, .fvz, .onnx), followed by the dataset"),
     model_dataset: Optional[str] = typer.Argument(None, metavar="[DATASET]", help="the dataset, after a model file"),
     method: str = typer.Option("zeroshot", "--method", "-m", metavar="METHOD",
                                help="zeroshot | prototype | slac | tlac (without a model file)"),
@@ -163,27 +164,21 @@ def evaluate(
     lmm_top_k: int = LMM["lmm_top_k"],
     abstain: bool = typer.Option(False, "--abstain", help="model files: send an image to review when its conformal "
                                  "set is not exactly one class"),
+    engine: str = engine_option(),
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, calibration error, per-class scores and bootstrap 95% intervals on a
     labelled dataset."""
     from ..modelfile import is_model_file
-    from .common import model_task
 
     check_output(out, (".json",))
     check_folder(report, "--report")
-    if Path(dataset).suffix.lower() == ".onnx":
-        raise UserError(f"{dataset}: an exported ONNX model; eval needs the .fvm (or .fvz) it was exported from "
-                        "(predict runs the .onnx)")
-    if is_model_file(dataset):
-        if model_task(Path(dataset)) == "anomaly":
-            raise UserError(f"{dataset}: an anomaly model; evaluate it with 'fewvision anomaly eval {dataset} "
-                            "DATASET'")
+    if is_model_file(dataset) or Path(dataset).suffix.lower() == ".onnx":
         from .fewshot import evaluate_model_command
 
         if model_dataset is None:
-            raise UserError(f"{dataset}: give the dataset to evaluate the model on: fewvision eval MODEL.fvm DATASET")
+            raise UserError(f"{dataset}: give the dataset to evaluate the model on: fewvision eval MODEL DATASET")
         return evaluate_model_command(Path(dataset), model_dataset, out=out, report=report, abstain=abstain,
-                                      weights=weights, cache_dir=cache_dir, no_cache=no_cache)
+                                      weights=weights, cache_dir=cache_dir, no_cache=no_cache, engine=engine)
     if model_dataset is not None:
         raise UserError(f"a second argument ('{model_dataset}') is only taken after a model file (.fvm)")
     if method not in ("zeroshot", "prototype", *LMM_METHODS):

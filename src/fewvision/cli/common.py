@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -60,16 +61,20 @@ class NothingScored(Exception):
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from ..backbones.base import BackboneError
     from ..decide.threshold import ThresholdError
     from ..defaults import ConfigError
-    from ..heads.prompts import PromptError
     from ..io.datasets import DatasetError
     from ..io.images import BadImage
     from ..modelfile import ModelFileError
 
-    return (UserError, BackboneError, DatasetError, PromptError, BadImage, ModelFileError, ThresholdError,
-            ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+    types = [UserError, DatasetError, BadImage, ModelFileError, ThresholdError, ConfigError, FileNotFoundError,
+             NotADirectoryError, IsADirectoryError, PermissionError, ValueError]
+    if importlib.util.find_spec("torch") is not None:  # the light install (no torch) raises neither
+        from ..backbones.base import BackboneError
+        from ..heads.prompts import PromptError
+
+        types += [BackboneError, PromptError]
+    return tuple(types)
 
 
 def click_exception_type() -> type[BaseException]:
@@ -96,6 +101,20 @@ def backbone_option(task: str = "classification"):
 
 def weights_option():
     return typer.Option(None, "--weights", metavar="PATH", help="local weights file or folder for the backbone")
+
+
+def engine_option():
+    return typer.Option("auto", "--engine", metavar="ENGINE",
+                        help="auto, onnxruntime, openvino or torch: what runs a packed (.fvz) or exported (.onnx) "
+                             "model's graph; auto takes the precision the pack recorded, else OpenVINO when "
+                             "installed, else onnxruntime (a .fvm, or a pack without a graph, runs on torch)")
+
+
+def scoring_model(path: Path, engine: str = "auto", *, cache_dir: str | None = None, weights: str | None = None):
+    """See :func:`fewvision.runtime.model.scoring_model`."""
+    from ..runtime.model import scoring_model
+
+    return scoring_model(path, engine, cache_dir=cache_dir, weights=weights)
 
 
 def cache_dir_option():

@@ -38,22 +38,45 @@ def register(app: typer.Typer) -> None:
 def pack(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm) from 'fit' or 'anomaly fit'"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="archive to write (.fvz)"),
+    precision: str = typer.Option("fp32", "--precision", metavar="P",
+                                  help="fp32, bf16 (OpenVINO, on CPUs with bf16) or int8 (the encoder's "
+                                       "convolutions or matrix products): a reduced precision is measured against "
+                                       "fp32 on --calibrate and recorded only within --max-drop"),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATASET",
+                                            help="labelled images (yours) that measure --precision bf16 / int8 and "
+                                                 "calibrate int8's activation ranges"),
+    max_drop: float = typer.Option(0.01, "--max-drop", min=0.0, max=1.0, metavar="D",
+                                   help="refuse a precision whose accuracy or AUROC is more than D below fp32's"),
+    force: bool = typer.Option(False, "--force", help="record the precision even past --max-drop"),
     weights: Optional[str] = weights_option(),
     cache_dir: Optional[str] = cache_dir_option(),
 ) -> None:
-    """Write one file holding the model and everything its backbone reads (weights, model config), each with its
-    sha256 and no pickle; 'predict', 'anomaly predict', 'eval', 'batch', 'export', 'serve --model' and 'info' take
-    it in place of the .fvm and run with no hub and nothing cached beforehand. The archive is loaded back offline
-    (and encodes an image) before this command reports success."""
+    """Write one file holding the model, everything its backbone reads (weights, model config) and, when the model
+    can be exported, its ONNX graph, each with its sha256 and no pickle. 'predict', 'anomaly predict', 'eval',
+    'batch', 'station', 'serve --model' and 'info' take it in place of the .fvm and run with no hub and nothing
+    cached beforehand; with the graph they run on the light install (no torch), on onnxruntime or OpenVINO. The
+    graph's scores are checked against fewvision's (1e-4) and the archive is loaded back offline before this
+    command reports success."""
     from ..deploy.pack import pack_model
 
     check_output(out, (".fvz",))
     if out.resolve() == model_path.resolve():
         raise UserError(f"{out}: --out would overwrite the model file")
-    manifest = pack_model(model_path, out, cache_dir=cache_dir, weights=weights)
+    if precision == "fp32" and (calibrate or force or max_drop != 0.01):
+        raise UserError("--calibrate, --max-drop and --force apply to --precision bf16 / int8")
+    manifest = pack_model(model_path, out, cache_dir=cache_dir, weights=weights, precision=precision,
+                          dataset=calibrate, max_drop=max_drop, force=force)
     total = sum(f["size"] for f in manifest["files"].values())
+    graph = ("with its ONNX graph (matches fewvision to {:.1e})".format(manifest["graph"]["parity"])
+             if "graph" in manifest else f"without an ONNX graph ({manifest.get('graph_note')}): scored with torch")
     typer.echo(f"{out}: {manifest['method']} on {manifest['backbone']['spec']}, {len(manifest['files'])} file(s), "
-               f"{total / 1e6:.1f} MB, loads offline")
+               f"{total / 1e6:.1f} MB, {graph}, loads offline")
+    q = manifest.get("precision")
+    if q:
+        drop = q["fp32"] - q["reduced"]
+        typer.echo(f"{out}: {q['engine']} {q['precision']} {q['metric']} {q['reduced']:.4f} against fp32 "
+                   f"{q['fp32']:.4f} on {q['images']} image(s) (change {-drop:+.4f}, limit -{max_drop:g})"
+                   + (" - recorded anyway (--force)" if drop > max_drop else "; recorded: --engine auto runs it"))
 
 
 def export(

@@ -20,17 +20,18 @@ from .common import (
     check_folder,
     check_output,
     comma_list,
+    engine_option,
     exit_code_option,
     finish,
     info,
     init_parameters,
-    model_task,
     no_cache_option,
     param_option,
     parse_params,
     print_metrics,
     report_skips,
     resolve_backbone,
+    scoring_model,
     spec_has_text,
     summarise_predictions,
     weights_option,
@@ -280,39 +281,38 @@ def predict_command(
                                                      help="send an image to review when its top probability is "
                                                           "below P"),
     weights: Optional[str] = weights_option(),
+    engine: str = engine_option(),
     cache_dir: Optional[str] = cache_dir_option(),
     no_cache: bool = no_cache_option(),
     exit_code: bool = exit_code_option(),
 ) -> None:
     """Classify images with a fitted model: the label (or review, with the reason), the top class and its calibrated
     probability, every class's probability and, when fitted, the prediction set."""
-    from ..deploy.onnx import is_onnx, load_onnx, predict_onnx
     from ..io.images import iter_image_files
     from ..progress import job
-    from ..tasks.fewshot import load, predict
+    from ..runtime.model import RuntimeModel
 
     check_output(out, (".csv", ".jsonl"))
     check_folder(report, "--report")
-    exported = is_onnx(model_path)
-    model = load_onnx(model_path) if exported else None
-    if exported and weights:
-        raise UserError(f"{model_path}: an exported model carries its weights; --weights does not apply")
-    if (model.task if exported else model_task(model_path, cache_dir)) == "anomaly":
+    model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
+    if model.task == "anomaly":
         raise UserError(f"{model_path}: an anomaly model; score images with 'fewvision anomaly predict "
                         f"{model_path} IMAGES...'")
-    model = model or load(model_path, cache_dir)
-    method = model.method if exported else model.head.method
     if abstain and not model.decision.get("conformal"):
         raise UserError(f"{model_path}: --abstain needs conformal thresholds in the model (fit it with --alpha and "
                         "--calibrate-fraction)")
     iter_image_files(images)  # a missing input is reported before any model is loaded
-    with job(f"predict {method}") as bar:
-        if exported:  # onnxruntime; calibration, sets and rows by the same task code
-            preds = predict_onnx(model, images, abstain=abstain, unknown_threshold=review_threshold,
-                                 progress=True)
+    with job(f"predict {model.method}") as bar:
+        if isinstance(model, RuntimeModel):  # its graph; calibration, sets and rows by the same task code
+            from ..runtime.model import predict
+
+            preds = predict(model, images, abstain=abstain, unknown_threshold=review_threshold, progress=True)
         else:
+            from ..tasks.fewshot import predict
+
             preds = predict(model, images, abstain=abstain, unknown_threshold=review_threshold, weights=weights,
                             cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+    method = model.method
     write_predictions(preds, out, report, title=f"fewvision predict: {method}",
                       extra={"backbone": model.backbone_spec, "model": str(model_path)})
     summarise_predictions(bar, preds)
@@ -320,16 +320,27 @@ def predict_command(
 
 
 def evaluate_model_command(model_path: Path, dataset: str, *, out: Path, report: Optional[Path], abstain: bool,
-                           weights: Optional[str], cache_dir: Optional[str], no_cache: bool) -> None:
-    """``fewvision eval MODEL.fvm DATASET``: metrics of a fitted model on the dataset's held-out images."""
+                           weights: Optional[str], cache_dir: Optional[str], no_cache: bool,
+                           engine: str = "auto") -> None:
+    """``fewvision eval MODEL DATASET``: metrics of a fitted model on the dataset's held-out images."""
     from ..metrics import save_metrics
     from ..progress import job
-    from ..tasks.fewshot import evaluate_model, load
+    from ..runtime.model import RuntimeModel
 
-    model = load(model_path, cache_dir)
-    with job(f"eval {model.head.method}") as bar:
-        ev = evaluate_model(model, dataset, abstain=abstain, weights=weights, cache_dir=cache_dir,
-                            use_cache=not no_cache, progress=True)
+    model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
+    if model.task == "anomaly":
+        raise UserError(f"{model_path}: an anomaly model; evaluate it with 'fewvision anomaly eval {model_path} "
+                        "DATASET'")
+    with job(f"eval {model.method}") as bar:
+        if isinstance(model, RuntimeModel):
+            from ..runtime.model import evaluate
+
+            ev = evaluate(model, dataset, abstain=abstain, progress=True)
+        else:
+            from ..tasks.fewshot import evaluate_model
+
+            ev = evaluate_model(model, dataset, abstain=abstain, weights=weights, cache_dir=cache_dir,
+                                use_cache=not no_cache, progress=True)
     ev.metrics["model"] = str(model_path)
     save_metrics(ev.metrics, out)
     m = ev.metrics

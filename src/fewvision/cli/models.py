@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from inspect import cleandoc
 from pathlib import Path
 from typing import Optional
@@ -139,8 +140,10 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
     from ..modelfile import load, read_metadata
     from .common import file_sha256
 
-    if is_onnx(model_path):
-        return _onnx_info(model_path)
+    from ..runtime.model import has_graph
+
+    if is_onnx(model_path) or (has_graph(model_path) and importlib.util.find_spec("torch") is None):
+        return _onnx_info(model_path)  # from the graph's metadata: no torch needed
     meta = read_metadata(model_path)
     model = load(model_path)
     d, i = model.decision, model.info
@@ -172,30 +175,56 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
     if model.packed:
         lines.append(("packed", f"{model.packed['files']} file(s), {model.packed['bytes'] / 1e6:.1f} MB: the model "
                       "and its backbone's files, loaded with no hub"))
+        lines += _graph_lines(model_path)
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")
 
 
 def _onnx_info(path: Path) -> None:
-    from ..deploy.onnx import load_onnx
+    from ..deploy.onnx import is_onnx
+    from ..runtime.model import open_model
     from .common import file_sha256
 
-    m = load_onnx(path).manifest
-    lines = [("file", str(path)), ("sha256", file_sha256(path)), ("format", f"ONNX (exported by fewvision "
-             f"{m['fewvision_version']}), run with onnxruntime"), ("task", m["task"]), ("method", m["method"]),
-             ("backbone", m["backbone"]["spec"]), ("backbone id", m["backbone"]["id"])]
+    m = open_model(path, engine="onnxruntime").manifest
+    lines = [("file", str(path)), ("sha256", file_sha256(path)),
+             ("format", f"ONNX (exported by fewvision {m['fewvision_version']})" if is_onnx(path) else
+              f"packed model with its ONNX graph (exported by fewvision {m['fewvision_version']})"),
+             ("task", m["task"]), ("method", m["method"]), ("backbone", m["backbone"]["spec"]),
+             ("backbone id", m["backbone"]["id"])]
     if m["task"] == "classification":
         lines.append(("classes", ", ".join(m["class_names"])))
     elif m["decision"].get("threshold") is not None:
         lines.append(("threshold", f"{m['decision']['threshold']:.6g} (score > threshold is ng)"))
+        if m["decision"].get("guarantee"):
+            lines.append(("guarantee", m["decision"]["guarantee"]))
     if m.get("int8"):
         q = m["int8"]
         lines.append(("int8", f"{q['metric']} {q.get('int8', float('nan')):.4f} against fp32 {q['fp32']:.4f} on "
                       f"{q['images']} image(s); calibrated on {q['calibration_images']}"))
+    lines += _graph_lines(path)
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _graph_lines(path: Path) -> list[tuple[str, str]]:
+    """What runs the model here without torch: the graph, the engine ``--engine auto`` picks, a gated precision."""
+    from ..modelfile import PACK_SUFFIX, open_pack
+    from ..runtime.model import has_graph, open_model
+
+    if not has_graph(path):
+        note = open_pack(path, backbone=False).manifest.get("graph_note") if path.suffix.lower() == PACK_SUFFIX \
+            else None
+        return [("graph", "none: scored with torch" + (f" ({note})" if note else ""))]
+    runtime = open_model(path)
+    lines = [("engine", f"{runtime.engine_name} (--engine auto on this machine)")]
+    recorded = (runtime.packed or {}).get("precision")
+    if recorded:
+        lines.append(("precision", f"{recorded['engine']} {recorded['precision']}: {recorded['metric']} "
+                      f"{recorded['reduced']:.4f} against fp32 {recorded['fp32']:.4f} on {recorded['images']} "
+                      f"image(s) (limit -{recorded['max_drop']:g})"))
+    return lines
 
 
 def demo(

@@ -16,11 +16,15 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..backbones.imported import IMPORTED, imported_backbones, register_backbone
 from ..io.atomic import atomic_path
+from ..runtime.engines import PRECISIONS
+from ..runtime.model import FP32_GRAPH, INT8_GRAPH
+from .onnx import DEFAULT_MAX_DROP
 from ..modelfile import _BLOCK, _OPENED, MANIFEST, MODEL_MEMBER, PackError, Unpacked, check_member_name, is_pack, \
     load, load_packed, open_pack
 from ..modelfile import PACK_FORMAT as FORMAT
@@ -72,26 +76,73 @@ def write_archive(out: str | os.PathLike, manifest: dict[str, Any], files: dict[
 
 # --- models ----------------------------------------------------------------------------------------------------
 def pack_model(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_dir: str | None = None,
-               weights: str | None = None) -> dict[str, Any]:
-    """Write ``out`` (.fvz): the model file and everything its backbone reads, then prove it loads offline (the
-    backbone created from the unpacked files alone has the model's id). Returns the manifest."""
+               weights: str | None = None, precision: str = "fp32", dataset=None,
+               max_drop: float = DEFAULT_MAX_DROP, force: bool = False) -> dict[str, Any]:
+    """Write ``out`` (.fvz): the model file, everything its backbone reads and, when the model can be exported, its
+    ONNX graph (``graph/fp32.onnx``, checked against fewvision's scores to 1e-4), which the light install scores
+    without torch. Then prove it loads offline (the backbone created from the unpacked files alone has the model's
+    id). ``precision`` bf16 (OpenVINO) or int8 (``graph/int8.onnx``) is measured against fp32 on the labelled
+    ``dataset`` and recorded only within ``max_drop`` (unless ``force``), so every line PC runs what was checked.
+    Returns the manifest."""
     model_path, out = Path(model_path), Path(out)
     if is_pack(model_path):
         raise PackError(f"{model_path}: already a packed model")
+    if precision not in PRECISIONS:
+        raise PackError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if precision != "fp32" and dataset is None:
+        raise PackError(f"--precision {precision} is measured on your labelled images: give them with --calibrate")
     model = load(model_path, cache_dir)
     backbone = model.backbone(cache_dir=cache_dir, weights=weights)
     files, offline_spec = backbone.portable()
     manifest = {"kind": "model", "task": model.task, "method": model.head.method, "model": MODEL_MEMBER,
                 "backbone": {"spec": model.backbone_spec, "offline_spec": offline_spec, "id": model.backbone_id}}
     staged = out.with_name(f".{out.name}.{os.getpid()}.check")  # an older archive at ``out`` stays until this loads
-    try:
-        write_archive(staged, manifest, {MODEL_MEMBER: model_path, **files})
-        check_loads_offline(load_packed(staged, cache_dir=cache_dir).backbone())
-        manifest = open_pack(staged, cache_dir).manifest
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+        graphs, extra = _graphs(model_path, Path(work), cache_dir=cache_dir, weights=weights, precision=precision,
+                                dataset=dataset, max_drop=max_drop, force=force)
+        manifest.update(extra)
+        try:
+            write_archive(staged, manifest, {MODEL_MEMBER: model_path, **graphs, **files})
+            check_loads_offline(load_packed(staged, cache_dir=cache_dir).backbone())
+            manifest = open_pack(staged, cache_dir).manifest
+            os.replace(staged, out)
+        finally:
+            staged.unlink(missing_ok=True)
     return manifest
+
+
+def _graphs(model_path: Path, work: Path, *, cache_dir, weights, precision, dataset, max_drop,
+            force) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The ONNX graphs to pack (member name -> file) and what the manifest says of them: ``graph_note`` when the
+    model cannot be exported (it then needs torch), ``precision`` when a reduced precision passed its gate."""
+    from .onnx import ExportError, export_onnx, gate, load_onnx, quantize_int8
+
+    fp32 = work / "fp32.onnx"
+    try:
+        parity = export_onnx(model_path, fp32, cache_dir=cache_dir, weights=weights)["parity"]
+    except ExportError as err:
+        if precision != "fp32":
+            raise PackError(f"--precision {precision} needs the ONNX graph, and {str(err).split(': ', 1)[-1]}") \
+                from None
+        return {}, {"graph_note": str(err)}
+    graphs = {FP32_GRAPH: fp32}
+    extra: dict[str, Any] = {"graph": {"parity": parity}}
+    if precision == "int8":
+        int8 = work / "int8.onnx"
+        q = quantize_int8(fp32, int8, dataset, max_drop=max_drop, force=force)["int8"]
+        graphs[INT8_GRAPH] = int8
+        extra["precision"] = {"engine": "onnxruntime", "precision": "int8", "metric": q["metric"], "fp32": q["fp32"],
+                              "reduced": q["int8"], "images": q["images"], "max_drop": max_drop,
+                              "calibration_images": q["calibration_images"]}
+    elif precision == "bf16":
+        try:
+            reference = load_onnx(fp32, engine="openvino")
+            reduced = load_onnx(fp32, engine="openvino", precision="bf16")
+        except ExportError as err:
+            raise PackError(f"--precision bf16: {str(err).split(': ', 1)[-1]}") from None
+        extra["precision"] = gate(reference, reduced, dataset, max_drop=max_drop, force=force,
+                                  what=f"{model_path}: bf16")
+    return graphs, extra
 
 
 def check_loads_offline(backbone) -> None:

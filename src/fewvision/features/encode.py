@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..backbones.base import Backbone
-from ..io.images import BadImage, Skipped, load_image, sha256_file
+from ..io.images import BadImage, Skipped, hash_files, load_image
 from ..progress import progress_bar
 from .cache import FeatureCache, NullCache
 
@@ -136,23 +135,6 @@ def default_workers() -> int:
     benchmarks/classify_speed.py); otherwise half the cores, at most 4."""
     cores = os.cpu_count() or 1
     return 0 if cores <= 2 else min(4, cores // 2)
-
-
-def hash_files(paths: Sequence[str]) -> tuple[list[str | None], dict[int, str]]:
-    """sha256 of each file (None where it cannot be read, with the reason), in threads (hashing releases the GIL)."""
-
-    def one(p):
-        try:
-            return sha256_file(p), None
-        except OSError as err:  # sha256_file's own reasons (not a regular file) carry no strerror
-            return None, f"cannot read file ({err.strerror})" if err.strerror else str(err)
-
-    if len(paths) <= 2:  # a station's or a service's one image: threads would cost more than they save
-        results = [one(p) for p in paths]
-    else:
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            results = list(pool.map(one, paths))
-    return [sha for sha, _ in results], {i: why for i, (_, why) in enumerate(results) if why is not None}
 
 
 def encode_files(

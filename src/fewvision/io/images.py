@@ -11,6 +11,7 @@ import os
 import stat
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -66,6 +67,23 @@ def sha256_file(path: str | os.PathLike) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+
+def hash_files(paths: Sequence[str]) -> tuple[list[str | None], dict[int, str]]:
+    """sha256 of each file (None where it cannot be read, with the reason), in threads (hashing releases the GIL)."""
+
+    def one(p):
+        try:
+            return sha256_file(p), None
+        except OSError as err:  # sha256_file's own reasons (not a regular file) carry no strerror
+            return None, f"cannot read file ({err.strerror})" if err.strerror else str(err)
+
+    if len(paths) <= 2:  # a station's or a service's one image: threads would cost more than they save
+        results = [one(p) for p in paths]
+    else:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(one, paths))
+    return [sha for sha, _ in results], {i: why for i, (_, why) in enumerate(results) if why is not None}
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16-bit and float images are rescaled by their own range, not clipped."""

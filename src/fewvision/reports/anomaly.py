@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..anomaly.postprocess import image_coordinates, input_view
+from ..io.geometry import image_coordinates, input_view
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.images import BadImage, load_image
 from .page import _CSS, _e, _img, _kv_table, _png_data_uri

@@ -22,7 +22,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,18 +31,21 @@ import torch.nn.functional as F
 
 from ..anomaly import create_anomaly_head
 from ..anomaly.base import AnomalyHead
-from ..anomaly.postprocess import DEFAULT_SIGMA, finish, mask_view
+from ..anomaly.postprocess import DEFAULT_SIGMA, finish
 from ..backbones import create_backbone
 from ..backbones.base import Backbone
-from ..decide.threshold import ThresholdError, conformal_threshold, f1_threshold, recall_threshold, supported_target
+from ..decide.threshold import ThresholdError, conformal_threshold, supported_target
 from ..defaults import DEFAULT_ANOMALY_BACKBONE
 from ..defaults import DEFAULT_ANOMALY_METHOD as DEFAULT_METHOD
 from ..features.cache import open_cache
-from ..features.encode import encode_files, encode_pixels, hash_files, patch_kind
-from ..io.datasets import GOOD, Dataset, DatasetError, is_mvtec, load_dataset
-from ..io.images import BadImage, Skipped, iter_image_files, load_image
+from ..features.encode import encode_files, encode_pixels, patch_kind
+from ..io.images import hash_files
+from ..io.datasets import GOOD, Dataset, DatasetError, is_mvtec
+from ..io.images import iter_image_files
 from ..modelfile import FewVisionModel
 from ..progress import expect, progress_bar
+from .evaluation import AnomalyEvaluation, evaluate_maps, good_label_of, test_items  # noqa: F401
+from .rows import AnomalyPredictions, Recorder, anomaly_rows, pixel_chunks
 
 DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_CHUNK_IMAGES = 32
@@ -51,43 +53,13 @@ PATCH_CACHE_DTYPE = np.float16
 BASELINE_SIZE = (64, 64)  # the median good map kept for heat-map display
 
 
-@dataclass
-class AnomalyPredictions:
-    """One row per readable image (path, score, verdict, ...), its map (in ``maps``, same order) and the skips."""
-
-    rows: list[dict]
-    maps: np.ndarray | None
-    threshold: float | None
-    skipped: list[Skipped] = field(default_factory=list)
-
-    @property
-    def scores(self) -> np.ndarray:
-        return np.array([r["score"] for r in self.rows], dtype=np.float64)
-
-
-@dataclass
-class AnomalyEvaluation:
-    metrics: dict[str, Any]
-    predictions: AnomalyPredictions
-    is_defect: np.ndarray
-    masks: list[np.ndarray | None] = field(default_factory=list)
-
-
 def _as_backbone(backbone: str | Backbone, cache_dir: str | None, weights: str | None) -> Backbone:
     return backbone if isinstance(backbone, Backbone) else create_backbone(backbone, cache_dir=cache_dir, weights=weights)
 
 
 # --- inputs for the heads ----------------------------------------------------------------------------------------
-class _Recorder:
-    """Collects skipped files and the paths actually used while chunks are produced."""
-
-    def __init__(self) -> None:
-        self.skipped: list[Skipped] = []
-        self.used: list[str] = []
-
-
 def _patch_chunks(backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
-                  rec: _Recorder, progress: bool, kind: str) -> Iterator[tuple[list[str], torch.Tensor]]:
+                  rec: Recorder, progress: bool, kind: str) -> Iterator[tuple[list[str], torch.Tensor]]:
     for start in range(0, len(paths), chunk_images):
         # progress is counted per chunk by the caller, once the chunk is fitted or scored
         feats = encode_files(backbone, paths[start : start + chunk_images], cache, kind=kind, batch_size=batch_size,
@@ -96,23 +68,6 @@ def _patch_chunks(backbone: Backbone, paths: Sequence[str], cache, chunk_images:
         if feats.paths:
             rec.used += feats.paths
             yield feats.paths, torch.from_numpy(feats.features)
-
-
-def _pixel_chunks(backbone: Backbone, paths: Sequence[str], chunk_images: int,
-                  rec: _Recorder) -> Iterator[tuple[list[str], torch.Tensor]]:
-    for start in range(0, len(paths), chunk_images):
-        ok, tensors = [], []
-        for p in paths[start : start + chunk_images]:
-            try:
-                tensors.append(backbone.preprocess(load_image(p)))
-                ok.append(p)
-            except BadImage as err:
-                rec.skipped.append(Skipped(p, err.reason))
-            except Exception as err:  # noqa: BLE001 - one odd image must not stop the batch
-                rec.skipped.append(Skipped(p, f"cannot preprocess ({type(err).__name__}: {err})"))
-        if ok:
-            rec.used += ok
-            yield ok, torch.stack(tensors)
 
 
 def _head_patch_kind(head: AnomalyHead, backbone: Backbone) -> str:
@@ -129,12 +84,12 @@ def _check_inputs(head: AnomalyHead) -> None:
 
 
 def _chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, chunk_images: int, batch_size: int,
-            rec: _Recorder, progress: bool):
+            rec: Recorder, progress: bool):
     _check_inputs(head)
     if head.inputs == "patches":
         return _patch_chunks(backbone, paths, cache, chunk_images, batch_size, rec, progress,
                              _head_patch_kind(head, backbone))
-    return _pixel_chunks(backbone, paths, chunk_images, rec)
+    return pixel_chunks(backbone.preprocess, paths, chunk_images, rec, torch.stack)
 
 
 def _pixel_inputs(head: AnomalyHead, backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
@@ -158,7 +113,7 @@ def _score_inputs(head: AnomalyHead, backbone: Backbone, inputs: torch.Tensor, *
 
 
 def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], cache, *, size: tuple[int, int],
-                  sigma: float, chunk_images: int, batch_size: int, rec: _Recorder, progress: bool,
+                  sigma: float, chunk_images: int, batch_size: int, rec: Recorder, progress: bool,
                   left_out: bool = False) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """(paths, finished maps [n, H, W], image scores [n]) per chunk: the one scoring path. ``left_out``: ``paths``
     are the head's training images in fit order, each scored as if the head had been fitted without it."""
@@ -339,7 +294,7 @@ def fit_anomaly(
 
     cal_count = len(fit_paths) if left_out else len(hold_paths)
     expect(len(fit_paths) + cal_count)
-    fit_rec = _Recorder()
+    fit_rec = Recorder()
     with progress_bar(len(fit_paths), "fitting", enabled=progress) as advance:
         def counted():
             for ok, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress):
@@ -362,7 +317,7 @@ def fit_anomaly(
     if not fit_rec.used:
         raise ValueError(_none_readable(fit_paths, fit_rec))
 
-    cal_rec = _Recorder()
+    cal_rec = Recorder()
     cal_scores, small_maps = [], []
     cal_paths = list(fit_rec.used) if left_out else hold_paths  # fit order, as score_left_out expects
     for _, maps, scores in _score_chunks(head, bb, cal_paths, cache, size=size, sigma=sigma,
@@ -425,7 +380,7 @@ def fit_anomaly(
     return model.bind(bb)
 
 
-def _none_readable(paths: Sequence[str], rec: _Recorder) -> str:
+def _none_readable(paths: Sequence[str], rec: Recorder) -> str:
     first = f" (first: {rec.skipped[0].path}: {rec.skipped[0].reason})" if rec.skipped else ""
     return f"none of the {len(paths)} good image(s) to fit on could be read{first}"
 
@@ -462,7 +417,7 @@ def update(model: FewVisionModel, paths: Sequence[str], *, cache_dir: str | None
 
     bb = model.backbone(cache_dir=cache_dir)
     head = copy.deepcopy(model.head)
-    rec = _Recorder()
+    rec = Recorder()
     for _, x in _chunks(head, bb, list(paths), open_cache(bb.id, cache_dir, enabled=use_cache), DEFAULT_CHUNK_IMAGES,
                         16, rec, False):
         head.partial_fit(x, bb)
@@ -477,18 +432,6 @@ def update(model: FewVisionModel, paths: Sequence[str], *, cache_dir: str | None
 def _settings(model: FewVisionModel, backbone: Backbone) -> tuple[tuple[int, int], float]:
     size = model.decision.get("map_size") or list(backbone.input_size)
     return (int(size[0]), int(size[1])), float(model.decision.get("sigma", DEFAULT_SIGMA))
-
-
-OK, NG, REVIEW = "ok", "ng", "review"  # the verdicts; "review" only inside a review band around the threshold
-
-
-def verdict(score: float, threshold: float | None, review_band: float = 0.0) -> str | None:
-    """ok / ng (score > threshold) / review (within ``review_band`` of the threshold, relative to it)."""
-    if threshold is None:
-        return None
-    if review_band > 0 and abs(score - threshold) <= review_band * abs(threshold):
-        return REVIEW
-    return NG if score > threshold else OK
 
 
 def score_files(
@@ -519,24 +462,6 @@ def score_files(
                         progress=progress, batch_size=batch_size, chunk_images=chunk_images, review_band=review_band)
 
 
-def _rows(paths: Sequence[str], maps: torch.Tensor, scores: torch.Tensor, backbone: Backbone, size: tuple[int, int],
-          threshold: float | None, review_band: float) -> list[dict]:
-    """The rows of one scored chunk (see :func:`score_files`)."""
-    from datetime import datetime, timezone
-
-    from ..anomaly.postprocess import peak_in_image
-
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    peaks = maps.flatten(1).argmax(1).tolist()
-    rows = []
-    for p, v, peak in zip(paths, scores.tolist(), peaks):
-        x, y = peak_in_image(p, backbone.preprocess, size, divmod(int(peak), size[1]))
-        rows.append({"path": p, "score": float(v), "threshold": threshold,
-                     "normalized_score": float(v) / threshold if threshold else None,
-                     "verdict": verdict(float(v), threshold, review_band), "x": x, "y": y, "time": now})
-    return rows
-
-
 def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool, weights: str | None,
                  cache_dir: str | None, use_cache: bool, progress: bool, batch_size: int,
                  chunk_images: int, review_band: float = 0.0) -> AnomalyPredictions:
@@ -544,11 +469,11 @@ def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool
     size, sigma = _settings(model, bb)
     cache = open_cache(bb.id, cache_dir, enabled=use_cache)
     threshold = model.decision.get("threshold")
-    rec = _Recorder()
+    rec = Recorder()
     rows, maps = [], []
     for ok, m, s in _score_chunks(model.head, bb, paths, cache, size=size, sigma=sigma, chunk_images=chunk_images,
                                   batch_size=batch_size, rec=rec, progress=progress):
-        rows += _rows(ok, m, s, bb, size, threshold, review_band)
+        rows += anomaly_rows(ok, m.numpy(), s.numpy(), bb.preprocess, size, threshold, review_band)
         if keep_maps:
             maps.append(m.numpy().astype(np.float32, copy=False))
     stacked = (np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)) if keep_maps else None
@@ -568,39 +493,11 @@ def score_pixels(model: FewVisionModel, paths: Sequence[str], pixels: torch.Tens
     if not len(paths):
         return AnomalyPredictions([], None, threshold)
     maps, scores = _score_inputs(model.head, bb, _pixel_inputs(model.head, bb, pixels), size=size, sigma=sigma)
-    return AnomalyPredictions(_rows(paths, maps, scores, bb, size, threshold, review_band), None, threshold)
+    return AnomalyPredictions(anomaly_rows(paths, maps.numpy(), scores.numpy(), bb.preprocess, size, threshold,
+                                            review_band), None, threshold)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
-def good_label_of(dataset: Dataset, good_label: str | None = None) -> str:
-    """The label of good images: ``good_label``, else 'good', else 'nominal' (the textile set)."""
-    names = set(dataset.class_names)
-    if good_label is not None:
-        if good_label not in names:
-            raise DatasetError(f"{dataset.root or dataset.name}: no class '{good_label}' (classes: "
-                               f"{', '.join(dataset.class_names)})")
-        return good_label
-    for cand in (GOOD, "nominal"):
-        if cand in names:
-            return cand
-    raise DatasetError(f"{dataset.root or dataset.name}: no 'good' folder (classes: {', '.join(dataset.class_names)});"
-                       " name the good class with --good-label")
-
-
-def test_items(dataset: Dataset) -> Dataset:
-    """The MVTec test split (the train split is good images for fitting); every item for other layouts."""
-    if dataset.layout == "mvtec":
-        return dataset.split("test")
-    return dataset
-
-
-def _load_mask(path: str, preprocess, size) -> np.ndarray:
-    try:
-        return mask_view(load_image(path), preprocess, size)
-    except BadImage as err:
-        raise DatasetError(f"{path}: cannot read the ground-truth mask ({err.reason})") from None
-
-
 def evaluate_anomaly(
     model: FewVisionModel,
     dataset: Dataset | str | os.PathLike,
@@ -616,90 +513,16 @@ def evaluate_anomaly(
     batch_size: int = 16,
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
 ) -> AnomalyEvaluation:
-    """Image metrics at the model's threshold (plus AUROC interval, F1-optimal and recall thresholds), per-defect-
-    type AUROC, and pixel AUROC / AUPRO when ground-truth masks exist. The model's training images must not be in
-    the test set (for MVTec only the test split is used)."""
-    from ..metrics.anomaly import aupro, auroc_bootstrap_ci, image_metrics, pixel_auroc
+    """:func:`fewvision.tasks.evaluation.evaluate_maps` with this model's torch scoring."""
+    bb = model.backbone(cache_dir=cache_dir, weights=weights)
+    size, _ = _settings(model, bb)
 
-    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
-    good = good_label_of(data, good_label)
-    data = test_items(data)
-    if not len(data):
-        raise DatasetError(f"{data.root or data.name}: no test images")
-    fitted = set(model.info.get("fitted_on_sha256", []))
-    shas, _ = hash_files(data.paths)
-    excluded = sum(1 for s in shas if s in fitted)
-    if fitted and excluded == len(data):
-        raise DatasetError(f"{data.root or data.name}: every test image was used to fit this model; evaluate on "
-                           "other images")
-    data = data.subset([i for i, s in enumerate(shas) if s not in fitted]) if excluded else data
-    expect(len(data))
-    by_path = {it.path: it for it in data.items}
-    preds = _score_paths(model, data.paths, keep_maps=True, weights=weights, cache_dir=cache_dir,
-                         use_cache=use_cache, progress=progress, batch_size=batch_size, chunk_images=chunk_images)
-    items = [by_path[r["path"]] for r in preds.rows]
-    for r, it in zip(preds.rows, items):
-        r["true"] = it.label
-    is_defect = np.array([it.label != good for it in items], dtype=bool)
-    scores = preds.scores
-    threshold = model.decision.get("threshold")
-    metrics: dict[str, Any] = image_metrics(scores, is_defect, threshold)
-    metrics.update({"n": len(items), "n_skipped": len(preds.skipped), "good_label": good,
-                    "n_excluded_fit_images": excluded,
-                    "target_false_reject": model.decision.get("target_false_reject")})
-    notes: list[str] = []
-    if excluded:
-        notes.append(f"{excluded} image(s) the model was fitted on were left out of the evaluation")
-    if is_defect.any() and (~is_defect).any():
-        metrics["image_auroc_ci"] = auroc_bootstrap_ci(scores, is_defect, n_bootstrap=n_bootstrap, seed=seed)
-        metrics["ci_method"] = {"method": "percentile bootstrap, good and defective images resampled separately",
-                                "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": 0.95}
-        labelled: dict[str, Any] = {}
-        for name, pick in (("f1_optimal", lambda: f1_threshold(scores, is_defect)),
-                           (f"recall_{recall:g}", lambda: recall_threshold(scores, is_defect, recall))):
-            try:
-                t = pick()
-                labelled[name] = image_metrics(scores, is_defect, t)
-                for k in ("n_good", "n_defect", "image_auroc", "image_aupr"):
-                    labelled[name].pop(k, None)
-            except ThresholdError as err:
-                labelled[name] = {"error": str(err)}
-        metrics["labelled_thresholds"] = labelled
-        per_type = {}
-        for label in sorted({it.label for it in items} - {good}):
-            sel = np.array([it.label in (good, label) for it in items])
-            m = image_metrics(scores[sel], is_defect[sel], threshold)
-            per_type[label] = {k: m.get(k) for k in ("n_defect", "image_auroc", "image_aupr", "miss_rate")}
-        metrics["per_defect_type"] = per_type
-    else:
-        notes.append("image AUROC needs both good and defective test images")
+    def score(paths):
+        return _score_paths(model, paths, keep_maps=True, weights=weights, cache_dir=cache_dir, use_cache=use_cache,
+                            progress=progress, batch_size=batch_size, chunk_images=chunk_images)
 
-    masks: list[np.ndarray | None] = [None] * len(items)
-    with_mask = [i for i, it in enumerate(items) if it.mask]
-    if with_mask and preds.maps is not None:
-        bb = model.backbone(cache_dir=cache_dir, weights=weights)
-        size, _ = _settings(model, bb)
-        use = [i for i, d in enumerate(is_defect) if not d] + with_mask
-        for i in with_mask:
-            masks[i] = _load_mask(items[i].mask, bb.preprocess, size)
-        for i in use:
-            if masks[i] is None:
-                masks[i] = np.zeros(size, dtype=bool)
-        missing = int(is_defect.sum()) - len(with_mask)
-        if missing:
-            notes.append(f"{missing} defective image(s) without a mask are left out of the pixel metrics")
-        sel_maps = [preds.maps[i] for i in use]
-        sel_masks = [masks[i] for i in use]
-        if any(m.any() for m in sel_masks):
-            metrics["pixel_auroc"] = pixel_auroc(sel_maps, sel_masks)
-            metrics["aupro"] = aupro(sel_maps, sel_masks)
-            metrics["aupro_fpr_limit"] = 0.3
-            metrics["n_pixel_images"] = len(use)
-        else:
-            notes.append("the ground-truth masks are empty: no pixel metrics")
-    if notes:
-        metrics["notes"] = notes
-    return AnomalyEvaluation(metrics, preds, is_defect, masks)
+    return evaluate_maps(model, dataset, score, bb.preprocess, size, good_label=good_label, recall=recall,
+                         n_bootstrap=n_bootstrap, seed=seed)
 
 
 __all__ = ["fit_anomaly", "score_files", "evaluate_anomaly", "rethreshold", "AnomalyPredictions",

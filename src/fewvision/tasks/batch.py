@@ -129,34 +129,35 @@ class Scorer:
     """A loaded model and its options; scores files, or images already decoded and preprocessed, into Arrow."""
 
     def __init__(self, model_path: str, options: dict, *, weights: str | None = None, cache_dir: str | None = None,
-                 model_sha256: str | None = None, threads: int | None = None):
-        import torch
-
+                 model_sha256: str | None = None, threads: int | None = None, engine: str = "torch"):
         from ..io.images import sha256_file
-        from ..modelfile import load
+        from ..runtime.model import RuntimeModel, scoring_model
 
-        if threads:
+        self.model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
+        self.runtime = isinstance(self.model, RuntimeModel)  # its ONNX graph, no torch
+        if threads and not self.runtime:
+            import torch
+
             torch.set_num_threads(int(threads))
-        self.model = load(model_path, cache_dir)
         self.options = dict(options)
         self.weights, self.cache_dir = weights, cache_dir
-        self.backbone = self.model.backbone(cache_dir, weights)
+        self.backbone = None if self.runtime else self.model.backbone(cache_dir, weights)
         self.task = self.model.task
         self.schema = batch_schema(self.model, self.options)
-        sha = model_sha256 or sha256_file(model_path)
+        sha = self.model_sha256 = model_sha256 or sha256_file(model_path)
         self.extra = {"model_sha256": sha, "backbone": self.model.backbone_spec} if self.task == "anomaly" else {}
 
     @property
     def takes_pixels(self) -> bool:
         """False for classification heads that predict from PIL images: their actors decode the files."""
-        if self.task == "anomaly":
+        if self.task == "anomaly" or self.runtime:
             return True
         from .fewshot import IMAGES, feature_kind
 
         return feature_kind(self.model.head) != IMAGES
 
     def _classification(self, scored) -> tuple[list[dict], list[Skipped]]:
-        from .fewshot import predictions
+        from .rows import predictions
 
         preds = predictions(self.model, scored, abstain=bool(self.options.get("abstain")),
                             unknown_threshold=self.options.get("review_threshold"))
@@ -165,7 +166,16 @@ class Scorer:
     def score_files(self, paths: Sequence[str], *, use_cache: bool = True, progress: bool = False) -> pa.Table:
         """Rows for image files, through predict's own functions (and the feature cache)."""
         paths = list(paths)
-        if self.task == "anomaly":
+        if self.runtime:
+            from ..runtime import model as runtime
+
+            if self.task == "anomaly":
+                res = runtime._score_paths(self.model, paths, keep_maps=False, progress=progress,
+                                           review_band=float(self.options["review_band"]))
+                rows, skipped = res.rows, res.skipped
+            else:
+                rows, skipped = self._classification(runtime.score_classes(self.model, paths, progress=progress))
+        elif self.task == "anomaly":
             from .anomaly import DEFAULT_CHUNK_IMAGES, _score_paths
 
             res = _score_paths(self.model, paths, keep_maps=False, weights=self.weights, cache_dir=self.cache_dir,
@@ -403,6 +413,7 @@ def run_batch(
     checkpoint_rows: int = CHECKPOINT_ROWS,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
     progress: bool = False,
+    engine: str = "auto",
 ) -> BatchSummary:
     """Score every image below ``root`` (searched recursively) with the model file ``model_path`` into the Parquet
     file ``out``, skipping the images ``out`` already holds.
@@ -411,16 +422,17 @@ def run_batch(
     ``ray.init()``, any other value is a cluster address. An already initialised Ray session is used as it is and
     left running. ``workers``: the actor pool's size on Ray (default: the cluster's CPUs less one, at least 1);
     ignored in process. ``abstain`` / ``review_threshold`` (classification) and ``review_band`` (anomaly) are those
-    of the predict commands. ``use_cache`` / ``cache_dir``: the feature cache, in process only.
+    of the predict commands. ``use_cache`` / ``cache_dir``: the feature cache, in process only. ``engine``: what
+    runs a packed or exported model in process (see :func:`fewvision.runtime.model.scoring_model`).
     """
-    from ..io.images import sha256_file
-    from ..modelfile import read_metadata
-
     started = time.perf_counter()
     if ray:
         ray_module()  # before any work
     model_path, out = Path(model_path), Path(out)
-    task = read_metadata(model_path)["task"]
+    scorer = Scorer(str(model_path), {}, weights=weights, cache_dir=cache_dir,
+                    engine="torch" if ray else engine)  # Ray's actors run torch
+    sha = scorer.model_sha256
+    task = scorer.task
     if task == "anomaly":
         if abstain or review_threshold is not None:
             raise BatchError("--abstain and --review-threshold apply to classification models; an anomaly model "
@@ -439,8 +451,9 @@ def run_batch(
     if workers is not None and workers < 1:
         raise BatchError(f"--workers must be >= 1, got {workers}")
     paths = [str(p) for p in iter_image_files([root])]
-    sha = sha256_file(model_path)
-    scorer = Scorer(str(model_path), options, weights=weights, cache_dir=cache_dir, model_sha256=sha)
+    scorer.options = options
+    scorer.extra = {"model_sha256": sha, "backbone": scorer.model.backbone_spec} if task == "anomaly" else {}
+    scorer.schema = batch_schema(scorer.model, options)
     if task != "anomaly" and abstain and not scorer.model.decision.get("conformal"):
         raise BatchError(f"{model_path}: --abstain needs conformal thresholds in the model (fit it with --alpha and "
                          "--calibrate-fraction)")

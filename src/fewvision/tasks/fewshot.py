@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,10 +16,10 @@ import torch
 
 from ..backbones.base import Backbone, BackboneError
 from ..decide.calibration import METHOD as CALIBRATION_METHOD
-from ..decide.calibration import apply_temperature, choose_temperature, log_probabilities, mean_nll
-from ..decide.conformal import calibrate_conformal, prediction_sets, set_metrics
-from ..decide.review import REVIEW
-from ..features.encode import GLOBAL, Features, encode_pixels, hash_files
+from ..decide.calibration import choose_temperature, mean_nll
+from ..decide.conformal import calibrate_conformal
+from ..features.encode import GLOBAL, Features, encode_pixels
+from ..io.images import hash_files
 from ..heads import ClassifierHead, create_head
 from ..heads.base import _to_json
 from ..heads.support import Support
@@ -28,15 +27,10 @@ from ..io.datasets import Dataset, Item, load_dataset, sample_shots, stratified_
 from ..io.images import BadImage, Skipped, iter_image_files, load_image
 from ..modelfile import FewVisionModel, load, save_model
 from ..progress import expect, progress_bar
-from .common import (
-    Evaluation,
-    Predictions,
-    as_backbone,
-    classification_rows,
-    encode,
-    evaluate_predictions,
-    predictions_from,
-)
+from .evaluation import evaluate_classes
+from .rows import Scored, predictions  # noqa: F401 - predictions: its home before tasks.rows
+from .common import as_backbone, encode, predictions_from
+from .rows import Evaluation, Predictions, evaluate_predictions
 
 IMAGES = "images"  # the feature kind of heads that predict from PIL images (``predict_proba_images``)
 IMAGE_CHUNK = 64  # images decoded at a time for such heads, to bound memory
@@ -46,33 +40,6 @@ def feature_kind(head: ClassifierHead) -> str:
     """What a head predicts from: a cached feature kind ('global' unless the head says otherwise, e.g. pre-projection
     features) or 'images' (heads that adapt the towers and take PIL images through ``predict_proba_images``)."""
     return getattr(head, "feature_kind", GLOBAL)
-
-
-@dataclass
-class Scored:
-    """Raw (uncalibrated) class probabilities of the readable files, in input order, and the skipped files.
-    ``log_proba`` (float64 log-softmax of the head's logits) where the head has logits: temperature scaling works on
-    it, since a float32 probability may have underflowed to 0."""
-
-    paths: list[str]
-    shas: list[str]
-    proba: np.ndarray
-    skipped: list[Skipped] = field(default_factory=list)
-    encoded: int = 0
-    log_proba: np.ndarray | None = None
-
-    def subset(self, keep: Sequence[int]) -> "Scored":
-        keep = list(keep)
-        return Scored([self.paths[i] for i in keep], [self.shas[i] for i in keep], self.proba[keep], self.skipped,
-                      self.encoded, None if self.log_proba is None else self.log_proba[keep])
-
-    def log_probabilities(self) -> np.ndarray:
-        """float64 log-probabilities: the head's log-softmax where there is one, else the log of ``proba``."""
-        return self.log_proba if self.log_proba is not None else log_probabilities(self.proba)
-
-    def calibrated(self, temperature: float | None) -> np.ndarray:
-        """softmax(log p / T) from the most exact log-probabilities there are."""
-        return apply_temperature(self.proba, temperature, self.log_proba)
 
 
 def head_scores(head: ClassifierHead, features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -371,25 +338,6 @@ def update(model: FewVisionModel, paths: Sequence[str], labels: Sequence[str], *
                           _backbone=bb)
 
 
-def predictions(model: FewVisionModel, scored: Scored, *, abstain: bool = False,
-                unknown_threshold: float | None = None) -> Predictions:
-    """Rows (see :func:`fewvision.tasks.common.classification_rows`): calibrated probabilities, the prediction set
-    when the model has conformal thresholds, ``review`` with a reason when abstaining or below the threshold."""
-    names = model.class_names
-    conformal = model.decision.get("conformal")
-    if abstain and not conformal:
-        raise ValueError("--abstain needs conformal thresholds in the model: fit it with --alpha and "
-                         "--calibrate-fraction")
-    proba = scored.calibrated(model.decision.get("temperature"))
-    sets = None
-    if conformal and len(proba):
-        # Thresholds set on raw head probabilities (files before 0.2 set them on calibrated ones).
-        sets = prediction_sets(scored.proba if conformal.get("probabilities") == "raw" else proba, conformal)
-    rows = classification_rows(scored.paths, proba, names, unknown_threshold=unknown_threshold, sets=sets,
-                               alpha=conformal["alpha"] if conformal else None, abstain=abstain)
-    return Predictions(names, rows, scored.skipped, scored.encoded)
-
-
 def predict(model: FewVisionModel | str | os.PathLike, inputs: Sequence[str | os.PathLike], *, abstain: bool = False,
             unknown_threshold: float | None = None, weights: str | None = None, cache_dir: str | None = None,
             use_cache: bool = True, progress: bool = False) -> Predictions:
@@ -405,43 +353,14 @@ def predict(model: FewVisionModel | str | os.PathLike, inputs: Sequence[str | os
 def evaluate_model(model: FewVisionModel | str | os.PathLike, dataset: Dataset | str | os.PathLike, *,
                    abstain: bool = False, weights: str | None = None, cache_dir: str | None = None,
                    use_cache: bool = True, progress: bool = False, n_bootstrap: int = 1000) -> Evaluation:
-    """The zero-shot evaluation's metrics for a fitted model, on the dataset's test images.
-
-    Images of a 'train' split and images the model was fitted or calibrated on (matched by content hash) are left
-    out, so the numbers are never measured on the support set. With conformal thresholds the metrics add empirical
-    coverage, mean set size and per-class coverage.
-    """
+    """:func:`fewvision.tasks.evaluation.evaluate_classes` with this model's torch scoring."""
     model = model if isinstance(model, FewVisionModel) else load(model)
-    data = as_dataset(dataset)
-    missing = sorted(set(data.class_names) - set(model.class_names))
-    if missing:
-        raise ValueError(f"dataset '{data.name}' has classes {missing} that the model does not know "
-                         f"(model classes: {model.class_names})")
-    items = [it for it in data.items if it.split != "train"]
-    expect(len(items))
-    scored = score_files(model.head, model.backbone(cache_dir, weights), [it.path for it in items],
-                         cache_dir=cache_dir, use_cache=use_cache, progress=progress)
-    fitted = set(model.info.get("fitted_on_sha256", []))
-    keep = [i for i, s in enumerate(scored.shas) if s not in fitted]
-    if not keep:
-        raise ValueError(f"dataset '{data.name}': every image was used to fit or calibrate this model; "
-                         "evaluate on other images")
-    preds = predictions(model, scored.subset(keep), abstain=abstain)
-    ev = evaluate_predictions(preds, data, n_bootstrap=n_bootstrap)
-    ev.metrics["n_excluded_fit_images"] = len(scored.paths) - len(keep)
-    conformal = model.decision.get("conformal")
-    if conformal:
-        index = {n: i for i, n in enumerate(model.class_names)}
-        sets = np.array([[n in r["set"] for n in model.class_names] for r in preds.rows], dtype=bool)
-        y = np.array([index[t] for t in ev.truths], dtype=np.int64)
-        ev.metrics.update(set_metrics(sets, y, model.class_names))
-        ev.metrics.update({"conformal_alpha": conformal["alpha"], "conformal_score": conformal["score"],
-                           "mondrian": conformal["mondrian"]})
-        if abstain:
-            ev.metrics["review_rate"] = float(np.mean([r["label"] == REVIEW for r in preds.rows]))
-    ev.metrics.update({"method": model.head.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
-                       "dataset": data.name, "temperature": model.decision.get("temperature")})
-    return ev
+
+    def score(paths):
+        return score_files(model.head, model.backbone(cache_dir, weights), paths, cache_dir=cache_dir,
+                           use_cache=use_cache, progress=progress)
+
+    return evaluate_classes(model, as_dataset(dataset), score, abstain=abstain, n_bootstrap=n_bootstrap)
 
 
 def evaluate_prototype(

@@ -21,15 +21,8 @@ from ..heads.support import Support
 from ..io.datasets import Dataset
 from ..io.images import iter_image_files
 from ..progress import expect
-from .common import (
-    Evaluation,
-    Predictions,
-    as_backbone,
-    classification_rows,
-    encode,
-    evaluate_predictions,
-    predictions_from,
-)
+from .common import as_backbone, encode, predictions_from
+from .rows import Evaluation, Predictions, classification_rows, evaluate_predictions
 
 
 def as_classes(classes: Sequence[str | ClassSpec] | str) -> list[ClassSpec]:

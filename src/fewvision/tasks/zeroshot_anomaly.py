@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from ..anomaly.musc import MuSc
-from ..anomaly.postprocess import DEFAULT_SIGMA, finish_maps, peak_in_image
+from ..anomaly.postprocess import DEFAULT_SIGMA, finish_maps
+from ..io.geometry import peak_in_image
 from ..backbones.base import Backbone, unpack_layers
 from ..features.cache import open_cache
 from ..features.encode import GLOBAL, encode_files, patch_kind
 from ..io.images import Skipped, iter_image_files
 from ..progress import expect
-from .anomaly import BASELINE_SIZE, DEFAULT_CHUNK_IMAGES, _as_backbone, _patch_chunks, _Recorder, _score_chunks
+from .anomaly import BASELINE_SIZE, DEFAULT_CHUNK_IMAGES, _as_backbone, _patch_chunks, Recorder, _score_chunks
 
 ZERO_SHOT_METHODS = ("musc", "winclip")
 # MuSc's paper reads CLIP ViT-L-14-336 or DINOv2 tokens; the small DINOv2 keeps a CPU batch of a few hundred images
@@ -53,7 +54,7 @@ class ZeroShotAnomaly:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def _musc(scorer: MuSc, bb: Backbone, paths: Sequence[str], cache, rec: _Recorder, batch_size: int,
+def _musc(scorer: MuSc, bb: Backbone, paths: Sequence[str], cache, rec: Recorder, batch_size: int,
           chunk_images: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     layers = scorer.feature_layers(bb)
     layout = bb.patch_layout(layers) if layers else None
@@ -100,7 +101,7 @@ def zero_shot_anomaly(
     bb = _as_backbone(backbone or DEFAULT_ZERO_SHOT_BACKBONES[method], cache_dir, weights)
     cache = open_cache(bb.id, cache_dir, enabled=use_cache)
     size = tuple(int(v) for v in bb.input_size)
-    rec = _Recorder()
+    rec = Recorder()
     if method == "musc":
         used, raw, scores = _musc(MuSc(**(params or {})), bb, paths, cache, rec, batch_size, chunk_images)
         maps = finish_maps(raw, size, sigma)

@@ -1,0 +1,1 @@
+"""Scoring without torch: packed and exported models on onnxruntime or OpenVINO, fed by Pillow and numpy."""
