@@ -125,3 +125,36 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_numpy_metrics_are_scikit_learns_on_ties_absent_classes_and_abstentions():
+    """The light install evaluates without scikit-learn: the numpy AUROC, AP and classification point metrics must
+    be scikit-learn's numbers (ties in scores, classes never predicted or never present, review = -1)."""
+    from sklearn.metrics import (accuracy_score, average_precision_score, precision_recall_fscore_support,
+                                 roc_auc_score)
+
+    from fewvision.metrics.ranking import average_precision, roc_auc
+
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n = int(rng.integers(4, 60))
+        y = rng.random(n) < rng.uniform(0.1, 0.9)
+        y[0], y[1] = True, False
+        s = np.round(rng.normal(y * rng.uniform(0, 2), 1), int(rng.integers(0, 3)))  # rounding makes ties
+        assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        c = int(rng.integers(2, 6))
+        y_true = rng.integers(0, c - 1, n)  # the last class never occurs
+        y_pred = np.where(rng.random(n) < 0.15, -1, rng.integers(0, c, n))
+        m = classification_metrics(y_true, y_pred, [f"c{i}" for i in range(c)], n_bootstrap=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+            assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
+            assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=list(range(c)), average="macro",
+                                                           zero_division=0), abs=1e-12)
+            prec, rec, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=list(range(c)),
+                                                                     zero_division=0)
+        got = np.array([[m["per_class"][f"c{i}"][k] for k in ("precision", "recall", "f1", "support")]
+                        for i in range(c)])
+        assert np.allclose(got, np.c_[prec, rec, f1, support], atol=1e-12), trial

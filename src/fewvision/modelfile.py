@@ -194,6 +194,37 @@ def read_metadata(path: str | os.PathLike, cache_dir: str | None = None) -> dict
     return meta
 
 
+@dataclass
+class Described:
+    """What a model file says of itself, read from its metadata alone (no torch, no head, no backbone): enough to
+    list, store and summarise a model. ``file`` is the .fvm itself (for a .fvz, its unpacked copy)."""
+
+    file: Path
+    task: str
+    method: str
+    backbone_spec: str
+    backbone_id: str
+    class_names: list[str]
+    decision: dict[str, Any]
+    info: dict[str, Any]
+
+
+def described(path: str | os.PathLike, cache_dir: str | None = None) -> Described:
+    path = Path(path)
+    _not_onnx(path)
+    file = path
+    if path.suffix.lower() == PACK_SUFFIX:
+        unpacked = open_pack(path, cache_dir, backbone=False)
+        if unpacked.model_file is None:
+            raise PackError(f"{path}: a backbone bundle, not a model (use 'fewvision models import {path}')")
+        file = unpacked.model_file
+    meta = read_metadata(file)
+    fitted = meta["head"]["fitted"]
+    names = fitted.get("class_names_") if isinstance(fitted.get("class_names_"), list) else []
+    return Described(file, meta["task"], meta["head"]["method"], meta["backbone"]["spec"], meta["backbone"]["id"],
+                     [str(n) for n in names], meta["decision"], meta["info"])
+
+
 def load(path: str | os.PathLike, cache_dir: str | None = None) -> FewVisionModel:
     """Read and check a model file (metadata fields, finite tensors of consistent shapes). The backbone is created
     (and its id checked) when first needed. A packed model (.fvz) is unpacked into ``cache_dir``'s cache."""

@@ -309,8 +309,7 @@ def quality(model: RuntimeModel, paths: list[str], labels: list[str], dataset) -
     """(accuracy or image AUROC, which of the two, images scored) of a graph on an engine, on labelled images."""
     truth = dict(zip(paths, labels))
     if model.task == "anomaly":
-        from sklearn.metrics import roc_auc_score
-
+        from ..metrics.ranking import roc_auc
         from ..tasks.evaluation import good_label_of
 
         good = good_label_of(dataset)
@@ -319,7 +318,7 @@ def quality(model: RuntimeModel, paths: list[str], labels: list[str], dataset) -
         if len(set(y)) < 2:
             raise ExportError(f"{dataset.root or dataset.name}: measuring a reduced precision needs good and defect "
                               "images (the AUROC change)")
-        return float(roc_auc_score(y, [r["score"] for r in res.rows])), "AUROC", len(res.rows)
+        return roc_auc(y, [r["score"] for r in res.rows]), "AUROC", len(res.rows)
     preds = runtime_predict(model, paths)
     correct = [r["top_label"] == truth[r["path"]] for r in preds.rows]
     return float(np.mean(correct)) if correct else 0.0, "accuracy", len(correct)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .ranking import average_precision, roc_auc
 
 DEFAULT_FPR_LIMIT = 0.3
 # The bilinear-form bootstrap builds an n_defect x n_good matrix; above this size it loops instead.
@@ -35,8 +35,8 @@ def image_metrics(scores, is_defect, threshold: float | None) -> dict[str, Any]:
     n_defect, n_good = int(y.sum()), int((~y).sum())
     out: dict[str, Any] = {"n_good": n_good, "n_defect": n_defect}
     if n_defect and n_good:
-        out["image_auroc"] = float(roc_auc_score(y, s))
-        out["image_aupr"] = float(average_precision_score(y, s))
+        out["image_auroc"] = roc_auc(y, s)
+        out["image_aupr"] = average_precision(y, s)
     if threshold is not None:
         flagged = s > threshold
         tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
@@ -76,7 +76,7 @@ def auroc_bootstrap_ci(scores, is_defect, *, n_bootstrap: int = 1000, seed: int 
         values = np.concatenate(values)
     else:
         ones = np.r_[np.ones(len(d)), np.zeros(len(g))]
-        values = np.array([roc_auc_score(ones, np.r_[rng.choice(d, len(d)), rng.choice(g, len(g))])
+        values = np.array([roc_auc(ones, np.r_[rng.choice(d, len(d)), rng.choice(g, len(g))])
                            for _ in range(n_bootstrap)])
     alpha = 1 - confidence
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
@@ -89,11 +89,15 @@ def pixel_auroc(maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndar
     y = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
     if y.all() or not y.any():
         raise ValueError("pixel AUROC needs both defect and defect-free pixels")
-    return float(roc_auc_score(y, s))
+    return roc_auc(y, s)
 
 
 def pro_curve(maps, masks) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) at every distinct score threshold, from the highest threshold down (as compute_pro)."""
+    try:
+        from scipy import ndimage  # connected components; the light install has no scipy
+    except ImportError:
+        raise ValueError("AUPRO needs scipy for the defect regions (pip install scipy)") from None
     structure = np.ones((3, 3), dtype=int)
     scores, fpr_w, pro_w = [], [], []
     regions = []

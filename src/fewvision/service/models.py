@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from .store import ModelVersion, Project
 class Models:
     """Methods of :class:`~fewvision.service.core.Service` for model versions."""
 
-    def _save_version(self, project_id: int, model, origin: str) -> int:
+    def _save_version(self, project_id: int, model, origin: str, source: Path | None = None) -> int:
+        """Store ``model`` as the project's next version (``source``: copy this model file's bytes instead of
+        writing the model, which needs no torch; ``model`` then only gives the summary)."""
         from ..modelfile import save_model
 
         # The file first, under a name of its own; then, in one transaction holding the project's row (replicas on
@@ -25,12 +29,17 @@ class Models:
         # renamed to it and the row. A crash before the commit leaves a file no row names, which the next version
         # of the project replaces.
         # named as a temp file of this process (io.atomic): a start-up sweep removes it if a kill -9 leaves it
-        pending = save_model(self.blobs.model_path(project_id, 0).with_name(
-            f".pending.fvm.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"), model)
+        pending = self.blobs.model_path(project_id, 0).with_name(
+            f".pending.fvm.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+        if source is None:
+            save_model(pending, model)
+        else:
+            pending.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, pending)
         try:
             sha = hashlib.sha256(pending.read_bytes()).hexdigest()
             fitted = model.info.get("n_support", model.info.get("n_fit_images")) or 0
-            summary = {"method": model.head.method, "n_images": int(fitted) + int(model.info.get("n_added", 0)),
+            summary = {"method": model.method, "n_images": int(fitted) + int(model.info.get("n_added", 0)),
                        "threshold": model.decision.get("threshold"), "guarantee": model.decision.get("guarantee")}
             with self._project_lock(project_id), self.Session.begin() as s:
                 project = s.scalars(select(Project).where(Project.id == project_id).with_for_update()).one()
@@ -51,11 +60,14 @@ class Models:
         version of project ``project_name`` (default: the file's stem), created when missing. The same file
         installed again activates the version it gave before instead of adding one."""
         from ..cli.common import file_sha256
-        from ..deploy.pack import register_backbone
-        from ..modelfile import load
+        from ..modelfile import described, is_pack, open_pack
 
         path = Path(path)
-        model = load(path, self.settings.cache_dir)
+        model = described(path, self.settings.cache_dir)  # the file's metadata: no torch, no backbone
+        if importlib.util.find_spec("torch") is not None:
+            from ..modelfile import load
+
+            load(path, self.settings.cache_dir)  # its head rebuilds from the file (checked shapes and values)
         origin = f"installed from {path.name} (sha256 {file_sha256(path)[:16]})"
         name = (project_name or path.stem).strip()
         with self.Session() as s:
@@ -63,19 +75,23 @@ class Models:
             project = None if row is None else self._project_dict(s, row, counts=False)
         if project is None:
             classes = [{"name": n, "description": ""} for n in model.class_names] or None
-            project = self.create_project(name, model.task, model.backbone_spec, model.head.method, classes)
+            project = self.create_project(name, model.task, model.backbone_spec, model.method, classes)
         elif (project["task"], project["backbone"]) != (model.task, model.backbone_spec):
             raise ServiceError(409, "conflict", f"project {name!r} is a {project['task']} project on "
                                                 f"{project['backbone']}; {path} is a {model.task} model on "
                                                 f"{model.backbone_spec}")
-        if model.offline_spec is not None:  # the service creates backbones by spec: point this one at the archive
-            register_backbone(model.backbone_spec, model.offline_spec, model.backbone_id, self.settings.cache_dir)
+        if is_pack(path) and importlib.util.find_spec("torch") is not None:
+            # the service creates backbones by spec: point this one at the archive's files (unpacked now)
+            from ..deploy.pack import register_backbone
+
+            unpacked = open_pack(path, self.settings.cache_dir)
+            register_backbone(model.backbone_spec, unpacked.spec, model.backbone_id, self.settings.cache_dir)
         with self.Session() as s:
             same = s.scalars(select(ModelVersion.version).where(ModelVersion.project_id == project["id"],
                                                                 ModelVersion.origin == origin)).first()
         if same is not None:
             return self.activate(project["id"], same), same
-        version = self._save_version(project["id"], model, origin=origin)
+        version = self._save_version(project["id"], model, origin=origin, source=model.file)
         return self.project(project["id"]), version
 
     def models(self, project_id: int) -> list[dict]:

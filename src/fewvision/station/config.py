@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runtime.engines import CHOICES
 from ..tasks.verdicts import VERDICTS, Policy
 from .sinks import check_options
 
@@ -61,6 +62,7 @@ class StationConfig:
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     monitor_delta: float | None = 0.01  # the drift alarm's false-alarm probability (None: no monitor)
+    engine: str = "auto"  # what runs a packed model's graph (fewvision.runtime.engines); torch for a .fvm
 
 
 def _fail(path: Path, key: str, reason: str) -> ConfigError:
@@ -148,7 +150,7 @@ def load_config(path: str | os.PathLike) -> StationConfig:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
     raw = _mapping(path, raw, "(top level)")
     base = path.resolve().parent
-    _known(path, raw, "", {"name", "model", "source", "sinks", "store", "decision", "metrics", "monitor"})
+    _known(path, raw, "", {"name", "model", "engine", "source", "sinks", "store", "decision", "metrics", "monitor"})
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.match(name):
         raise _fail(path, "name", f"expected letters, digits, '.', '_' or '-' (it names topics and OPC UA nodes), "
@@ -222,6 +224,10 @@ def load_config(path: str | os.PathLike) -> StationConfig:
         delta = float(_number(path, monitor.get("delta", 0.01), "monitor.delta"))
         if not delta < 1:
             raise _fail(path, "monitor.delta", f"expected a probability below 1, got {delta!r}")
+    engine = raw.get("engine", "auto")
+    if engine not in CHOICES:
+        raise _fail(path, "engine", f"expected one of {', '.join(CHOICES)}, got {engine!r}")
     return StationConfig(path=path, name=name, model=model, source=source, sinks=sinks, store=url,
                          data_dir=data_dir, policy=policy, metrics_port=port,
-                         metrics_address=str(metrics.get("address", "127.0.0.1")), monitor_delta=delta)
+                         metrics_address=str(metrics.get("address", "127.0.0.1")), monitor_delta=delta,
+                         engine=engine)

@@ -26,6 +26,7 @@ from ..monitor.watch import LINE_ALARMS, Monitor, nonconformity, reference
 from ..service.monitoring import RESET
 from ..service.store import Alarm, Outbox, Prediction
 from ..tasks.verdicts import ERROR, VERDICTS, judge
+from ..runtime.model import scoring_model
 from .config import StationConfig
 from .metrics import Metrics
 from .outbox import Delivery, backlog
@@ -90,7 +91,8 @@ class Station:
         except ServiceError as err:
             raise RuntimeError(f"{config.path}: {err.message}") from None
         self.project_id = project["id"]
-        self.model = self.service.load_model(self.project_id, self.version)
+        # Its ONNX graph where the pack carries one (no torch needed), else the fitted model on torch.
+        self.model = scoring_model(config.model, config.engine, cache_dir=self.service.settings.cache_dir)
         self.model_sha256 = file_sha256(config.model)
         self.Session = self.service.Session
         self.folder = HotFolder(config.source, config.name)

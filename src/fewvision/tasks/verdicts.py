@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from ..modelfile import FewVisionModel
+from ..runtime import model as runtime
+from ..runtime.model import RuntimeModel
 
 OK, NG, REVIEW, ERROR = "ok", "ng", "review", "error"
 VERDICTS = (OK, NG, REVIEW, ERROR)
@@ -47,7 +49,7 @@ class Judged:
     rows: list[dict]
 
 
-def judge(model: FewVisionModel, paths: Sequence[str], policy: Policy | None = None, *, keep_maps: bool = False,
+def judge(model: FewVisionModel | RuntimeModel, paths: Sequence[str], policy: Policy | None = None, *, keep_maps: bool = False,
           cache_dir: str | None = None, use_cache: bool = True) -> Judged:
     """A verdict for every path, unreadable ones included (verdict ``error`` with the reader's reason)."""
     policy = policy or Policy()
@@ -72,11 +74,14 @@ def _error(path: str, reason: str) -> dict:
 
 def _classification(model: FewVisionModel, paths: list[str], policy: Policy, *, cache_dir: str | None,
                     use_cache: bool) -> dict[str, dict]:
-    from .fewshot import predict
-
     abstain = bool(model.decision.get("conformal")) if policy.abstain is None else policy.abstain
-    preds = predict(model, paths, abstain=abstain, unknown_threshold=policy.review_threshold, cache_dir=cache_dir,
-                    use_cache=use_cache)
+    if isinstance(model, RuntimeModel):
+        preds = runtime.predict(model, paths, abstain=abstain, unknown_threshold=policy.review_threshold)
+    else:
+        from .fewshot import predict
+
+        preds = predict(model, paths, abstain=abstain, unknown_threshold=policy.review_threshold,
+                        cache_dir=cache_dir, use_cache=use_cache)
     accept = policy.accepted(model)
     out = {s.path: _error(s.path, s.reason) for s in preds.skipped}
     for r in preds.rows:
@@ -94,10 +99,13 @@ def _classification(model: FewVisionModel, paths: list[str], policy: Policy, *, 
 
 def _anomaly(model: FewVisionModel, paths: list[str], policy: Policy, *, keep_maps: bool, cache_dir: str | None,
              use_cache: bool) -> dict[str, dict]:
-    from .anomaly import score_files
+    if isinstance(model, RuntimeModel):
+        res = runtime.score_files(model, paths, keep_maps=keep_maps, review_band=policy.review_band)
+    else:
+        from .anomaly import score_files
 
-    res = score_files(model, paths, keep_maps=keep_maps, review_band=policy.review_band, cache_dir=cache_dir,
-                      use_cache=use_cache)
+        res = score_files(model, paths, keep_maps=keep_maps, review_band=policy.review_band, cache_dir=cache_dir,
+                          use_cache=use_cache)
     out = {s.path: _error(s.path, s.reason) for s in res.skipped}
     for i, r in enumerate(res.rows):
         verdict = r["verdict"] or REVIEW  # a model without a threshold cannot tell ok from ng
