@@ -13,11 +13,11 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP_DEMO): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[demo]"
+	$(BIN)/pip install --quiet -e ".[full,demo]"
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[full,dev]"
 	touch $@ $(STAMP_DEMO)
 
 install: $(STAMP_DEMO)

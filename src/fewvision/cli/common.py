@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import typer
 
 from ..defaults import default_backbone
 from ..io.atomic import atomic_open
+from ..runtime.engines import installed
 
 # --- exit codes ---------------------------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -69,7 +69,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     types = [UserError, DatasetError, BadImage, ModelFileError, ThresholdError, ConfigError, FileNotFoundError,
              NotADirectoryError, IsADirectoryError, PermissionError, ValueError]
-    if importlib.util.find_spec("torch") is not None:  # the light install (no torch) raises neither
+    if installed("torch"):  # the light install (no torch) raises neither
         from ..backbones.base import BackboneError
         from ..heads.prompts import PromptError
 

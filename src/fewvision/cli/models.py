@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from inspect import cleandoc
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..runtime.engines import installed
 from .common import (
     CONTEXT,
     EXIT_CODES_HELP,
@@ -136,13 +136,13 @@ def _method(model) -> str:
 def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="model file (.fvm, packed .fvz or exported .onnx)")) -> None:
     """What a model file holds: task, method, backbone, classes or threshold and what it guarantees, the images it
     was fitted on, and the versions that wrote it. Reads the file only (no backbone, no images)."""
-    from ..deploy.onnx import is_onnx
+    from ..runtime.model import is_onnx
     from ..modelfile import load, read_metadata
     from .common import file_sha256
 
     from ..runtime.model import has_graph
 
-    if is_onnx(model_path) or (has_graph(model_path) and importlib.util.find_spec("torch") is None):
+    if is_onnx(model_path) or (has_graph(model_path) and not installed("torch")):
         return _onnx_info(model_path)  # from the graph's metadata: no torch needed
     meta = read_metadata(model_path)
     model = load(model_path)
@@ -182,7 +182,7 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
 
 
 def _onnx_info(path: Path) -> None:
-    from ..deploy.onnx import is_onnx
+    from ..runtime.model import is_onnx
     from ..runtime.model import open_model
     from .common import file_sha256
 

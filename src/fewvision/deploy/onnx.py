@@ -32,12 +32,12 @@ import torch.nn.functional as F
 
 from ..io.atomic import atomic_path
 from ..modelfile import FewVisionModel, ModelFileError
+from ..runtime.engines import ENGINES, installed
 from ..runtime.model import FORMAT, FORMAT_VERSION, METADATA_KEY, RuntimeModel, open_model
 from ..runtime.model import predict as runtime_predict
 from ..runtime.model import score_files as runtime_score_files
 from ..runtime.preprocess import Preprocess, PreprocessError, steps_of
 
-ONNX_SUFFIX = ".onnx"
 # The largest difference an export may show on its check images: |onnxruntime - fewvision| / max(1, |fewvision|),
 # i.e. 1e-4 absolute for probabilities and scores below 1, relative above (Mahalanobis distances reach the tens).
 PARITY_TOLERANCE = 1e-4
@@ -50,10 +50,6 @@ NOT_EXPORTABLE = {"lora": "it adapts the encoder's weights", "contrastive": "it 
 
 class ExportError(ModelFileError):
     """A model that cannot be exported, or an exported file that cannot be used; one line."""
-
-
-def is_onnx(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() == ONNX_SUFFIX
 
 
 # --- the graphs -----------------------------------------------------------------------------------------------
@@ -160,7 +156,7 @@ def _steps(backbone) -> list[dict[str, Any]] | None:
         replay = Preprocess(steps_of(backbone.preprocess))
     except PreprocessError:
         return None
-    for image in _check_pil_images(4):
+    for image in _check_pil_images(6):
         if not np.array_equal(replay(image), backbone.preprocess(image).numpy()):
             return None
     return replay.steps
@@ -170,7 +166,7 @@ def _check_pil_images(n: int = 2) -> list:
     """Test images with texture and edges (seeded), in several sizes and aspect ratios."""
     from PIL import Image
 
-    sizes = [(300, 260), (260, 300), (640, 480), (97, 123)]
+    sizes = [(300, 260), (260, 300), (640, 480), (97, 123), (371, 257), (255, 399)]  # even and odd crop margins
     rng = np.random.default_rng(0)
     images = []
     for i in range(n):
@@ -232,6 +228,11 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_
         if manifest["parity"] > PARITY_TOLERANCE:
             raise ExportError(f"{model_path}: onnxruntime differs from fewvision by {manifest['parity']:.3g} "
                               f"(relative, > {PARITY_TOLERANCE:g}) on the check images; not written")
+        # Every other installed engine is checked the same way; --engine auto only picks one that passed.
+        manifest["engines"] = {"onnxruntime": manifest["parity"]}
+        for engine in ENGINES:
+            if engine != "onnxruntime" and installed(engine):
+                manifest["engines"][engine] = _parity(graph, load_onnx(tmp, engine=engine), pixels)
     return manifest
 
 

@@ -114,3 +114,25 @@ def mask_view(mask, preprocess, size: tuple[int, int], coverage: float = MASK_CO
     binary = (np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255
     rgb = Image.fromarray(binary, mode="L").convert("RGB")
     return input_view(rgb, preprocess, size)[..., 0] >= coverage
+
+
+def _interpolation_matrix(source: int, target: int) -> np.ndarray:
+    """``[target, source]`` weights of 1-D linear interpolation with half-pixel centres (``align_corners=False``):
+    target pixel i samples source position ``(i + 0.5) * source / target - 0.5``, clamped at the edges."""
+    position = np.maximum((np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5, 0.0)
+    left = np.minimum(np.floor(position).astype(np.int64), source - 1)
+    right = np.minimum(left + 1, source - 1)
+    weight = position - left
+    matrix = np.zeros((target, source), dtype=np.float64)
+    np.add.at(matrix, (np.arange(target), left), 1.0 - weight)
+    np.add.at(matrix, (np.arange(target), right), weight)
+    return matrix
+
+
+def resize_bilinear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A 2-D map resized to ``size`` as torch's ``interpolate(mode="bilinear", align_corners=False)`` does (to
+    float32 rounding), with numpy alone."""
+    array = np.asarray(array, dtype=np.float64)
+    rows = _interpolation_matrix(array.shape[0], int(size[0]))
+    cols = _interpolation_matrix(array.shape[1], int(size[1]))
+    return (rows @ array @ cols.T).astype(np.float32)

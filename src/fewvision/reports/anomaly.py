@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..io.geometry import image_coordinates, input_view
+from ..io.geometry import image_coordinates, input_view, resize_bilinear
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.images import BadImage, load_image
 from .page import _CSS, _e, _img, _kv_table, _png_data_uri
@@ -39,21 +39,26 @@ def display_map(heat: np.ndarray, decision: Mapping[str, Any]) -> np.ndarray:
     baseline = decision.get("heatmap_baseline")
     if not baseline:
         return np.asarray(heat, dtype=np.float32)
-    import torch
+    up = resize_bilinear(np.asarray(baseline, dtype=np.float32), tuple(heat.shape))
+    return np.asarray(heat, dtype=np.float32) - up
 
-    base = torch.as_tensor(baseline, dtype=torch.float32)[None, None]
-    up = torch.nn.functional.interpolate(base, size=tuple(heat.shape), mode="bilinear", align_corners=False)[0, 0]
-    return np.asarray(heat, dtype=np.float32) - up.numpy()
+
+# matplotlib's ``jet`` (its breakpoints, matplotlib._cm._jet_data) as the 256-entry table matplotlib builds from
+# them, so heat maps are drawn without matplotlib on the light install (tested equal to matplotlib's bytes).
+_JET = {"red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+        "green": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+        "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0))}
+_JET_N = 256
+_JET_BYTES = np.stack([(np.interp(np.linspace(0, 1, _JET_N), *zip(*_JET[c])) * 255).astype(np.uint8)
+                       for c in ("red", "green", "blue")], axis=1)
 
 
 def colours(heat: np.ndarray, vrange: Sequence[float]) -> np.ndarray:
     """``jet`` colours [..., 3] in 0..1 of ``heat`` over ``vrange`` (float32)."""
-    from matplotlib import colormaps
-
     lo, hi = float(vrange[0]), float(vrange[1])
     norm = np.clip((np.asarray(heat, dtype=np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
-    # bytes: the colour map's float64 RGBA of a 4096 px map alone would take 537 MB
-    return colormaps["jet"](norm, bytes=True)[..., :3].astype(np.float32) / 255.0
+    index = (norm * np.float32(_JET_N)).astype(np.int64)  # as matplotlib indexes its table: x * N, 1.0 -> N - 1
+    return _JET_BYTES[np.minimum(index, _JET_N - 1)].astype(np.float32) / 255.0
 
 
 def overlay_rgb(image: np.ndarray, heat: np.ndarray, vrange: Sequence[float], alpha: float = OVERLAY_ALPHA,

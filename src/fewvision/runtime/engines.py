@@ -5,9 +5,11 @@
   bf16 (``INFERENCE_PRECISION_HINT``) on CPUs with bf16 instructions (AVX-512 BF16 or AMX).
 
 ``--engine auto`` picks, in this order: the reduced-precision run a pack recorded after passing its accuracy gate
-(``fewvision pack --precision``), when its engine is installed and this CPU can run it; else OpenVINO fp32 when it
-is installed; else onnxruntime fp32. fp32 on any engine is what the export's 1e-4 parity check covered; a reduced
-precision is only ever used where it was measured on the user's images.
+(``fewvision pack --precision``), when its engine is installed and this CPU can run it; else, of the fp32 engines
+whose scores passed the 1e-4 parity check when the model was packed, the one that was fastest there and is
+installed here; else onnxruntime fp32 (the engine every export is checked on, and the one an exported .onnx runs
+on). A reduced precision is only ever used where it was measured on the user's images; the speed is measured on
+the packing machine, so a line PC of another make may rank the engines otherwise (``--engine`` overrides).
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ class EngineError(ValueError):
     """An engine that is missing or cannot run a graph here; one line."""
 
 
-def installed(engine: str) -> bool:
-    return importlib.util.find_spec(engine) is not None
+def installed(module: str) -> bool:
+    """Whether ``module`` (an engine, torch, scipy ...) can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses the name: not importable either
+        return False
 
 
 def cpu_has_bf16() -> bool:
@@ -104,18 +110,21 @@ def create_engine(engine: str, graph: Path, *, precision: str = "fp32", threads:
     raise EngineError(f"unknown engine {engine!r} (choose from {', '.join(CHOICES)})")
 
 
-def choose(requested: str, recorded: dict[str, Any] | None = None, *,
-           graphs: tuple[str, ...] = ("fp32",)) -> tuple[str, str]:
-    """(engine, precision) for ``--engine requested`` (see the module's doc for ``auto``). ``recorded`` is the
-    pack's gated run ({"engine", "precision", ...}) or None; ``graphs`` the precisions of the graphs at hand."""
+def choose(requested: str, recorded: dict[str, Any] | None = None, *, graphs: tuple[str, ...] = ("fp32",),
+           measured: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(engine, precision) for ``--engine requested`` (see the module's doc for ``auto``). ``recorded``: the pack's
+    gated run ({"engine", "precision", ...}) or None; ``graphs``: the precisions of the graphs at hand;
+    ``measured``: the fp32 engines that passed the parity check when the model was packed, with their speed there
+    ({name: {"images_per_s": ...}}); None for an exported .onnx (checked on onnxruntime)."""
     if requested not in CHOICES or requested == "torch":
-        raise EngineError(f"unknown engine {requested!r} (choose from {', '.join(CHOICES)})")
+        raise EngineError(f"unknown engine {requested!r} (choose from {', '.join(ENGINES)})")
     if recorded and recorded.get("precision") in graphs + ("bf16",) and \
             requested in ("auto", recorded["engine"]) and installed(recorded["engine"]) and \
             (recorded["precision"] != "bf16" or cpu_has_bf16()):
         return recorded["engine"], recorded["precision"]
     if requested == "auto":
-        return ("openvino" if installed("openvino") else "onnxruntime"), "fp32"
+        usable = {name: entry.get("images_per_s", 0) for name, entry in (measured or {}).items() if installed(name)}
+        return (max(usable, key=usable.get) if usable else "onnxruntime"), "fp32"
     if not installed(requested):
         raise EngineError(f"the {requested} engine is not installed: pip install 'fewvision[{requested}]'")
     return requested, "fp32"

@@ -10,7 +10,6 @@ torch path's. Which engine runs the graph is :mod:`fewvision.runtime.engines`'s 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from ..progress import expect, progress_bar
 from ..tasks.evaluation import AnomalyEvaluation, evaluate_classes, evaluate_maps
 from ..tasks.rows import AnomalyPredictions, Evaluation, Predictions, Recorder, Scored, anomaly_rows, pixel_chunks, \
     predictions
-from .engines import CHOICES, EngineError, choose, create_engine
+from .engines import CHOICES, EngineError, choose, create_engine, installed
 from .preprocess import Preprocess
 
 FORMAT = "fewvision-onnx"
@@ -126,6 +125,10 @@ def _manifest_of(path: Path, graph: Path) -> dict[str, Any]:
     return manifest
 
 
+def is_onnx(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
 def has_graph(path: str | os.PathLike, cache_dir: str | None = None) -> bool:
     """Whether a model file can be scored without torch (an .onnx, or a .fvz packed with its graph)."""
     path = Path(path)
@@ -156,15 +159,16 @@ def open_model(path: str | os.PathLike, *, engine: str = "auto", cache_dir: str 
         if INT8_GRAPH in unpacked.graphs:
             graphs["int8"] = unpacked.graphs[INT8_GRAPH]
         recorded = packed.get("precision")
+        measured = packed.get("graph", {}).get("engines")
     elif path.suffix.lower() == MODEL_SUFFIX:
         raise RuntimeModelError(f"{path}: scoring without torch takes a packed model (.fvz) or an exported .onnx; "
                                 f"a .fvm needs torch: {FULL_EXTRA}")
-    else:  # an exported .onnx (or a temporary name for one)
-        graphs, recorded = {"fp32": path}, None
+    else:  # an exported .onnx (or a temporary name for one): checked on onnxruntime
+        graphs, recorded, measured = {"fp32": path}, None, None
     manifest = _manifest_of(path, graphs["fp32"])
     try:
         if precision is None:
-            name, precision = choose(engine, recorded, graphs=tuple(graphs))
+            name, precision = choose(engine, recorded, graphs=tuple(graphs), measured=measured)
         else:
             name = choose(engine)[0]
             if precision == "int8" and "int8" not in graphs:
@@ -197,7 +201,7 @@ def scoring_model(path: str | os.PathLike, engine: str = "auto", *, cache_dir: s
         raise RuntimeModelError(f"{path}: --engine {engine} runs an ONNX graph, and this model has none (a .fvm, a "
                                 "pack of a model that cannot be exported, or one packed before packs carried "
                                 "graphs); use --engine torch")
-    if importlib.util.find_spec("torch") is None:  # one clear line rather than an ImportError deep in a head
+    if not installed("torch"):  # one clear line rather than an ImportError deep in a head
         raise RuntimeModelError(f"{path}: this model needs torch (a .fvm, or a pack without an ONNX graph): "
                                 f"{FULL_EXTRA}, or pack it where torch is installed")
     return load(path, cache_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import uuid
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from ..runtime.engines import installed
 from . import store
 from .common import ServiceError, not_found
 from .store import ModelVersion, Project
@@ -64,7 +64,7 @@ class Models:
 
         path = Path(path)
         model = described(path, self.settings.cache_dir)  # the file's metadata: no torch, no backbone
-        if importlib.util.find_spec("torch") is not None:
+        if installed("torch"):
             from ..modelfile import load
 
             load(path, self.settings.cache_dir)  # its head rebuilds from the file (checked shapes and values)
@@ -80,7 +80,7 @@ class Models:
             raise ServiceError(409, "conflict", f"project {name!r} is a {project['task']} project on "
                                                 f"{project['backbone']}; {path} is a {model.task} model on "
                                                 f"{model.backbone_spec}")
-        if is_pack(path) and importlib.util.find_spec("torch") is not None:
+        if is_pack(path) and installed("torch"):
             # the service creates backbones by spec: point this one at the archive's files (unpacked now)
             from ..deploy.pack import register_backbone
 

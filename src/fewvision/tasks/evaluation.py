@@ -6,7 +6,6 @@ an exported graph in :mod:`fewvision.runtime`). ``model`` is anything with ``cla
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from ..io.datasets import GOOD, Dataset, DatasetError, load_dataset
 from ..io.geometry import mask_view
 from ..io.images import BadImage, hash_files, load_image
 from ..progress import expect
+from ..runtime.engines import installed
 from .rows import AnomalyPredictions, Evaluation, Scored, evaluate_predictions, predictions
 
 
@@ -175,7 +175,7 @@ def evaluate_maps(model, dataset: Dataset | str | os.PathLike, score: Callable[[
         sel_masks = [masks[i] for i in use]
         if any(m.any() for m in sel_masks):
             metrics["pixel_auroc"] = pixel_auroc(sel_maps, sel_masks)
-            if importlib.util.find_spec("scipy") is not None:  # its connected components; not on the light install
+            if installed("scipy"):  # its connected components; not on the light install
                 metrics["aupro"] = aupro(sel_maps, sel_masks)
                 metrics["aupro_fpr_limit"] = 0.3
             else:
