@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_DEMO := $(VENV)/.installed-demo
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test install clean benchmarks
+.PHONY: demo test test-light install clean benchmarks
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP_DEMO)
 test: $(STAMP_DEV)
 	bash .ci/system-deps.sh
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+
+# The light install (no torch) in a fresh environment, running the packed-model commands; CI runs it after test.
+test-light: $(STAMP_DEV)
+	bash .ci/light.sh
 
 benchmarks: $(STAMP_DEV)
 	$(BIN)/python benchmarks/run_all.py

@@ -32,13 +32,18 @@ TOLERANCE = 1e-4  # the export's parity bound: absolute below 1, relative above
 MAP_TOLERANCE = 1e-3
 
 
+# CI's light-install step (.ci/light.sh) points this at a fresh environment with `pip install .` only.
+LIGHT_PYTHON = os.environ.get("FEWVISION_LIGHT_PYTHON")
+
+
 def light(*args, allow=(), cwd=None):
-    """``fewvision ARGS`` in a process where only the light install's packages import: (code, stdout, stderr)."""
+    """``fewvision ARGS`` in a process where only the light install's packages import: (code, stdout, stderr).
+    Here: this environment with everything else blocked (tests/no_torch.py); in CI also the real light install."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                FEWVISION_TEST_ALLOW=",".join(allow), OMP_NUM_THREADS="1")
     code = ("import no_torch, sys; sys.argv[0] = 'fewvision'; from fewvision.cli import main; main()")
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    done = subprocess.run([LIGHT_PYTHON or sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -286,3 +291,42 @@ def test_reduced_precision_is_recorded_only_past_its_gate_on_the_users_images(pa
     # Both sides of the limit are tested on a CNN in test_deploy_onnx (the same gate); without --calibrate: refused.
     code, _, err = run_cli(monkeypatch, capsys, "pack", fvm, "-o", tmp_path / "x.fvz", "--precision", "int8")
     assert code == 2 and "--calibrate" in err
+
+
+def test_bf16_is_recorded_where_the_cpu_has_it_and_measured_first(packs, tmp_path, held_out, monkeypatch, capsys):
+    from cli_helpers import run_cli
+
+    from fewvision.runtime.engines import cpu_has_bf16
+
+    pytest.importorskip("openvino")
+    fvm, _ = packs["linear"]
+    code, out, err = run_cli(monkeypatch, capsys, "pack", fvm, "-o", tmp_path / "bf16.fvz", "--precision", "bf16",
+                             "--calibrate", held_out, "--max-drop", "1")
+    if not cpu_has_bf16():  # this CPU cannot run it: refused in one line, nothing written
+        assert code == 2 and "bf16" in err and not (tmp_path / "bf16.fvz").exists()
+        return
+    assert code == 0, err
+    model = runtime.open_model(tmp_path / "bf16.fvz")
+    assert model.engine_name == "openvino bf16" and model.packed["precision"]["images"] == 24
+    fp32 = runtime.predict(runtime.open_model(tmp_path / "bf16.fvz", engine="onnxruntime"), [held_out])
+    reduced = runtime.predict(model, [held_out])
+    p32 = np.array([list(r["probabilities"].values()) for r in fp32.rows])
+    p16 = np.array([list(r["probabilities"].values()) for r in reduced.rows])
+    assert 0 < np.abs(p32 - p16).max() < 0.1  # bf16 really ran: close to fp32, not equal
+
+
+def test_heat_maps_need_neither_matplotlib_nor_torch_and_look_the_same():
+    from matplotlib import colormaps
+
+    from fewvision.io.geometry import resize_bilinear
+    from fewvision.reports.anomaly import colours
+
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.random(100_000).astype(np.float32), np.float32([0, 1, 0.5, 1 / 256, 255 / 256, 0.99999994])]
+    want = colormaps["jet"](x, bytes=True)[..., :3].astype(np.float32) / 255
+    assert np.array_equal(colours(x, [0, 1]), want)
+    for source, target in (((16, 16), (224, 224)), ((7, 9), (30, 11)), ((20, 30), (5, 7)), ((64, 64), (64, 64))):
+        m = rng.random(source).astype(np.float32)
+        torch_map = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=target, mode="bilinear",
+                                                    align_corners=False)[0, 0].numpy()
+        assert np.abs(resize_bilinear(m, target) - torch_map).max() <= 2e-6, (source, target)
