@@ -103,11 +103,12 @@ def anomaly_images(textile_root):
     return sorted((textile_root / "local").glob("*.jpg"))[:3] + sorted((textile_root / "nominal").glob("*.jpg"))[10:12]
 
 
-ANOMALY = [("patchcore", "timm:resnet18@random"), ("padim", "timm:resnet18@random"), ("patchcore", "clip")]
+ANOMALY = [("patchcore", "timm:resnet18@random"), ("padim", "timm:resnet18@random"), ("patchcore", "clip"),
+           ("anomalydino", "timm:resnet18@random")]
 
 
 @pytest.mark.parametrize("method,spec", ANOMALY, ids=[f"{m}-{s.split(':')[0]}" for m, s in ANOMALY])
-def test_patchcore_and_padim_exports_give_fewvisions_scores_and_maps(tmp_path, tiny_clip_weights, good_folder,
+def test_anomaly_exports_give_fewvisions_scores_and_maps(tmp_path, tiny_clip_weights, good_folder,
                                                                       anomaly_images, method, spec):
     spec = tiny_clip_weights if spec == "clip" else spec
     model = anomaly_tasks.fit_anomaly([good_folder], method=method, backbone=spec, use_cache=False,

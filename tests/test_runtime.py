@@ -330,3 +330,68 @@ def test_heat_maps_need_neither_matplotlib_nor_torch_and_look_the_same():
         torch_map = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=target, mode="bilinear",
                                                     align_corners=False)[0, 0].numpy()
         assert np.abs(resize_bilinear(m, target) - torch_map).max() <= 2e-6, (source, target)
+
+
+def test_the_light_runtime_checks_the_graph_it_runs_and_not_the_weights_it_never_reads(packs, tmp_path,
+                                                                                      textile_subset):
+    import tarfile
+
+    from fewvision.modelfile import PackError, load_packed, open_pack
+
+    _, fvz = packs["linear"]
+
+    def flipped(member_prefix: str) -> Path:
+        copy = tmp_path / f"{member_prefix.strip('/')}.fvz"
+        shutil.copy(fvz, copy)
+        with tarfile.open(copy) as tar:
+            member = next(m for m in tar.getmembers() if m.name.startswith(member_prefix))
+        with open(copy, "r+b") as fh:
+            fh.seek(member.offset_data + member.size // 2)
+            byte = fh.read(1)
+            fh.seek(-1, 1)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        return copy
+
+    graph, weights = flipped("graph/"), flipped("backbone/")
+    with pytest.raises(PackError, match="'graph/fp32.onnx' fails its sha256 check"):
+        runtime.open_model(graph)
+    assert len(runtime.predict(runtime.open_model(weights), [textile_subset]).rows) == 36  # never read
+    with pytest.raises(PackError, match="fails its sha256 check"):  # the torch path reads them: refused there
+        open_pack(weights)
+    with pytest.raises(PackError):
+        load_packed(weights)
+
+
+def test_the_station_judges_with_a_packed_graph_without_torch(packs, tmp_path, anomaly_images):
+    import signal
+    import time
+
+    from station_helpers import land, store_rows, write_station
+
+    fvm, fvz = packs["patchcore"]
+    station_file = write_station(tmp_path, fvz, [{"csv": {"path": "verdicts.csv"}}], engine="onnxruntime")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    code = "import no_torch, sys; sys.argv[0] = 'fewvision'; from fewvision.cli import main; main()"
+    process = subprocess.Popen([LIGHT_PYTHON or sys.executable, "-c", code, "station", "run", str(station_file)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    images = sorted(anomaly_images.rglob("*.jpg"))
+    try:
+        (tmp_path / "incoming").mkdir(exist_ok=True)
+        for i, image in enumerate(images):
+            land(image, tmp_path / "incoming", f"P{i:03d}_{image.parent.name}.jpg")
+        deadline = time.monotonic() + 120
+        while len(store_rows(tmp_path)) < len(images) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert len(store_rows(tmp_path)) == len(images), process.stdout.read1().decode() if process.poll() else ""
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    assert "no module" not in output.lower(), output
+    want = anomaly_tasks.score_files(load(fvm), images, use_cache=False)
+    scores = dict(store_rows(tmp_path, "select filename, score from predictions"))
+    for row, image, i in zip(want.rows, images, range(len(images))):
+        got = scores[f"P{i:03d}_{image.parent.name}.jpg"]
+        assert abs(got - row["score"]) <= TOLERANCE * max(1.0, abs(row["score"]))
+    verdicts = read_csv(tmp_path / "verdicts.csv")
+    assert len(verdicts) == len(images) and {v["verdict"] for v in verdicts} >= {"ok", "ng"}

@@ -422,7 +422,7 @@ def open_pack(path: str | os.PathLike, cache_dir: str | None = None, *, backbone
                 if not (final.is_file() and final.stat().st_size == files[name]["size"]):
                     final.parent.mkdir(parents=True, exist_ok=True)
                     temp_models[name] = targets[name] = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            _check_members(path, tar, files, targets)
+            _check_members(path, tar, files, targets, set() if backbone else set(backbone_files))
         if temp_dir is not None:
             (temp_dir / ".complete").write_text("")
             for p in [temp_dir, *temp_dir.rglob("*")]:  # mkdtemp's 0700 would lock out other users of the cache
@@ -458,8 +458,11 @@ def _umask() -> int:
     return mask
 
 
-def _check_members(path: Path, tar: tarfile.TarFile, files: dict[str, dict], targets: dict[str, Path]) -> None:
-    """Stream every member through sha256 against the manifest, writing those named in ``targets`` there."""
+def _check_members(path: Path, tar: tarfile.TarFile, files: dict[str, dict], targets: dict[str, Path],
+                   unused: set[str] = frozenset()) -> None:
+    """Stream every member through sha256 against the manifest, writing those named in ``targets`` there. Members
+    in ``unused`` (a backbone's files when only the ONNX graph will run) are checked for their size only: their
+    bytes are never read, so their damage cannot change a score."""
     seen: set[str] = set()
     while (member := tar.next()) is not None:  # after the manifest (iterating the TarFile would start over)
         name = member.name
@@ -468,6 +471,11 @@ def _check_members(path: Path, tar: tarfile.TarFile, files: dict[str, dict], tar
         if name in seen or not member.isfile():
             raise PackError(f"{path}: member '{name}' is repeated or not a plain file")
         seen.add(name)
+        if name in unused and name not in targets:
+            if member.size != files[name]["size"]:
+                raise PackError(f"{path}: member '{name}' has {member.size} bytes, the manifest says "
+                                f"{files[name]['size']} (truncated or altered)")
+            continue
         h, size = hashlib.sha256(), 0
         source = tar.extractfile(member)
         target = None

@@ -94,12 +94,12 @@ def export(
     weights: Optional[str] = weights_option(),
     cache_dir: Optional[str] = cache_dir_option(),
 ) -> None:
-    """Export a model to one ONNX file: encoder and head (for PatchCore and PaDiM also the memory bank or Gaussians
-    and the post-processing to the anomaly map) in one graph, with the preprocessing recipe, classes, calibration
+    """Export a model to one ONNX file: encoder and head (for PatchCore, PaDiM and AnomalyDINO also the memory bank or
+    Gaussians and the post-processing to the anomaly map) in one graph, with the preprocessing recipe, classes, calibration
     and threshold in its metadata. 'predict' and 'anomaly predict' run it with onnxruntime and write the same
     columns. The export is refused when onnxruntime's scores differ from fewvision's by more than 1e-4 on check
     images. Exportable: classification heads on image features (prototype, linear, tip, tip-f, clip-adapter, coop,
-    zeroshot, prolip) and PatchCore / PaDiM, on open_clip and timm backbones."""
+    zeroshot, prolip) and PatchCore / PaDiM / AnomalyDINO (without masking), on open_clip and timm backbones."""
     from ..deploy.onnx import export_onnx
 
     if format != "onnx":

@@ -6,7 +6,8 @@ One graph per model: preprocessed pixels ``[N, 3, H, W]`` in, and out
   class probabilities ``[N, C]``, exactly what ``ClassifierHead.predict_proba`` returns;
 * anomaly (PatchCore, PaDiM): the encoder's patch features rounded through float16 as the feature cache stores
   them, the head with its memory bank or Gaussians as constants, and :func:`fewvision.anomaly.postprocess.finish` -
-  the finished anomaly maps ``[N, H, W]`` and image scores ``[N]``.
+  the finished anomaly maps ``[N, H, W]`` and image scores ``[N]``; AnomalyDINO (without masking): the head's own
+  encoding of the pixels (it never reads the cache), its bank as a constant, and ``finish``.
 
 The graph is traced from the same modules that score in Python, and everything around it is shared too: the
 model's metadata (task, classes, calibration, conformal thresholds, anomaly threshold, map geometry) and the
@@ -16,7 +17,8 @@ functions that turn probabilities and scores into rows. So an exported model wri
 writes, and the export itself is refused if onnxruntime's scores differ from fewvision's on test images.
 
 Not exportable: heads that adapt the encoder or call out (LoRA, SLAC/TLAC, ``--good``), test-time adaptation,
-anomaly heads other than PatchCore and PaDiM, and the ``texture`` backbone (torch's exporter has no complex FFT).
+anomaly heads other than PatchCore, PaDiM and AnomalyDINO (and AnomalyDINO with its per-image PCA foreground mask),
+and the ``texture`` backbone (torch's exporter has no complex FFT).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 from ..io.atomic import atomic_path
 from ..modelfile import FewVisionModel, ModelFileError
-from ..runtime.engines import ENGINES, installed
+from ..runtime.engines import installed
 from ..runtime.model import FORMAT, FORMAT_VERSION, METADATA_KEY, RuntimeModel, open_model
 from ..runtime.model import predict as runtime_predict
 from ..runtime.model import score_files as runtime_score_files
@@ -41,7 +43,7 @@ from ..runtime.preprocess import Preprocess, PreprocessError, steps_of
 # The largest difference an export may show on its check images: |onnxruntime - fewvision| / max(1, |fewvision|),
 # i.e. 1e-4 absolute for probabilities and scores below 1, relative above (Mahalanobis distances reach the tens).
 PARITY_TOLERANCE = 1e-4
-ANOMALY_METHODS = ("patchcore", "padim")
+ANOMALY_METHODS = ("patchcore", "padim", "anomalydino")
 NOT_EXPORTABLE = {"lora": "it adapts the encoder's weights", "contrastive": "it adapts the encoder's weights",
                   "slac": "it asks an LMM", "tlac": "it asks an LMM", "gcpl": "it runs a diffusion pipeline",
                   "comple": "it runs a diffusion pipeline",
@@ -82,6 +84,9 @@ class AnomalyGraph(torch.nn.Module):
         from ..anomaly.postprocess import finish
         from ..tasks.anomaly import PATCH_CACHE_DTYPE
 
+        if self.head.inputs != "patches":  # AnomalyDINO: the head encodes the images itself (no feature cache)
+            raw, scores = self.head.score(pixels, self.backbone)
+            return finish(self.head, raw, scores, self.size, self.sigma)
         assert PATCH_CACHE_DTYPE == np.float16
         maps = self.backbone.patch_features(pixels, self.layers) if self.layers else \
             self.backbone.patch_features(pixels)
@@ -104,7 +109,11 @@ def _check_exportable(model: FewVisionModel, backbone) -> str:
         raise ExportError(f"backbone '{backbone.spec}' cannot be exported yet (open_clip and timm backbones can)")
     if model.task == "anomaly":
         if method not in ANOMALY_METHODS:
-            raise ExportError(f"anomaly method '{method}' cannot be exported to ONNX (PatchCore and PaDiM can)")
+            raise ExportError(f"anomaly method '{method}' cannot be exported to ONNX (PatchCore, PaDiM and "
+                              "AnomalyDINO can)")
+        if method == "anomalydino" and model.head.masking:
+            raise ExportError("anomalydino with masking cannot be exported to ONNX: its foreground mask is a "
+                              "principal component fitted per image (scikit-learn)")
         return "patch"
     kind = feature_kind(model.head)
     if kind not in ("global", "preproj"):
@@ -184,9 +193,11 @@ def _check_images(backbone, n: int = 2) -> torch.Tensor:
 
 
 def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_dir: str | None = None,
-                weights: str | None = None, opset: int = 18) -> dict[str, Any]:
+                weights: str | None = None, opset: int = 18,
+                engines: Sequence[str] = ("onnxruntime",)) -> dict[str, Any]:
     """Export a model file (or packed model) to one ONNX file; the result's scores are checked against fewvision's
-    on test images before the file is written. Returns the manifest with ``parity`` (the largest difference)."""
+    on test images before the file is written. Returns the manifest with ``parity`` (onnxruntime's largest
+    difference) and ``engines`` (that of each installed engine in ``engines``)."""
     import onnx
 
     from ..modelfile import load
@@ -228,9 +239,9 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_
         if manifest["parity"] > PARITY_TOLERANCE:
             raise ExportError(f"{model_path}: onnxruntime differs from fewvision by {manifest['parity']:.3g} "
                               f"(relative, > {PARITY_TOLERANCE:g}) on the check images; not written")
-        # Every other installed engine is checked the same way; --engine auto only picks one that passed.
+        # Other engines asked for are checked the same way (pack: every installed one; auto picks among those).
         manifest["engines"] = {"onnxruntime": manifest["parity"]}
-        for engine in ENGINES:
+        for engine in engines:
             if engine != "onnxruntime" and installed(engine):
                 manifest["engines"][engine] = _parity(graph, load_onnx(tmp, engine=engine), pixels)
     return manifest

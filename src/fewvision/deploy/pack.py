@@ -25,7 +25,7 @@ import numpy as np
 
 from ..backbones.imported import IMPORTED, imported_backbones, register_backbone
 from ..io.atomic import atomic_path
-from ..runtime.engines import PRECISIONS
+from ..runtime.engines import ENGINES, PRECISIONS
 from ..runtime.model import FP32_GRAPH, INT8_GRAPH
 from .onnx import DEFAULT_MAX_DROP, PARITY_TOLERANCE
 from ..modelfile import _BLOCK, _OPENED, MANIFEST, MODEL_MEMBER, PackError, Unpacked, check_member_name, is_pack, \
@@ -122,7 +122,7 @@ def _graphs(model_path: Path, work: Path, *, cache_dir, weights, precision, data
 
     fp32 = work / "fp32.onnx"
     try:
-        exported = export_onnx(model_path, fp32, cache_dir=cache_dir, weights=weights)
+        exported = export_onnx(model_path, fp32, cache_dir=cache_dir, weights=weights, engines=ENGINES)
     except ExportError as err:
         if precision != "fp32":
             raise PackError(f"--precision {precision} needs the ONNX graph, and {str(err).split(': ', 1)[-1]}") \
@@ -133,7 +133,9 @@ def _graphs(model_path: Path, work: Path, *, cache_dir, weights, precision, data
     # images: --engine auto runs the fastest of them that the line PC has.
     engines = {name: {"parity": value, "images_per_s": _speed(fp32, name)}
                for name, value in exported["engines"].items() if value <= PARITY_TOLERANCE}
-    extra: dict[str, Any] = {"graph": {"parity": exported["parity"], "engines": engines}}
+    # The graph's own metadata again (as in the ONNX file): the light runtime reads it without opening the graph.
+    manifest = {k: v for k, v in exported.items() if k not in ("parity", "engines")}
+    extra: dict[str, Any] = {"graph": {"parity": exported["parity"], "engines": engines, "manifest": manifest}}
     if precision == "int8":
         int8 = work / "int8.onnx"
         q = quantize_int8(fp32, int8, dataset, max_drop=max_drop, force=force)["int8"]

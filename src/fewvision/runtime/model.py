@@ -165,7 +165,7 @@ def open_model(path: str | os.PathLike, *, engine: str = "auto", cache_dir: str 
                                 f"a .fvm needs torch: {FULL_EXTRA}")
     else:  # an exported .onnx (or a temporary name for one): checked on onnxruntime
         graphs, recorded, measured = {"fp32": path}, None, None
-    manifest = _manifest_of(path, graphs["fp32"])
+    manifest = (packed or {}).get("graph", {}).get("manifest") or _manifest_of(path, graphs["fp32"])
     try:
         if precision is None:
             name, precision = choose(engine, recorded, graphs=tuple(graphs), measured=measured)

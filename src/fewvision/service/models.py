@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from ..runtime.engines import installed
 from . import store
-from .common import ServiceError, not_found
+from .common import ServiceError, check_text, not_found
+from .projects import ANOMALY_CLASSES
 from .store import ModelVersion, Project
 
 
@@ -73,9 +74,13 @@ class Models:
         with self.Session() as s:
             row = s.scalars(select(Project).where(Project.name == name)).first()
             project = None if row is None else self._project_dict(s, row, counts=False)
-        if project is None:
-            classes = [{"name": n, "description": ""} for n in model.class_names] or None
-            project = self.create_project(name, model.task, model.backbone_spec, model.method, classes)
+        if project is None:  # the fitted model vouches for its task, backbone, method and classes
+            classes = [{"name": n, "description": ""} for n in model.class_names] if model.task == "classification" \
+                else [dict(c) for c in ANOMALY_CLASSES]
+            check_text(name, "name")
+            if not name or len(name) > 200:
+                raise ServiceError(422, "invalid", "a project needs a name of 1 to 200 characters")
+            project = self._add_project(name, model.task, model.backbone_spec, model.method, classes, {})
         elif (project["task"], project["backbone"]) != (model.task, model.backbone_spec):
             raise ServiceError(409, "conflict", f"project {name!r} is a {project['task']} project on "
                                                 f"{project['backbone']}; {path} is a {model.task} model on "

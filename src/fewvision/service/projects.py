@@ -13,6 +13,8 @@ from .common import DEFAULT_METHODS, TASKS, ServiceError, check_text, not_found
 from .params import check_params
 from .store import Exemplar, Job, ModelVersion, Prediction, Project, Review, Token, utcnow
 
+ANOMALY_CLASSES = ({"name": "good", "description": "a good part"}, {"name": "defect", "description": "a defect"})
+
 
 class Projects:
     """Methods of :class:`~fewvision.service.core.Service` for projects and their exemplars."""
@@ -54,8 +56,13 @@ class Projects:
             if method not in anomaly_head_classes():
                 raise ServiceError(422, "invalid", f"unknown anomaly method {method!r}: expected one of "
                                                    f"{', '.join(sorted(anomaly_head_classes()))}")
-            classes = [{"name": "good", "description": "a good part"}, {"name": "defect", "description": "a defect"}]
+            classes = list(ANOMALY_CLASSES)
         params = check_params(task, method, classes, {} if params is None else params)
+        return self._add_project(name, task, backbone, method, classes, params)
+
+    def _add_project(self, name: str, task: str, backbone: str, method: str, classes: list[dict],
+                     params: dict) -> dict:
+        """The project row, as checked by :meth:`create_project` (or vouched for by a fitted model's file)."""
         with self.Session.begin() as s:
             if s.scalars(select(Project).where(Project.name == name)).first() is not None:
                 raise ServiceError(409, "conflict", f"a project named {name!r} exists")
