@@ -84,7 +84,7 @@ def test_a_packed_clip_model_predicts_offline_exactly_as_the_model_file(monkeypa
     offline()
     # On torch from the archive's files: the model file's numbers; on its ONNX graph (the default where the pack
     # carries one): within the export's parity bound.
-    for engine, tolerance in (("torch", 1e-6), ("auto", 1e-4)):
+    for engine, tolerance in (("torch", 1e-6), ("onnxruntime", 1e-4)):
         code, _, err = run_cli(monkeypatch, capsys, "predict", packed, textile_subset, "-o", tmp_path / "fvz.csv",
                                "--engine", engine)
         assert code == 0, err
@@ -94,7 +94,7 @@ def test_a_packed_clip_model_predicts_offline_exactly_as_the_model_file(monkeypa
     assert backbone.quick_gelu  # the tag's activation came with the hub folder name
     code, out, _ = run_cli(monkeypatch, capsys, "info", packed)
     assert code == 0 and "packed" in out and "tip" in out
-    assert "fp32 (--engine auto on this machine)" in out  # the graph ran above, not torch again
+    assert "fp32 (--engine auto on this machine)" in out  # the pack carries its graph: auto runs it, not torch
 
 
 def test_a_packed_timm_anomaly_model_scores_offline_as_the_model_file(monkeypatch, capsys, tmp_path, offline):
@@ -122,7 +122,7 @@ def test_a_packed_timm_anomaly_model_scores_offline_as_the_model_file(monkeypatc
     assert code == 0, err
     weights.rename(tmp_path / "moved.safetensors")  # the original weights are gone on the line PC
     offline()
-    for engine, tolerance in (("torch", 1e-6), ("auto", 1e-4)):
+    for engine, tolerance in (("torch", 1e-6), ("onnxruntime", 1e-4)):
         code, _, err = run_cli(monkeypatch, capsys, "anomaly", "predict", packed, *test, "-o", tmp_path / "fvz.csv",
                                "--engine", engine)
         assert code == 0, err

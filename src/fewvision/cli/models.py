@@ -183,10 +183,10 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
 
 def _onnx_info(path: Path) -> None:
     from ..runtime.model import is_onnx
-    from ..runtime.model import open_model
+    from ..runtime.model import manifest_of
     from .common import file_sha256
 
-    m = open_model(path, engine="onnxruntime").manifest
+    m = manifest_of(path)
     lines = [("file", str(path)), ("sha256", file_sha256(path)),
              ("format", f"ONNX (exported by fewvision {m['fewvision_version']})" if is_onnx(path) else
               f"packed model with its ONNX graph (exported by fewvision {m['fewvision_version']})"),
@@ -211,15 +211,16 @@ def _onnx_info(path: Path) -> None:
 def _graph_lines(path: Path) -> list[tuple[str, str]]:
     """What runs the model here without torch: the graph, the engine ``--engine auto`` picks, a gated precision."""
     from ..modelfile import PACK_SUFFIX, open_pack
-    from ..runtime.model import has_graph, open_model
+    from ..runtime.model import chosen_engine, has_graph
 
     if not has_graph(path):
         note = open_pack(path, backbone=False).manifest.get("graph_note") if path.suffix.lower() == PACK_SUFFIX \
             else None
         return [("graph", "none: scored with torch" + (f" ({note})" if note else ""))]
-    runtime = open_model(path)
-    lines = [("engine", f"{runtime.engine_name} (--engine auto on this machine)")]
-    recorded = (runtime.packed or {}).get("precision")
+    name, precision = chosen_engine(path)
+    lines = [("engine", f"{name} {precision} (--engine auto on this machine)")]
+    recorded = open_pack(path, backbone=False).manifest.get("precision") if path.suffix.lower() == PACK_SUFFIX \
+        else None
     if recorded:
         lines.append(("precision", f"{recorded['engine']} {recorded['precision']}: {recorded['metric']} "
                       f"{recorded['reduced']:.4f} against fp32 {recorded['fp32']:.4f} on {recorded['images']} "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 from ..io.atomic import atomic_path
 from ..modelfile import FewVisionModel, ModelFileError
+from ..runtime import measure
 from ..runtime.engines import installed
+from ..runtime.measure import apart
 from ..runtime.model import FORMAT, FORMAT_VERSION, METADATA_KEY, RuntimeModel, open_model
 from ..runtime.model import predict as runtime_predict
 from ..runtime.model import score_files as runtime_score_files
@@ -235,7 +237,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_
         except (ValueError, OSError) as err:
             raise ExportError(f"{out}: cannot write the ONNX file ({' '.join(str(err).split())[:200]})") from None
         exported = load_onnx(tmp)
-        manifest["parity"] = _parity(graph, exported, pixels)
+        manifest["parity"] = _parity(graph, lambda batches: [exported.run(b) for b in batches], pixels)
         if manifest["parity"] > PARITY_TOLERANCE:
             raise ExportError(f"{model_path}: onnxruntime differs from fewvision by {manifest['parity']:.3g} "
                               f"(relative, > {PARITY_TOLERANCE:g}) on the check images; not written")
@@ -243,7 +245,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cache_
         manifest["engines"] = {"onnxruntime": manifest["parity"]}
         for engine in engines:
             if engine != "onnxruntime" and installed(engine):
-                manifest["engines"][engine] = _parity(graph, load_onnx(tmp, engine=engine), pixels)
+                manifest["engines"][engine] = _parity(
+                    graph, lambda batches, e=engine: apart(measure.outputs, str(tmp), e, batches), pixels)
     return manifest
 
 
@@ -254,12 +257,14 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
-def _parity(graph: torch.nn.Module, exported: RuntimeModel, pixels: torch.Tensor) -> float:
+def _parity(graph: torch.nn.Module, outputs_of: Callable[[list[np.ndarray]], list], pixels: torch.Tensor) -> float:
+    """The largest relative difference between the torch module's outputs and ``outputs_of`` (an engine running
+    the exported file) on each check image."""
     with torch.inference_mode():
         expected = [graph(pixels[i : i + 1]) for i in range(len(pixels))]
+    got_all = outputs_of([pixels[i : i + 1].numpy() for i in range(len(pixels))])
     worst = 0.0
-    for i, want in enumerate(expected):
-        got = exported.run(pixels[i : i + 1].numpy())
+    for got, want in zip(got_all, expected):
         want = want if isinstance(want, tuple) else (want,)
         for a, b in zip(got, want):
             b = b.numpy()
@@ -317,36 +322,36 @@ def _labelled(dataset) -> tuple[list[str], list[str], Any]:
     return [it.path for it in items], [it.label for it in items], ds
 
 
-def quality(model: RuntimeModel, paths: list[str], labels: list[str], dataset) -> tuple[float, str, int]:
-    """(accuracy or image AUROC, which of the two, images scored) of a graph on an engine, on labelled images."""
-    truth = dict(zip(paths, labels))
-    if model.task == "anomaly":
-        from ..metrics.ranking import roc_auc
-        from ..tasks.evaluation import good_label_of
+def gate(reference: tuple[Path, str, str], reduced: tuple[Path, str, str], dataset, *,
+         max_drop: float = DEFAULT_MAX_DROP, force: bool = False, what: str) -> dict[str, Any]:
+    """Measure the graph ``reduced`` = (file, engine, precision) against ``reference`` (fp32) on the labelled
+    dataset - accuracy of a classifier, image AUROC of an anomaly model; ExportError past ``max_drop`` unless
+    ``force``. Engines other than onnxruntime are measured apart (:mod:`fewvision.runtime.measure`). Returns the
+    record a pack keeps (metric, both values, images, limit, engine, precision)."""
+    from ..io.datasets import DatasetError
+    from ..tasks.evaluation import good_label_of
 
-        good = good_label_of(dataset)
-        res = runtime_score_files(model, paths, keep_maps=False)
-        y = [truth[r["path"]] != good for r in res.rows]
-        if len(set(y)) < 2:
-            raise ExportError(f"{dataset.root or dataset.name}: measuring a reduced precision needs good and defect "
-                              "images (the AUROC change)")
-        return roc_auc(y, [r["score"] for r in res.rows]), "AUROC", len(res.rows)
-    preds = runtime_predict(model, paths)
-    correct = [r["top_label"] == truth[r["path"]] for r in preds.rows]
-    return float(np.mean(correct)) if correct else 0.0, "accuracy", len(correct)
-
-
-def gate(reference: RuntimeModel, reduced: RuntimeModel, dataset, *, max_drop: float = DEFAULT_MAX_DROP,
-         force: bool = False, what: str) -> dict[str, Any]:
-    """Measure ``reduced`` against ``reference`` (fp32) on the labelled dataset; ExportError past ``max_drop``
-    unless ``force``. Returns the record a pack keeps (metric, both values, images, limit)."""
     paths, labels, ds = _labelled(dataset)
     if not paths:
         raise ExportError(f"{dataset}: no labelled images to measure {what} on")
-    before, metric, n = quality(reference, paths, labels, ds)
-    after, _, _ = quality(reduced, paths, labels, ds)
+    try:
+        good = good_label_of(ds)
+    except DatasetError:  # a classifier's dataset needs none
+        good = None
+
+    def measured(graph: tuple[Path, str, str]) -> tuple[float, str, int]:
+        run = (lambda *a: measure.quality(*a)) if graph[1] == "onnxruntime" else \
+            (lambda *a: apart(measure.quality, *a))
+        try:
+            return run(str(graph[0]), graph[1], graph[2], paths, labels, good)
+        except ValueError as err:  # the measuring engine's one line (no bf16 here, a dataset of one kind ...)
+            raise ExportError(f"{what}: {str(err).split(': ', 1)[-1] if str(graph[0]) in str(err) else err}") \
+                from None
+
+    before, metric, n = measured(reference)
+    after, _, _ = measured(reduced)
     record = {"metric": metric, "fp32": before, "reduced": after, "images": n, "max_drop": max_drop,
-              "engine": reduced.engine.name, "precision": reduced.engine.precision}
+              "engine": reduced[1], "precision": reduced[2]}
     if before - after > max_drop and not force:
         raise ExportError(f"{what} {metric} {after:.4f} against fp32 {before:.4f} on {n} image(s): a drop of "
                           f"{before - after:.4f} > {max_drop:g}; not written (--force writes it anyway)")
@@ -400,7 +405,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, dataset,
         manifest = dict(fp32.manifest)
         quantized.metadata_props.add(key=METADATA_KEY, value=json.dumps(manifest, allow_nan=False))
         onnx.save_model(quantized, str(tmp))
-        record = gate(fp32, load_onnx(tmp), ds, max_drop=max_drop, force=force, what=f"{out}: int8")
+        record = gate((fp32_path, "onnxruntime", "fp32"), (tmp, "onnxruntime", "fp32"), ds, max_drop=max_drop,
+                      force=force, what=f"{out}: int8")
         manifest["int8"] = {"calibration_images": len(calibration), "metric": record["metric"],
                             "fp32": record["fp32"], "int8": record["reduced"], "max_drop": max_drop,
                             "images": record["images"], "quantized": op_types, "nodes": len(nodes)}

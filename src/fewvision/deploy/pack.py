@@ -17,15 +17,14 @@ import json
 import os
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..backbones.imported import IMPORTED, imported_backbones, register_backbone
 from ..io.atomic import atomic_path
-from ..runtime.engines import ENGINES, PRECISIONS
+from ..runtime import measure
+from ..runtime.engines import ENGINES, PRECISIONS, installed
+from ..runtime.measure import apart
 from ..runtime.model import FP32_GRAPH, INT8_GRAPH
 from .onnx import DEFAULT_MAX_DROP, PARITY_TOLERANCE
 from ..modelfile import _BLOCK, _OPENED, MANIFEST, MODEL_MEMBER, PackError, Unpacked, check_member_name, is_pack, \
@@ -118,7 +117,7 @@ def _graphs(model_path: Path, work: Path, *, cache_dir, weights, precision, data
             force) -> tuple[dict[str, Path], dict[str, Any]]:
     """The ONNX graphs to pack (member name -> file) and what the manifest says of them: ``graph_note`` when the
     model cannot be exported (it then needs torch), ``precision`` when a reduced precision passed its gate."""
-    from .onnx import ExportError, export_onnx, gate, load_onnx, quantize_int8
+    from .onnx import ExportError, export_onnx, gate, quantize_int8
 
     fp32 = work / "fp32.onnx"
     try:
@@ -131,7 +130,8 @@ def _graphs(model_path: Path, work: Path, *, cache_dir, weights, precision, data
     graphs = {FP32_GRAPH: fp32}
     # The fp32 engines whose scores matched fewvision's to the export's tolerance, each timed here on the check
     # images: --engine auto runs the fastest of them that the line PC has.
-    engines = {name: {"parity": value, "images_per_s": _speed(fp32, name)}
+    engines = {name: {"parity": value, "images_per_s": (measure.speed(str(fp32), name) if name == "onnxruntime"
+                                                        else apart(measure.speed, str(fp32), name))}
                for name, value in exported["engines"].items() if value <= PARITY_TOLERANCE}
     # The graph's own metadata again (as in the ONNX file): the light runtime reads it without opening the graph.
     manifest = {k: v for k, v in exported.items() if k not in ("parity", "engines")}
@@ -144,30 +144,11 @@ def _graphs(model_path: Path, work: Path, *, cache_dir, weights, precision, data
                               "reduced": q["int8"], "images": q["images"], "max_drop": max_drop,
                               "calibration_images": q["calibration_images"]}
     elif precision == "bf16":
-        try:
-            reference = load_onnx(fp32, engine="openvino")
-            reduced = load_onnx(fp32, engine="openvino", precision="bf16")
-        except ExportError as err:
-            raise PackError(f"--precision bf16: {str(err).split(': ', 1)[-1]}") from None
-        extra["precision"] = gate(reference, reduced, dataset, max_drop=max_drop, force=force,
-                                  what=f"{model_path}: bf16")
+        if not installed("openvino"):
+            raise PackError("--precision bf16 runs on OpenVINO: pip install 'fewvision[openvino]'")
+        extra["precision"] = gate((fp32, "openvino", "fp32"), (fp32, "openvino", "bf16"), dataset,
+                                  max_drop=max_drop, force=force, what=f"{model_path}: bf16")
     return graphs, extra
-
-
-def _speed(graph: Path, engine: str, images: int = 8, repeats: int = 3) -> float:
-    """Images per second of an fp32 graph on ``engine`` here: the best of ``repeats`` runs over ``images`` random
-    inputs (after one warm-up run)."""
-    from .onnx import load_onnx
-
-    model = load_onnx(graph, engine=engine)
-    pixels = np.random.default_rng(0).normal(size=(images, 3, *model.manifest["input_size"])).astype(np.float32)
-    model.run(pixels[:1])
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.run(pixels)
-        best = min(best, time.perf_counter() - start)
-    return round(images / best, 2)
 
 
 def check_loads_offline(backbone) -> None:

@@ -139,32 +139,52 @@ def has_graph(path: str | os.PathLike, cache_dir: str | None = None) -> bool:
     return FP32_GRAPH in open_pack(path, cache_dir, backbone=False).manifest["files"]
 
 
-def open_model(path: str | os.PathLike, *, engine: str = "auto", cache_dir: str | None = None,
-               threads: int | None = None, precision: str | None = None) -> RuntimeModel:
-    """An ``.onnx`` or a ``.fvz`` with its graph, on the engine ``engine`` picks (see
-    :func:`fewvision.runtime.engines.choose`); ``precision`` forces one (measuring it, as ``pack`` does)."""
-    path = Path(path)
+def _sources(path: Path, cache_dir: str | None):
+    """(graphs {precision: file}, the pack's gated precision, the fp32 engines measured at pack time, the pack's
+    manifest) of an .onnx or a .fvz with its graph."""
     if not path.is_file():
         raise RuntimeModelError(f"{path}: no such file")
-    packed = None
     if path.suffix.lower() == PACK_SUFFIX:
         unpacked = open_pack(path, cache_dir, backbone=False)
         packed = unpacked.manifest
         if packed["kind"] != "model":
             raise RuntimeModelError(f"{path}: a backbone bundle, not a model")
         if FP32_GRAPH not in unpacked.graphs:
-            raise RuntimeModelError(f"{path}: packed without an ONNX graph ({packed.get('graph_note') or 'fewvision could not export it'}), "
-                                f"so it needs torch: {FULL_EXTRA}")
+            why = packed.get("graph_note") or "fewvision could not export it"
+            raise RuntimeModelError(f"{path}: packed without an ONNX graph ({why}), so it needs torch: {FULL_EXTRA}")
         graphs = {"fp32": unpacked.graphs[FP32_GRAPH]}
         if INT8_GRAPH in unpacked.graphs:
             graphs["int8"] = unpacked.graphs[INT8_GRAPH]
-        recorded = packed.get("precision")
-        measured = packed.get("graph", {}).get("engines")
-    elif path.suffix.lower() == MODEL_SUFFIX:
+        return graphs, packed.get("precision"), packed.get("graph", {}).get("engines"), packed
+    if path.suffix.lower() == MODEL_SUFFIX:
         raise RuntimeModelError(f"{path}: scoring without torch takes a packed model (.fvz) or an exported .onnx; "
                                 f"a .fvm needs torch: {FULL_EXTRA}")
-    else:  # an exported .onnx (or a temporary name for one): checked on onnxruntime
-        graphs, recorded, measured = {"fp32": path}, None, None
+    return {"fp32": path}, None, None, None  # an exported .onnx (or a temporary name for one): checked on onnxruntime
+
+
+def manifest_of(path: str | os.PathLike, cache_dir: str | None = None) -> dict[str, Any]:
+    """The export's metadata of an .onnx or a .fvz with its graph (from the pack's manifest: no graph loaded)."""
+    path = Path(path)
+    graphs, _, _, packed = _sources(path, cache_dir)
+    return (packed or {}).get("graph", {}).get("manifest") or _manifest_of(path, graphs["fp32"])
+
+
+def chosen_engine(path: str | os.PathLike, engine: str = "auto", cache_dir: str | None = None) -> tuple[str, str]:
+    """(engine, precision) that :func:`open_model` would run ``path`` on here, without loading anything."""
+    path = Path(path)
+    graphs, recorded, measured, _ = _sources(path, cache_dir)
+    try:
+        return choose(engine, recorded, graphs=tuple(graphs), measured=measured)
+    except EngineError as err:
+        raise RuntimeModelError(f"{path}: {err}") from None
+
+
+def open_model(path: str | os.PathLike, *, engine: str = "auto", cache_dir: str | None = None,
+               threads: int | None = None, precision: str | None = None) -> RuntimeModel:
+    """An ``.onnx`` or a ``.fvz`` with its graph, on the engine ``engine`` picks (see
+    :func:`fewvision.runtime.engines.choose`); ``precision`` forces one (measuring it, as ``pack`` does)."""
+    path = Path(path)
+    graphs, recorded, measured, packed = _sources(path, cache_dir)
     manifest = (packed or {}).get("graph", {}).get("manifest") or _manifest_of(path, graphs["fp32"])
     try:
         if precision is None:
