@@ -258,7 +258,10 @@ def test_auto_takes_the_gated_precision_else_the_fastest_checked_engine_installe
 
 
 def test_openvino_runs_the_graph_with_the_same_verdicts(packs, anomaly_images, tmp_path):
-    pytest.importorskip("openvino")
+    from fewvision.runtime.engines import installed
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
     for name in ("patchcore", "padim"):
         fvm, fvz = packs[name]
         want = anomaly_tasks.score_files(load(fvm), [anomaly_images], use_cache=False)
@@ -298,13 +301,14 @@ def test_reduced_precision_is_recorded_only_past_its_gate_on_the_users_images(pa
 def test_bf16_is_recorded_where_the_cpu_has_it_and_measured_first(packs, tmp_path, held_out, monkeypatch, capsys):
     from cli_helpers import run_cli
 
-    from fewvision.runtime.engines import cpu_has_bf16
+    from fewvision.runtime.engines import installed
 
-    pytest.importorskip("openvino")
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
     fvm, _ = packs["linear"]
     code, out, err = run_cli(monkeypatch, capsys, "pack", fvm, "-o", tmp_path / "bf16.fvz", "--precision", "bf16",
                              "--calibrate", held_out, "--max-drop", "1")
-    if not cpu_has_bf16():  # this CPU cannot run it: refused in one line, nothing written
+    if code != 0 and "no bf16" in err:  # this CPU cannot run it: refused in one line, nothing written
         assert code == 2 and "bf16" in err and not (tmp_path / "bf16.fvz").exists()
         return
     assert code == 0, err
@@ -406,6 +410,9 @@ def test_the_station_judges_with_a_packed_graph_without_torch(packs, tmp_path, a
 def test_packing_and_measuring_never_load_openvino_in_this_process(packs, tmp_path, held_out):
     """OpenVINO's thread pool does not survive a fork of the process that loaded it (a DataLoader's workers, a test
     runner's): pack measures it in a fresh interpreter (runtime.measure). Run last in this module, after every pack."""
-    pytest.importorskip("openvino")
+    from fewvision.runtime.engines import installed
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
     pack_model(packs["linear"][0], tmp_path / "again.fvz")
     assert "openvino" not in sys.modules
