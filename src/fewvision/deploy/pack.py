@@ -22,9 +22,7 @@ from typing import Any
 
 from ..backbones.imported import IMPORTED, imported_backbones, register_backbone
 from ..io.atomic import atomic_path
-from ..runtime import measure
 from ..runtime.engines import ENGINES, PRECISIONS, installed
-from ..runtime.measure import apart
 from ..runtime.model import FP32_GRAPH, INT8_GRAPH
 from .onnx import DEFAULT_MAX_DROP, PARITY_TOLERANCE
 from ..modelfile import _BLOCK, _OPENED, MANIFEST, MODEL_MEMBER, PackError, Unpacked, check_member_name, is_pack, \
@@ -130,9 +128,7 @@ def _graphs(model_path: Path, work: Path, *, cache_dir, weights, precision, data
     graphs = {FP32_GRAPH: fp32}
     # The fp32 engines whose scores matched fewvision's to the export's tolerance, each timed here on the check
     # images: --engine auto runs the fastest of them that the line PC has.
-    engines = {name: {"parity": value, "images_per_s": (measure.speed(str(fp32), name) if name == "onnxruntime"
-                                                        else apart(measure.speed, str(fp32), name))}
-               for name, value in exported["engines"].items() if value <= PARITY_TOLERANCE}
+    engines = {name: entry for name, entry in exported["engines"].items() if entry["parity"] <= PARITY_TOLERANCE}
     # The graph's own metadata again (as in the ONNX file): the light runtime reads it without opening the graph.
     manifest = {k: v for k, v in exported.items() if k not in ("parity", "engines")}
     extra: dict[str, Any] = {"graph": {"parity": exported["parity"], "engines": engines, "manifest": manifest}}
