@@ -27,7 +27,7 @@ demo: $(STAMP_DEMO)
 
 test: $(STAMP_DEV)
 	bash .ci/system-deps.sh
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 -m "not light"
 
 # The light install (no torch) in a fresh environment, running the packed-model commands; CI runs it after test.
 test-light: $(STAMP_DEV)

@@ -16,4 +16,4 @@ fi
 echo "light install: $(du -sm "$work/light" | cut -f1) MB, torch not importable"
 "$work/light/bin/pip" install --quiet ".[batch]"
 FEWVISION_LIGHT_PYTHON="$work/light/bin/python" .venv/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_runtime.py -k "without_torch or needs_torch"
+    tests/test_runtime.py -m light

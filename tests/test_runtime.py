@@ -32,7 +32,9 @@ TOLERANCE = 1e-4  # the export's parity bound: absolute below 1, relative above
 MAP_TOLERANCE = 1e-3
 
 
-# CI's light-install step (.ci/light.sh) points this at a fresh environment with `pip install .` only.
+# The tests marked `light` run in CI's light-install step (.ci/light.sh, `make test-light`), which points this at
+# a fresh environment with `pip install .` only; `make test` leaves them to it. Run alone, they use this
+# environment with everything but the light install's packages blocked.
 LIGHT_PYTHON = os.environ.get("FEWVISION_LIGHT_PYTHON")
 
 
@@ -150,6 +152,7 @@ def held_out(tmp_path_factory, textile_root):
     return folder
 
 
+@pytest.mark.light
 def test_a_classifier_predicts_and_evaluates_without_torch_as_with_it(packs, tmp_path, textile_subset, held_out):
     fvm, fvz = packs["linear"]
     code, _, err = light("predict", fvz, textile_subset, "--abstain", "-o", tmp_path / "light.csv",
@@ -180,6 +183,7 @@ def test_a_classifier_predicts_and_evaluates_without_torch_as_with_it(packs, tmp
     assert code == 0 and "linear" in out and "nominal" in out and "fp32 (--engine auto on this machine)" in out, err
 
 
+@pytest.mark.light
 def test_anomaly_models_score_and_evaluate_without_torch_as_with_it(packs, tmp_path, anomaly_images):
     fvm, fvz = packs["patchcore"]
     code, _, err = light("anomaly", "predict", fvz, anomaly_images, "-o", tmp_path / "light.csv",
@@ -206,6 +210,7 @@ def test_anomaly_models_score_and_evaluate_without_torch_as_with_it(packs, tmp_p
     assert metrics["n_good"] == 8 and metrics["n_defect"] == 10
 
 
+@pytest.mark.light
 def test_batch_runs_a_packed_model_without_torch(packs, tmp_path, anomaly_images):
     import pyarrow.parquet as pq
 
@@ -218,6 +223,7 @@ def test_batch_runs_a_packed_model_without_torch(packs, tmp_path, anomaly_images
                                    for r in rows)
 
 
+@pytest.mark.light
 def test_a_model_that_needs_torch_is_refused_in_one_line_naming_the_extra(tmp_path, textile_subset):
     texture = tmp_path / "texture.fvm"
     save_model(texture, fewshot.fit(textile_subset, "prototype", backbone="texture", shots=2))
@@ -360,6 +366,7 @@ def test_the_light_runtime_checks_the_graph_it_runs_and_not_the_weights_it_never
         load_packed(weights)
 
 
+@pytest.mark.light
 def test_the_station_judges_with_a_packed_graph_without_torch(packs, tmp_path, anomaly_images):
     import signal
     import time
