@@ -203,13 +203,12 @@ def predict(
             from ..runtime.model import score_files
 
             res = score_files(model, images, review_band=review_band, keep_maps=keep_maps, progress=True)
-            preprocess = model.preprocess
         else:
             from ..tasks.anomaly import score_files
 
             res = score_files(model, images, keep_maps=keep_maps, review_band=review_band, weights=weights,
                               cache_dir=cache_dir, use_cache=not no_cache, progress=True)
-            preprocess = model.backbone(cache_dir=cache_dir, weights=weights).preprocess
+        preprocess = _preprocess(model, cache_dir, weights)
         sha = file_sha256(model_path)
         for r in res.rows:
             r.update({"model_sha256": sha, "backbone": model.backbone_spec})
@@ -236,6 +235,14 @@ def predict(
     typer.echo(f"{len(res.rows)} image(s) scored: {counts['ok']} ok, {counts['ng']} ng"
                + (f", {counts['review']} review" if counts["review"] else "") + f", {len(res.skipped)} skipped")
     finish(len(res.rows), counts["ng"] + counts["review"], exit_code)
+
+
+def _preprocess(model, cache_dir: str | None, weights: str | None):
+    """The preprocessing that places maps in the image: the graph's replayed steps, or the backbone's transform."""
+    from ..runtime.model import RuntimeModel
+
+    return model.preprocess if isinstance(model, RuntimeModel) else \
+        model.backbone(cache_dir=cache_dir, weights=weights).preprocess
 
 
 def write_heatmaps(rows: list[dict], maps, folder: Path, preprocess, decision: dict, advance=None) -> None:
@@ -301,13 +308,12 @@ def evaluate(
             from ..runtime.model import evaluate_anomaly
 
             ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, progress=True)
-            preprocess = model.preprocess
         else:
             from ..tasks.anomaly import evaluate_anomaly
 
             ev = evaluate_anomaly(model, dataset, good_label=good_label, recall=recall, weights=weights,
                                   cache_dir=cache_dir, use_cache=not no_cache, progress=True)
-            preprocess = model.backbone(cache_dir=cache_dir, weights=weights).preprocess
+        preprocess = _preprocess(model, cache_dir, weights)
     m = ev.metrics
     m.update({"method": model.method, "backbone": model.backbone_spec, "backbone_id": model.backbone_id,
               "dataset": str(dataset), "model": str(model_path), "guarantee": model.decision.get("guarantee")})
