@@ -97,3 +97,10 @@ def textile_split():
     test = [i for c in names for i in [x for x in items if x.label == c][100:103]]
     return names, [i.path for i in train], [names.index(i.label) for i in train], [i.path for i in test]
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests first: `make test` hands whole files to two workers (--dist loadfile), and a long
+    file handed out last keeps one worker busy while the other idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file keeps its order

@@ -234,6 +234,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, workers", [("classification", 2), ("anomaly", 1)])
 def test_ray_rows_equal_the_in_process_rows(tmp_path, models, images, ray_cluster, task, workers):
     from fewvision.tasks.batch import run_batch

@@ -125,6 +125,7 @@ def test_models_commands(tmp_path):
     assert where.strip().startswith(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_demo_offline_uses_texture_prototypes(tmp_path, _isolated_cache):
     # the session cache: textile features encoded by other tests are reused, as a user's second run would
     proc = run("demo", "--out", tmp_path / "demo", cache=_isolated_cache, env={"HF_ENDPOINT": "http://127.0.0.1:9"},

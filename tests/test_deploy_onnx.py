@@ -191,6 +191,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(monkeypatch, capsys, tmp
 HALF_STEP = 0.5 / 144
 
 
+@pytest.mark.slow
 def test_int8_is_calibrated_on_the_users_images_and_gated_on_the_auroc_change(tmp_path, good_folder, textile_root):
     from sklearn.metrics import roc_auc_score
 
