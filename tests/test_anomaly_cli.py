@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 from anomaly_data import build_mvtec
 from cli_helpers import run_cli
@@ -50,6 +51,7 @@ def test_fit_predict_eval(tmp_path, monkeypatch, capsys, mvtec):
     assert code == 1, err  # --exit-code: something was flagged
     rows = list(csv.DictReader(results.open()))
     assert len(rows) == 6 and list(rows[0]) == ["path", "verdict", "score", "threshold", "normalized_score", "x", "y",
+                                                "n_regions", "largest_region_px", "largest_region_pct", "regions",
                                                 "heatmap", "model_sha256", "backbone", "time", "error"]
     bad = [r for r in rows if r["error"]]
     assert len(bad) == 1 and bad[0]["path"].endswith("broken.png") and "broken.png" in err
@@ -62,14 +64,33 @@ def test_fit_predict_eval(tmp_path, monkeypatch, capsys, mvtec):
         assert 0 <= int(r["x"]) < w and 0 <= int(r["y"]) < h
         assert r["model_sha256"] == sha and r["backbone"] == BACKBONE and r["time"].endswith("+00:00")
     assert sum(r["verdict"] == "ng" for r in scored) >= 4  # pasted spots are over the conformal threshold
+    with_regions = []
+    for r in scored:  # the regions column: one JSON list of boxes in image pixels, largest first
+        regions = json.loads(r["regions"])
+        assert int(r["n_regions"]) == len(regions)
+        if regions:
+            with_regions.append(r)
+            w, h = Image.open(r["path"]).size
+            assert int(r["largest_region_px"]) == regions[0]["area_px"] == max(b["area_px"] for b in regions)
+            assert float(r["largest_region_pct"]) == pytest.approx(100 * regions[0]["area_px"] / (w * h), rel=0.01)
+            assert all(0 <= b["x"] < b["x"] + b["width"] <= w and 0 <= b["y"] < b["y"] + b["height"] <= h
+                       for b in regions)
+    assert len(with_regions) >= 4  # measured: every spot image
     heat = sorted((tmp_path / "heat").glob("*.png"))
     assert len(heat) == 5 and all(r["heatmap"] for r in scored)
     w, h = Image.open(scored[0]["path"]).size
     picture = Image.open(scored[0]["heatmap"])
     assert picture.width > 2 * w and picture.height > h  # image and overlay side by side at the image's size
+    outlined = np.asarray(Image.open(with_regions[0]["heatmap"]).convert("RGB"))
+    assert (outlined == (255, 0, 255)).all(-1).sum() > 20  # the regions' boxes, outlined in magenta
     assert "ng " in err and "vs threshold" in err  # the closing summary names the flagged images
     daily = (tmp_path / "daily" / "report.html").read_text()
-    assert "Flagged (" in daily and "Passed, nearest the threshold" in daily
+    assert "Flagged (" in daily and "Passed, nearest the threshold" in daily and " region" in daily
+    code, _, err = run_cli(monkeypatch, capsys, "anomaly", "predict", model, images, "-o", results,
+                           "--min-region-area", "1e9")
+    assert code == 0, err
+    again = {r["path"]: r for r in csv.DictReader(results.open()) if not r["error"]}
+    assert all(again[r["path"]]["n_regions"] == "0" and again[r["path"]]["verdict"] == r["verdict"] for r in scored)
 
     metrics_path = tmp_path / "metrics.json"
     code, out, err = run_cli(monkeypatch, capsys, "anomaly", "eval", model, mvtec, "--out", metrics_path,

@@ -53,14 +53,19 @@ def _jsonl(path: Path) -> dict:
 
 
 def _same(batch_row: dict, predict_row: dict, tolerance: float, skip=("time",)) -> None:
-    """The same values (floats within ``tolerance``), predict's ``probabilities`` as ``p_<class>`` columns; the batch
-    row may have empty columns predict's JSONL leaves out."""
+    """The same values (floats within ``tolerance``), predict's ``probabilities`` as ``p_<class>`` columns, its
+    ``regions`` list as a JSON column; the batch row may have empty columns predict's JSONL leaves out."""
     expected = {k: v for k, v in predict_row.items() if k != "probabilities"}
     expected.update({f"p_{n}": v for n, v in predict_row.get("probabilities", {}).items()})
     for key, value in expected.items():
         if key in skip:
             continue
-        if isinstance(value, float):
+        if key == "regions" and value is not None:  # a JSON column of the table; predict's JSONL holds the list
+            got = json.loads(batch_row[key])
+            value = json.loads(value) if isinstance(value, str) else value
+            assert [{**r, "peak": None} for r in got] == [{**r, "peak": None} for r in value], predict_row["path"]
+            assert [r["peak"] for r in got] == pytest.approx([r["peak"] for r in value], abs=tolerance)
+        elif isinstance(value, float):
             assert batch_row[key] == pytest.approx(value, abs=tolerance), (predict_row["path"], key)
         else:
             assert batch_row[key] == value, (predict_row["path"], key)

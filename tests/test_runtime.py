@@ -386,9 +386,13 @@ def test_the_station_judges_with_a_packed_graph_without_torch(packs, tmp_path, a
         for i, image in enumerate(images):
             land(image, tmp_path / "incoming", f"P{i:03d}_{image.parent.name}.jpg")
         deadline = time.monotonic() + 120
-        while len(store_rows(tmp_path)) < len(images) and time.monotonic() < deadline and process.poll() is None:
+        def delivered() -> int:  # the CSV sink writes after the store commits: wait for both
+            sink = tmp_path / "verdicts.csv"
+            return min(len(store_rows(tmp_path)), len(read_csv(sink)) if sink.exists() else 0)
+
+        while delivered() < len(images) and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.2)
-        assert len(store_rows(tmp_path)) == len(images), process.stdout.read1().decode() if process.poll() else ""
+        assert delivered() == len(images), process.stdout.read1().decode() if process.poll() else ""
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()

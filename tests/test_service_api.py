@@ -5,6 +5,7 @@ import io
 import threading
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -181,6 +182,15 @@ def test_anomaly_fit_predict_audit_trail_review_and_rollback(client, anomaly_pro
     assert one["model_version"] == 1 and one["heatmap_url"] == f"/v1/predictions/{one['prediction_id']}/heatmap"
     heat = client.get(one["heatmap_url"])
     assert heat.status_code == 200 and Image.open(io.BytesIO(heat.content)).size == Image.open(io.BytesIO(defect)).size
+    # where the defect is: the peak and the regions above the threshold, in the image's pixels, stored and served
+    width, height = Image.open(io.BytesIO(defect)).size
+    assert one["n_regions"] == len(one["regions"]) >= 1 and one["largest_region_px"] == one["regions"][0]["area_px"]
+    assert 0 <= one["x"] < width and 0 <= one["y"] < height
+    box = one["regions"][0]
+    assert box["x"] <= one["x"] <= box["x"] + box["width"] and box["y"] <= one["y"] <= box["y"] + box["height"]
+    assert client.get(f"/v1/predictions/{one['prediction_id']}").json()["regions"] == one["regions"]
+    outlined = np.asarray(Image.open(io.BytesIO(heat.content)).convert("RGB"))
+    assert (outlined == (255, 0, 255)).all(-1).sum() > 20  # the boxes are drawn on the heat map
 
     good = textile_bytes("nominal", 100, 12)
     batch = client.post(f"/v1/projects/{pid}/predict-batch", files=[("files", (n, d, "image/jpeg")) for n, d in good])
@@ -430,7 +440,7 @@ def test_the_schema_is_migrated_once_and_restarts_cleanly(client):
 
     engine = client.app.state.service.engine
     with engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0004"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0005"
     tables = set(inspect(engine).get_table_names())
     assert {"projects", "exemplars", "jobs", "models", "predictions", "reviews", "tokens", "outbox",
             "sink_cursors", "alarms"} <= tables

@@ -2,6 +2,7 @@
 sign in, create a project, drop exemplars, fit and watch it, the threshold view, inspect, the review queue from the
 keyboard. Screenshots go under the pytest temp root (artifacts*/); scripts/page_screenshot.py copies them into docs/."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def test_the_whole_loop_in_a_real_browser(browser, server, tmp_path, artifacts):
     page.set_input_files("#inspect-file", defect)
     page.wait_for_selector("#decision:has-text('reject')", timeout=60_000)
     assert page.inner_text("#label") == "defect"
+    assert re.fullmatch(r"\d+ regions? \(outlined\), largest \d+ px \(.+ % of the image\) at x \d+, y \d+, "
+                        r"\d+ × \d+ px", page.inner_text("#regions")), page.inner_text("#regions")
     # Poll from Python: page.wait_for_function compiles its predicate inside the page, which the service's
     # Content-Security-Policy (no 'unsafe-eval') refuses whenever the first check is not already true.
     for _ in range(600):

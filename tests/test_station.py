@@ -144,6 +144,23 @@ def test_300_images_through_a_broker_outage_arrive_once_each_in_order(tmp_path, 
         assert {"id", "station", "part_id", "path", "verdict", "score", "threshold", "label", "probabilities",
                 "reason", "model_sha256", "time", "latency_ms"} <= set(m)
         assert Path(m["path"]).is_file() and Path(m["path"]).parent.name == m["verdict"]
+        # each message carries the peak and the defect regions that `anomaly predict` gives for its image
+        from fewvision.modelfile import load
+        from fewvision.tasks.anomaly import score_files
+
+        first = {}
+        for message in received:
+            first.setdefault(message["part_id"], message)
+        by_source = {str(images[int(part[1:])]): message for part, message in sorted(first.items())}
+        want = {r["path"]: r for r in score_files(load(model_file), list(by_source), use_cache=False).rows}
+        for source, message in by_source.items():
+            w = want[source]
+            assert (message["x"], message["y"], message["n_regions"], message["largest_region_px"]) == \
+                (w["x"], w["y"], w["n_regions"], w["largest_region_px"]), source
+            assert [{**r, "peak": 0} for r in message["regions"]] == [{**r, "peak": 0} for r in w["regions"]]
+            assert [r["peak"] for r in message["regions"]] == pytest.approx([r["peak"] for r in w["regions"]],
+                                                                            rel=1e-5)
+        assert sum(message["n_regions"] > 0 for message in by_source.values()) >= 3
         assert subscriber.on(f"{topic}/status")[-1] == "offline"  # stopped cleanly, said so
         assert "online" in subscriber.on(f"{topic}/status")
         csv_ids = [line.split(",")[0] for line in (station_dir / "verdicts.csv").read_text().splitlines()[1:]]

@@ -3,6 +3,7 @@ none (``zero-shot``)."""
 
 from __future__ import annotations
 
+import json
 from inspect import cleandoc
 from pathlib import Path
 from typing import List, Optional
@@ -37,8 +38,9 @@ from .common import (
 
 OFFLINE_HINT = (" - offline, use the built-in weight-free backbone (--backbone texture) or give a local weights "
                 "file with --weights PATH")
-ROW_COLUMNS = ["path", "verdict", "score", "threshold", "normalized_score", "x", "y", "heatmap", "model_sha256",
-               "backbone", "time", "error"]
+ROW_COLUMNS = ["path", "verdict", "score", "threshold", "normalized_score", "x", "y", "n_regions",
+               "largest_region_px", "largest_region_pct", "regions", "heatmap", "model_sha256", "backbone", "time",
+               "error"]
 
 FIT_EXAMPLE = """
 
@@ -117,6 +119,9 @@ def fit(
     all_subfolders: bool = typer.Option(False, "--all-subfolders",
                                         help="fit on every image below the folders even when sub-folders look like "
                                              "defect classes"),
+    min_region_area: float = typer.Option(0.0, "--min-region-area", min=0.0, metavar="PX",
+                                          help="defect regions smaller than PX image pixels are left out of the "
+                                               "rows (stored in the model) [default: every region]"),
     param: List[str] = param_option(),
     seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the coreset, channel draw or training"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
@@ -149,7 +154,7 @@ def fit(
         model = fit_anomaly(good, method, bb, target_false_reject=target_false_reject,
                             holdout_fraction=holdout_fraction, seed=seed, cache_dir=cache_dir,
                             use_cache=not no_cache, progress=True, all_subfolders=all_subfolders, shots=shots,
-                            **params)
+                            min_region_area=min_region_area, **params)
     save_model(out, model)
     d = model.decision
     for s in model.info.get("skipped", []):
@@ -176,6 +181,9 @@ def predict(
     review_band: float = typer.Option(0.0, "--review-band", min=0.0, metavar="F",
                                       help="verdict 'review' for scores within F of the threshold (relative: 0.1 "
                                            "= 10%) [default: no review band]"),
+    min_region_area: Optional[float] = typer.Option(None, "--min-region-area", min=0.0, metavar="PX",
+                                                    help="leave out defect regions smaller than PX image pixels "
+                                                         "[default: the model's, set at fit]"),
     weights: Optional[str] = weights_option(),
     engine: str = engine_option(),
     cache_dir: Optional[str] = cache_dir_option(),
@@ -195,6 +203,8 @@ def predict(
     if model.task != "anomaly":
         raise UserError(f"{model_path}: a {model.task} model, not an anomaly model; classify images with "
                         f"'fewvision predict {model_path} IMAGES...'")
+    if min_region_area is not None:
+        model.decision["min_region_area"] = float(min_region_area)
     method = model.method
     iter_image_files(images)  # a missing input is reported before any model is loaded
     keep_maps = heatmaps is not None or report is not None
@@ -230,11 +240,21 @@ def predict(
     counts = {v: sum(1 for r in res.rows if r["verdict"] == v) for v in ("ok", "ng", "review")}
     flagged = sorted((r for r in res.rows if r["verdict"] in ("ng", "review")), key=lambda r: -r["score"])
     lines = [f"{r['verdict']} {r['path']}: score {r['score']:.4g} vs threshold {r['threshold']:.4g}"
-             + (f" (peak at x {r['x']}, y {r['y']})" if r.get("x") is not None else "") for r in flagged]
+             + (f" (peak at x {r['x']}, y {r['y']})" if r.get("x") is not None else "") + _regions_text(r)
+             for r in flagged]
     summarise(bar, len(res.rows), res.skipped, {k: v for k, v in counts.items() if v or k != "review"}, lines)
     typer.echo(f"{len(res.rows)} image(s) scored: {counts['ok']} ok, {counts['ng']} ng"
                + (f", {counts['review']} review" if counts["review"] else "") + f", {len(res.skipped)} skipped")
     finish(len(res.rows), counts["ng"] + counts["review"], exit_code)
+
+
+def _regions_text(row: dict) -> str:
+    n = row.get("n_regions")
+    if not n:
+        return ""
+    largest = row["regions"][0]
+    return (f"; {n} region(s), largest {largest['area_px']} px ({largest['area_pct']:.3g} % of the image) at "
+            f"x {largest['x']}, y {largest['y']}, {largest['width']} x {largest['height']} px")
 
 
 def _preprocess(model, cache_dir: str | None, weights: str | None):
@@ -259,7 +279,7 @@ def write_heatmaps(rows: list[dict], maps, folder: Path, preprocess, decision: d
         used.add(name)
         try:
             picture = heatmap_image(r["path"], maps[i], preprocess, decision, score=r["score"],
-                                    verdict=r.get("verdict"))
+                                    verdict=r.get("verdict"), regions=r.get("regions"))
             r["heatmap"] = str(write_png(folder / name, picture))
         except BadImage as err:
             info(f"no heat map for {r['path']}: {err.reason}")
@@ -272,6 +292,8 @@ def _formatted(row: dict) -> dict:
     for key in ("score", "threshold", "normalized_score"):
         if out.get(key) is not None:
             out[key] = f"{out[key]:.6g}"
+    if out.get("regions") is not None:  # one JSON list of boxes per CSV cell
+        out["regions"] = json.dumps(out["regions"], separators=(",", ":"))
     return out
 
 
@@ -287,6 +309,9 @@ def evaluate(
                                              help="name of the good class [default: good, else nominal]"),
     recall: float = typer.Option(0.95, "--recall", min=0.0, max=1.0, metavar="R",
                                  help="also report the threshold that catches this share of defects"),
+    min_region_area: Optional[float] = typer.Option(None, "--min-region-area", min=0.0, metavar="PX",
+                                                    help="leave out defect regions smaller than PX image pixels "
+                                                         "[default: the model's, set at fit]"),
     weights: Optional[str] = weights_option(),
     engine: str = engine_option(),
     cache_dir: Optional[str] = cache_dir_option(),
@@ -303,6 +328,8 @@ def evaluate(
     model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
     if model.task != "anomaly":
         raise UserError(f"{model_path}: a classification model, not an anomaly model; use 'fewvision eval'")
+    if min_region_area is not None:
+        model.decision["min_region_area"] = float(min_region_area)
     with job(f"eval {model.method}") as bar:
         if isinstance(model, RuntimeModel):
             from ..runtime.model import evaluate_anomaly

@@ -22,8 +22,8 @@ from ..io.images import hash_files, iter_image_files
 from ..modelfile import GRAPH_PREFIX, MODEL_SUFFIX, PACK_SUFFIX, ModelFileError, open_pack
 from ..progress import expect, progress_bar
 from ..tasks.evaluation import AnomalyEvaluation, evaluate_classes, evaluate_maps
-from ..tasks.rows import AnomalyPredictions, Evaluation, Predictions, Recorder, Scored, anomaly_rows, pixel_chunks, \
-    predictions
+from ..tasks.rows import AnomalyPredictions, Evaluation, Predictions, Recorder, Scored, anomaly_rows, \
+    min_region_area_of, pixel_chunks, predictions
 from .engines import CHOICES, EngineError, choose, create_engine, installed
 from .preprocess import Preprocess
 
@@ -267,7 +267,8 @@ def _score_paths(model: RuntimeModel, paths: Sequence[str], *, review_band: floa
     with progress_bar(len(paths), "scoring", enabled=progress) as advance:
         for names, pixels in _chunks(model, paths, rec):
             m, s = model.run(pixels)
-            rows += anomaly_rows(names, m, s, model.preprocess, size, threshold, review_band)
+            rows += anomaly_rows(names, m, s, model.preprocess, size, threshold, review_band,
+                                 min_region_area_of(model.decision))
             if keep_maps:
                 maps.append(m.astype(np.float32, copy=False))
             advance(len(names))

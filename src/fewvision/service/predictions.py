@@ -12,6 +12,7 @@ from . import store
 from .blobs import UploadError, check_image, clean_filename
 from .common import DECISIONS, MAX_BATCH, ServiceError, not_found, policy_of
 from .store import Prediction
+from ..tasks.rows import region_columns
 
 log = logging.getLogger("fewvision.service")
 
@@ -46,7 +47,7 @@ class Predictions:
                 row = Prediction(project_id=project_id, model_version=version, image_sha256=sha, filename=name,
                                  label=r.get("label"), score=r.get("score"), threshold=r.get("threshold"),
                                  probabilities=r.get("probabilities"), decision=r["decision"], reason=r.get("reason"),
-                                 heatmap=r.get("heatmap"))
+                                 heatmap=r.get("heatmap"), x=r.get("x"), y=r.get("y"), regions=r.get("regions"))
                 s.add(row)
                 rows.append(row)
             s.flush()
@@ -74,13 +75,14 @@ class Predictions:
         for r in judged.rows:
             if r["verdict"] == ERROR:
                 raise ServiceError(400, "bad_image", f"cannot score the image: {r['reason']}")
-            row = {k: r[k] for k in ("label", "score", "threshold", "probabilities", "reason")}
+            row = {k: r.get(k) for k in ("label", "score", "threshold", "probabilities", "reason", "x", "y", "regions")}
             row["decision"] = DECISIONS[r["verdict"]]
             if anomaly:
                 heat = self.blobs.heatmap_path(project["id"], Path(r["path"]).name, version)
                 if not heat.is_file():
                     write_png(heat, overlay_on_image(r["path"], r["map"], model.backbone().preprocess,
-                                                     model.decision, max_side=self.settings.heatmap_max_side))
+                                                     model.decision, max_side=self.settings.heatmap_max_side,
+                                                     regions=r.get("regions")))
                 row["heatmap"] = self.blobs.relative(heat)
             out[r["path"]] = row
         return out
@@ -90,6 +92,9 @@ class Predictions:
         out = store.as_dict(row, ["id", "project_id", "model_version", "image_sha256", "filename", "label", "score",
                                   "threshold", "probabilities", "decision", "reason", "reviewed_label", "created_at"])
         out["prediction_id"] = out.pop("id")
+        if row.regions is not None:
+            out.update(region_columns(row.regions))
+            out.update(x=row.x, y=row.y)
         out["heatmap_url"] = f"/v1/predictions/{row.id}/heatmap" if row.heatmap else None
         out["image_url"] = f"/v1/predictions/{row.id}/image"
         return out

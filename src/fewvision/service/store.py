@@ -110,6 +110,10 @@ class Prediction(Base):
     decision: Mapped[str] = mapped_column(String(10), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     heatmap: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # anomaly models: where the map peaks and the defect regions (boxes in image pixels, largest first)
+    x: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    y: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    regions: Mapped[list | None] = mapped_column(JSON, nullable=True)
     reviewed_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     # a station's verdicts (none on an upload): the verdict's stable id (the sinks' idempotency key), the station,

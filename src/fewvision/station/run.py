@@ -25,6 +25,7 @@ from ..service.common import DECISIONS, VERDICT_OF
 from ..monitor.watch import LINE_ALARMS, Monitor, nonconformity, reference
 from ..service.monitoring import RESET
 from ..service.store import Alarm, Outbox, Prediction
+from ..tasks.rows import region_columns
 from ..tasks.verdicts import ERROR, VERDICTS, judge
 from ..runtime.model import scoring_model
 from .config import StationConfig
@@ -262,14 +263,16 @@ class Station:
                 message = {"kind": "verdict", "id": a.id, "station": self.name, "part_id": part, "path": str(dest),
                            "filename": a.name, "verdict": r["verdict"], "score": r["score"],
                            "threshold": r["threshold"], "label": r["label"], "probabilities": r["probabilities"],
-                           "reason": r["reason"], "model_sha256": self.model_sha256, "model_version": self.version,
+                           "reason": r["reason"], **_region_fields(r), "model_sha256": self.model_sha256,
+                           "model_version": self.version,
                            "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                            "latency_ms": round(latency_ms, 3)}
                 row = Prediction(project_id=self.project_id, model_version=self.version,
                                  image_sha256=file_sha256(a.path), filename=a.name[:255], label=r["label"],
                                  score=r["score"], threshold=r["threshold"], probabilities=r["probabilities"],
                                  decision=DECISIONS[r["verdict"]], reason=r["reason"], uid=a.id, station=self.name,
-                                 part_id=part[:200], path=str(dest), latency_ms=latency_ms, created_at=now)
+                                 part_id=part[:200], path=str(dest), latency_ms=latency_ms, created_at=now,
+                                 x=r.get("x"), y=r.get("y"), regions=r.get("regions"))
                 s.add(row)
                 rows_added.append(row)
                 messages.append(message)
@@ -331,6 +334,13 @@ class Station:
             self.folder.done(a, still_here=True)
             return
         self.folder.done(a, still_here=False)
+
+
+def _region_fields(judged: dict) -> dict:
+    """An anomaly verdict's peak and defect regions for the message (nothing for classification)."""
+    if judged.get("regions") is None:
+        return {}
+    return {"x": judged.get("x"), "y": judged.get("y"), **region_columns(judged["regions"])}
 
 
 __all__ = ["Station", "StationBusy", "VERDICTS"]

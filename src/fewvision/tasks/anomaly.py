@@ -45,7 +45,7 @@ from ..io.images import iter_image_files
 from ..modelfile import FewVisionModel
 from ..progress import expect, progress_bar
 from .evaluation import AnomalyEvaluation, evaluate_maps, good_label_of, test_items  # noqa: F401
-from .rows import AnomalyPredictions, Recorder, anomaly_rows, pixel_chunks
+from .rows import AnomalyPredictions, Recorder, anomaly_rows, min_region_area_of, pixel_chunks
 
 DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_CHUNK_IMAGES = 32
@@ -238,6 +238,7 @@ def fit_anomaly(
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
     all_subfolders: bool = False,
     shots: int | None = None,
+    min_region_area: float = 0.0,
     **params: Any,
 ) -> FewVisionModel:
     """Fit ``method`` on good images (files and/or folders, see :func:`good_images` for layouts) and set its
@@ -254,6 +255,9 @@ def fit_anomaly(
     ``shots``: the few-shot setting (AnomalyDINO's k good images): the head is fitted on ``shots`` good images
     (a seeded draw) and every other good image calibrates the threshold (split conformal); with no other image the
     ``shots`` images calibrate it leave-one-out, where the head can.
+
+    ``min_region_area``: defect regions (the map's connected parts above the threshold, reported with every row)
+    smaller than this many image pixels are left out of the rows; the verdict does not depend on it.
     """
     if isinstance(good, (str, os.PathLike)):
         good = [good]
@@ -264,6 +268,8 @@ def fit_anomaly(
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     if not 0 < target_false_reject < 1:
         raise ThresholdError(f"the target false-reject rate must be in (0, 1), got {target_false_reject}")
+    if not min_region_area >= 0:
+        raise ValueError(f"min_region_area must be >= 0 image pixels, got {min_region_area}")
     head = _head(method, seed, dict(params))
     left_out = bool(getattr(head, "leave_one_out", False))
     if shots is not None:
@@ -355,6 +361,7 @@ def fit_anomaly(
         "map_size": list(size),
         "heatmap_baseline": [[round(float(v), 6) for v in row] for row in baseline.tolist()],
         "heatmap_range": [0.0, 2.0 * max(hottest, 1e-12)],
+        "min_region_area": float(min_region_area),
     }
     if folds is not None:
         decision["calibration_folds"] = folds
@@ -473,7 +480,8 @@ def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool
     rows, maps = [], []
     for ok, m, s in _score_chunks(model.head, bb, paths, cache, size=size, sigma=sigma, chunk_images=chunk_images,
                                   batch_size=batch_size, rec=rec, progress=progress):
-        rows += anomaly_rows(ok, m.numpy(), s.numpy(), bb.preprocess, size, threshold, review_band)
+        rows += anomaly_rows(ok, m.numpy(), s.numpy(), bb.preprocess, size, threshold, review_band,
+                             min_region_area_of(model.decision))
         if keep_maps:
             maps.append(m.numpy().astype(np.float32, copy=False))
     stacked = (np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)) if keep_maps else None
@@ -494,7 +502,7 @@ def score_pixels(model: FewVisionModel, paths: Sequence[str], pixels: torch.Tens
         return AnomalyPredictions([], None, threshold)
     maps, scores = _score_inputs(model.head, bb, _pixel_inputs(model.head, bb, pixels), size=size, sigma=sigma)
     return AnomalyPredictions(anomaly_rows(paths, maps.numpy(), scores.numpy(), bb.preprocess, size, threshold,
-                                            review_band), None, threshold)
+                                            review_band, min_region_area_of(model.decision)), None, threshold)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------

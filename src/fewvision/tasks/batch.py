@@ -42,10 +42,12 @@ from ..progress import expect, progress_bar
 
 METADATA_KEY = b"fewvision_batch"
 # The columns of `fewvision anomaly predict` (cli/anomaly.py ROW_COLUMNS; tests/test_batch.py checks they agree).
-ANOMALY_COLUMNS = ["path", "verdict", "score", "threshold", "normalized_score", "x", "y", "heatmap", "model_sha256",
-                   "backbone", "time", "error"]
+ANOMALY_COLUMNS = ["path", "verdict", "score", "threshold", "normalized_score", "x", "y", "n_regions",
+                   "largest_region_px", "largest_region_pct", "regions", "heatmap", "model_sha256", "backbone", "time",
+                   "error"]
 _ANOMALY_TYPES = {"score": pa.float64(), "threshold": pa.float64(), "normalized_score": pa.float64(),
-                  "x": pa.int64(), "y": pa.int64()}
+                  "x": pa.int64(), "y": pa.int64(), "n_regions": pa.int64(), "largest_region_px": pa.int64(),
+                  "largest_region_pct": pa.float64()}  # regions: a JSON list of boxes, as in the CSV
 CHUNK_IMAGES = 256  # files per in-process chunk (each goes through score_files / _score_paths as predict's would)
 BATCH_SIZE = 32  # images per Ray batch: one read task decodes it, one actor call encodes it
 CHECKPOINT_ROWS = 2000
@@ -109,6 +111,8 @@ def _flat(row: dict, task: str, extra: dict) -> dict:
     row["path"] = printable(row["path"])
     if task == "anomaly":
         row.update(extra)
+        if row.get("regions") is not None:
+            row["regions"] = json.dumps(row["regions"], separators=(",", ":"))
         return row
     for name, p in row.pop("probabilities").items():
         row[f"p_{name}"] = p

@@ -16,7 +16,8 @@ from ..decide.calibration import apply_temperature, log_probabilities
 from ..decide.conformal import prediction_sets
 from ..decide.review import decide
 from ..io.datasets import Dataset
-from ..io.geometry import peak_in_image
+from ..io.geometry import image_coordinates, image_size
+from ..io.regions import defect_regions
 from ..io.images import BadImage, Skipped, load_image
 from ..metrics.classification import classification_metrics, expected_calibration_error
 
@@ -187,15 +188,38 @@ def verdict(score: float, threshold: float | None, review_band: float = 0.0) -> 
 
 
 def anomaly_rows(paths: Sequence[str], maps: np.ndarray, scores: np.ndarray, preprocess: Callable,
-                 size: tuple[int, int], threshold: float | None, review_band: float) -> list[dict]:
+                 size: tuple[int, int], threshold: float | None, review_band: float,
+                 min_region_area: float = 0.0) -> list[dict]:
     """The rows of one scored chunk (see :func:`fewvision.tasks.anomaly.score_files`); ``maps`` [N, H, W] and
-    ``scores`` [N] as the model's post-processing finished them."""
+    ``scores`` [N] as the model's post-processing finished them. With a threshold, each row also has the defect
+    regions (:func:`fewvision.io.regions.defect_regions`; those under ``min_region_area`` image pixels dropped):
+    ``n_regions``, ``largest_region_px``, ``largest_region_pct`` and ``regions`` (boxes, largest first)."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    peaks = np.asarray(maps).reshape(len(paths), -1).argmax(1).tolist()
+    maps = np.asarray(maps)
+    peaks = maps.reshape(len(paths), -1).argmax(1).tolist()
     rows = []
-    for p, v, peak in zip(paths, np.asarray(scores).tolist(), peaks):
-        x, y = peak_in_image(p, preprocess, size, divmod(int(peak), size[1]))
-        rows.append({"path": p, "score": float(v), "threshold": threshold,
-                     "normalized_score": float(v) / threshold if threshold else None,
-                     "verdict": verdict(float(v), threshold, review_band), "x": x, "y": y, "time": now})
+    for i, (p, v, peak) in enumerate(zip(paths, np.asarray(scores).tolist(), peaks)):
+        row = {"path": p, "score": float(v), "threshold": threshold,
+               "normalized_score": float(v) / threshold if threshold else None,
+               "verdict": verdict(float(v), threshold, review_band), "x": None, "y": None, "time": now}
+        wh = image_size(p)
+        if wh is not None:
+            xs, ys = image_coordinates(preprocess, wh[0], wh[1], tuple(size))
+            r, c = divmod(int(peak), size[1])
+            row["x"], row["y"] = int(round(float(xs[r, c]))), int(round(float(ys[r, c])))
+            if threshold is not None:
+                row.update(region_columns(defect_regions(maps[i], threshold, xs, ys, wh[0], wh[1], min_region_area)))
+        rows.append(row)
     return rows
+
+
+def min_region_area_of(decision: dict) -> float:
+    """The smallest defect region a model reports, in image pixels (``anomaly fit --min-region-area``; 0: all)."""
+    return float(decision.get("min_region_area") or 0.0)
+
+
+def region_columns(regions: list[dict]) -> dict:
+    """A row's region columns from its regions (largest first)."""
+    largest = regions[0] if regions else None
+    return {"n_regions": len(regions), "largest_region_px": largest["area_px"] if largest else 0,
+            "largest_region_pct": largest["area_pct"] if largest else 0.0, "regions": regions}

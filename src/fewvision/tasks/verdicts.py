@@ -44,7 +44,8 @@ class Policy:
 class Judged:
     """``rows``: one per image, in input order, each with ``path``, ``verdict``, ``label``, ``score``,
     ``threshold``, ``probabilities`` (classification), ``reason`` (review / error) and, for anomaly models,
-    ``x`` / ``y`` (where the map peaks) and ``map`` (the anomaly map, when asked for)."""
+    ``x`` / ``y`` (where the map peaks), ``regions`` (the defect regions, largest first) and ``map`` (the anomaly
+    map, when asked for)."""
 
     rows: list[dict]
 
@@ -115,5 +116,5 @@ def _anomaly(model: FewVisionModel, paths: list[str], policy: Policy, *, keep_ma
         out[r["path"]] = {"path": r["path"], "verdict": verdict,
                           "label": {OK: "good", NG: "defect", REVIEW: "review"}[verdict], "score": r["score"],
                           "threshold": r["threshold"], "probabilities": None, "reason": reason, "x": r["x"], "y": r["y"],
-                          "map": np.asarray(res.maps[i]) if keep_maps else None}
+                          "regions": r.get("regions"), "map": np.asarray(res.maps[i]) if keep_maps else None}
     return out

@@ -227,13 +227,22 @@ $("#inspect-file").addEventListener("change", async (e) => {
     const score = r.threshold !== null && r.threshold !== undefined ? `score ${r.score.toPrecision(4)} / threshold ${r.threshold.toPrecision(4)}`
       : `probability ${r.score.toFixed(3)}`;
     $("#result").innerHTML = `<span class="decision-${r.decision}" id="decision">${escapeHtml(r.decision)}</span> · ` +
-      `<span id="label">${escapeHtml(r.label)}</span> · ${score}` + (r.reason ? ` · ${escapeHtml(r.reason)}` : "");
+      `<span id="label">${escapeHtml(r.label)}</span> · ${score}` + (r.reason ? ` · ${escapeHtml(r.reason)}` : "") + regionsText(r);
     $("#inspect-image").src = await imageUrl(r.heatmap_url || r.image_url);
     resetZoom();
     await loadThreshold();
     await loadReview();
   } catch (err) { $("#result").textContent = err.message; }
 });
+
+// An anomaly prediction's defect regions (their boxes are outlined in magenta on the heat map itself).
+function regionsText(r) {
+  if (!r.regions) return "";
+  if (!r.regions.length) return ' · <span id="regions">no region above the threshold</span>';
+  const big = r.regions[0];
+  return ` · <span id="regions">${r.regions.length} region${r.regions.length > 1 ? "s" : ""} (outlined), largest ${big.area_px} px ` +
+    `(${big.area_pct.toPrecision(3)} % of the image) at x ${big.x}, y ${big.y}, ${big.width} × ${big.height} px</span>`;
+}
 
 const zoom = { scale: 1, x: 0, y: 0, drag: null };
 function applyZoom() { $("#inspect-image").style.transform = `translate(${zoom.x}px,${zoom.y}px) scale(${zoom.scale})`; }

@@ -10,8 +10,11 @@ from pathlib import Path
 
 from .base import known_options
 
+# the anomaly columns last: a reader of a file begun before they existed still finds every column by its header
 COLUMNS = ["id", "time", "station", "part_id", "path", "verdict", "label", "score", "threshold", "reason",
-           "latency_ms", "model_sha256", "probabilities"]
+           "latency_ms", "model_sha256", "probabilities", "x", "y", "n_regions", "largest_region_px",
+           "largest_region_pct", "regions"]
+JSON_COLUMNS = ("probabilities", "regions")
 
 
 def check_options(options: dict, base: Path) -> dict:
@@ -41,7 +44,7 @@ class CsvSink:
         new = not self.path.exists() or self.path.stat().st_size == 0
         if new:
             writer.writerow(COLUMNS)
-        writer.writerow([json.dumps(message.get(c), sort_keys=True) if c == "probabilities" and message.get(c)
+        writer.writerow([json.dumps(message.get(c), sort_keys=True) if c in JSON_COLUMNS and message.get(c) is not None
                          else ("" if message.get(c) is None else message.get(c)) for c in COLUMNS])
         # one write of whole rows (a row may repeat after a restart: delivery is at least once, and the id column
         # tells repeats apart); on disk at the next flush, before the station's cursor moves past it
