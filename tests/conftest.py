@@ -104,3 +104,28 @@ def pytest_collection_modifyitems(config, items):
     file handed out last keeps one worker busy while the other idles."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: each file keeps its order
+
+
+COLOURS = {"red": (220, 50, 50), "blue": (50, 50, 220), "green": (50, 200, 50), "yellow": (220, 220, 50)}
+
+
+@pytest.fixture(scope="session")
+def colour_task(tmp_path_factory, tiny_clip):
+    """A task the tiny random CLIP gets wrong zero-shot and can learn (for heads that tune it): four classes of noisy
+    flat colour (64 px), 1 support image and 15 test images per class. (support, test images, test labels)"""
+    import numpy as np
+    from PIL import Image
+
+    from fewvision.heads.support import Support
+    from fewvision.io.images import load_image
+
+    root, rng = tmp_path_factory.mktemp("colours"), np.random.default_rng(0)
+    paths, labels, test, truth = [], [], [], []
+    for k, rgb in enumerate(COLOURS.values()):
+        for i in range(16):
+            pixels = np.clip(np.array(rgb, float) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"{k}-{i}.png")
+            (paths if i < 1 else test).append(str(root / f"{k}-{i}.png"))
+            (labels if i < 1 else truth).append(k)
+    support = Support.from_files(tiny_clip, paths, labels, list(COLOURS))
+    return support, [load_image(p) for p in test], np.array(truth)

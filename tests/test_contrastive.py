@@ -28,26 +28,11 @@ def positive_similarity(head, backbone, support):
     return float((image * head.text_weights_.T[support.labels]).sum(1).mean())
 
 
-COLOURS = {"red": (220, 50, 50), "blue": (50, 50, 220), "green": (50, 200, 50), "yellow": (220, 220, 50)}
-
-
 @pytest.fixture(scope="module")
-def colours(tmp_path_factory, tiny_clip):
-    """A task the tiny random CLIP gets wrong zero-shot and can learn: four classes of noisy flat colour (64 px), 1
-    support image and 15 test images per class. (support, test images, test labels, the untouched start: 0 steps)"""
-    from PIL import Image
-
-    root, rng = tmp_path_factory.mktemp("colours"), np.random.default_rng(0)
-    paths, labels, test, truth = [], [], [], []
-    for k, rgb in enumerate(COLOURS.values()):
-        for i in range(16):
-            pixels = np.clip(np.array(rgb, float) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"{k}-{i}.png")
-            (paths if i < 1 else test).append(str(root / f"{k}-{i}.png"))
-            (labels if i < 1 else truth).append(k)
-    support = Support.from_files(tiny_clip, paths, labels, list(COLOURS))
-    start = create_head("contrastive", steps=0).fit(support)
-    return support, [load_image(p) for p in test], np.array(truth), start
+def colours(colour_task):
+    """The colour task (conftest) and the untouched start: 0 steps."""
+    support, images, truth = colour_task
+    return support, images, truth, create_head("contrastive", steps=0).fit(support)
 
 
 def accuracy(head, backbone, images, truth) -> float:

@@ -105,8 +105,8 @@ def test_lora_fit_changes_only_lora_and_reloads_identically(tiny_clip, support, 
     head = LoRAHead(steps=4, batch_size=8, lr=1e-2, seed=1).fit(support)
     assert _unchanged(tiny_clip.model, snapshot)
     assert len(head.losses_) == 4
-    assert head.n_trainable_parameters() == sum(v.numel() for k, v in head.lora_weights_.items())
-    assert any(float(v.abs().max()) > 0 for k, v in head.lora_weights_.items() if "lora_B" in k)
+    assert head.n_trainable_parameters() == sum(v.numel() for k, v in head.tuned_.items())
+    assert any(float(v.abs().max()) > 0 for k, v in head.tuned_.items() if "lora_B" in k)
     split, _ = split_attention_model(tiny_clip.model)
     base = split.state_dict()
     for name, value in head._model.state_dict().items():
@@ -120,7 +120,7 @@ def test_lora_fit_changes_only_lora_and_reloads_identically(tiny_clip, support, 
     assert np.abs(proba - fresh).max() > 1e-4  # the adapted towers do predict differently
     path = save_model(tmp_path / "lora.fvm", FewVisionModel(head, tiny_clip.spec, tiny_clip.id))
     loaded = load(path).head
-    assert set(loaded.lora_weights_) == set(head.lora_weights_)
+    assert set(loaded.tuned_) == set(head.tuned_)
     with pytest.raises(ValueError, match="bind"):
         loaded.predict_proba(torch.stack([tiny_clip.preprocess(im.convert("RGB")) for im in images]))
     np.testing.assert_array_equal(loaded.predict_proba_images(tiny_clip, images), proba)

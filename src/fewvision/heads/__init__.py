@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import ClassifierHead, NotFitted
+from .bottleneck import BottleneckAdapterHead
 from .clip_adapter import ClipAdapterHead
 from .contrastive import ContrastiveHead
 from .coop import CoOpHead
@@ -36,6 +37,7 @@ _REGISTRY.update({
     "prolip": ProLIPHead,
     "coop": CoOpHead,
     "lora": LoRAHead,
+    "bottleneck-adapter": BottleneckAdapterHead,
     "contrastive": ContrastiveHead,
     "gcpl": GCPLHead,
     "comple": CoMPLeHead,

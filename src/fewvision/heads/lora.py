@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import BackboneError
-from .base import ClassifierHead, _from_json, _to_json
 from .coop import text_tower
-from .prompts import ClassSpec, resolve_templates
-from .support import Support
+from .prompts import ClassSpec
+from .tuned import TunedClipHead, open_clip_blocks
 
 TOWERS = {"vision": "visual.", "text": "transformer."}
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
@@ -84,8 +82,7 @@ def split_attention_model(model: nn.Module, encoder: str = "both", layers: Seque
     model = copy.deepcopy(model)
     names = []
     for tower in TOWERS:
-        owner = getattr(model.visual, "transformer", None) if tower == "vision" else model.transformer
-        blocks = getattr(owner, "resblocks", None)
+        blocks = open_clip_blocks(model, tower)
         if blocks is None or not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
             if tower in towers:
                 raise BackboneError(f"LoRA on the {tower} tower needs open_clip transformer blocks with "
@@ -99,13 +96,13 @@ def split_attention_model(model: nn.Module, encoder: str = "both", layers: Seque
     return model, names
 
 
-class LoRAHead(ClassifierHead):
+class LoRAHead(TunedClipHead):
     """LoRA-adapted CLIP; predicts from images (``predict_proba_images``, or ``logits`` on preprocessed pixels
     once bound to the backbone with ``bind``)."""
 
     method = "lora"
-    needs_text = True
-    feature_kind = "images"
+    title = "LoRA"
+    tensor_prefix = "lora"  # peft's state-dict names under it
 
     def __init__(self, classes: Sequence[ClassSpec | str] | None = None, templates: Sequence[str] | None = None,
                  rank: int = 2, alpha: float = 1.0, dropout: float = 0.25, encoder: str = "both",
@@ -128,7 +125,6 @@ class LoRAHead(ClassifierHead):
         self.logit_scale = logit_scale
         self.seed = seed
 
-    # --- the adapted model --------------------------------------------------------------------------------------
     def _adapted_model(self, backbone) -> nn.Module:
         """A private copy of the backbone's model with split attention and freshly initialised LoRA (B = 0)."""
         from peft import LoraConfig, inject_adapter_in_model
@@ -146,117 +142,19 @@ class LoRAHead(ClassifierHead):
             param.requires_grad_("lora_" in name)
         return model.eval()
 
-    def bind(self, backbone) -> "LoRAHead":
-        """Rebuild the adapted model from the stored LoRA tensors on a fresh copy of ``backbone``'s model."""
-        from peft import set_peft_model_state_dict
-
-        self._check_fitted()
-        if backbone.id != self.backbone_id_:
-            raise BackboneError(f"this LoRA head was fitted on backbone id {self.backbone_id_}, not {backbone.id}")
-        model = self._adapted_model(backbone)
-        result = set_peft_model_state_dict(model, self.lora_weights_)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"LoRA tensors do not fit this model: {result.unexpected_keys[:3]}")
-        self._model = model
-        return self
-
-    def _text_features(self, model, tokens: torch.Tensor, n_templates: int) -> torch.Tensor:
-        """[C, D]: per class, the normalised mean of its normalised prompt embeddings."""
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        return F.normalize(emb.view(-1, n_templates, emb.shape[-1]).mean(dim=1), dim=-1)
-
-    # --- training -----------------------------------------------------------------------------------------------
-    def fit(self, support: Support) -> "LoRAHead":
+    def _tuned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        from ..features.encode import AugmentedView
-        from ..io.images import load_image
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
-        backbone = support.backbone
-        if support.features is None or not support.paths:
-            raise ValueError("LoRA trains on the support images: the support set needs image paths")
-        classes = self.classes if self.classes is not None else list(support.class_names)
-        self.classes_ = [c if isinstance(c, ClassSpec) else ClassSpec(str(c)) for c in classes]
-        self.templates_ = resolve_templates(self.templates if self.templates is not None else ["a photo of a {}."])
-        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else backbone.logit_scale)
-        self.backbone_id_ = backbone.id
-        prompts = [p for c in self.classes_ for p in c.prompts(self.templates_)]
-        per_class = len(self.classes_[0].prompts(self.templates_))
-        if any(len(c.prompts(self.templates_)) != per_class for c in self.classes_):
-            raise ValueError("LoRA needs the same number of prompts per class (synonyms/descriptions differ)")
-        tokens = backbone.tokenizer(prompts)
-        model = self._adapted_model(backbone)
-        steps = int(self.steps) if self.steps is not None else self.iterations_per_shot * support.shots
-        images = [load_image(p) for p in support.paths]
-        generator = torch.Generator().manual_seed(self.seed)
-        order: list[int] = []
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.999))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    def _load_tuned(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, tensors)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"LoRA tensors do not fit this model: {result.unexpected_keys[:3]}")
+
+    def _train_mode(self, model: nn.Module) -> None:
         for name, module in model.named_modules():  # only LoRA's dropout trains; frozen layers stay in eval mode
             if name.split(".")[-1] == "lora_dropout":
                 module.train()
-        self.losses_ = []
-        for step in range(steps):
-            while len(order) < min(self.batch_size, len(images)):
-                order += torch.randperm(len(images), generator=generator).tolist()
-            batch, order = order[: self.batch_size], order[self.batch_size:]
-            view = AugmentedView(step, self.seed, scale=(0.08, 1.0))  # CLIP-LoRA's RandomResizedCrop + flip
-            pixels = torch.stack([backbone.preprocess(view(images[i], support.paths[i])) for i in batch])
-            image = F.normalize(model.encode_image(pixels).float(), dim=-1)
-            text = self._text_features(model, tokens, per_class)
-            loss = F.cross_entropy(self.logit_scale_ * image @ text.T, support.labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            self.losses_.append(loss.item())
-        model.eval()
-        with torch.no_grad():
-            self.text_weights_ = self._text_features(model, tokens, per_class).T.contiguous()
-        self.lora_weights_ = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-        self._model = model
-        self.class_names_ = [c.name for c in self.classes_]
-        return self
-
-    # --- prediction ---------------------------------------------------------------------------------------------
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels [N, 3, H, W] -> logits (needs ``bind(backbone)`` after loading)."""
-        if getattr(self, "_model", None) is None:
-            raise ValueError("LoRA predicts from images with its adapted towers: call bind(backbone) first, or "
-                             "use predict_proba_images(backbone, images)")
-        if features.ndim != 4:
-            raise ValueError(f"LoRA takes preprocessed images [N, 3, H, W] (feature kind 'images'), "
-                             f"got shape {list(features.shape)}")
-        image = F.normalize(self._model.encode_image(features.float()).float(), dim=-1)
-        return self.logit_scale_ * image @ self.text_weights_
-
-    def predict_proba_images(self, backbone, images, batch_size: int = 32) -> np.ndarray:
-        if getattr(self, "_model", None) is None:
-            self.bind(backbone)
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            out.append(self.predict_proba(torch.stack([backbone.preprocess(im.convert("RGB")) for im in chunk])))
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names_)), dtype=np.float32)
-
-    def n_trainable_parameters(self) -> int:
-        return sum(int(v.numel()) for v in getattr(self, "lora_weights_", {}).values())
-
-    # --- persistence: the LoRA tensors and the text classifier, not the model ------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        self._check_fitted()
-        tensors = {f"lora/{k}": v.contiguous() for k, v in self.lora_weights_.items()}
-        tensors["text_weights_"] = self.text_weights_.contiguous()
-        fitted = {k: _to_json(v) for k, v in vars(self).items()
-                  if k.endswith("_") and not k.startswith("_") and k not in ("lora_weights_", "text_weights_")}
-        return tensors, {"method": self.method, "params": _to_json(self.get_params()), "fitted": fitted}
-
-    @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "LoRAHead":
-        head = cls(**_from_json(config["params"]))
-        for key, value in _from_json(config["fitted"]).items():
-            setattr(head, key, value)
-        head.text_weights_ = tensors["text_weights_"]
-        head.lora_weights_ = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("lora/")}
-        return head
