@@ -15,7 +15,7 @@ from fewvision.heads.zeroshot import ZeroShotHead
 CLASSES = ["nominal", "local", "global"]
 # Short training for the end-to-end save/load loop; defaults are exercised on synthetic features below.
 FAST = {"prolip": {"n_views": 2, "steps": 5}, "clip-adapter": {"epochs": 5}, "coop": {"steps": 3}, "lora": {"steps": 3},
-        "bottleneck-adapter": {"steps": 3},
+        "bottleneck-adapter": {"steps": 3}, "deep-prompt": {"steps": 3, "vision": "maple"},
         "tip-f": {"epochs": 3, "n_views": 2}, "tip": {"n_views": 2}, "protonet": {"episodes": 20}, "relationnet": {"episodes": 20},
         "maml": {"episodes": 20}, "contrastive": {"steps": 3},
         "gcpl": {"steps": 2, "n_samples": (4,), "to_keep": (1,)},

@@ -102,7 +102,7 @@ def fit_command(
                                        "(path,label[,split,caption]) or a folder of class folders"),
     method: str = typer.Option(..., "--method", "-m", metavar="METHOD",
                                help="prototype, protonet, relationnet, maml, linear, tip, tip-f, prolip, clip-adapter, "
-                                    "coop, lora, bottleneck-adapter, contrastive, zeroshot"),
+                                    "coop, lora, bottleneck-adapter, deep-prompt, contrastive, zeroshot"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
     shots: Optional[int] = typer.Option(None, "--shots", "-k", min=1, metavar="K",
                                         help="support images per class [default: all]"),

@@ -47,7 +47,9 @@ from ..runtime.preprocess import Preprocess, PreprocessError, steps_of
 PARITY_TOLERANCE = 1e-4
 ANOMALY_METHODS = ("patchcore", "padim", "anomalydino")
 NOT_EXPORTABLE = {"lora": "it adapts the encoder's weights",
-                  "bottleneck-adapter": "it adds adapters inside the encoder's blocks", "contrastive": "it adapts the encoder's weights",
+                  "bottleneck-adapter": "it adds adapters inside the encoder's blocks",
+                  "deep-prompt": "it adds prompt tokens inside the encoder's blocks",
+                  "contrastive": "it adapts the encoder's weights",
                   "slac": "it asks an LMM", "tlac": "it asks an LMM", "gcpl": "it runs a diffusion pipeline",
                   "comple": "it runs a diffusion pipeline",
                   "with-good": "it runs an anomaly model on the side (fit --good)"}

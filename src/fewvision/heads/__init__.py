@@ -7,6 +7,7 @@ from .bottleneck import BottleneckAdapterHead
 from .clip_adapter import ClipAdapterHead
 from .contrastive import ContrastiveHead
 from .coop import CoOpHead
+from .deep_prompt import DeepPromptHead
 from .gcpl import CoMPLeHead, GCPLHead
 from .linear import LinearHead
 from .lora import LoRAHead
@@ -38,6 +39,7 @@ _REGISTRY.update({
     "coop": CoOpHead,
     "lora": LoRAHead,
     "bottleneck-adapter": BottleneckAdapterHead,
+    "deep-prompt": DeepPromptHead,
     "contrastive": ContrastiveHead,
     "gcpl": GCPLHead,
     "comple": CoMPLeHead,

@@ -26,8 +26,8 @@ from .support import Support
 class TunedClipHead(ClassifierHead):
     """The shared part of a head whose tuned modules live inside CLIP's towers. Subclasses set ``method``,
     ``title`` (for messages), ``tensor_prefix`` (the tuned tensors' key prefix in the model file) and the
-    hyper-parameters the loop reads: ``classes``, ``templates``, ``steps``, ``iterations_per_shot``, ``batch_size``,
-    ``lr``, ``weight_decay``, ``logit_scale``, ``seed``."""
+    hyper-parameters the loop reads: ``classes``, ``templates``, ``steps``, ``batch_size``, ``lr``, ``weight_decay``,
+    ``logit_scale``, ``seed`` (and ``iterations_per_shot`` unless ``_n_steps`` is overridden)."""
 
     needs_text = True
     feature_kind = "images"
@@ -55,6 +55,12 @@ class TunedClipHead(ClassifierHead):
 
     def _schedule(self, optimizer: torch.optim.Optimizer, steps: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.999))
+
+    def _n_steps(self, support: Support) -> int:
+        return int(self.steps) if self.steps is not None else self.iterations_per_shot * support.shots
 
     def _train_mode(self, model: nn.Module) -> None:
         """Put the modules that behave differently in training (e.g. LoRA's dropout) in train mode; frozen layers
@@ -97,12 +103,11 @@ class TunedClipHead(ClassifierHead):
                              "differ)")
         tokens = backbone.tokenizer(prompts)
         model = self._adapted_model(backbone)
-        steps = int(self.steps) if self.steps is not None else self.iterations_per_shot * support.shots
+        steps = self._n_steps(support)
         images = [load_image(p) for p in support.paths]
         generator = torch.Generator().manual_seed(self.seed)
         order: list[int] = []
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.999))
+        optimizer = self._optimizer([p for p in model.parameters() if p.requires_grad])
         schedule = self._schedule(optimizer, steps)
         self._train_mode(model)
         self.losses_ = []
