@@ -199,3 +199,65 @@ def test_hf_clip_backbone_matches_transformers(tmp_path):
     torch.testing.assert_close(bb.encode_text(["a photo", "of a photo"]), torch.nn.functional.normalize(ref_text, dim=-1))
     assert bb.patch_features(pixels).shape == (1, 16, 4, 4)
     assert bb.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
+
+
+def test_itm_reranking_orders_each_shortlist_as_blips_retrieval_score_says(blip_dir, textile_subset):
+    """k = 2 of 3 classes: the shortlist's ITC probability mass is shared by softmax(ITM match logit + ITC cosine),
+    both taken from transformers' own forward; the third class keeps its ITC probability. The tiny random BLIP's
+    ITM head is sharpened (weights x100) so that its scores, not ITC's, decide."""
+    from fewvision.backbones import create_backbone
+    from fewvision.io.images import load_image
+    from fewvision.tasks.zeroshot import classify
+
+    blip = create_backbone(f"hf:{blip_dir}")
+    with torch.no_grad():
+        blip.model.itm_head.weight.mul_(100)
+
+    classes, template = ["nominal", "local", "global"], "a photo of {} ."
+    paths = [str(p) for c in classes for p in sorted((textile_subset / c).glob("*.jpg"))[:4]]
+    plain = classify(paths, classes, backbone=blip, templates=[template])
+    ranked = classify(paths, classes, backbone=blip, templates=[template], rerank="itm", rerank_k=2)
+    changed = 0
+    for path, before, after in zip(paths, plain.rows, ranked.rows):
+        itc = np.array([before["probabilities"][c] for c in classes])
+        short = np.argsort(-itc)[:2]
+        pixels = blip.preprocess(load_image(path))[None]
+        score = []
+        for c in short:
+            tokens = blip.tokenizer([template.format(classes[c])], return_tensors="pt")
+            with torch.inference_mode():
+                args = dict(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                            pixel_values=pixels)
+                match = float(blip.model(**args, use_itm_head=True).itm_score[0, 1])
+                cosine = float(blip.model(**args, use_itm_head=False).itm_score[0, 0])
+            score.append(match + cosine)
+        share = np.exp(np.array(score) - max(score))
+        want = itc.copy()
+        want[short] = itc[short].sum() * share / share.sum()
+        got = np.array([after["probabilities"][c] for c in classes])
+        assert np.allclose(got, want, atol=1e-5), path
+        assert after["top_label"] == classes[short[int(np.argmax(score))]]
+        changed += after["top_label"] != before["top_label"]
+    # measured: every image's top class changes (ITC: nominal; the ITM shortlist of 2: global)
+    assert changed == len(paths)
+    everything = classify(paths, classes, backbone=blip, templates=[template], rerank="itm", rerank_k=3)
+    # measured: with all three classes shortlisted, ITM picks 'local', which the shortlist of 2 had left out
+    assert any(r["top_label"] not in (plain_row["top_label"], ranked_row["top_label"])
+               for r, plain_row, ranked_row in zip(everything.rows, plain.rows, ranked.rows))
+
+
+def test_reranking_is_refused_in_one_line_without_an_itm_head(monkeypatch, capsys, tmp_path, textile_subset,
+                                                               tiny_clip_config):
+    from fewvision.cli import main
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["fewvision", *map(str, args)])
+        with pytest.raises(SystemExit) as done:
+            main()
+        return done.value.code, capsys.readouterr().err
+
+    code, err = run("classify", textile_subset, "--classes", "a,b", "--backbone", f"openclip:{tiny_clip_config}",
+                    "--rerank", "itm")
+    assert code == 2 and err.count("\n") == 1 and "--rerank itm needs a backbone with an image-text matching" in err
+    code, err = run("classify", textile_subset, "--classes", "a,b", "--rerank", "itc")
+    assert code == 2 and err.count("\n") == 1 and "--rerank itc: expected itm" in err

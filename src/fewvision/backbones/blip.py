@@ -13,7 +13,8 @@ BLIP has two ways to score an image against a text:
 * **ITM** (image-text matching): the text encoder cross-attends to all image tokens and ``itm_head`` classifies the
   pair as matching or not; :meth:`BlipBackbone.itm_scores` returns ``P(match)`` for every (image, text) pair. It costs
   one text-encoder pass per pair, so BLIP's retrieval recipe uses ITC to shortlist and ITM to re-rank; the zero-shot
-  path here uses ITC only, and ``itm_scores`` is there to re-score a shortlist.
+  path uses ITC, and ``classify --rerank itm`` re-ranks its top classes with ``itm_logits``
+  (:mod:`fewvision.heads.rerank`).
 
 Both follow transformers' ``BlipForImageTextRetrieval.forward`` (``use_itm_head=False`` / ``True``) exactly.
 """
@@ -108,6 +109,10 @@ class BlipBackbone(Backbone):
 
     def itm_scores(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """ITM: ``P(match)`` [B, T] for every (image, text) pair (softmax of ``itm_head`` over no-match/match)."""
+        return torch.softmax(self.itm_logits(pixels, texts), dim=-1)[..., 1]
+
+    def itm_logits(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """ITM: ``itm_head``'s (no-match, match) logits [B, T, 2] for every (image, text) pair."""
         ids, mask = self._tokens(texts)
         rows = []
         with torch.inference_mode():
@@ -117,7 +122,7 @@ class BlipBackbone(Backbone):
                 enc_mask = torch.ones(enc.shape[:-1], dtype=torch.long, device=self._device)
                 hidden = self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc,
                                                  encoder_attention_mask=enc_mask).last_hidden_state
-                rows.append(torch.softmax(self.model.itm_head(hidden[:, 0, :]).float(), dim=-1)[:, 1])
+                rows.append(self.model.itm_head(hidden[:, 0, :]).float())
         return torch.stack(rows)
 
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:

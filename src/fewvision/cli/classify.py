@@ -62,6 +62,15 @@ def check_text_tower(method: str, spec: str) -> None:
                         "(openclip:... or hf:...) or a few-shot method on labelled images (fewvision fit)")
 
 
+def check_rerank(rerank: str | None, method: str) -> None:
+    if rerank is None:
+        return
+    if rerank != "itm":
+        raise UserError(f"--rerank {rerank}: expected itm (the backbone's image-text matching head)")
+    if method != "zeroshot":
+        raise UserError(f"--rerank itm re-ranks zero-shot classes (--method zeroshot), not --method {method}")
+
+
 def classify(
     images: List[Path] = typer.Argument(..., metavar="IMAGES", help="image files and/or folders (searched "
                                         "recursively)"),
@@ -88,6 +97,10 @@ def classify(
     batch_size: int = typer.Option(32, "--batch-size", min=1, metavar="N", help="images per encoder batch"),
     method: str = typer.Option("zeroshot", "--method", "-m", metavar="METHOD",
                                help="zeroshot | slac | tlac (slac and tlac ask an LMM)"),
+    rerank: Optional[str] = typer.Option(None, "--rerank", metavar="itm",
+                                         help="re-rank each image's top classes with the backbone's image-text "
+                                              "matching head (BLIP) [default: no re-ranking]"),
+    rerank_k: int = typer.Option(3, "--rerank-k", min=1, metavar="K", help="classes re-ranked per image"),
     lmm_url: Optional[str] = LMM["lmm_url"],
     lmm_model: Optional[str] = LMM["lmm_model"],
     lmm_timeout: float = LMM["lmm_timeout"],
@@ -103,6 +116,7 @@ def classify(
 
     if method not in ("zeroshot", *LMM_METHODS):
         raise UserError(f"unknown method '{method}': expected zeroshot, slac or tlac")
+    check_rerank(rerank, method)
     check_output(out, (".csv", ".jsonl"))
     check_folder(report, "--report")
     spec = resolve_backbone(backbone)
@@ -126,7 +140,8 @@ def classify(
             from ..tasks.zeroshot import classify as run_classify
 
             preds = run_classify(images, specs, backbone=bb, templates=templates, unknown_threshold=review_threshold,
-                                 cache_dir=cache_dir, use_cache=not no_cache, progress=True, batch_size=batch_size)
+                                 cache_dir=cache_dir, use_cache=not no_cache, progress=True, batch_size=batch_size,
+                                 rerank=rerank, rerank_k=rerank_k)
     write_predictions(preds, out, report, title="fewvision classify",
                       extra={"backbone": bb.spec, **({"method": method, "lmm": lmm.describe()} if lmm else {})})
     summarise_predictions(bar, preds)
@@ -165,6 +180,10 @@ def evaluate(
     abstain: bool = typer.Option(False, "--abstain", help="model files: send an image to review when its conformal "
                                  "set is not exactly one class"),
     engine: str = engine_option(),
+    rerank: Optional[str] = typer.Option(None, "--rerank", metavar="itm",
+                                         help="re-rank each image's top classes with the backbone's image-text "
+                                              "matching head (BLIP) [default: no re-ranking]"),
+    rerank_k: int = typer.Option(3, "--rerank-k", min=1, metavar="K", help="classes re-ranked per image"),
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, calibration error, per-class scores and bootstrap 95% intervals on a
     labelled dataset."""
@@ -183,6 +202,7 @@ def evaluate(
         raise UserError(f"a second argument ('{model_dataset}') is only taken after a model file (.fvm)")
     if method not in ("zeroshot", "prototype", *LMM_METHODS):
         raise UserError(f"unknown method '{method}': expected zeroshot, prototype, slac or tlac")
+    check_rerank(rerank, method)
     spec = resolve_backbone(backbone)
     if method != "prototype":
         check_text_tower(method, spec)
@@ -201,7 +221,7 @@ def evaluate(
 
             ev = evaluate_zeroshot(data, backbone=bb, classes=specs, templates=templates,
                                    unknown_threshold=review_threshold, cache_dir=cache_dir, use_cache=not no_cache,
-                                   progress=True)
+                                   progress=True, rerank=rerank, rerank_k=rerank_k)
         elif method == "prototype":
             from ..tasks.fewshot import evaluate_prototype
 

@@ -11,15 +11,17 @@ import os
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..backbones.base import Backbone
 from ..decide.review import REVIEW, decide
 from ..features.encode import Features
 from ..heads import create_head
 from ..heads.prompts import ClassSpec, check_classes, parse_class_names
+from ..heads.rerank import DEFAULT_K, check_reranker, itm_rerank
 from ..heads.support import Support
 from ..io.datasets import Dataset
-from ..io.images import iter_image_files
+from ..io.images import iter_image_files, load_image
 from ..progress import expect
 from .common import as_backbone, encode, predictions_from
 from .rows import Evaluation, Predictions, classification_rows, evaluate_predictions
@@ -43,17 +45,38 @@ def classify(
     progress: bool = False,
     batch_size: int = 32,
     workers: int | None = None,
+    rerank: str | None = None,
+    rerank_k: int = DEFAULT_K,
 ) -> Predictions:
-    """Zero-shot classification of image files and folders into ``classes``."""
+    """Zero-shot classification of image files and folders into ``classes``; ``rerank="itm"`` re-ranks each
+    image's ``rerank_k`` most likely classes with the backbone's image-text matching head (BLIP,
+    :mod:`fewvision.heads.rerank`)."""
     paths = iter_image_files(inputs)  # a missing input is reported before any model is loaded
     expect(len(paths))
     bb = as_backbone(backbone, cache_dir)
+    check_reranker(rerank, bb, rerank_k)
     specs = as_classes(classes)
     head = create_head("zeroshot", classes=specs, templates=templates).fit(
         Support.text_only([c.name for c in specs], bb, cache_dir, use_cache))
     feats = encode(bb, paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress, batch_size=batch_size,
                    workers=workers)
-    return predictions_from(head, feats, unknown_threshold)
+    return _predictions(head, feats, bb, unknown_threshold, rerank, rerank_k, batch_size)
+
+
+def _predictions(head, feats: Features, bb: Backbone, unknown_threshold: float | None, rerank: str | None,
+                 rerank_k: int, batch_size: int = 32) -> Predictions:
+    """The zero-shot head's rows, re-ranked first when asked."""
+    if rerank is None or len(feats.paths) == 0:
+        return predictions_from(head, feats, unknown_threshold)
+    proba = head.predict_proba(feats.tensor)
+    for start in range(0, len(feats.paths), batch_size):  # pixels a batch at a time (BLIP's are 384 px)
+        part = slice(start, start + batch_size)
+        pixels = torch.stack([bb.preprocess(load_image(p)) for p in feats.paths[part]])
+        proba[part] = itm_rerank(proba[part], feats.tensor[part], head.weights_, bb, pixels, head.classes_,
+                                 head.templates_, rerank_k)
+    names = list(head.class_names_)
+    rows = classification_rows(feats.paths, proba, names, unknown_threshold=unknown_threshold)
+    return Predictions(names, rows, feats.skipped, feats.encoded)
 
 
 def evaluate_zeroshot(
@@ -66,15 +89,19 @@ def evaluate_zeroshot(
     cache_dir: str | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    rerank: str | None = None,
+    rerank_k: int = DEFAULT_K,
 ) -> Evaluation:
-    """Zero-shot accuracy on a labelled dataset (class names from the dataset unless ``classes`` is given)."""
+    """Zero-shot accuracy on a labelled dataset (class names from the dataset unless ``classes`` is given);
+    ``rerank`` as in :func:`classify`."""
     expect(len(dataset))
     bb = as_backbone(backbone, cache_dir)
+    check_reranker(rerank, bb, rerank_k)
     specs = as_classes(classes if classes is not None else dataset.class_names)
     head = create_head("zeroshot", classes=specs, templates=templates).fit(
         Support.text_only([c.name for c in specs], bb, cache_dir, use_cache))
     feats = encode(bb, dataset.paths, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
-    return evaluate_predictions(predictions_from(head, feats, unknown_threshold), dataset)
+    return evaluate_predictions(_predictions(head, feats, bb, unknown_threshold, rerank, rerank_k), dataset)
 
 
 LMM_METHODS = ("slac", "tlac")
