@@ -298,3 +298,71 @@ def test_local_vlm_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailable, match="HuggingFaceTB/SmolVLM-256M-Instruct"):
         create_lmm("local", "HuggingFaceTB/SmolVLM-256M-Instruct", cache_dir=str(tmp_path))
+
+
+# --- BLIP-2 captioning (Blip2ForConditionalGeneration) as the in-process LMM ------------------------------------------
+_BLIP2_WORDS = ["<pad>", "</s>", "<unk>", "<image>", "Question:", "Answer:", "which", "object", "is", "present", "in",
+                "the", "image?", "a", "hole", "stain", "clean", "fabric", "defect", "."]
+
+
+@pytest.fixture(scope="module")
+def tiny_blip2(tmp_path_factory) -> Path:
+    """A tiny random BLIP-2 with an OPT language model (4 query tokens)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        OPTConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(_BLIP2_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        bos_token="</s>", unk_token="<unk>", additional_special_tokens=["<image>"])
+    text = OPTConfig(vocab_size=len(_BLIP2_WORDS), hidden_size=32, num_hidden_layers=1, ffn_dim=37,
+                     num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=1)
+    config = Blip2Config(vision_config=dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=37),
+                         qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=37, encoder_hidden_size=32, vocab_size=30),
+                         text_config=text.to_dict(), num_query_tokens=4, image_token_index=3)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-blip2")
+    Blip2ForConditionalGeneration(config).eval().save_pretrained(folder)
+    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+                   num_query_tokens=4).save_pretrained(folder)
+    return folder
+
+
+def test_blip2_answers_with_its_papers_question_prompt_and_serves_slac(tiny_blip2, images, tiny_clip, tmp_path):
+    """The answer is transformers' own greedy generation for "Question: {q} Answer:" (BLIP-2's zero-shot VQA prompt
+    for its OPT models), the query tokens put in front by the processor; SLAC then reads that answer."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from fewvision.heads import create_head
+    from fewvision.io.images import load_image
+    from fewvision.lmm.local import LocalVLM
+    from fewvision.tasks.zeroshot import classify_with_lmm
+
+    lmm = create_lmm("local", str(tiny_blip2), use_cache=False)
+    assert isinstance(lmm, LocalVLM)
+    question = "which object is present in the image?"
+    answer = lmm.ask(images[0], question)
+    processor = Blip2Processor.from_pretrained(tiny_blip2)
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_blip2).eval()
+    inputs = processor(images=[load_image(images[0])], text=[f"Question: {question} Answer:"], return_tensors="pt")
+    assert inputs["input_ids"][0, :4].tolist() == [3] * 4  # the processor's own query-token slots
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=lmm.max_new_tokens, do_sample=False)
+    expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert answer.error is None and answer.text == expected.strip() and answer.text
+    preds = classify_with_lmm([str(p) for p in images[:2]], ["hole", "clean fabric"], backbone=tiny_clip, lmm=lmm,
+                              method="slac", use_cache=False)
+    slac_answer = lmm.ask(images[0], create_head("slac").prompt)  # SLAC's own question
+    assert slac_answer.text and preds.rows[0]["note"].startswith("LMM: " + slac_answer.text[:20])

@@ -1,4 +1,6 @@
-"""A small vision-language model run in-process through transformers (``AutoModelForImageTextToText``).
+"""A small vision-language model run in-process through transformers (``AutoModelForImageTextToText``): a chat
+model with its chat template, or BLIP-2 (``Blip2ForConditionalGeneration``, e.g. ``Salesforce/blip2-opt-2.7b``) with
+its paper's question-answer prompt.
 
 Same interface as the HTTP client (:class:`fewvision.lmm.client.LMMBackend`): ``ask(path, prompt) -> Answer``,
 answers cached by (image sha256, model, prompt). The model comes from a local folder or a hub id; hub ids are looked
@@ -54,6 +56,11 @@ class LocalVLM(LMMBackend):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if getattr(self.processor, "chat_template", None):
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        elif getattr(self.model.config, "model_type", None) == "blip-2":
+            # BLIP-2 (Blip2ForConditionalGeneration): the processor puts the query tokens in front itself; the
+            # paper's zero-shot VQA prompts, "Short answer" for its FlanT5 models
+            t5 = getattr(self.model.config.text_config, "model_type", "") == "t5"
+            text = f"Question: {prompt} {'Short answer' if t5 else 'Answer'}:"
         else:
             token = getattr(self.processor, "image_token", None) or "<image>"
             text = f"{token}\n{prompt}"
