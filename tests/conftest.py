@@ -47,6 +47,18 @@ def tiny_clip(tiny_clip_config):
 
 
 @pytest.fixture(scope="session")
+def tiny_resnet_clip(tmp_path_factory):
+    """A tiny random open_clip CLIP with a ModifiedResNet image tower (for heads that need a ViT one to refuse)."""
+    from fewvision.backbones import create_backbone
+
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    path = tmp_path_factory.mktemp("configs") / "tiny-resnet-clip.json"
+    path.write_text(json.dumps(config))
+    return create_backbone(f"openclip:{path}")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A tiny, untrained Stable Diffusion pipeline folder (for heads that run one: gcpl, comple)."""
     from diffusion_helpers import tiny_toy_pipeline, toy_images

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tuning_helpers import learning_rates
+
 from fewvision.backbones.base import BackboneError
 from fewvision.deploy.onnx import ExportError, export_onnx
 from fewvision.heads import create_head
@@ -106,27 +108,13 @@ def test_pfeiffer_learns_too(tiny_clip, colour_task):
 
 
 def test_the_warm_up_rises_then_the_rate_decays_to_zero():
-    head = create_head("bottleneck-adapter", lr=1.0, warmup=0.1)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = head._schedule(optimizer, 100)
-    rates = []
-    for _ in range(100):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    rates = learning_rates(create_head("bottleneck-adapter", lr=1.0, warmup=0.1), 100)
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
     assert rates[-1] == pytest.approx(1 / 90) and all(a >= b for a, b in zip(rates[9:], rates[10:]))
 
 
-def test_a_resnet_image_tower_is_refused_in_one_line(tmp_path):
-    import json
-
-    from fewvision.backbones import create_backbone
-
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    (tmp_path / "rn.json").write_text(json.dumps(config))
-    resnet = create_backbone(f"openclip:{tmp_path / 'rn.json'}")
+def test_a_resnet_image_tower_is_refused_in_one_line(tiny_resnet_clip):
+    resnet = tiny_resnet_clip
     with pytest.raises(BackboneError, match="vision tower need open_clip transformer blocks"):
         add_adapters(resnet.model)
     text_only = add_adapters(resnet.model, encoder="text")

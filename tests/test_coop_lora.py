@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -126,13 +125,8 @@ def test_lora_fit_changes_only_lora_and_reloads_identically(tiny_clip, support, 
     np.testing.assert_array_equal(loaded.predict_proba_images(tiny_clip, images), proba)
 
 
-def test_lora_needs_a_transformer_image_tower(tmp_path):
-    from fewvision.backbones import create_backbone
-
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    (tmp_path / "rn.json").write_text(json.dumps(config))
-    resnet = create_backbone(f"openclip:{tmp_path / 'rn.json'}")
+def test_lora_needs_a_transformer_image_tower(tiny_resnet_clip):
+    resnet = tiny_resnet_clip
     with pytest.raises(BackboneError, match="ModifiedResNet"):
         LoRAHead()._adapted_model(resnet)
     text_only = LoRAHead(encoder="text")._adapted_model(resnet)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tuning_helpers import learning_rates
+
 from fewvision.backbones.base import BackboneError
 from fewvision.deploy.onnx import ExportError, export_onnx
 from fewvision.heads import create_head
@@ -115,32 +117,17 @@ def test_the_defaults_train_only_the_prompts_and_beat_the_start(tiny_clip, colou
 
 
 def test_the_schedule_warms_up_one_epoch_then_follows_a_cosine():
-    head = create_head("deep-prompt", epochs=5)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=head.lr)
-    schedule = head._schedule(optimizer, 50)
-    rates = []
-    for _ in range(50):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    rates = learning_rates(create_head("deep-prompt", epochs=5), 50)
     assert rates[:10] == pytest.approx([1e-5] * 10) and rates[10] == pytest.approx(0.0035)
     assert rates[30] == pytest.approx(0.0035 * 0.5 * (1 + np.cos(np.pi * 20 / 40)))
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
 
 
-def test_a_template_too_short_for_the_tokens_and_a_resnet_image_tower_are_refused(tiny_clip, colour_task,
-                                                                                  tmp_path):
-    import json
-
-    from fewvision.backbones import create_backbone
-
+def test_a_template_too_short_for_the_tokens_and_a_resnet_image_tower_are_refused(colour_task, tiny_resnet_clip):
     support, _, _ = colour_task
     with pytest.raises(ValueError, match="the template '{} part' has 0 before the class name"):
         create_head("deep-prompt", templates=["{} part"], steps=1).fit(support)
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    (tmp_path / "rn.json").write_text(json.dumps(config))
-    resnet = create_backbone(f"openclip:{tmp_path / 'rn.json'}")
+    resnet = tiny_resnet_clip
     with pytest.raises(BackboneError, match="image prompts need an open_clip ViT image tower"):
         add_deep_prompts(resnet.model, _words(resnet), vision="vpt")
     text_only = add_deep_prompts(resnet.model, _words(resnet))

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import BackboneError
-from .base import ClassifierHead, _from_json, _to_json
+from .base import ClassifierHead
 from .coop import text_tower
 from .prompts import ClassSpec, resolve_templates
 from .support import Support
+from .tuned import tuned_from_state, tuned_state
 
 TRAIN = ("projections", "last-blocks", "lora")
 
@@ -256,18 +257,8 @@ class ContrastiveHead(ClassifierHead):
 
     # --- persistence: the tuned tensors and the text classifier, not the model -----------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        self._check_fitted()
-        tensors = {f"tuned/{k}": v.contiguous() for k, v in self.tuned_.items()}
-        tensors["text_weights_"] = self.text_weights_.contiguous()
-        fitted = {k: _to_json(v) for k, v in vars(self).items()
-                  if k.endswith("_") and not k.startswith("_") and k not in ("tuned_", "text_weights_")}
-        return tensors, {"method": self.method, "params": _to_json(self.get_params()), "fitted": fitted}
+        return tuned_state(self, "tuned")
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "ContrastiveHead":
-        head = cls(**_from_json(config["params"]))
-        for key, value in _from_json(config["fitted"]).items():
-            setattr(head, key, value)
-        head.text_weights_ = tensors["text_weights_"]
-        head.tuned_ = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("tuned/")}
-        return head
+        return tuned_from_state(cls, tensors, config, "tuned")

@@ -159,22 +159,31 @@ class TunedClipHead(ClassifierHead):
 
     # --- persistence: the tuned tensors and the text classifier, not the model ------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        self._check_fitted()
-        tensors = {f"{self.tensor_prefix}/{k}": v.contiguous() for k, v in self.tuned_.items()}
-        tensors["text_weights_"] = self.text_weights_.contiguous()
-        fitted = {k: _to_json(v) for k, v in vars(self).items()
-                  if k.endswith("_") and not k.startswith("_") and k not in ("tuned_", "text_weights_")}
-        return tensors, {"method": self.method, "params": _to_json(self.get_params()), "fitted": fitted}
+        return tuned_state(self, self.tensor_prefix)
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "TunedClipHead":
-        head = cls(**_from_json(config["params"]))
-        for key, value in _from_json(config["fitted"]).items():
-            setattr(head, key, value)
-        head.text_weights_ = tensors["text_weights_"]
-        prefix = f"{head.tensor_prefix}/"
-        head.tuned_ = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return head
+        return tuned_from_state(cls, tensors, config, cls.tensor_prefix)
+
+
+def tuned_state(head: ClassifierHead, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A tuned head's file state: its ``tuned_`` tensors under ``prefix/``, its text classifier and the rest of its
+    fitted attributes as JSON."""
+    head._check_fitted()
+    tensors = {f"{prefix}/{k}": v.contiguous() for k, v in head.tuned_.items()}
+    tensors["text_weights_"] = head.text_weights_.contiguous()
+    fitted = {k: _to_json(v) for k, v in vars(head).items()
+              if k.endswith("_") and not k.startswith("_") and k not in ("tuned_", "text_weights_")}
+    return tensors, {"method": head.method, "params": _to_json(head.get_params()), "fitted": fitted}
+
+
+def tuned_from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], prefix: str):
+    head = cls(**_from_json(config["params"]))
+    for key, value in _from_json(config["fitted"]).items():
+        setattr(head, key, value)
+    head.text_weights_ = tensors["text_weights_"]
+    head.tuned_ = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}/")}
+    return head
 
 
 def open_clip_blocks(model: nn.Module, tower: str) -> Sequence[nn.Module] | None:
