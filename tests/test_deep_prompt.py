@@ -34,8 +34,10 @@ def test_layer_0_prompts_start_as_the_words_they_replace(tiny_clip):
     prompted = add_deep_prompts(tiny_clip.model, _words(tiny_clip), depth=1)
     with torch.no_grad():
         assert torch.equal(prompted.encode_text(tokens), frozen.encode_text(tokens))
+        twin = copy.deepcopy(prompted)  # its blocks read its own copy of the prompts
         prompted.deep_prompts.text[0].add_(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)))
         assert not torch.allclose(prompted.encode_text(tokens), frozen.encode_text(tokens), atol=1e-3)
+        assert torch.equal(twin.encode_text(tokens), frozen.encode_text(tokens))
     assert [n for n, p in prompted.named_parameters() if p.requires_grad] == ["deep_prompts.text.0"]
 
 

@@ -8,7 +8,7 @@ from torchvision import transforms
 
 from fewvision.io.geometry import image_coordinates
 from fewvision.io.regions import defect_regions, label_regions
-from fewvision.tasks.rows import anomaly_rows
+from fewvision.tasks.rows import anomaly_rows, region_rule
 
 
 def test_labels_are_scipys_on_random_masks():
@@ -56,19 +56,27 @@ def test_boxes_follow_the_resize_and_the_centre_crop_into_image_pixels():
     assert defect_regions(heat, 3.0, xs, ys, 640, 480) == []  # strictly above the threshold
 
 
-def test_rows_carry_the_regions_only_when_there_is_a_threshold(tmp_path):
+def test_rows_carry_the_regions_of_the_map_threshold(tmp_path):
+    """Regions come from the map threshold (``region_rule``: calibrated on the good images' map maxima), which may
+    differ from the image threshold the verdict uses; a map wholly above it is the whole image."""
     path = tmp_path / "part.png"
     Image.new("RGB", (640, 480), "gray").save(path)
     preprocess = transforms.Compose([transforms.Resize((48, 64)), transforms.ToTensor()])
     heat = np.zeros((1, 48, 64), np.float32)
     heat[0, 5:10, 30:40] = 5.0  # 5 x 10 map pixels = 50 x 100 image pixels at x 300, y 50
-    row = anomaly_rows([str(path)], heat, np.array([5.0]), preprocess, (48, 64), 1.0, 0.0)[0]
+    row = anomaly_rows([str(path)], heat, np.array([5.0]), preprocess, (48, 64), 1.0, 0.0, (1.0, 0.0))[0]
     assert (row["n_regions"], row["largest_region_px"]) == (1, pytest.approx(5000, rel=0.01))
     assert row["largest_region_pct"] == pytest.approx(100 * 5000 / (640 * 480), rel=0.01)
     assert abs(row["regions"][0]["x"] - 300) <= 2 and abs(row["regions"][0]["y"] - 50) <= 2
     assert row["verdict"] == "ng"
-    dropped = anomaly_rows([str(path)], heat, np.array([5.0]), preprocess, (48, 64), 1.0, 0.0,
-                           min_region_area=6000)[0]
+    dropped = anomaly_rows([str(path)], heat, np.array([5.0]), preprocess, (48, 64), 1.0, 0.0, (1.0, 6000))[0]
     assert (dropped["n_regions"], dropped["regions"], dropped["verdict"]) == (0, [], "ng")  # the verdict stays
     unthresholded = anomaly_rows([str(path)], heat, np.array([5.0]), preprocess, (48, 64), None, 0.0)[0]
     assert "regions" not in unthresholded and unthresholded["x"] is not None
+    passed = anomaly_rows([str(path)], heat, np.array([5.0]), preprocess, (48, 64), 9.0, 0.0, (1.0, 0.0))[0]
+    assert (passed["verdict"], passed["n_regions"]) == ("ok", 1)  # the image threshold decides, not the map's
+    whole = anomaly_rows([str(path)], heat + 2.0, np.array([5.0]), preprocess, (48, 64), 1.0, 0.0, (1.0, 0.0))[0]
+    assert [(r["x"], r["y"], r["width"], r["height"]) for r in whole["regions"]] == [(0, 0, 640, 480)]
+    assert whole["largest_region_pct"] == pytest.approx(100.0, rel=0.01)
+    assert region_rule({"threshold": 3.0, "region_threshold": 2.0, "min_region_area": 50}) == (2.0, 50.0)
+    assert region_rule({"threshold": 3.0}) == (3.0, 0.0)  # a model fitted before regions had their threshold

@@ -104,6 +104,31 @@ def test_a_bad_station_file_is_one_line_naming_the_key(tmp_path, model_file, mon
 
 
 # --- the stream -----------------------------------------------------------------------------------------------------
+def test_the_csv_sink_writes_every_column_to_a_new_file_and_an_old_files_own_to_an_old_file(tmp_path):
+    """A file begun by an earlier release (13 columns, no region columns) gets rows that line up with its header; a
+    new file gets the region columns, regions as JSON."""
+    import csv
+
+    from fewvision.station.sinks.csv_file import COLUMNS, CsvSink
+
+    old_header = COLUMNS[:13]
+    (tmp_path / "old.csv").write_text(",".join(old_header) + "\r\n" + ",".join(["x"] * 13) + "\r\n")
+    message = {"kind": "verdict", "id": "v1", "verdict": "ng", "score": 2.5, "x": 10, "y": 20, "n_regions": 1,
+               "regions": [{"x": 5, "y": 6, "width": 7, "height": 8, "area_px": 56, "area_pct": 0.1, "peak": 3.0}]}
+    for name in ("old.csv", "new.csv"):
+        sink = CsvSink("csv", {"path": tmp_path / name}, "s", {})
+        sink.open()
+        sink.send(message)
+        sink.close()
+    with open(tmp_path / "old.csv", newline="") as fh:
+        old = list(csv.reader(fh))
+    assert old[0] == old_header and [len(r) for r in old] == [13, 13, 13] and old[2][0] == "v1"
+    with open(tmp_path / "new.csv", newline="") as fh:
+        new = list(csv.DictReader(fh))
+    assert list(new[0]) == COLUMNS and (new[0]["verdict"], new[0]["x"], new[0]["n_regions"]) == ("ng", "10", "1")
+    assert json.loads(new[0]["regions"]) == message["regions"]
+
+
 def test_300_images_through_a_broker_outage_arrive_once_each_in_order(tmp_path, model_file, broker, textile_images):
     """The broker stops for 10 s in the middle of the stream: every verdict reaches the subscriber (300 distinct
     ids), first arrivals in the station's order; inspection went on during the outage; the status topic says

@@ -196,6 +196,9 @@ def evaluate(
 
         if model_dataset is None:
             raise UserError(f"{dataset}: give the dataset to evaluate the model on: fewvision eval MODEL DATASET")
+        if rerank is not None:
+            raise UserError("--rerank re-ranks zero-shot classes (fewvision eval DATASET --backbone hf:BLIP...), not "
+                            "a fitted model's")
         return evaluate_model_command(Path(dataset), model_dataset, out=out, report=report, abstain=abstain,
                                       weights=weights, cache_dir=cache_dir, no_cache=no_cache, engine=engine)
     if model_dataset is not None:

@@ -130,6 +130,8 @@ class BottleneckAdapterHead(TunedClipHead):
 
     def _schedule(self, optimizer: torch.optim.Optimizer, steps: int):
         """Houlsby et al.: linear warm-up over the first ``warmup`` share of the steps, then linear decay to 0."""
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         rise = max(1, math.ceil(self.warmup * steps))
 
         def factor(step: int) -> float:

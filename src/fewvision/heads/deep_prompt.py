@@ -34,65 +34,86 @@ PROMPT_STD = 0.02  # MaPLe / IVLP initialise the deeper prompts from N(0, 0.02^2
 
 
 class DeepPrompts(nn.Module):
-    """The learned tokens: ``text[i]`` [n_ctx, text width] for text layers 0..depth-1 (layer 0 in token-embedding
-    space), and per image layer either ``vision[i]`` (vpt) or ``couple[i](text[i])`` (maple)."""
+    """The learned tokens: ``text[i]`` [n_ctx, text width] for text layers 0..text_depth-1 (layer 0 in
+    token-embedding space), and per image layer 0..vision_depth-1 either ``vision[i]`` (vpt) or ``couple[i](text[i])``
+    (maple)."""
 
-    def __init__(self, first: torch.Tensor, depth: int, vision: str, vision_width: int | None):
+    def __init__(self, first: torch.Tensor, text_depth: int, vision: str, vision_depth: int,
+                 vision_width: int | None):
         super().__init__()
         n, width = first.shape
-        self.text = nn.ParameterList([nn.Parameter(first.clone())]
-                                     + [nn.Parameter(torch.randn(n, width) * PROMPT_STD) for _ in range(depth - 1)])
+        self.text = nn.ParameterList([nn.Parameter(first.clone())] + [nn.Parameter(torch.randn(n, width) * PROMPT_STD)
+                                                                      for _ in range(text_depth - 1)])
         self.mode = vision
         if vision == "vpt":
             self.vision = nn.ParameterList([nn.Parameter(torch.randn(n, vision_width) * PROMPT_STD)
-                                            for _ in range(depth)])
+                                            for _ in range(vision_depth)])
         elif vision == "maple":
-            self.couple = nn.ModuleList([nn.Linear(width, vision_width) for _ in range(depth)])
+            self.couple = nn.ModuleList([nn.Linear(width, vision_width) for _ in range(vision_depth)])
 
-    def vision_prompt(self, layer: int) -> torch.Tensor:
+    def prompt(self, tower: str, layer: int) -> torch.Tensor:
+        if tower == "text":
+            return self.text[layer]
         return self.vision[layer] if self.mode == "vpt" else self.couple[layer](self.text[layer])
 
 
-class PromptedBlock(nn.Module):
-    """A transformer block whose input has its prompt positions overwritten first: ``positions`` (a slice of the
-    sequence) get ``prompt()`` [n, width], broadcast over the batch."""
+class _Prompted(nn.Module):
+    """The shared part of the wrappers: which tokens (``tower``, ``layer``) of the model's one ``DeepPrompts``, plus
+    a fixed ``offset`` (the positions' embeddings at text layer 0)."""
 
-    def __init__(self, block: nn.Module, prompt, positions: slice, batch_first: bool):
+    def __init__(self, prompts: DeepPrompts, tower: str, layer: int, offset: torch.Tensor | None = None):
         super().__init__()
+        # a plain reference, not a sub-module: the prompts are registered once, as the model's ``deep_prompts``, and
+        # a deep copy of the model maps this reference to its own copy of them
+        self.__dict__["prompts"] = prompts
+        self.tower, self.layer = tower, layer
+        self.register_buffer("offset", offset, persistent=False)
+
+    def tokens(self, like: torch.Tensor) -> torch.Tensor:
+        p = self.prompts.prompt(self.tower, self.layer)
+        return (p if self.offset is None else p + self.offset).to(like.dtype)
+
+
+class PromptedBlock(_Prompted):
+    """A transformer block whose input has its prompt positions (``positions``, a slice of the sequence) overwritten
+    by the prompt tokens first, broadcast over the batch."""
+
+    def __init__(self, block: nn.Module, prompts: DeepPrompts, tower: str, layer: int, positions: slice,
+                 batch_first: bool, offset: torch.Tensor | None = None):
+        super().__init__(prompts, tower, layer, offset)
         self.block, self.positions, self.batch_first = block, positions, batch_first
-        object.__setattr__(self, "prompt", prompt)  # a closure over the shared DeepPrompts, not a sub-module
 
     def get_weight_dtype(self) -> torch.dtype:  # the tower asks its first block for its cast type
         return self.block.get_weight_dtype()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        p = self.prompt().to(x.dtype)
+        p = self.tokens(x)
+        start, stop = self.positions.start, self.positions.stop
         if self.batch_first:
-            x = torch.cat([x[:, : self.positions.start], p.expand(x.shape[0], -1, -1),
-                           x[:, self.positions.stop:] if self.positions.stop is not None else x[:, :0]], dim=1)
+            x = torch.cat([x[:, :start], p.expand(x.shape[0], -1, -1), x[:, stop:] if stop is not None else x[:, :0]],
+                          dim=1)
         else:
-            x = torch.cat([x[: self.positions.start], p[:, None].expand(-1, x.shape[1], -1),
-                           x[self.positions.stop:] if self.positions.stop is not None else x[:0]], dim=0)
+            x = torch.cat([x[:start], p[:, None].expand(-1, x.shape[1], -1), x[stop:] if stop is not None else x[:0]],
+                          dim=0)
         return self.block(x, *args, **kwargs)
 
 
-class AppendPrompts(nn.Module):
+class AppendPrompts(_Prompted):
     """The image tower's pre-norm with the layer-0 image prompts appended to its input (batch first) first."""
 
-    def __init__(self, norm: nn.Module, prompt):
-        super().__init__()
+    def __init__(self, norm: nn.Module, prompts: DeepPrompts):
+        super().__init__(prompts, "vision", 0)
         self.norm = norm
-        object.__setattr__(self, "prompt", prompt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.prompt().to(x.dtype)
-        return self.norm(torch.cat([x, p.expand(x.shape[0], -1, -1)], dim=1))
+        return self.norm(torch.cat([x, self.tokens(x).expand(x.shape[0], -1, -1)], dim=1))
 
 
 def add_deep_prompts(model: nn.Module, first: torch.Tensor, depth: int = 9, vision: str = "none") -> nn.Module:
     """A deep copy of an open_clip CLIP model prompted as the module docstring says; ``first``: the layer-0 text
     prompts [n_ctx, width] (token embeddings). Only the prompts and coupling layers require grad; ``depth`` is
-    capped at each tower's block count."""
+    capped at each tower's block count (and, for MaPLe, the image depth at the text depth: each image prompt comes
+    from that layer's text prompt)."""
     import copy
 
     if vision not in VISION:
@@ -112,25 +133,22 @@ def add_deep_prompts(model: nn.Module, first: torch.Tensor, depth: int = 9, visi
                              or getattr(visual, "pool_type", "tok") != "tok"):
         raise BackboneError("image prompts need an open_clip ViT image tower pooled by its class token (not "
                             "ModifiedResNet or attention pooling): use vision='none'")
-    depth_text = min(depth, len(text_blocks))
-    depth_vision = min(depth, len(vision_blocks)) if vision_blocks is not None else 0
-    prompts = DeepPrompts(first, max(depth_text, depth_vision), vision,
-                          visual.ln_pre.normalized_shape[0] if vision != "none" else None)
+    text_depth = min(depth, len(text_blocks))
+    vision_depth = 0 if vision_blocks is None else min(depth, len(vision_blocks))
+    if vision == "maple":
+        vision_depth = min(vision_depth, text_depth)
+    prompts = DeepPrompts(first, text_depth, vision, vision_depth,
+                          visual.transformer.width if vision_blocks is not None else None)
     model.deep_prompts = prompts
-    positional = model.positional_embedding.detach()[1:1 + n]
-    text_first = model.transformer.batch_first
-    for i in range(depth_text):
-        if i == 0:  # token embeddings, then their positions, as the tower does for the words they replace
-            def prompt(i=i):
-                return prompts.text[0] + positional
-        else:
-            def prompt(i=i):
-                return prompts.text[i]
-        text_blocks[i] = PromptedBlock(text_blocks[i], prompt, slice(1, 1 + n), text_first)
+    # text layer 0: token embeddings, then their positions, as the tower does for the words they replace
+    positions = model.positional_embedding.detach()[1:1 + n].clone()
+    for i in range(text_depth):
+        text_blocks[i] = PromptedBlock(text_blocks[i], prompts, "text", i, slice(1, 1 + n),
+                                       model.transformer.batch_first, positions if i == 0 else None)
     if vision_blocks is not None:
-        visual.ln_pre = AppendPrompts(visual.ln_pre, lambda: prompts.vision_prompt(0))
-        for i in range(1, depth_vision):
-            vision_blocks[i] = PromptedBlock(vision_blocks[i], lambda i=i: prompts.vision_prompt(i), slice(-n, None),
+        visual.ln_pre = AppendPrompts(visual.ln_pre, prompts)
+        for i in range(1, vision_depth):
+            vision_blocks[i] = PromptedBlock(vision_blocks[i], prompts, "vision", i, slice(-n, None),
                                              visual.transformer.batch_first)
     return model.eval()
 
@@ -189,6 +207,8 @@ class DeepPromptHead(TunedClipHead):
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def _schedule(self, optimizer: torch.optim.Optimizer, steps: int):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         warm = min(steps, max(1, steps // max(self.epochs, 1)))  # one epoch
         rest = max(steps - warm, 1)
 

@@ -75,5 +75,8 @@ class LocalVLM(LMMBackend):
                 out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         except (RuntimeError, ValueError) as err:
             raise LMMRequestError(f"local generation failed ({' '.join(str(err).split())[:160]})") from None
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        # a decoder-only language model returns the prompt and the answer; an encoder-decoder one (BLIP-2's
+        # FlanT5) the answer alone
+        language = getattr(self.model.config, "text_config", self.model.config)
+        new_tokens = out if getattr(language, "is_encoder_decoder", False) else out[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]

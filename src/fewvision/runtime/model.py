@@ -23,7 +23,7 @@ from ..modelfile import GRAPH_PREFIX, MODEL_SUFFIX, PACK_SUFFIX, ModelFileError,
 from ..progress import expect, progress_bar
 from ..tasks.evaluation import AnomalyEvaluation, evaluate_classes, evaluate_maps
 from ..tasks.rows import AnomalyPredictions, Evaluation, Predictions, Recorder, Scored, anomaly_rows, \
-    min_region_area_of, pixel_chunks, predictions
+    region_rule, pixel_chunks, predictions
 from .engines import CHOICES, EngineError, choose, create_engine, installed
 from .preprocess import Preprocess
 
@@ -268,7 +268,7 @@ def _score_paths(model: RuntimeModel, paths: Sequence[str], *, review_band: floa
         for names, pixels in _chunks(model, paths, rec):
             m, s = model.run(pixels)
             rows += anomaly_rows(names, m, s, model.preprocess, size, threshold, review_band,
-                                 min_region_area_of(model.decision))
+                                 region_rule(model.decision))
             if keep_maps:
                 maps.append(m.astype(np.float32, copy=False))
             advance(len(names))

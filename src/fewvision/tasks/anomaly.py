@@ -45,7 +45,7 @@ from ..io.images import iter_image_files
 from ..modelfile import FewVisionModel
 from ..progress import expect, progress_bar
 from .evaluation import AnomalyEvaluation, evaluate_maps, good_label_of, test_items  # noqa: F401
-from .rows import AnomalyPredictions, Recorder, anomaly_rows, min_region_area_of, pixel_chunks
+from .rows import AnomalyPredictions, Recorder, anomaly_rows, region_rule, pixel_chunks
 
 DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_CHUNK_IMAGES = 32
@@ -324,12 +324,13 @@ def fit_anomaly(
         raise ValueError(_none_readable(fit_paths, fit_rec))
 
     cal_rec = Recorder()
-    cal_scores, small_maps = [], []
+    cal_scores, cal_peaks, small_maps = [], [], []
     cal_paths = list(fit_rec.used) if left_out else hold_paths  # fit order, as score_left_out expects
     for _, maps, scores in _score_chunks(head, bb, cal_paths, cache, size=size, sigma=sigma,
                                          chunk_images=chunk_images, batch_size=batch_size, rec=cal_rec,
                                          progress=progress, left_out=left_out):
         cal_scores.append(scores.double().numpy())
+        cal_peaks.append(maps.amax(dim=(1, 2)).double().numpy())
         small_maps.append(F.adaptive_avg_pool2d(maps[:, None], BASELINE_SIZE)[:, 0])
     calibration = "split conformal"
     if left_out:
@@ -343,6 +344,11 @@ def fit_anomaly(
         raise ValueError(f"none of the {len(cal_paths)} held-out good image(s) could be read to set the threshold")
     target, note = supported_target(target_false_reject, len(cal))
     threshold = conformal_threshold(cal, target)
+    # Defect regions are the map's parts above a map threshold set by the same rule on the same good images' map
+    # maxima: the image score need not be the map's maximum, nor on its scale (GANomaly scores its latent code,
+    # PatchCore its largest patch distance before the map is smoothed), and a good image then shows a region with
+    # the target's probability.
+    region_threshold = conformal_threshold(np.concatenate(cal_peaks), target)
     # Heat maps show each pixel's excess over the median map of the good images, so what every good image has
     # (a brighter frame where the features see the image border, a lighting gradient) does not light up; the
     # colour range runs from no excess to twice the largest excess of a good image.
@@ -361,6 +367,7 @@ def fit_anomaly(
         "map_size": list(size),
         "heatmap_baseline": [[round(float(v), 6) for v in row] for row in baseline.tolist()],
         "heatmap_range": [0.0, 2.0 * max(hottest, 1e-12)],
+        "region_threshold": region_threshold,
         "min_region_area": float(min_region_area),
     }
     if folds is not None:
@@ -481,7 +488,7 @@ def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool
     for ok, m, s in _score_chunks(model.head, bb, paths, cache, size=size, sigma=sigma, chunk_images=chunk_images,
                                   batch_size=batch_size, rec=rec, progress=progress):
         rows += anomaly_rows(ok, m.numpy(), s.numpy(), bb.preprocess, size, threshold, review_band,
-                             min_region_area_of(model.decision))
+                             region_rule(model.decision))
         if keep_maps:
             maps.append(m.numpy().astype(np.float32, copy=False))
     stacked = (np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)) if keep_maps else None
@@ -502,7 +509,7 @@ def score_pixels(model: FewVisionModel, paths: Sequence[str], pixels: torch.Tens
         return AnomalyPredictions([], None, threshold)
     maps, scores = _score_inputs(model.head, bb, _pixel_inputs(model.head, bb, pixels), size=size, sigma=sigma)
     return AnomalyPredictions(anomaly_rows(paths, maps.numpy(), scores.numpy(), bb.preprocess, size, threshold,
-                                            review_band, min_region_area_of(model.decision)), None, threshold)
+                                            review_band, region_rule(model.decision)), None, threshold)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------

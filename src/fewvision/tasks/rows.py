@@ -189,11 +189,12 @@ def verdict(score: float, threshold: float | None, review_band: float = 0.0) -> 
 
 def anomaly_rows(paths: Sequence[str], maps: np.ndarray, scores: np.ndarray, preprocess: Callable,
                  size: tuple[int, int], threshold: float | None, review_band: float,
-                 min_region_area: float = 0.0) -> list[dict]:
+                 regions: tuple[float | None, float] = (None, 0.0)) -> list[dict]:
     """The rows of one scored chunk (see :func:`fewvision.tasks.anomaly.score_files`); ``maps`` [N, H, W] and
-    ``scores`` [N] as the model's post-processing finished them. With a threshold, each row also has the defect
-    regions (:func:`fewvision.io.regions.defect_regions`; those under ``min_region_area`` image pixels dropped):
+    ``scores`` [N] as the model's post-processing finished them. With ``regions`` = (map threshold, minimum area;
+    :func:`region_rule`), each row also has the defect regions (:func:`fewvision.io.regions.defect_regions`):
     ``n_regions``, ``largest_region_px``, ``largest_region_pct`` and ``regions`` (boxes, largest first)."""
+    region_threshold, min_region_area = regions
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     maps = np.asarray(maps)
     peaks = maps.reshape(len(paths), -1).argmax(1).tolist()
@@ -207,15 +208,18 @@ def anomaly_rows(paths: Sequence[str], maps: np.ndarray, scores: np.ndarray, pre
             xs, ys = image_coordinates(preprocess, wh[0], wh[1], tuple(size))
             r, c = divmod(int(peak), size[1])
             row["x"], row["y"] = int(round(float(xs[r, c]))), int(round(float(ys[r, c])))
-            if threshold is not None:
-                row.update(region_columns(defect_regions(maps[i], threshold, xs, ys, wh[0], wh[1], min_region_area)))
+            if region_threshold is not None:
+                row.update(region_columns(defect_regions(maps[i], region_threshold, xs, ys, wh[0], wh[1],
+                                                         min_region_area)))
         rows.append(row)
     return rows
 
 
-def min_region_area_of(decision: dict) -> float:
-    """The smallest defect region a model reports, in image pixels (``anomaly fit --min-region-area``; 0: all)."""
-    return float(decision.get("min_region_area") or 0.0)
+def region_rule(decision: dict) -> tuple[float | None, float]:
+    """(the map threshold of defect regions, the smallest region reported in image pixels) of a model: the map
+    threshold calibrated at fit on the good images' map maxima (``region_threshold``; a model fitted before it
+    existed uses its image threshold), ``anomaly fit --min-region-area`` (0: all)."""
+    return decision.get("region_threshold", decision.get("threshold")), float(decision.get("min_region_area") or 0.0)
 
 
 def region_columns(regions: list[dict]) -> dict:

@@ -31,7 +31,7 @@ class CsvSink:
 
     def __init__(self, name: str, options: dict, station: str, context: dict):
         self.name, self.path = name, Path(options["path"])
-        self._file = None
+        self._file, self._columns = None, COLUMNS
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,21 +39,29 @@ class CsvSink:
     def send(self, message: dict) -> None:
         if message.get("kind", "verdict") != "verdict":
             return
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        if new:
-            writer.writerow(COLUMNS)
-        writer.writerow([json.dumps(message.get(c), sort_keys=True) if c in JSON_COLUMNS and message.get(c) is not None
-                         else ("" if message.get(c) is None else message.get(c)) for c in COLUMNS])
-        # one write of whole rows (a row may repeat after a restart: delivery is at least once, and the id column
-        # tells repeats apart); on disk at the next flush, before the station's cursor moves past it
         if self._file is not None and not self.path.exists():  # moved away (rotated): a new file, with its header
             self.close()
+        buf = io.StringIO()
+        writer = csv.writer(buf)
         if self._file is None:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._columns = COLUMNS if new else self._header()
+            if new:
+                writer.writerow(COLUMNS)
             self._file = open(self.path, "a", newline="", encoding="utf-8")
+        writer.writerow([json.dumps(message.get(c), sort_keys=True) if c in JSON_COLUMNS and message.get(c) is not None
+                         else ("" if message.get(c) is None else message.get(c)) for c in self._columns])
+        # one write of whole rows (a row may repeat after a restart: delivery is at least once, and the id column
+        # tells repeats apart); on disk at the next flush, before the station's cursor moves past it
         self._file.write(buf.getvalue())
         self._file.flush()
+
+    def _header(self) -> list[str]:
+        """The columns of the file being appended to: a file begun by an earlier release (fewer columns) keeps its
+        own, so every row lines up with its header; a new file gets them all."""
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), None)
+        return header or COLUMNS
 
     def flush(self) -> None:
         if self._file is not None:
