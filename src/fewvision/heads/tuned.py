@@ -10,6 +10,7 @@ CLIP-LoRA does; prediction runs the adapted image tower (``feature_kind = "image
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,10 +36,10 @@ class TunedClipHead(ClassifierHead):
     tensor_prefix = "tuned"
 
     # --- what a subclass provides -------------------------------------------------------------------------------
+    @abstractmethod
     def _adapted_model(self, backbone) -> nn.Module:
         """A private copy of the backbone's model with freshly initialised tuned modules (eval mode; only their
         parameters require grad)."""
-        raise NotImplementedError
 
     def _tuned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
