@@ -49,10 +49,15 @@ def _hf_model_type(spec: str, cache_dir: str | None = None, download: bool = Tru
 def _hf(spec: str, **kw) -> Backbone:
     from .hf import HFClipBackbone
 
-    if _hf_model_type(spec, kw.get("cache_dir"), kw.get("download", True)) == "blip":
+    kind = _hf_model_type(spec, kw.get("cache_dir"), kw.get("download", True))
+    if kind == "blip":
         from .blip import BlipBackbone
 
         return BlipBackbone(spec, **kw)
+    if kind == "blip-2":
+        from .blip2 import Blip2Backbone
+
+        return Blip2Backbone(spec, **kw)
     return HFClipBackbone(spec, **kw)
 
 

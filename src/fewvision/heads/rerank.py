@@ -19,6 +19,7 @@ import torch
 
 from ..backbones.base import BackboneError
 from .prompts import ClassSpec
+from .zeroshot import class_similarity
 
 RERANKERS = ("itm",)
 DEFAULT_K = 3
@@ -47,7 +48,7 @@ def itm_rerank(proba: np.ndarray, features: torch.Tensor, class_weights: torch.T
     k = min(k, proba.shape[1])
     prompts = [c.prompts(templates) for c in classes]
     out = proba.copy()
-    cosine = (features.float() @ class_weights.float()).numpy()
+    cosine = class_similarity(features, class_weights).numpy()
     for i in range(len(proba)):
         short = np.argsort(-proba[i], kind="stable")[:k]
         texts = [t for c in short for t in prompts[c]]

@@ -1,7 +1,8 @@
 """CLIP zero-shot classification (Radford et al. 2021, section 3.1.4).
 
 Each class's weight vector is the L2-normalised mean of its L2-normalised prompt embeddings (the prompt ensemble
-of open_clip's ``build_zero_shot_classifier``); logits are ``logit_scale * <normalised image feature, weight>``.
+of open_clip's ``build_zero_shot_classifier``); logits are ``logit_scale * <normalised image feature, weight>``
+(for an image given as several vectors, BLIP-2's, the largest over them).
 """
 
 from __future__ import annotations
@@ -86,4 +87,14 @@ class ZeroShotHead(ClassifierHead):
         return self
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale_ * features.float() @ self.weights_
+        return class_similarity(features, self.weights_, self.logit_scale_)
+
+
+def class_similarity(features: torch.Tensor, weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """[N, C] ``scale`` x the cosines of normalised image features [N, D] and class embeddings [D, C]; an image given
+    as several unit vectors ([N, V * D], BLIP-2's query embeddings) takes its best-matching vector per class, as
+    BLIP-2's image-text contrastive similarity does."""
+    features, dim = scale * features.float(), weights.shape[0]  # scaled first, as CLIP's logits (and tip's)
+    if features.shape[-1] != dim and features.shape[-1] % dim == 0:
+        return (features.view(len(features), -1, dim) @ weights.float()).amax(dim=1)
+    return features @ weights.float()

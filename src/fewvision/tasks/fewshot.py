@@ -120,10 +120,19 @@ def make_head(method: str, seed: int = 0, **params) -> ClassifierHead:
     return create_head(method, **params)
 
 
+# Text heads that take an image given as several vectors (BLIP-2's query embeddings): each class scored by its
+# best-matching vector (zeroshot), or the LMM's answer mapped onto the classes (slac, tlac).
+MULTI_VECTOR_TEXT_HEADS = ("zeroshot", "slac", "tlac")
+
+
 def check_text(head: ClassifierHead, backbone: Backbone) -> None:
     if head.needs_text and not backbone.has_text:
         raise BackboneError(f"method '{head.method}' needs a text tower, which backbone '{backbone.spec}' lacks; "
                             "use a CLIP backbone or an image-only method (prototype, linear)")
+    if head.needs_text and getattr(backbone, "image_vectors", 1) > 1 and head.method not in MULTI_VECTOR_TEXT_HEADS:
+        raise BackboneError(f"method '{head.method}' combines one image vector with the text's, and backbone "
+                            f"'{backbone.spec}' gives {backbone.image_vectors} per image (BLIP-2's queries); use "
+                            f"{', '.join(MULTI_VECTOR_TEXT_HEADS)} or an image-only method (prototype, linear)")
 
 
 def as_dataset(data: Dataset | str | os.PathLike | Sequence[str | os.PathLike],
