@@ -5,7 +5,7 @@ spec                                  what it loads
 ====================================  ==========================================================================
 ``openclip:MODEL[/TAG]``              open_clip architecture with a pretrained tag (weights via the model hub)
 ``openclip:MODEL@PATH``               open_clip architecture with local weights; MODEL may be a config JSON path
-``hf:REPO_OR_PATH``                   a transformers CLIP or SigLIP model, or a BLIP image-text retrieval model
+``hf:REPO_OR_PATH``                   a transformers CLIP or SigLIP model, or a BLIP / BLIP-2 image-text retrieval model
 ``timm:NAME[@PATH|@random]``          a timm image model (image-only)
 ``texture``                           built-in, weight-free multi-scale Gabor texture features (image-only)
 ====================================  ==========================================================================
