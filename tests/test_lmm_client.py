@@ -305,9 +305,8 @@ _BLIP2_WORDS = ["<pad>", "</s>", "<unk>", "<image>", "Question:", "Answer:", "wh
                 "the", "image?", "a", "hole", "stain", "clean", "fabric", "defect", "."]
 
 
-@pytest.fixture(scope="module")
-def tiny_blip2(tmp_path_factory) -> Path:
-    """A tiny random BLIP-2 with an OPT language model (4 query tokens)."""
+def _tiny_blip2(folder: Path, positions: int = 128) -> Path:
+    """A tiny random BLIP-2 with an OPT language model (4 query tokens, ``positions`` positions)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -324,7 +323,7 @@ def tiny_blip2(tmp_path_factory) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
                                         bos_token="</s>", unk_token="<unk>", additional_special_tokens=["<image>"])
     text = OPTConfig(vocab_size=len(_BLIP2_WORDS), hidden_size=32, num_hidden_layers=1, ffn_dim=37,
-                     num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=0,
+                     num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=positions, pad_token_id=0,
                      bos_token_id=1, eos_token_id=1)
     config = Blip2Config(vision_config=dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=1,
                                             num_attention_heads=2, intermediate_size=37),
@@ -332,11 +331,23 @@ def tiny_blip2(tmp_path_factory) -> Path:
                                              intermediate_size=37, encoder_hidden_size=32, vocab_size=30),
                          text_config=text.to_dict(), num_query_tokens=4, image_token_index=3)
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-blip2")
     Blip2ForConditionalGeneration(config).eval().save_pretrained(folder)
     Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
                    num_query_tokens=4).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_blip2(tmp_path_factory) -> Path:
+    return _tiny_blip2(tmp_path_factory.mktemp("tiny-blip2"))
+
+
+def test_a_generation_past_the_models_positions_is_an_answer_error_not_a_crash(tmp_path, images):
+    """16 positions: the 4 query tokens, the question and 64 new tokens do not fit; the answer says so in one line
+    (SLAC/TLAC then fall back to CLIP for that image) and the next image is asked as usual."""
+    lmm = create_lmm("local", str(_tiny_blip2(tmp_path / "short", positions=16)), use_cache=False)
+    answers = lmm.ask_many([(str(p), "which object is present in the image?") for p in images[:2]])
+    assert all(a.error and a.error.startswith("local generation failed") and "\n" not in a.error for a in answers)
 
 
 def test_blip2_answers_with_its_papers_question_prompt_and_serves_slac(tiny_blip2, images, tiny_clip, tmp_path):

@@ -73,7 +73,7 @@ class LocalVLM(LMMBackend):
             inputs = self._inputs(image, prompt).to(self.device)
             with torch.inference_mode():
                 out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, IndexError) as err:  # IndexError: a prompt past the position table
             raise LMMRequestError(f"local generation failed ({' '.join(str(err).split())[:160]})") from None
         # a decoder-only language model returns the prompt and the answer; an encoder-decoder one (BLIP-2's
         # FlanT5) the answer alone
