@@ -515,6 +515,9 @@ def test_opcua_nodes_follow_the_verdicts(tmp_path, model_file, textile_images):
             assert node("NgCount").read_value() == counts["reject"]
             assert node("ModelSha256").read_value() == hashlib.sha256(model_file.read_bytes()).hexdigest()
             assert node("LastVerdict").read_value() in ("ok", "ng")
+            last_regions = json.loads(store_rows(station_dir, "select regions from predictions order by id")[-1][0])
+            assert node("LastRegionCount").read_value() == len(last_regions) > 0  # the last image is a defect
+            assert node("LastLargestRegionPct").read_value() == pytest.approx(last_regions[0]["area_pct"])
             assert node("Alarm").read_value() is False
             # an alarm message (the monitor's, through the outbox) sets the Alarm node and its message
             station.deliveries[0].sink.send({"kind": "alarm", "alarm": "martingale", "active": True,

@@ -1,8 +1,9 @@
 """OPC UA sink (asyncua): the station serves its state as variables a PLC, SCADA or MES reads or subscribes to.
 
 Under the object ``<station>`` in the namespace ``namespace``, with string node ids ``<station>.<Variable>`` that
-stay the same across restarts: LastVerdict, LastScore, LastPartId, LastId, LastTime, LastLatencyMs, OkCount,
-NgCount, ReviewCount, ErrorCount, Heartbeat (counts up every second while the station runs), ModelSha256, Alarm and
+stay the same across restarts: LastVerdict, LastScore, LastPartId, LastId, LastTime, LastLatencyMs,
+LastRegionCount and LastLargestRegionPct (an anomaly verdict's defect regions: how many, the largest one's share of
+the image in %, NaN without one), OkCount, NgCount, ReviewCount, ErrorCount, Heartbeat (counts up every second while the station runs), ModelSha256, Alarm and
 AlarmMessage. Delivering a message is writing it into these variables; the counters start from the verdicts
 delivered before a restart.
 """
@@ -55,6 +56,8 @@ class OpcUaSink:
                      "LastPartId": ("", ua.VariantType.String), "LastId": ("", ua.VariantType.String),
                      "LastTime": (datetime(1970, 1, 1, tzinfo=timezone.utc), ua.VariantType.DateTime),
                      "LastLatencyMs": (math.nan, ua.VariantType.Double),
+                     "LastRegionCount": (0, ua.VariantType.Int32),
+                     "LastLargestRegionPct": (math.nan, ua.VariantType.Double),
                      **{node: (self.counts[v], ua.VariantType.Int64) for v, node in COUNTERS.items()},
                      "Heartbeat": (0, ua.VariantType.Int64),
                      "ModelSha256": (self.model_sha256, ua.VariantType.String),
@@ -97,6 +100,10 @@ class OpcUaSink:
                     if message.get("time") else datetime.now(timezone.utc))
         latency = message.get("latency_ms")
         self._write("LastLatencyMs", math.nan if latency is None else float(latency))
+        # anomaly models: the defect regions above the map threshold (0 and NaN for classification)
+        self._write("LastRegionCount", int(message.get("n_regions") or 0))
+        pct = message.get("largest_region_pct")
+        self._write("LastLargestRegionPct", math.nan if pct is None or not message.get("n_regions") else float(pct))
         if verdict in self.counts:
             self.counts[verdict] += 1
             self._write(COUNTERS[verdict], self.counts[verdict])
