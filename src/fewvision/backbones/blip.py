@@ -22,6 +22,7 @@ Both follow transformers' ``BlipForImageTextRetrieval.forward`` (``use_itm_head=
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from pathlib import Path
 from typing import Sequence
 
@@ -45,34 +46,40 @@ def read_config(folder: Path) -> dict:
         return {}
 
 
-class BlipBackbone(Backbone):
+class RetrievalBackbone(Backbone):
+    """The shared part of the BLIP and BLIP-2 image-text retrieval backbones: loading the checkpoint and its
+    processor, tokenising, the ViT's tokens, ITM probabilities and patch features. A subclass names its
+    transformers class (``arch``), its family for messages, and the config holding its text positions."""
+
     has_text = True
+    arch = RETRIEVAL_ARCH
+    family = "BLIP"
+    example = "hf:Salesforce/blip-itm-base-coco"
+    other_uses = ""
+    text_config = "text_config"
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
-        from transformers import (  # heavy import, only when this backbone is used
-            AutoProcessor,
-            BlipForImageTextRetrieval,
-        )
+        import transformers  # heavy import, only when this backbone is used
+
         self.spec = spec
         folder = model_folder(spec, cache_dir, download)
         self.folder = folder
         archs = read_config(folder).get("architectures") or []
-        if archs and RETRIEVAL_ARCH not in archs:
+        if archs and self.arch not in archs:
             raise BackboneError(
-                f"'{spec}' is a BLIP {', '.join(archs)} model; zero-shot scoring needs an image-text retrieval "
-                f"checkpoint ({RETRIEVAL_ARCH}), e.g. hf:Salesforce/blip-itm-base-coco"
-            )
+                f"'{spec}' is a {self.family} {', '.join(archs)} model; zero-shot scoring needs an image-text "
+                f"retrieval checkpoint ({self.arch}), e.g. {self.example}{self.other_uses}")
         try:
-            self.model = BlipForImageTextRetrieval.from_pretrained(str(folder), local_files_only=True).eval().to(device)
-            self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+            model = getattr(transformers, self.arch).from_pretrained(str(folder), local_files_only=True)
+            self.model = model.eval().to(device)
+            self.processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as err:
-            raise BackboneError(f"{folder}: cannot load a BLIP retrieval model from here ({err})") from None
+            raise BackboneError(f"{folder}: cannot load a {self.family} retrieval model from here ({err})") from None
         self.tokenizer = self.processor.tokenizer
         self._preprocess = HFPixelTransform(self.processor.image_processor)
         self._device = torch.device(device)
-        self._id = make_id("hf-blip", file_digest(folder), repr(self._preprocess))
-        cfg = self.model.config
-        limit = getattr(cfg.text_config, "max_position_embeddings", 512)
+        self._id = make_id(f"hf-{self.family.lower().replace('-', '')}", file_digest(folder), repr(self._preprocess))
+        limit = int(getattr(getattr(self.model.config, self.text_config), "max_position_embeddings", 512))
         self.max_text_tokens = min(int(getattr(self.tokenizer, "model_max_length", limit) or limit), limit)
 
     def portable(self) -> tuple[dict[str, Path], str]:
@@ -83,10 +90,6 @@ class BlipBackbone(Backbone):
         size = self.model.config.vision_config.image_size
         return (size, size)
 
-    @property
-    def logit_scale(self) -> float:
-        return float(torch.tensor(self.model.config.logit_scale_init_value).exp())
-
     def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model(pixel_values=pixels.to(self._device)).last_hidden_state
 
@@ -94,6 +97,28 @@ class BlipBackbone(Backbone):
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_tokens,
                                 return_tensors="pt")
         return tokens["input_ids"].to(self._device), tokens["attention_mask"].to(self._device)
+
+    @abstractmethod
+    def itm_logits(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """ITM: the (no-match, match) logits [B, T, 2] for every (image, text) pair."""
+
+    def itm_scores(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """ITM: ``P(match)`` [B, T] for every (image, text) pair (softmax over no-match/match)."""
+        return torch.softmax(self.itm_logits(pixels, texts), dim=-1)[..., 1]
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            tokens = self._image_tokens(pixels).float()[:, 1:]  # drop [CLS]
+        side = int(tokens.shape[1] ** 0.5)
+        if side * side != tokens.shape[1]:
+            raise BackboneError(f"'{self.spec}': {tokens.shape[1]} patch tokens do not form a square grid")
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+class BlipBackbone(RetrievalBackbone):
+    @property
+    def logit_scale(self) -> float:
+        return float(torch.tensor(self.model.config.logit_scale_init_value).exp())
 
     def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """ITC image embedding (before normalisation): ``vision_proj`` of the ViT's [CLS] token."""
@@ -106,10 +131,6 @@ class BlipBackbone(Backbone):
             hidden = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             out = self.model.text_proj(hidden[:, 0, :])
         return torch.nn.functional.normalize(out.float(), dim=-1)
-
-    def itm_scores(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """ITM: ``P(match)`` [B, T] for every (image, text) pair (softmax of ``itm_head`` over no-match/match)."""
-        return torch.softmax(self.itm_logits(pixels, texts), dim=-1)[..., 1]
 
     def itm_logits(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """ITM: ``itm_head``'s (no-match, match) logits [B, T, 2] for every (image, text) pair."""
@@ -124,11 +145,3 @@ class BlipBackbone(Backbone):
                                                  encoder_attention_mask=enc_mask).last_hidden_state
                 rows.append(self.model.itm_head(hidden[:, 0, :]).float())
         return torch.stack(rows)
-
-    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            tokens = self._image_tokens(pixels).float()[:, 1:]  # drop [CLS]
-        side = int(tokens.shape[1] ** 0.5)
-        if side * side != tokens.shape[1]:
-            raise BackboneError(f"'{self.spec}': {tokens.shape[1]} patch tokens do not form a square grid")
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)

@@ -18,70 +18,29 @@ Both follow ``Blip2ForImageTextRetrieval.forward`` (tested equal on a tiny rando
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .base import Backbone, BackboneError, make_id
-from .blip import read_config
-from .hf import HFPixelTransform, model_folder, portable_folder
-from .weights import file_digest
-
-RETRIEVAL_ARCH = "Blip2ForImageTextRetrieval"
+from .blip import RetrievalBackbone
 
 
-class Blip2Backbone(Backbone):
-    has_text = True
+class Blip2Backbone(RetrievalBackbone):
+    arch = "Blip2ForImageTextRetrieval"
+    family = "BLIP-2"
+    example = "hf:Salesforce/blip2-itm-vit-g"
+    other_uses = " (a captioning BLIP-2 answers SLAC/TLAC as --lmm-url local --lmm-model FOLDER)"
+    text_config = "qformer_config"
 
     def __init__(self, spec: str, cache_dir: str | None = None, download: bool = True, device: str = "cpu"):
-        from transformers import AutoProcessor, Blip2ForImageTextRetrieval  # heavy import, only when used
-
-        self.spec = spec
-        folder = model_folder(spec, cache_dir, download)
-        self.folder = folder
-        archs = read_config(folder).get("architectures") or []
-        if archs and RETRIEVAL_ARCH not in archs:
-            raise BackboneError(
-                f"'{spec}' is a BLIP-2 {', '.join(archs)} model; zero-shot scoring needs an image-text retrieval "
-                f"checkpoint ({RETRIEVAL_ARCH}), e.g. hf:Salesforce/blip2-itm-vit-g (a captioning BLIP-2 answers "
-                "SLAC/TLAC as --lmm-url local --lmm-model FOLDER)")
-        try:
-            self.model = Blip2ForImageTextRetrieval.from_pretrained(str(folder), local_files_only=True).eval()
-            self.model.to(device)
-            self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise BackboneError(f"{folder}: cannot load a BLIP-2 retrieval model from here ({err})") from None
-        self.tokenizer = self.processor.tokenizer
-        self._preprocess = HFPixelTransform(self.processor.image_processor)
-        self._device = torch.device(device)
-        self._id = make_id("hf-blip2", file_digest(folder), repr(self._preprocess))
-        cfg = self.model.config
-        self.image_vectors = int(cfg.num_query_tokens)
-        limit = int(getattr(cfg.qformer_config, "max_position_embeddings", 512))
-        self.max_text_tokens = min(int(getattr(self.tokenizer, "model_max_length", limit) or limit), limit)
-
-    def portable(self) -> tuple[dict[str, Path], str]:
-        return portable_folder(self.folder)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        size = self.model.config.vision_config.image_size
-        return (size, size)
+        super().__init__(spec, cache_dir, download, device)
+        self.image_vectors = int(self.model.config.num_query_tokens)
 
     @property
     def logit_scale(self) -> float:
         # BLIP-2's ITC temperature is learned (initialised at 0.07) but not kept by transformers' retrieval
         # checkpoints: its initial value, as for BLIP
         return 1.0 / 0.07
-
-    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.vision_model(pixel_values=pixels.to(self._device)).last_hidden_state
-
-    def _tokens(self, texts: Sequence[str]):
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_tokens,
-                                return_tensors="pt")
-        return tokens["input_ids"].to(self._device), tokens["attention_mask"].to(self._device)
 
     def _queries(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """[N, Q, D]: the projected query outputs, each L2-normalised."""
@@ -125,14 +84,3 @@ class Blip2Backbone(Backbone):
                                             encoder_attention_mask=image_mask).last_hidden_state
                 rows.append(self.model.itm_head(hidden[:, :q, :]).float().mean(dim=1))
         return torch.stack(rows)
-
-    def itm_scores(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        return torch.softmax(self.itm_logits(pixels, texts), dim=-1)[..., 1]
-
-    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            tokens = self._image_tokens(pixels).float()[:, 1:]  # drop [CLS]
-        side = int(tokens.shape[1] ** 0.5)
-        if side * side != tokens.shape[1]:
-            raise BackboneError(f"'{self.spec}': {tokens.shape[1]} patch tokens do not form a square grid")
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
