@@ -553,7 +553,8 @@ def test_status_metrics_and_the_service_page_read_the_same_store(tmp_path, model
         for i, src in enumerate(stream(textile_images, 6)):
             land(src, incoming, f"P{i:04d}_{src.name}")
         wait_for(lambda: station.judged >= 6, 60, "6 verdicts")
-        wait_for(lambda: len((station_dir / "verdicts.csv").read_text().splitlines()) >= 7, 30, "the csv rows")
+        csv_file = station_dir / "verdicts.csv"  # written by the sink's own thread, after the store commits
+        wait_for(lambda: csv_file.exists() and len(csv_file.read_text().splitlines()) >= 7, 30, "the csv rows")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     counts = Counter(r[2] for r in store_rows(station_dir))
     verdict = {"accept": "ok", "reject": "ng"}
