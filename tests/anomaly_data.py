@@ -116,3 +116,80 @@ class PixelPatchBackbone(Backbone):
         n, c, h, w = pixels.shape
         blocks = F.unfold(pixels.float(), kernel_size=4, stride=4)  # [n, c*16, (h/4)*(w/4)]
         return blocks.view(n, c * 16, h // 4, w // 4)
+
+
+# --- high-resolution mosaics with a real local defect (--tile) -----------------------------------------------------
+def defect_centre(image: Image.Image) -> tuple[int, int]:
+    """(x, y) of the local defect of a textile 'local' image: its defects are speckles, so the 16 px window with
+    the most fine-scale energy (the image minus its 2 px Gaussian blur) away from the border."""
+    from PIL import ImageFilter
+
+    grey = image.convert("L")
+    fine = np.asarray(grey, dtype=np.float32) - np.asarray(grey.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
+    energy = torch.from_numpy(fine ** 2)[None, None]
+    local = F.avg_pool2d(energy, 16, stride=1)[0, 0].numpy()
+    local[:12], local[-12:], local[:, :12], local[:, -12:] = 0, 0, 0, 0
+    y, x = np.unravel_index(int(local.argmax()), local.shape)
+    return int(x) + 8, int(y) + 8
+
+
+def cut_defect(path: Path, size: int) -> tuple[Image.Image, Image.Image]:
+    """(RGB patch, soft round alpha) of ``size`` px around the defect of a 'local' textile image: the alpha is 1
+    inside the defect's disc and falls to 0 at the patch's edge, so the pasted patch brings no square seam."""
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    x, y = defect_centre(image)
+    half = size // 2
+    x, y = min(max(x, half), image.width - half), min(max(y, half), image.height - half)
+    patch = image.crop((x - half, y - half, x - half + size, y - half + size))
+    r = np.hypot(*np.meshgrid(np.arange(size) - (size - 1) / 2, np.arange(size) - (size - 1) / 2))
+    alpha = np.clip((size / 2 - r) / (size / 4), 0, 1)
+    return patch, Image.fromarray((alpha * 255).astype(np.uint8), mode="L")
+
+
+BORDER = 2  # the textile images end in a white last row and column: cut 2 px off every side so no seam is white
+
+
+def mosaic(cells: Sequence[Path], side: int, rng: np.random.Generator) -> Image.Image:
+    """A ``side`` x ``side`` image tiled with the textile images ``cells`` (row by row, their white last row and
+    column cut off, each turned 0 or 180 degrees at random: the weave's direction is kept), cropped at the right
+    and bottom edges."""
+    with Image.open(cells[0]) as im:
+        cw, ch = im.width - 2 * BORDER, im.height - 2 * BORDER
+    per_row, per_col = -(-side // cw), -(-side // ch)
+    if len(cells) < per_row * per_col:
+        raise ValueError(f"a {side} px mosaic of {cw} px images needs {per_row * per_col} of them")
+    canvas = Image.new("RGB", (per_row * cw, per_col * ch))
+    for i in range(per_row * per_col):
+        with Image.open(cells[i]) as im:
+            cell = im.convert("RGB").crop((BORDER, BORDER, im.width - BORDER, im.height - BORDER))
+        canvas.paste(cell.rotate(180) if rng.random() < 0.5 else cell, ((i % per_row) * cw, (i // per_row) * ch))
+    return canvas.crop((0, 0, side, side))
+
+
+def mosaics(folder: Path, good: Sequence[Path], n: int, side: int, rng: np.random.Generator, *,
+            defects: Sequence[Path] = (), defect_size: tuple[int, int] = (16, 32)) -> list[tuple[Path, tuple]]:
+    """``n`` mosaics written as PNG under ``folder``, their cells drawn from ``good`` without replacement while it
+    lasts; with ``defects`` ('local' images), mosaic i gets the defect of ``defects[i]`` (16-32 px) pasted at a
+    random place. [(path, (x, y, size) of the defect or None)]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(good[0]) as im:
+        per = (-(-side // (im.width - 2 * BORDER))) * (-(-side // (im.height - 2 * BORDER)))
+    order = list(rng.permutation(len(good)))
+    out = []
+    for i in range(n):
+        if len(order) < per:
+            order += list(rng.permutation(len(good)))
+        cells, order = [good[j] for j in order[:per]], order[per:]
+        image = mosaic(cells, side, rng)
+        where = None
+        if defects:
+            size = int(rng.integers(defect_size[0], defect_size[1] + 1))
+            patch, alpha = cut_defect(defects[i], size)
+            x, y = (int(v) for v in rng.integers(0, side - size, 2))
+            image.paste(patch, (x, y), alpha)
+            where = (x, y, size)
+        path = folder / f"mosaic_{i:03d}.png"
+        image.save(path)
+        out.append((path, where))
+    return out

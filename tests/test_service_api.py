@@ -122,9 +122,39 @@ def test_params_backbone_and_method_are_checked_when_set_naming_the_field(client
     refused({"name": "p", "task": "anomaly", "backbone": "timm:"}, "backbone")
     refused({"name": "p", "task": "classification", "classes": [{"name": "a"}, {"name": "b"}],
              "params": {"accept_classes": ["c"]}}, "params.accept_classes")
+    refused(base % '{"tile": 8}', "params.tile")
+    refused(base % '{"tile_overlap": 1}', "params.tile_overlap")
     ok = client.post("/v1/projects", json={"name": "p", "task": "anomaly", "backbone": "texture",
-                                           "params": {"review_band": 0.1, "coreset_ratio": 0.2, "shots": 4}})
+                                           "params": {"review_band": 0.1, "coreset_ratio": 0.2, "shots": 4,
+                                                      "tile": 256, "tile_overlap": 0.5, "min_region_area": 9}})
     assert ok.status_code == 201, ok.text
+
+
+def test_a_tiled_project_scores_tiles_and_answers_in_the_images_own_pixels(client, tmp_path):
+    """A project with ``tile`` fits a tiled model (the fit's own keyword) and every prediction is the task
+    function's row for the stored model: stitched maps, the peak and the regions in the image's pixels."""
+    from fewvision.modelfile import load
+    from fewvision.tasks.anomaly import score_files
+
+    p = client.post("/v1/projects", json={"name": "wide web", "task": "anomaly", "backbone": "texture",
+                                          "params": {"tile": 128, "tile_overlap": 0.0, "target_false_reject": 0.3}})
+    assert p.status_code == 201, p.text
+    pid = p.json()["id"]
+    for name, data in textile_bytes("nominal", 0, 10):  # 8 fit, 2 set the threshold
+        assert upload(client, pid, name, data).status_code == 201
+    done = wait_for(client, client.post(f"/v1/projects/{pid}/fit").json()["job_id"])
+    assert done["state"] == "done", done
+    model = load(client.app.state.service.blobs.model_path(pid, 1))
+    assert model.decision["tiling"] == {"size": 128, "overlap": 0.0, "score": "tile_max"}
+    (name, data), = textile_bytes("local", 0, 1)
+    answer = client.post(f"/v1/projects/{pid}/predict", files={"file": (name, data)}).json()
+    (tmp_path / name).write_bytes(data)
+    want = score_files(model, [tmp_path / name], use_cache=False).rows[0]
+    assert answer["score"] == pytest.approx(want["score"], rel=1e-6) and (answer["x"], answer["y"]) == \
+        (want["x"], want["y"])
+    assert [b["x"] for b in answer["regions"]] == [b["x"] for b in want["regions"]]
+    heat = client.get(answer["heatmap_url"])
+    assert heat.status_code == 200 and Image.open(io.BytesIO(heat.content)).size == (250, 250)  # the image's own
 
 
 def test_a_project_is_renamed_re_set_and_deleted_with_its_data(client, anomaly_project):

@@ -670,3 +670,30 @@ def test_the_monitor_raises_a_drift_alarm_to_the_sinks_and_resumes_after_a_resta
             again.close()
     finally:
         receiver.close()
+
+
+def test_a_tiled_model_judges_each_image_by_its_tiles_on_the_station(tmp_path, textile_images):
+    """A model fitted with ``--tile``: the station's verdicts, scores, peaks and regions are the task function's
+    rows for the same files (the station is a thin layer over them)."""
+    from fewvision.modelfile import save_model
+    from fewvision.tasks.anomaly import fit_anomaly, score_files
+
+    good, bad = textile_images
+    model = fit_anomaly(good[:10], "patchcore", "texture", tile=128, tile_overlap=0.0, target_false_reject=0.3,
+                        use_cache=False)
+    station_dir = tmp_path / "station"
+    config = write_station(station_dir, save_model(tmp_path / "tiled.fvm", model), [])
+    incoming = station_dir / "incoming"
+    incoming.mkdir(parents=True)
+    images = [good[40], bad[0], bad[1]]
+    with running(config):
+        for i, src in enumerate(images):
+            land(src, incoming, f"P{i:04d}_{src.name}")
+        wait_for(lambda: len(store_rows(station_dir)) >= 3, 60, "3 verdicts")
+    got = store_rows(station_dir, "select score, x, y, regions from predictions order by id")
+    want = score_files(model, images, use_cache=False).rows
+    assert len(got) == len(want) == 3
+    for (score, x, y, regions), w in zip(got, want):
+        assert score == pytest.approx(w["score"], rel=1e-6) and (x, y) == (w["x"], w["y"])
+        assert [b["x"] for b in json.loads(regions or "[]")] == [b["x"] for b in w["regions"]]
+    assert sum(w["n_regions"] > 0 for w in want) >= 1  # a region reached the store's JSON

@@ -58,6 +58,11 @@ class TexturePreprocess:
         arr = np.asarray(image, dtype=np.float32) / 255.0
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
+    def steps(self) -> list[dict]:
+        """The same as replayable steps (:mod:`fewvision.runtime.preprocess`)."""
+        return [{"op": "rgb"}, {"op": "resize", "size": [self.size, self.size], "max_size": None,
+                                "interpolation": "bicubic"}, {"op": "to_array"}]
+
     def describe(self) -> dict:
         return {"convert": "RGB", "resize": [self.size, self.size], "interp": "bicubic", "scale": "1/255"}
 

@@ -122,6 +122,12 @@ def fit(
     min_region_area: float = typer.Option(0.0, "--min-region-area", min=0.0, metavar="PX",
                                           help="defect regions smaller than PX image pixels are left out of the "
                                                "rows (stored in the model) [default: every region]"),
+    tile: Optional[int] = typer.Option(None, "--tile", min=16, metavar="SIZE",
+                                       help="score high-resolution images tile by tile at native resolution: "
+                                            "SIZE px tiles, maps stitched back (stored in the model; predict and "
+                                            "eval tile too) [default: the whole image resized]"),
+    tile_overlap: float = typer.Option(0.25, "--tile-overlap", min=0.0, max=0.95, metavar="F",
+                                       help="share of a tile its neighbours overlap (with --tile)"),
     param: List[str] = param_option(),
     seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the coreset, channel draw or training"),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="model file to write (.fvm)"),
@@ -154,7 +160,7 @@ def fit(
         model = fit_anomaly(good, method, bb, target_false_reject=target_false_reject,
                             holdout_fraction=holdout_fraction, seed=seed, cache_dir=cache_dir,
                             use_cache=not no_cache, progress=True, all_subfolders=all_subfolders, shots=shots,
-                            min_region_area=min_region_area, **params)
+                            min_region_area=min_region_area, tile=tile, tile_overlap=tile_overlap, **params)
     save_model(out, model)
     d = model.decision
     for s in model.info.get("skipped", []):
@@ -258,11 +264,15 @@ def _regions_text(row: dict) -> str:
 
 
 def _preprocess(model, cache_dir: str | None, weights: str | None):
-    """The preprocessing that places maps in the image: the graph's replayed steps, or the backbone's transform."""
+    """What places maps in the image: the graph's replayed steps, or the backbone's transform (a tiled model: the
+    stitched maps' geometry)."""
+    from ..io.tiles import geometry_of
     from ..runtime.model import RuntimeModel
 
-    return model.preprocess if isinstance(model, RuntimeModel) else \
-        model.backbone(cache_dir=cache_dir, weights=weights).preprocess
+    if isinstance(model, RuntimeModel):
+        return model.geometry
+    bb = model.backbone(cache_dir=cache_dir, weights=weights)
+    return geometry_of(model.decision, bb.preprocess, model.decision.get("map_size") or bb.input_size)
 
 
 def write_heatmaps(rows: list[dict], maps, folder: Path, preprocess, decision: dict, advance=None) -> None:

@@ -70,7 +70,10 @@ def image_coordinates(preprocess, width: int, height: int, size: tuple[int, int]
     """For every pixel of the maps (``size``), the (x, y) of the original ``width`` x ``height`` image it shows:
     two ramp images (red = x, green = y) go through the backbone's own preprocessing, so any resize and crop is
     followed exactly, to 1/255 of the image (finer than a map pixel covers for images under ~57,000 px). Cached
-    per image size: a batch from one camera computes it once."""
+    per image size: a batch from one camera computes it once. A geometry that knows its coordinates exactly (the
+    stitched maps of tiled models, :class:`fewvision.io.tiles.StitchedView`) gives them itself."""
+    if hasattr(preprocess, "coordinates"):
+        return preprocess.coordinates(int(width), int(height), tuple(size))
     key = (id(preprocess), int(width), int(height), tuple(size))
     hit = _COORDINATES.get(key)
     if hit is not None and hit[0] is preprocess:

@@ -25,6 +25,8 @@ from ..tasks.evaluation import AnomalyEvaluation, evaluate_classes, evaluate_map
 from ..tasks.rows import AnomalyPredictions, Evaluation, Predictions, Recorder, Scored, anomaly_rows, \
     region_rule, pixel_chunks, predictions
 from .engines import CHOICES, EngineError, choose, create_engine, installed
+from ..io.tiles import StitchedView, TileCutter, Tiling, geometry_of
+from ..tasks.tiled import tiled_predictions
 from .preprocess import Preprocess
 
 FORMAT = "fewvision-onnx"
@@ -92,6 +94,18 @@ class RuntimeModel:
                                         f"here, {expected} there); install the versions it was exported with")
                 self._preprocess = lambda image: transform(image).numpy()
         return self._preprocess
+
+    @property
+    def geometry(self):
+        """What places this model's maps on its images (:func:`fewvision.io.tiles.geometry_of`)."""
+        return geometry_of(self.decision, self.preprocess, self.map_size)
+
+    def tile_cutter(self, tiling: Tiling) -> TileCutter:
+        steps = self.manifest["backbone"].get("steps")
+        if steps is None:
+            raise RuntimeModelError(f"{self.path}: a tiled model exported before its preprocessing was recorded as "
+                                    "steps; export it again")
+        return TileCutter(tiling, steps)
 
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         """The graph's outputs for preprocessed pixels ``[N, 3, H, W]`` (fed one at a time to a batch-1 graph)."""
@@ -263,6 +277,14 @@ def _score_paths(model: RuntimeModel, paths: Sequence[str], *, review_band: floa
     size = model.map_size
     threshold = model.decision.get("threshold")
     rec = Recorder()
+    tiling = Tiling.of(model.decision)
+    if tiling:
+        with progress_bar(len(paths), "scoring", enabled=progress) as advance:
+            rows, maps = tiled_predictions(model.tile_cutter(tiling), lambda pixels: model.run(pixels)[:2], paths,
+                                           rec, view=StitchedView(tiling, size), threshold=threshold,
+                                           review_band=review_band, regions=region_rule(model.decision),
+                                           keep_maps=keep_maps, advance=advance)
+        return AnomalyPredictions(rows, maps if keep_maps else None, threshold, rec.skipped)
     rows, maps = [], []
     with progress_bar(len(paths), "scoring", enabled=progress) as advance:
         for names, pixels in _chunks(model, paths, rec):
@@ -302,5 +324,5 @@ def evaluate_anomaly(model: RuntimeModel, dataset, *, good_label: str | None = N
                      n_bootstrap: int = 1000, seed: int = 0, progress: bool = False) -> AnomalyEvaluation:
     """``tasks.anomaly.evaluate_anomaly`` for an anomaly graph."""
     return evaluate_maps(model, dataset, lambda paths: _score_paths(model, paths, progress=progress),
-                         model.preprocess, model.map_size, good_label=good_label, recall=recall,
+                         model.geometry, good_label=good_label, recall=recall,
                          n_bootstrap=n_bootstrap, seed=seed)

@@ -46,7 +46,10 @@ def _interpolation(mode) -> str:
 
 def steps_of(transform) -> list[dict[str, Any]]:
     """The steps of a torchvision ``Compose`` of known eval transforms; PreprocessError naming the first unknown
-    one. Read by class name, so this module needs none of the libraries that define them."""
+    one. Read by class name, so this module needs none of the libraries that define them; a transform of our own
+    gives its steps itself (``steps()``)."""
+    if callable(getattr(transform, "steps", None)):
+        return [dict(s) for s in transform.steps()]
     steps: list[dict[str, Any]] = []
     for t in getattr(transform, "transforms", None) or [transform]:
         name = getattr(t, "__name__", None) or type(t).__name__

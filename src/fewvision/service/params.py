@@ -5,7 +5,7 @@ Three kinds of keys:
 
 * the service's own (how a prediction is decided): ``review_band``, ``target_false_reject`` (anomaly);
   ``review_threshold``, ``abstain``, ``accept_classes`` (classification);
-* the fit's keyword arguments a project may set (``shots``, ``seed``, ...; see ``FIT_KEYS``);
+* the fit's keyword arguments a project may set (``shots``, ``seed``, ``tile`` ...; see ``FIT_KEYS``);
 * anything else is a parameter of the method's head (``coreset_ratio`` for PatchCore, ...): it must be one of the
   head's ``__init__`` arguments, and the head must accept the value when built with it.
 
@@ -50,7 +50,9 @@ SERVICE_KEYS: dict[str, dict[str, Callable[[Any], str | None]]] = {
 FIT_KEYS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "anomaly": {"shots": _number(1, integer=True), "seed": _number(0, integer=True),
                 "holdout_fraction": _number(0, 1, hi_open=True), "sigma": _number(0),
-                "batch_size": _number(1, 256, integer=True), "chunk_images": _number(1, 1024, integer=True)},
+                "batch_size": _number(1, 256, integer=True), "chunk_images": _number(1, 1024, integer=True),
+                "min_region_area": _number(0), "tile": _number(16, integer=True),
+                "tile_overlap": _number(0, 0.95)},
     "classification": {"shots": _number(1, integer=True), "seed": _number(0, integer=True),
                        "calibrate_fraction": _number(0, 1, hi_open=True),
                        "alpha": _number(0, 1, lo_open=True, hi_open=True),

@@ -42,10 +42,13 @@ from ..features.encode import encode_files, encode_pixels, patch_kind
 from ..io.images import hash_files
 from ..io.datasets import GOOD, Dataset, DatasetError, is_mvtec
 from ..io.images import iter_image_files
+from ..io.tiles import DEFAULT_OVERLAP, StitchedView, TileCutter, Tiling, TilingError, geometry_of
 from ..modelfile import FewVisionModel
 from ..progress import expect, progress_bar
+from ..runtime.preprocess import PreprocessError, steps_of
 from .evaluation import AnomalyEvaluation, evaluate_maps, good_label_of, test_items  # noqa: F401
 from .rows import AnomalyPredictions, Recorder, anomaly_rows, region_rule, pixel_chunks
+from .tiled import TILES_PER_RUN, cut, score_tiled, tiled_predictions
 
 DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_CHUNK_IMAGES = 32
@@ -128,6 +131,36 @@ def _score_chunks(head: AnomalyHead, backbone: Backbone, paths: Sequence[str], c
             advance(done + len(rec.skipped) - before)  # skipped files count as done too
             before = done + len(rec.skipped)
         advance(len(paths) - before)
+
+
+# --- tiles (--tile; the rules in fewvision.io.tiles) ---------------------------------------------------------------
+def _cutter(tiling: Tiling, backbone: Backbone) -> TileCutter:
+    try:
+        return TileCutter(tiling, steps_of(backbone.preprocess))
+    except PreprocessError as err:
+        raise TilingError(f"--tile: the preprocessing of {backbone.id} cannot be applied to tiles ({err})") from None
+
+
+def _tile_runner(head: AnomalyHead, backbone: Backbone, size: tuple[int, int], sigma: float):
+    """The torch path's scoring of preprocessed tiles, as :func:`fewvision.tasks.tiled.score_tiled` calls it."""
+    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = _score_inputs(head, backbone, _pixel_inputs(head, backbone, torch.from_numpy(pixels)),
+                                     size=size, sigma=sigma)
+        return maps.numpy(), scores.numpy()
+
+    return run
+
+
+def _tile_chunks(head: AnomalyHead, backbone: Backbone, cutter: TileCutter, paths: Sequence[str], rec: Recorder
+                 ) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """:func:`_chunks` for a tiled fit: the head's inputs of every tile of every image, a few tiles at a time (to
+    the head each tile is a training image); the image's path comes with its last tiles."""
+    for path, _, pixels, _ in cut(cutter, paths, rec):
+        for start in range(0, len(pixels), TILES_PER_RUN):
+            last = start + TILES_PER_RUN >= len(pixels)
+            if last:
+                rec.used.append(path)
+            yield ([path] if last else []), _pixel_inputs(head, backbone, torch.from_numpy(pixels[start : start + TILES_PER_RUN]))
 
 
 # --- fit ------------------------------------------------------------------------------------------------------
@@ -239,6 +272,8 @@ def fit_anomaly(
     all_subfolders: bool = False,
     shots: int | None = None,
     min_region_area: float = 0.0,
+    tile: int | None = None,
+    tile_overlap: float = DEFAULT_OVERLAP,
     **params: Any,
 ) -> FewVisionModel:
     """Fit ``method`` on good images (files and/or folders, see :func:`good_images` for layouts) and set its
@@ -258,6 +293,11 @@ def fit_anomaly(
 
     ``min_region_area``: defect regions (the map's connected parts above the threshold, reported with every row)
     smaller than this many image pixels are left out of the rows; the verdict does not depend on it.
+
+    ``tile``: score high-resolution images tile by tile at their native resolution (``tile`` pixels a side,
+    neighbours overlapping by ``tile_overlap`` of a tile; :mod:`fewvision.io.tiles`): the head is fitted on every
+    tile of the fitting images, and the threshold is set on whole held-out images (split conformal on their image
+    scores), since a tile's overlapping neighbours would stay in the fit if it alone were left out.
     """
     if isinstance(good, (str, os.PathLike)):
         good = [good]
@@ -271,7 +311,9 @@ def fit_anomaly(
     if not min_region_area >= 0:
         raise ValueError(f"min_region_area must be >= 0 image pixels, got {min_region_area}")
     head = _head(method, seed, dict(params))
-    left_out = bool(getattr(head, "leave_one_out", False))
+    tiling = Tiling(int(tile), float(tile_overlap), "map_max" if getattr(head, "image_score", "head") == "map_max"
+                    else "tile_max") if tile else None
+    left_out = bool(getattr(head, "leave_one_out", False)) and tiling is None
     if shots is not None:
         if not 1 <= int(shots) <= len(paths):
             raise ValueError(f"shots must be in 1..{len(paths)} (the good images found), got {shots}")
@@ -298,12 +340,15 @@ def fit_anomaly(
     cache = open_cache(bb.id, cache_dir, enabled=use_cache)
     size = tuple(int(v) for v in bb.input_size)
 
+    cutter = _cutter(tiling, bb) if tiling else None
     cal_count = len(fit_paths) if left_out else len(hold_paths)
     expect(len(fit_paths) + cal_count)
     fit_rec = Recorder()
     with progress_bar(len(fit_paths), "fitting", enabled=progress) as advance:
         def counted():
-            for ok, x in _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress):
+            chunks = _tile_chunks(head, bb, cutter, fit_paths, fit_rec) if cutter else \
+                _chunks(head, bb, fit_paths, cache, chunk_images, batch_size, fit_rec, progress)
+            for ok, x in chunks:
                 yield x
                 advance(len(ok))
             advance(len(fit_rec.skipped))
@@ -326,12 +371,20 @@ def fit_anomaly(
     cal_rec = Recorder()
     cal_scores, cal_peaks, small_maps = [], [], []
     cal_paths = list(fit_rec.used) if left_out else hold_paths  # fit order, as score_left_out expects
-    for _, maps, scores in _score_chunks(head, bb, cal_paths, cache, size=size, sigma=sigma,
-                                         chunk_images=chunk_images, batch_size=batch_size, rec=cal_rec,
-                                         progress=progress, left_out=left_out):
-        cal_scores.append(scores.double().numpy())
-        cal_peaks.append(maps.amax(dim=(1, 2)).double().numpy())
-        small_maps.append(F.adaptive_avg_pool2d(maps[:, None], BASELINE_SIZE)[:, 0])
+    if cutter:
+        with progress_bar(len(cal_paths), "scoring", enabled=progress) as advance:
+            for _, stitched, score in score_tiled(cutter, _tile_runner(head, bb, size, sigma), cal_paths, cal_rec):
+                cal_scores.append(np.array([score]))
+                cal_peaks.append(np.array([float(stitched.max())]))
+                small_maps.append(F.adaptive_avg_pool2d(torch.from_numpy(stitched)[None, None], BASELINE_SIZE)[:, 0])
+                advance(1)
+    else:
+        for _, maps, scores in _score_chunks(head, bb, cal_paths, cache, size=size, sigma=sigma,
+                                             chunk_images=chunk_images, batch_size=batch_size, rec=cal_rec,
+                                             progress=progress, left_out=left_out):
+            cal_scores.append(scores.double().numpy())
+            cal_peaks.append(maps.amax(dim=(1, 2)).double().numpy())
+            small_maps.append(F.adaptive_avg_pool2d(maps[:, None], BASELINE_SIZE)[:, 0])
     calibration = "split conformal"
     if left_out:
         calibration = head.left_out_calibration() if hasattr(head, "left_out_calibration") else \
@@ -370,6 +423,8 @@ def fit_anomaly(
         "region_threshold": region_threshold,
         "min_region_area": float(min_region_area),
     }
+    if tiling:
+        decision["tiling"] = tiling.as_dict()
     if folds is not None:
         decision["calibration_folds"] = folds
     if shots is not None:
@@ -432,8 +487,11 @@ def update(model: FewVisionModel, paths: Sequence[str], *, cache_dir: str | None
     bb = model.backbone(cache_dir=cache_dir)
     head = copy.deepcopy(model.head)
     rec = Recorder()
-    for _, x in _chunks(head, bb, list(paths), open_cache(bb.id, cache_dir, enabled=use_cache), DEFAULT_CHUNK_IMAGES,
-                        16, rec, False):
+    tiling = Tiling.of(model.decision)
+    chunks = _tile_chunks(head, bb, _cutter(tiling, bb), list(paths), rec) if tiling else \
+        _chunks(head, bb, list(paths), open_cache(bb.id, cache_dir, enabled=use_cache), DEFAULT_CHUNK_IMAGES, 16, rec,
+                False)
+    for _, x in chunks:
         head.partial_fit(x, bb)
     shas, _ = hash_files(rec.used)
     info = {**model.info, "fitted_on_sha256": model.info.get("fitted_on_sha256", []) + [s for s in shas if s],
@@ -481,9 +539,17 @@ def _score_paths(model: FewVisionModel, paths: Sequence[str], *, keep_maps: bool
                  chunk_images: int, review_band: float = 0.0) -> AnomalyPredictions:
     bb = model.backbone(cache_dir=cache_dir, weights=weights)
     size, sigma = _settings(model, bb)
-    cache = open_cache(bb.id, cache_dir, enabled=use_cache)
     threshold = model.decision.get("threshold")
     rec = Recorder()
+    tiling = Tiling.of(model.decision)
+    if tiling:
+        with progress_bar(len(paths), "scoring", enabled=progress) as advance:
+            rows, maps = tiled_predictions(_cutter(tiling, bb), _tile_runner(model.head, bb, size, sigma), paths,
+                                           rec, view=StitchedView(tiling, size), threshold=threshold,
+                                           review_band=review_band, regions=region_rule(model.decision),
+                                           keep_maps=keep_maps, advance=advance)
+        return AnomalyPredictions(rows, maps if keep_maps else None, threshold, rec.skipped)
+    cache = open_cache(bb.id, cache_dir, enabled=use_cache)
     rows, maps = [], []
     for ok, m, s in _score_chunks(model.head, bb, paths, cache, size=size, sigma=sigma, chunk_images=chunk_images,
                                   batch_size=batch_size, rec=rec, progress=progress):
@@ -502,6 +568,9 @@ def score_pixels(model: FewVisionModel, paths: Sequence[str], pixels: torch.Tens
     post-processing, for callers that decode elsewhere (``fewvision batch`` on Ray)."""
     if model.task != "anomaly":
         raise ValueError(f"this is a {model.task} model, not an anomaly model")
+    if Tiling.of(model.decision):
+        raise TilingError("a model fitted with --tile scores image files (its tiles are cut from the full image), "
+                          "not preprocessed whole images")
     bb = model.backbone(cache_dir=cache_dir, weights=weights)
     size, sigma = _settings(model, bb)
     threshold = model.decision.get("threshold")
@@ -536,7 +605,7 @@ def evaluate_anomaly(
         return _score_paths(model, paths, keep_maps=True, weights=weights, cache_dir=cache_dir, use_cache=use_cache,
                             progress=progress, batch_size=batch_size, chunk_images=chunk_images)
 
-    return evaluate_maps(model, dataset, score, bb.preprocess, size, good_label=good_label, recall=recall,
+    return evaluate_maps(model, dataset, score, geometry_of(model.decision, bb.preprocess, size), good_label=good_label, recall=recall,
                          n_bootstrap=n_bootstrap, seed=seed)
 
 

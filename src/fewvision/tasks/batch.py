@@ -153,7 +153,10 @@ class Scorer:
 
     @property
     def takes_pixels(self) -> bool:
-        """False for classification heads that predict from PIL images: their actors decode the files."""
+        """False for classification heads that predict from PIL images and for tiled anomaly models (their tiles
+        are cut from the full image): their actors decode the files."""
+        if self.task == "anomaly" and self.model.decision.get("tiling"):
+            return False
         if self.task == "anomaly" or self.runtime:
             return True
         from .fewshot import IMAGES, feature_kind

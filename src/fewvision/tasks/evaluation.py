@@ -99,12 +99,12 @@ def _load_mask(path: str, preprocess, size) -> np.ndarray:
 
 
 def evaluate_maps(model, dataset: Dataset | str | os.PathLike, score: Callable[[list[str]], AnomalyPredictions],
-                  preprocess: Callable, size: tuple[int, int], *, good_label: str | None = None,
+                  preprocess: Callable, *, good_label: str | None = None,
                   recall: float = 0.95, n_bootstrap: int = 1000, seed: int = 0) -> AnomalyEvaluation:
     """Image metrics at the model's threshold (plus AUROC interval, F1-optimal and recall thresholds), per-defect-
     type AUROC, and pixel AUROC / AUPRO when ground-truth masks exist. The model's training images must not be in
     the test set (for MVTec only the test split is used). ``score`` gives the rows and maps of image paths (torch or
-    an exported graph), ``preprocess`` and ``size`` place ground-truth masks in the maps' geometry."""
+    an exported graph), ``preprocess`` places ground-truth masks in the maps' geometry."""
     from ..metrics.anomaly import aupro, auroc_bootstrap_ci, image_metrics, pixel_auroc
 
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
@@ -163,11 +163,11 @@ def evaluate_maps(model, dataset: Dataset | str | os.PathLike, score: Callable[[
     with_mask = [i for i, it in enumerate(items) if it.mask]
     if with_mask and preds.maps is not None:
         use = [i for i, d in enumerate(is_defect) if not d] + with_mask
-        for i in with_mask:
-            masks[i] = _load_mask(items[i].mask, preprocess, size)
+        for i in with_mask:  # each map's own size: a tiled model's stitched maps follow their image's size
+            masks[i] = _load_mask(items[i].mask, preprocess, np.shape(preds.maps[i]))
         for i in use:
             if masks[i] is None:
-                masks[i] = np.zeros(size, dtype=bool)
+                masks[i] = np.zeros(np.shape(preds.maps[i]), dtype=bool)
         missing = int(is_defect.sum()) - len(with_mask)
         if missing:
             notes.append(f"{missing} defective image(s) without a mask are left out of the pixel metrics")
