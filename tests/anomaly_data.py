@@ -135,7 +135,7 @@ def defect_centre(image: Image.Image) -> tuple[int, int]:
 
 def cut_defect(path: Path, size: int) -> tuple[Image.Image, Image.Image]:
     """(RGB patch, soft round alpha) of ``size`` px around the defect of a 'local' textile image: the alpha is 1
-    inside the defect's disc and falls to 0 at the patch's edge, so the pasted patch brings no square seam."""
+    on the patch's disc and falls to 0 over its outer 3 px, so the pasted patch brings no square seam."""
     with Image.open(path) as im:
         image = im.convert("RGB")
     x, y = defect_centre(image)
@@ -143,7 +143,7 @@ def cut_defect(path: Path, size: int) -> tuple[Image.Image, Image.Image]:
     x, y = min(max(x, half), image.width - half), min(max(y, half), image.height - half)
     patch = image.crop((x - half, y - half, x - half + size, y - half + size))
     r = np.hypot(*np.meshgrid(np.arange(size) - (size - 1) / 2, np.arange(size) - (size - 1) / 2))
-    alpha = np.clip((size / 2 - r) / (size / 4), 0, 1)
+    alpha = np.clip((size / 2 - r) / 3, 0, 1)
     return patch, Image.fromarray((alpha * 255).astype(np.uint8), mode="L")
 
 

@@ -89,7 +89,7 @@ def test_itm_scores_match_transformers_forward_per_pair(blip2, pixels):
             assert float(scores[i, j]) == pytest.approx(float(torch.softmax(logits, -1)[0, 1]), abs=1e-5)
 
 
-def test_zero_shot_and_reranking_run_and_single_vector_heads_refuse(blip2, textile_subset):
+def test_zero_shot_and_reranking_run_and_prompt_learners_refuse(blip2, textile_subset):
     from fewvision.backbones.base import BackboneError
     from fewvision.io.images import load_image
     from fewvision.tasks.fewshot import fit
@@ -111,5 +111,37 @@ def test_zero_shot_and_reranking_run_and_single_vector_heads_refuse(blip2, texti
                  for c, cos in zip(classes, logits)]
         assert row["top_label"] == classes[int(np.argmax(score))]
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(BackboneError, match="method 'tip' combines one image vector with the text's"):
-        fit(str(textile_subset), "tip", blip2, shots=2)
+    with pytest.raises(BackboneError, match="method 'coop' combines one image vector with the text's"):
+        fit(str(textile_subset), "coop", blip2, shots=2)
+
+
+def test_tip_and_clip_adapter_use_every_query_as_blip2_does(blip2, pixels, textile_subset):
+    """Tip-Adapter: the text term is the best query's cosine per class, the cache term eq. 4 with the mean of the
+    queries' cosines with a key's; CLIP-Adapter: the MLP on each query, then the best query per class. Checked
+    against both formulas written out query by query."""
+    from fewvision.tasks.fewshot import fit
+
+    feats = blip2.encode_images(pixels).float()  # [3, Q * 16], each query a unit vector
+    q = feats.view(len(feats), QUERIES, 16)
+    tip = fit(str(textile_subset), "tip", blip2, shots=2, n_views=2, use_cache=False).head
+    keys = tip.keys_.view(len(tip.keys_), QUERIES, 16)
+    assert torch.allclose(keys.norm(dim=-1), torch.ones(len(keys), QUERIES), atol=1e-5)  # normalised per query
+    text = torch.tensor([[tip.logit_scale_ * max(float(q[i, v] @ tip.text_weights_[:, c]) for v in range(QUERIES))
+                          for c in range(tip.text_weights_.shape[1])] for i in range(len(q))])
+    mean_cos = torch.stack([torch.stack([sum(q[i, v] @ keys[k, v] for v in range(QUERIES)) / QUERIES
+                                         for k in range(len(keys))]) for i in range(len(q))])
+    want = text + tip.alpha_ * torch.exp(-tip.beta_ * (1 - mean_cos)) @ tip.values_
+    assert torch.allclose(tip.logits(feats), want, atol=1e-4)
+    assert (mean_cos <= 1 + 1e-5).all() and (mean_cos >= -1 - 1e-5).all()
+
+    adapter = fit(str(textile_subset), "clip-adapter", blip2, shots=2, epochs=3, use_cache=False).head
+    r = adapter.ratio
+    per_query = []
+    for i in range(len(q)):
+        best = []
+        for v in range(QUERIES):
+            x = q[i, v]
+            mixed = r * torch.relu(torch.relu(x @ adapter.down_.T) @ adapter.up_.T) + (1 - r) * x
+            best.append(adapter.logit_scale_ * (mixed / mixed.norm()) @ adapter.text_weights_)
+        per_query.append(torch.stack(best).amax(0))
+    assert torch.allclose(adapter.logits(feats), torch.stack(per_query), atol=1e-4)

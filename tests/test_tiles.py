@@ -98,12 +98,12 @@ def mosaic_sets(tmp_path_factory, textile_root):
 
 def test_tiled_patchcore_finds_16_to_32_px_defects_in_768_px_images_the_resized_image_hides(mosaic_sets):
     root, test_good, test_bad = mosaic_sets
-    # tiles without overlap: 9 a mosaic instead of 16, and PatchCore's coreset grows with the square of its patches
-    # (a 4 s fit instead of 12 s); overlapping grids are tested above
+    # tiles without overlap: 9 a mosaic instead of 16 (a quicker test; overlapping grids are tested above)
     tiled = fit_anomaly([root / "fit"], "patchcore", "texture", tile=TILE, tile_overlap=0.0, use_cache=False,
                         target_false_reject=0.2)
     d = tiled.decision
     assert d["tiling"] == {"size": TILE, "overlap": 0.0, "score": "tile_max"}  # PatchCore scores its tiles itself
+    assert tiled.head.coreset_ratio == 0.01  # its tiled default (PatchCore-1%)
     # whole held-out images set the threshold (2 of 8), none of their tiles was fitted on
     assert d["calibration"] == "split conformal" and d["n_calibration"] == 2 and tiled.info["n_fit_images"] == 6
     whole = fit_anomaly([root / "fit"], "patchcore", "texture", use_cache=False, target_false_reject=0.2)
@@ -116,15 +116,15 @@ def test_tiled_patchcore_finds_16_to_32_px_defects_in_768_px_images_the_resized_
         aurocs[name] = roc_auc_score(truth, [r["score"] for r in res.rows])
         if name == "tiled":
             maps, rows = res.maps, res.rows
-    # measured: tiled 1.0, the whole image resized to 256 px 0.47 (with the mosaics of seeds 1 and 2: 0.89 / 0.22,
+    # measured: tiled 1.0, the whole image resized to 256 px 0.47 (with the mosaics of seeds 1 and 2: 1.0 / 0.22,
     # 1.0 / 0.44)
-    assert aurocs["tiled"] >= 0.85 and aurocs["whole"] <= 0.75, aurocs
+    assert aurocs["tiled"] >= 0.9 and aurocs["whole"] <= 0.75, aurocs
     # maps in the stitched geometry; the peak of a defect image on its pasted defect
     assert maps[0].shape == (384, 384)
     hits = 0
     for (path, (x, y, size)), row in zip(test_bad, rows[len(test_good):]):
         hits += x - 8 <= row["x"] <= x + size + 8 and y - 8 <= row["y"] <= y + size + 8
-    assert hits >= 5, hits  # measured 6 of 6 (seeds 1 and 2: 5, 6)
+    assert hits >= 5, hits  # measured 6 of 6 (seeds 1 and 2: 6, 6)
 
     # the model file keeps the tiling: reloaded, it tiles and scores the same
     save_model(root / "tiled.fvm", tiled)

@@ -167,7 +167,8 @@ def fit(
         info(f"skipped {s}")
     if d.get("target_note"):
         info(f"note: {d['target_note']}")
-    typer.echo(f"{method} on {model.info['n_fit_images']} good images; threshold {d['threshold']:.6g}, "
+    tiles = f" ({d['tiling']['size']} px tiles, overlap {d['tiling']['overlap']:g})" if d.get("tiling") else ""
+    typer.echo(f"{method} on {model.info['n_fit_images']} good images{tiles}; threshold {d['threshold']:.6g}, "
                f"{d['guarantee']}")
     info(f"wrote {out}")
 

@@ -5,7 +5,9 @@
     logits = s * norm(f') W_text                        # s = the backbone's logit scale
 
 Trained with cross-entropy; we use AdamW (lr 1e-3, weight decay 1e-2, cosine, 200 epochs, batch 32) on the cached
-features instead of the paper's SGD on augmented images, see docs/methods/clip-adapter.md.
+features instead of the paper's SGD on augmented images, see docs/methods/clip-adapter.md. An image given as several
+unit vectors (BLIP-2's query embeddings, ``[N, V * D]``) has each adapted by the same MLP and is compared with the
+text by its best-matching vector per class (:func:`fewvision.heads.zeroshot.class_similarity`, BLIP-2's own rule).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from .base import ClassifierHead
 from .support import Support
 from .textual import minibatches, seeded_generator, single_thread, zeroshot_classifier
+from .zeroshot import class_similarity, unit_vectors
 
 
 class ClipAdapterHead(ClassifierHead):
@@ -36,8 +39,8 @@ class ClipAdapterHead(ClassifierHead):
 
     def fit(self, support: Support) -> "ClipAdapterHead":
         self.text_weights_, self.logit_scale_ = zeroshot_classifier(support, self.templates)
-        feats = torch.nn.functional.normalize(support.features.float(), dim=-1)
-        dim = feats.shape[1]
+        dim = self.text_weights_.shape[0]
+        feats = unit_vectors(support.features.float(), dim)
         hidden = max(1, dim // int(self.reduction))
         torch.manual_seed(int(self.seed))
         down = torch.nn.Linear(dim, hidden, bias=False)
@@ -62,12 +65,14 @@ class ClipAdapterHead(ClassifierHead):
         return self
 
     def _logits(self, feats: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        adapted = torch.relu(torch.relu(feats @ down.T) @ up.T)
-        mixed = float(self.ratio) * adapted + (1 - float(self.ratio)) * feats
-        return self.logit_scale_ * torch.nn.functional.normalize(mixed, dim=-1) @ self.text_weights_
+        vectors = feats.unflatten(-1, (-1, down.shape[1]))  # [N, V, D]
+        adapted = torch.relu(torch.relu(vectors @ down.T) @ up.T)
+        mixed = float(self.ratio) * adapted + (1 - float(self.ratio)) * vectors
+        mixed = torch.nn.functional.normalize(mixed, dim=-1).flatten(-2)
+        return class_similarity(mixed, self.text_weights_, self.logit_scale_)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self._logits(torch.nn.functional.normalize(features.float(), dim=-1), self.down_, self.up_)
+        return self._logits(unit_vectors(features.float(), self.down_.shape[1]), self.down_, self.up_)
 
     def n_trainable_parameters(self) -> int:
         return int(self.down_.numel() + self.up_.numel()) if hasattr(self, "down_") else 0

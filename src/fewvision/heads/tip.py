@@ -17,7 +17,10 @@ steps, alpha in [0.1, 3] in 20, the official ImageNet grid) - here on the suppor
 cross-validation: each fold's images are classified by a cache (trained, for ``tip-f``) built from the other folds,
 and the grid point with the most correct answers over all folds wins (ties: the lower cross-entropy). With one
 image in some class there is nothing to cross-validate and the paper's ImageNet values (1, 5.5) are kept.
-See docs/methods/tip-adapter.md.
+An image given as several unit vectors (BLIP-2's query embeddings, ``[N, V * D]``) is compared with the text by
+its best-matching vector per class (:func:`fewvision.heads.zeroshot.class_similarity`, BLIP-2's own rule) and with
+the cache by the mean of its vectors' cosines with the key's (``f F^T / V``; keys normalised vector by vector), so
+``1 - f F^T / V`` stays a distance in [0, 2] as in eq. 4. See docs/methods/tip-adapter.md.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from .base import ClassifierHead
 from .support import Support
 from .textual import minibatches, one_hot, seeded_generator, single_thread, zeroshot_classifier
+from .zeroshot import class_similarity, n_vectors, unit_vectors
 
 DEFAULT_ALPHA, DEFAULT_BETA = 1.0, 5.5  # the paper's ImageNet values
 BETA_GRID = 0.1 + (7.0 - 0.1) * np.arange(200) / 200
@@ -37,18 +41,23 @@ ALPHA_GRID = 0.1 + (3.0 - 0.1) * np.arange(20) / 20
 MAX_FOLDS = 5
 
 
-def support_views(support: Support, n_views: int, seed: int) -> torch.Tensor:
-    """[V, N, D] normalised features of ``n_views`` seeded augmented views of each support image (the cached base
-    features when ``n_views`` is 0)."""
+def support_views(support: Support, n_views: int, seed: int, dim: int) -> torch.Tensor:
+    """[n_views, N, V * D] normalised features of ``n_views`` seeded augmented views of each support image (the
+    cached base features when ``n_views`` is 0)."""
     from ..features.encode import GLOBAL, AugmentedView
 
     if n_views <= 0:
-        return torch.nn.functional.normalize(support.features.float(), dim=-1)[None]
+        return unit_vectors(support.features.float(), dim)[None]
     return torch.stack([support.view_features(GLOBAL, AugmentedView(i, seed)) for i in range(n_views)]).float()
 
 
-def mean_keys(views: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(views.mean(0), dim=-1).contiguous()
+def mean_keys(views: torch.Tensor, dim: int) -> torch.Tensor:
+    return unit_vectors(views.mean(0), dim).contiguous()
+
+
+def cache_affinity(feats: torch.Tensor, keys: torch.Tensor, beta: float, dim: int) -> torch.Tensor:
+    """Eq. 4's ``exp(-beta (1 - f F^T))``, ``f F^T`` the mean cosine of an image's vectors with the key's."""
+    return torch.exp(-float(beta) * (1 - feats @ keys.T / n_vectors(feats, dim)))
 
 
 class TipAdapterHead(ClassifierHead):
@@ -66,12 +75,13 @@ class TipAdapterHead(ClassifierHead):
 
     def fit(self, support: Support) -> "TipAdapterHead":
         self.text_weights_, self.logit_scale_ = zeroshot_classifier(support, self.templates)
-        views = support_views(support, int(self.n_views), int(self.seed))
+        dim = self.text_weights_.shape[0]
+        views = support_views(support, int(self.n_views), int(self.seed), dim)
         labels = support.labels
         self.values_ = one_hot(labels, support.n_classes)
         self.class_names_ = list(support.class_names)
         self.alpha_, self.beta_, self.search_ = self._choose_alpha_beta(support, views)
-        self.keys_ = self._train_keys(mean_keys(views), views, labels, self.values_)
+        self.keys_ = self._train_keys(mean_keys(views, dim), views, labels, self.values_)
         return self
 
     def _train_keys(self, keys: torch.Tensor, views: torch.Tensor, labels: torch.Tensor,
@@ -93,14 +103,16 @@ class TipAdapterHead(ClassifierHead):
             return alpha, beta, "paper defaults: one support image in some class leaves nothing to cross-validate"
         alphas = ALPHA_GRID if self.alpha is None else np.array([float(self.alpha)])
         betas = BETA_GRID if self.beta is None else np.array([float(self.beta)])
-        base = torch.nn.functional.normalize(support.features.float(), dim=-1)  # test images are not augmented
+        dim = self.text_weights_.shape[0]
+        base = unit_vectors(support.features.float(), dim)  # test images are not augmented
         correct = np.zeros((len(alphas), len(betas)))
         loss = np.zeros((len(alphas), len(betas)))
         folds = StratifiedKFold(n_folds, shuffle=True, random_state=int(self.seed)).split(labels, labels)
         for train, held in folds:
             train_t = torch.as_tensor(train)
             values = one_hot(support.labels[train_t], support.n_classes)
-            keys = self._train_keys(mean_keys(views[:, train_t]), views[:, train_t], support.labels[train_t], values)
+            keys = self._train_keys(mean_keys(views[:, train_t], dim), views[:, train_t], support.labels[train_t],
+                                    values)
             c, nll = _grid_scores(base[held], support.labels[held], keys, values, self.text_weights_,
                                   self.logit_scale_, alphas, betas)
             correct += c
@@ -115,15 +127,16 @@ class TipAdapterHead(ClassifierHead):
         """Add labelled images to the cache without refitting: a key each, built from its augmented views as in
         :meth:`fit`, and its one-hot value; alpha and beta (searched on the first images) are kept."""
         self._check_fitted()
-        keys = mean_keys(support_views(support, int(self.n_views), int(self.seed)))
+        dim = self.text_weights_.shape[0]
+        keys = mean_keys(support_views(support, int(self.n_views), int(self.seed), dim), dim)
         self.keys_ = torch.cat([self.keys_, keys]).contiguous()
         self.values_ = torch.cat([self.values_, one_hot(support.labels, len(self.class_names_))])
         return self
 
     # --- prediction --------------------------------------------------------------------------------------------
     def _logits(self, feats: torch.Tensor, keys: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-        clip_logits = self.logit_scale_ * feats @ self.text_weights_
-        affinity = torch.exp(-float(beta) * (1 - feats @ keys.T))
+        clip_logits = class_similarity(feats, self.text_weights_, self.logit_scale_)
+        affinity = cache_affinity(feats, keys, beta, self.text_weights_.shape[0])
         return clip_logits + float(alpha) * affinity @ self.values_
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -136,8 +149,8 @@ def _grid_scores(feats: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, 
                  betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(number right, summed cross-entropy) of ``feats`` for every (alpha, beta) of the grid: [A, B] each."""
     with torch.no_grad():
-        clip_logits = (scale * feats @ text_weights).double()  # [n, C]
-        similarity = (feats @ keys.T).double()  # [n, K]
+        clip_logits = class_similarity(feats, text_weights, scale).double()  # [n, C]
+        similarity = (feats @ keys.T / n_vectors(feats, text_weights.shape[0])).double()  # [n, K]
         b = torch.as_tensor(betas, dtype=torch.float64)[:, None, None]
         cache = torch.exp(-b * (1 - similarity)[None]) @ values.double()  # [B, n, C]
         a = torch.as_tensor(alphas, dtype=torch.float64)[:, None, None, None]
@@ -173,8 +186,8 @@ class TipAdapterFHead(TipAdapterHead):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, int(self.epochs) * batches_per_epoch))
 
         def logits(feats, k):
-            clip_logits = self.logit_scale_ * feats @ self.text_weights_
-            return clip_logits + alpha * torch.exp(-beta * (1 - feats @ k.T)) @ values
+            clip_logits = class_similarity(feats, self.text_weights_, self.logit_scale_)
+            return clip_logits + alpha * cache_affinity(feats, k, beta, self.text_weights_.shape[0]) @ values
 
         with single_thread():
             for epoch in range(int(self.epochs)):

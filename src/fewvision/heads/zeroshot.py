@@ -98,3 +98,13 @@ def class_similarity(features: torch.Tensor, weights: torch.Tensor, scale: float
     if features.shape[-1] != dim and features.shape[-1] % dim == 0:
         return (features.view(len(features), -1, dim) @ weights.float()).amax(dim=1)
     return features @ weights.float()
+
+
+def unit_vectors(features: torch.Tensor, dim: int) -> torch.Tensor:
+    """``features`` [..., V * dim] with each of its V vectors normalised (V = 1: the usual L2 normalisation)."""
+    return torch.nn.functional.normalize(features.unflatten(-1, (-1, dim)), dim=-1).flatten(-2)
+
+
+def n_vectors(features: torch.Tensor, dim: int) -> int:
+    """How many ``dim``-vectors an image's features hold (BLIP-2: its queries; CLIP: 1)."""
+    return features.shape[-1] // dim

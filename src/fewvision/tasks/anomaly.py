@@ -160,7 +160,8 @@ def _tile_chunks(head: AnomalyHead, backbone: Backbone, cutter: TileCutter, path
             last = start + TILES_PER_RUN >= len(pixels)
             if last:
                 rec.used.append(path)
-            yield ([path] if last else []), _pixel_inputs(head, backbone, torch.from_numpy(pixels[start : start + TILES_PER_RUN]))
+            tiles = torch.from_numpy(pixels[start : start + TILES_PER_RUN])
+            yield ([path] if last else []), _pixel_inputs(head, backbone, tiles)
 
 
 # --- fit ------------------------------------------------------------------------------------------------------
@@ -310,6 +311,10 @@ def fit_anomaly(
         raise ThresholdError(f"the target false-reject rate must be in (0, 1), got {target_false_reject}")
     if not min_region_area >= 0:
         raise ValueError(f"min_region_area must be >= 0 image pixels, got {min_region_area}")
+    if tile:  # a method's defaults for tiled fits (PatchCore: its paper's 1 % coreset), under the user's own params
+        from ..anomaly import anomaly_head_classes
+
+        params = {**getattr(anomaly_head_classes().get(method), "tiled_defaults", {}), **params}
     head = _head(method, seed, dict(params))
     tiling = Tiling(int(tile), float(tile_overlap), "map_max" if getattr(head, "image_score", "head") == "map_max"
                     else "tile_max") if tile else None
@@ -605,8 +610,8 @@ def evaluate_anomaly(
         return _score_paths(model, paths, keep_maps=True, weights=weights, cache_dir=cache_dir, use_cache=use_cache,
                             progress=progress, batch_size=batch_size, chunk_images=chunk_images)
 
-    return evaluate_maps(model, dataset, score, geometry_of(model.decision, bb.preprocess, size), good_label=good_label, recall=recall,
-                         n_bootstrap=n_bootstrap, seed=seed)
+    return evaluate_maps(model, dataset, score, geometry_of(model.decision, bb.preprocess, size),
+                         good_label=good_label, recall=recall, n_bootstrap=n_bootstrap, seed=seed)
 
 
 __all__ = ["fit_anomaly", "score_files", "evaluate_anomaly", "rethreshold", "AnomalyPredictions",

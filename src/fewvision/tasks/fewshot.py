@@ -122,7 +122,7 @@ def make_head(method: str, seed: int = 0, **params) -> ClassifierHead:
 
 # Text heads that take an image given as several vectors (BLIP-2's query embeddings): each class scored by its
 # best-matching vector (zeroshot), or the LMM's answer mapped onto the classes (slac, tlac).
-MULTI_VECTOR_TEXT_HEADS = ("zeroshot", "slac", "tlac")
+MULTI_VECTOR_TEXT_HEADS = ("zeroshot", "slac", "tlac", "tip", "tip-f", "clip-adapter")
 
 
 def check_text(head: ClassifierHead, backbone: Backbone) -> None:

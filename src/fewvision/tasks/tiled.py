@@ -14,7 +14,8 @@ from ..io.images import BadImage, Skipped, load_image
 from ..io.tiles import StitchedView, TileCutter, image_score, stitch
 from .rows import Recorder, anomaly_rows
 
-Run = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # tile pixels [T, 3, h, w] -> (maps [T, h', w'], scores [T])
+# tile pixels [T, 3, h, w] -> (maps [T, h', w'], scores [T])
+Run = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 TILES_PER_RUN = 16
 
 
