@@ -150,4 +150,8 @@ def test_an_exported_tiled_model_gives_the_torch_scores_maps_and_regions(tmp_pat
         assert abs(g["score"] - w["score"]) <= TOLERANCE * max(1.0, abs(w["score"]))
         assert gm.shape == wm.shape == (side, side)
         np.testing.assert_allclose(gm, wm, rtol=0, atol=TOLERANCE * max(1.0, float(np.abs(wm).max())))
-        assert (g["x"], g["y"]) == (w["x"], w["y"]) and g["n_regions"] == w["n_regions"]
+        # the graph's peak is a peak of torch's map too (a near-tie may pick another pixel on another CPU)
+        xs, ys = StitchedView(Tiling(128, 0.5), model.decision["map_size"]).coordinates(250, 250, wm.shape)
+        at = np.unravel_index(np.argmin(np.abs(xs - g["x"]) + np.abs(ys - g["y"])), wm.shape)
+        assert wm[at] >= wm.max() - TOLERANCE * max(1.0, float(np.abs(wm).max()))
+        assert g["n_regions"] == w["n_regions"]
