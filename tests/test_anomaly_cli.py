@@ -127,6 +127,8 @@ def test_a_tiled_model_evaluates_against_masks_in_its_stitched_geometry(tmp_path
     code, out, err = run_cli(monkeypatch, capsys, "anomaly", "fit", mvtec, "--backbone", "texture", "--tile", "128",
                              "--tile-overlap", "0", "-o", model)
     assert code == 0 and "(128 px tiles, overlap 0)" in out, err
+    code, out, _ = run_cli(monkeypatch, capsys, "info", model)
+    assert code == 0 and "128 px at native resolution, overlap 0;" in out and "largest tile score" in out
     metrics_path = tmp_path / "m.json"
     code, _, err = run_cli(monkeypatch, capsys, "anomaly", "eval", model, mvtec, "--out", metrics_path,
                            "--report", tmp_path / "report")

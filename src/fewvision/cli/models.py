@@ -167,6 +167,8 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
             lines.append(("guarantee", d["guarantee"]))
         if d.get("target_note"):
             lines.append(("note", d["target_note"]))
+        if d.get("tiling"):
+            lines.append(("tiles", tiling_line(d["tiling"])))
         lines.append(("fitted on", f"{i.get('n_fit_images', '?')} good image(s)"))
         for source in i.get("good_sources", []):
             lines.append(("good images", source))
@@ -179,6 +181,13 @@ def model_info(model_path: Path = typer.Argument(..., metavar="MODEL", help="mod
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def tiling_line(tiling: dict) -> str:
+    """A tiled model's tiling in words (``anomaly fit --tile``)."""
+    rule = "the stitched map's maximum" if tiling.get("score", "map_max") == "map_max" else "its largest tile score"
+    return (f"{tiling['size']} px at native resolution, overlap {tiling['overlap']:g}; maps stitched (largest in "
+            f"overlaps); image score {rule}")
 
 
 def _onnx_info(path: Path) -> None:
@@ -198,6 +207,8 @@ def _onnx_info(path: Path) -> None:
         lines.append(("threshold", f"{m['decision']['threshold']:.6g} (score > threshold is ng)"))
         if m["decision"].get("guarantee"):
             lines.append(("guarantee", m["decision"]["guarantee"]))
+        if m["decision"].get("tiling"):
+            lines.append(("tiles", tiling_line(m["decision"]["tiling"])))
     if m.get("int8"):
         q = m["int8"]
         lines.append(("int8", f"{q['metric']} {q.get('int8', float('nan')):.4f} against fp32 {q['fp32']:.4f} on "
