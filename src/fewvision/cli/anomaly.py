@@ -267,13 +267,11 @@ def _regions_text(row: dict) -> str:
 def _preprocess(model, cache_dir: str | None, weights: str | None):
     """What places maps in the image: the graph's replayed steps, or the backbone's transform (a tiled model: the
     stitched maps' geometry)."""
-    from ..io.tiles import geometry_of
     from ..runtime.model import RuntimeModel
+    from ..tasks.anomaly import map_geometry
 
-    if isinstance(model, RuntimeModel):
-        return model.geometry
-    bb = model.backbone(cache_dir=cache_dir, weights=weights)
-    return geometry_of(model.decision, bb.preprocess, model.decision.get("map_size") or bb.input_size)
+    return model.geometry if isinstance(model, RuntimeModel) else \
+        map_geometry(model, cache_dir=cache_dir, weights=weights)
 
 
 def write_heatmaps(rows: list[dict], maps, folder: Path, preprocess, decision: dict, advance=None) -> None:

@@ -12,7 +12,6 @@ from . import store
 from .blobs import UploadError, check_image, clean_filename
 from .common import DECISIONS, MAX_BATCH, ServiceError, not_found, policy_of
 from .store import Prediction
-from ..io.tiles import geometry_of
 from ..tasks.rows import region_columns
 
 log = logging.getLogger("fewvision.service")
@@ -81,6 +80,8 @@ class Predictions:
             if anomaly:
                 heat = self.blobs.heatmap_path(project["id"], Path(r["path"]).name, version)
                 if not heat.is_file():
+                    from ..tasks.anomaly import map_geometry
+
                     write_png(heat, overlay_on_image(r["path"], r["map"], map_geometry(model),
                                                      model.decision, max_side=self.settings.heatmap_max_side,
                                                      regions=r.get("regions")))
@@ -135,9 +136,3 @@ class Predictions:
                     raise not_found("image file (moved or deleted since) of prediction", prediction_id)
                 return Path(row.path)
             return self.blobs.image_path(row.image_sha256)
-
-
-def map_geometry(model):
-    """What places an anomaly model's maps on its images (a tiled model: its stitched maps' geometry)."""
-    bb = model.backbone()
-    return geometry_of(model.decision, bb.preprocess, model.decision.get("map_size") or bb.input_size)

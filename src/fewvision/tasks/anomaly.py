@@ -511,6 +511,13 @@ def _settings(model: FewVisionModel, backbone: Backbone) -> tuple[tuple[int, int
     return (int(size[0]), int(size[1])), float(model.decision.get("sigma", DEFAULT_SIGMA))
 
 
+def map_geometry(model: FewVisionModel, *, cache_dir: str | None = None, weights: str | None = None):
+    """What places the model's maps on its images (:func:`fewvision.io.tiles.geometry_of`): the backbone's
+    preprocessing, or a tiled model's stitched geometry."""
+    bb = model.backbone(cache_dir=cache_dir, weights=weights)
+    return geometry_of(model.decision, bb.preprocess, _settings(model, bb)[0])
+
+
 def score_files(
     model: FewVisionModel,
     inputs: Sequence[str | os.PathLike],
