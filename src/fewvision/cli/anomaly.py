@@ -268,10 +268,12 @@ def _preprocess(model, cache_dir: str | None, weights: str | None):
     """What places maps in the image: the graph's replayed steps, or the backbone's transform (a tiled model: the
     stitched maps' geometry)."""
     from ..runtime.model import RuntimeModel
+
+    if isinstance(model, RuntimeModel):  # the light install: no torch to import
+        return model.geometry
     from ..tasks.anomaly import map_geometry
 
-    return model.geometry if isinstance(model, RuntimeModel) else \
-        map_geometry(model, cache_dir=cache_dir, weights=weights)
+    return map_geometry(model, cache_dir=cache_dir, weights=weights)
 
 
 def write_heatmaps(rows: list[dict], maps, folder: Path, preprocess, decision: dict, advance=None) -> None:
