@@ -119,17 +119,24 @@ def mask_view(mask, preprocess, size: tuple[int, int], coverage: float = MASK_CO
     return input_view(rgb, preprocess, size)[..., 0] >= coverage
 
 
-def _interpolation_matrix(source: int, target: int) -> np.ndarray:
-    """``[target, source]`` weights of 1-D linear interpolation with half-pixel centres (``align_corners=False``):
-    target pixel i samples source position ``(i + 0.5) * source / target - 0.5``, clamped at the edges."""
-    position = np.maximum((np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5, 0.0)
+def sampling_matrix(positions: np.ndarray, source: int) -> np.ndarray:
+    """``[len(positions), source]`` weights of linear interpolation at ``positions`` (source pixel units, centres at
+    integers), clamped at both ends as ``align_corners=False`` up-sampling is."""
+    position = np.clip(np.asarray(positions, dtype=np.float64), 0.0, source - 1.0)
     left = np.minimum(np.floor(position).astype(np.int64), source - 1)
     right = np.minimum(left + 1, source - 1)
     weight = position - left
-    matrix = np.zeros((target, source), dtype=np.float64)
-    np.add.at(matrix, (np.arange(target), left), 1.0 - weight)
-    np.add.at(matrix, (np.arange(target), right), weight)
+    matrix = np.zeros((len(position), source), dtype=np.float64)
+    rows = np.arange(len(position))
+    np.add.at(matrix, (rows, left), 1.0 - weight)
+    np.add.at(matrix, (rows, right), weight)
     return matrix
+
+
+def _interpolation_matrix(source: int, target: int) -> np.ndarray:
+    """``[target, source]`` weights of 1-D linear interpolation with half-pixel centres (``align_corners=False``):
+    target pixel i samples source position ``(i + 0.5) * source / target - 0.5``, clamped at the edges."""
+    return sampling_matrix((np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5, source)
 
 
 def resize_bilinear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..runtime.preprocess import Preprocess, output_size
+from .geometry import sampling_matrix
 
 MAX_MAP_SCALE = 0.5  # a stitched map pixel covers at least 2 x 2 image pixels: the features' own grid is coarser
 DEFAULT_OVERLAP = 0.25
@@ -115,20 +116,6 @@ def _centres(length: int, count: int) -> np.ndarray:
     return (np.arange(count, dtype=np.float64) + 0.5) * (length / count) - 0.5
 
 
-def _sampling(positions: np.ndarray, source: int) -> np.ndarray:
-    """``[len(positions), source]`` weights of linear interpolation at ``positions`` (source pixel units, centres at
-    integers), clamped at the ends as ``align_corners=False`` up-sampling does."""
-    position = np.clip(positions, 0.0, source - 1.0)
-    left = np.minimum(np.floor(position).astype(np.int64), source - 1)
-    right = np.minimum(left + 1, source - 1)
-    weight = position - left
-    matrix = np.zeros((len(positions), source), dtype=np.float64)
-    rows = np.arange(len(positions))
-    np.add.at(matrix, (rows, left), 1.0 - weight)
-    np.add.at(matrix, (rows, right), weight)
-    return matrix
-
-
 def stitch(tile_maps: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], width: int, height: int,
            size: tuple[int, int]) -> np.ndarray:
     """The stitched ``size`` map of a ``width`` x ``height`` image from its tiles' finished maps ``[T, h, w]``
@@ -143,8 +130,8 @@ def stitch(tile_maps: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], wi
         cols = np.flatnonzero((xs >= x0 - 0.5) & (xs <= x0 + w - 0.5))
         if not len(rows) or not len(cols):
             continue
-        r = _sampling((ys[rows] - y0 + 0.5) * (mh / h) - 0.5, mh)
-        c = _sampling((xs[cols] - x0 + 0.5) * (mw / w) - 0.5, mw)
+        r = sampling_matrix((ys[rows] - y0 + 0.5) * (mh / h) - 0.5, mh)
+        c = sampling_matrix((xs[cols] - x0 + 0.5) * (mw / w) - 0.5, mw)
         sampled = (r @ tile.astype(np.float64) @ c.T).astype(np.float32)
         block = out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         np.maximum(block, sampled, out=block)
