@@ -337,19 +337,32 @@ def test_patchcore_image_score_is_equation_7():
     assert float(scores[0]) > float(scores[1])
 
 
-@pytest.mark.parametrize("k", [1, 5])
-def test_nearest_rows_is_the_exact_search(monkeypatch, k):
+@pytest.mark.parametrize("k, n_bank", [(1, 50), (5, 50), (1, 1001)])  # 1001: blocked argmin with a tail
+def test_nearest_rows_is_the_exact_search(monkeypatch, k, n_bank):
     from fewvision.anomaly import patchcore
 
-    monkeypatch.setattr(patchcore, "_SEARCH_ELEMENTS", 7 * 50)  # 7 query rows per chunk: several chunks
+    monkeypatch.setattr(patchcore, "_SEARCH_ELEMENTS", 7 * n_bank)  # 7 query rows per chunk: several chunks
     g = torch.Generator().manual_seed(0)
-    bank, queries = torch.randn(50, 6, generator=g), torch.randn(33, 6, generator=g)
+    bank, queries = torch.randn(n_bank, 6, generator=g), torch.randn(33, 6, generator=g)
     dist, idx = patchcore.nearest_rows(queries, bank, k)
     ref = torch.cdist(queries.double(), bank.double())
     ref_d, ref_i = ref.sort(dim=1)
     assert torch.equal(idx, ref_i[:, :k])
     assert torch.allclose(dist.double(), ref_d[:, :k], atol=1e-5)
     assert patchcore.nearest_rows(queries, bank[:3], 9)[1].shape == (33, 3)  # k capped at the bank size
+
+
+def test_row_argmin_is_the_first_smallest_of_each_row():
+    from fewvision.anomaly.patchcore import row_argmin
+
+    g = torch.Generator().manual_seed(0)
+    for n in (10, 256, 1000, 1024, 1030):
+        x = torch.randint(0, 50, (40, n), generator=g).float()  # many ties
+        x[:, -3:] = float("inf")  # excluded items
+        if n > 64:
+            x[0, [5, 70, n - 4]] = -1.0  # a tie across blocks and with the tail: the first one counts
+            x[1, [n - 5, n - 4]] = -2.0  # the minimum only in the tail
+        assert torch.equal(row_argmin(x), x.argmin(1)), n
 
 
 def test_patchcore_pools_each_layer_on_its_own_grid_then_upsamples():

@@ -126,6 +126,25 @@ def _greedy_coreset(z: torch.Tensor, k: int, generator: torch.Generator) -> torc
 _SEARCH_ELEMENTS = 1 << 22
 
 
+def row_argmin(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``x.argmin(1)`` of a 2-D tensor (the first smallest of each row), 3-6x faster on long rows: torch's CPU
+    argmin is not vectorised, ``amin`` is; so the smallest of each block of ``block`` columns first, then the
+    argmin over the block minima, then over the chosen block's columns (measured on 1 thread: 6.0 -> 2.0 ms for
+    1070 x 3920, 5.4 -> 0.9 ms for 128 x 32768)."""
+    n_rows, n = x.shape
+    whole = n - n % block
+    if whole < 4 * block:
+        return x.argmin(1)
+    blocks = x[:, :whole].unflatten(1, (whole // block, block))
+    best = blocks.amin(2).argmin(1)  # the first block holding the row's minimum
+    rows = torch.arange(n_rows)
+    i = best * block + blocks[rows, best].argmin(1)
+    if whole < n:  # the last columns, fewer than a block: taken only where strictly smaller (they come last)
+        tail_min, tail_arg = x[:, whole:].min(1)
+        i = torch.where(tail_min < x[rows, i], whole + tail_arg, i)
+    return i
+
+
 def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
                  exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` nearest rows of ``bank`` for each row of ``queries``: (Euclidean distances ascending [n, k],
@@ -153,7 +172,12 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
         q = queries[start : start + rows]
         out = None if scratch is None else scratch[: len(q)]
         partial = torch.addmm(bank_sq, q, bank.T, alpha=-2.0, out=out)  # |q|^2 would not change a row's ranking
-        i = partial.min(1, keepdim=True).indices if k == 1 else torch.topk(partial, k, dim=1, largest=False).indices
+        if k > 1:
+            i = torch.topk(partial, k, dim=1, largest=False).indices
+        elif torch.compiler.is_exporting():  # one ArgMin node in the graph
+            i = partial.min(1, keepdim=True).indices
+        else:
+            i = row_argmin(partial)[:, None]
         # The distances themselves from the differences: |q|^2 - 2 q.m + |m|^2 cancels badly for near neighbours
         # (1e-3 off for distances near 0.05 in float32), and two runtimes' matrix products would disagree there.
         d = torch.linalg.vector_norm(q.unsqueeze(1) - bank[i], dim=-1)
