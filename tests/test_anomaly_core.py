@@ -342,12 +342,17 @@ def test_nearest_rows_is_the_exact_search(monkeypatch, k, n_bank):
     from fewvision.anomaly import patchcore
 
     monkeypatch.setattr(patchcore, "_SEARCH_ELEMENTS", 7 * n_bank)  # 7 query rows per chunk: several chunks
+    monkeypatch.setattr(patchcore, "_TILE_QUERIES", 7)  # k = 1: chunks of 7 queries x tiles of 300 items
+    monkeypatch.setattr(patchcore, "_TILE_ITEMS", 300)
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(n_bank, 6, generator=g), torch.randn(33, 6, generator=g)
     dist, idx = patchcore.nearest_rows(queries, bank, k)
     ref = torch.cdist(queries.double(), bank.double())
-    ref_d, ref_i = ref.sort(dim=1)
+    ref_d, ref_i = ref.sort(dim=1, stable=True)
     assert torch.equal(idx, ref_i[:, :k])
+    if n_bank > 300:  # an item repeated in a later tile: the first copy is the nearest, as argmin's
+        copies = torch.cat([bank, bank[idx[:, 0]]])
+        assert torch.equal(patchcore.nearest_rows(queries, copies, 1)[1], idx)
     assert torch.allclose(dist.double(), ref_d[:, :k], atol=1e-5)
     assert patchcore.nearest_rows(queries, bank[:3], 9)[1].shape == (33, 3)  # k capped at the bank size
 
