@@ -155,10 +155,11 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
     """Exact ``k`` nearest rows of ``bank`` for each row of ``queries``: (Euclidean distances ascending [n, k],
     indices [n, k]). ``exclude`` (bool [len(bank)]) removes rows from the search.
 
-    Neighbours ranked by ``-2 q.m + |m|^2`` from matrix products over chunks of queries (and, for the nearest one
-    only, tiles of the bank) - what faiss's ``IndexFlatL2`` computes for batches of queries - with torch's BLAS, which was about 3x faster than faiss-cpu's
-    on the CPUs we measured (benchmarks/nearest_neighbour.py); the distances of the neighbours found are then
-    computed from the differences ``q - m``, which keeps them accurate where the expanded form cancels.
+    Neighbours ranked by ``-2 q.m + |m|^2`` from matrix products over chunks of queries (for the nearest one in a
+    large bank, tiles of queries x items) - what faiss's ``IndexFlatL2`` computes for batches of queries - with
+    torch's BLAS, which was about 3x faster than faiss-cpu's on the CPUs we measured
+    (benchmarks/nearest_neighbour.py); the distances of the neighbours found are then computed from the differences
+    ``q - m``, which keeps them accurate where the expanded form cancels.
     """
     bank = bank.float().contiguous()
     queries = queries.float()
@@ -184,8 +185,10 @@ def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, k: int,
             partial = torch.addmm(bank_sq, q, bank.T, alpha=-2.0, out=out)  # |q|^2 would not change the ranking
             if k > 1:
                 i = torch.topk(partial, k, dim=1, largest=False).indices
-            else:  # exporting: one ArgMin node (blocked in the graph, onnxruntime ran no faster)
+            elif exporting:  # one ArgMin node (blocked in the graph, onnxruntime ran no faster)
                 i = partial.min(1, keepdim=True).indices
+            else:
+                i = row_argmin(partial)[:, None]
         # The distances themselves from the differences: |q|^2 - 2 q.m + |m|^2 cancels badly for near neighbours
         # (1e-3 off for distances near 0.05 in float32), and two runtimes' matrix products would disagree there.
         d = torch.linalg.vector_norm(q.unsqueeze(1) - bank[i], dim=-1)
