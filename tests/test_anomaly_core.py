@@ -350,9 +350,11 @@ def test_nearest_rows_is_the_exact_search(monkeypatch, k, n_bank):
     ref = torch.cdist(queries.double(), bank.double())
     ref_d, ref_i = ref.sort(dim=1, stable=True)
     assert torch.equal(idx, ref_i[:, :k])
-    if n_bank > 300:  # an item repeated in a later tile: the first copy is the nearest, as argmin's
-        copies = torch.cat([bank, bank[idx[:, 0]]])
-        assert torch.equal(patchcore.nearest_rows(queries, copies, 1)[1], idx)
+    if n_bank > 300:  # integer coordinates: exact distances, ties within and across tiles; the first item wins
+        bank, queries = torch.randint(-2, 3, (n_bank, 6), generator=g).float(), torch.randint(-2, 3, (33, 6),
+                                                                                             generator=g).float()
+        first = torch.cdist(queries.double(), bank.double()).sort(dim=1, stable=True).indices[:, 0]
+        assert torch.equal(patchcore.nearest_rows(queries, bank, 1)[1][:, 0], first)
     assert torch.allclose(dist.double(), ref_d[:, :k], atol=1e-5)
     assert patchcore.nearest_rows(queries, bank[:3], 9)[1].shape == (33, 3)  # k capped at the bank size
 
