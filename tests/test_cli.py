@@ -101,6 +101,20 @@ def test_user_errors_are_one_line_exit_2(tmp_path, textile_subset, tiny_clip_con
         assert message in lines[0]
 
 
+@pytest.mark.parametrize("args", [["classify", "/no/such/dir", "--classes", "a,b"],
+                                  ["classify", "{img}", "--classes", "onlyone"],
+                                  ["classify", "{img}", "--classes", "a,b", "--template", "no placeholder"]])
+def test_an_error_found_before_any_model_is_loaded_does_not_wait_for_torch(args, textile_subset):
+    """Checking the arguments needs no torch (importing it takes seconds): the one-line error comes without it."""
+    img = next((textile_subset / "nominal").glob("*.jpg"))
+    argv = ["fewvision", *(a.replace("{img}", str(img)) for a in args)]
+    probe = ("import sys\nfrom fewvision.cli import main\nsys.argv = " + repr(argv) + "\ntry:\n    main()\n"
+             "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+
+
 def test_offline_weights_error_is_exit_2_and_names_the_ways(tmp_path, textile_subset):
     proc = run("classify", textile_subset, "--classes", "a,b", "--backbone", "openclip:ViT-B-32/laion2b_s34b_b79k",
                cache=tmp_path / "c", env={"HF_ENDPOINT": "http://127.0.0.1:9"})

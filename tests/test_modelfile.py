@@ -4,7 +4,7 @@ import torch
 from model_checks import tensor_layouts
 
 from fewvision.heads import PrototypeHead, ZeroShotHead
-from fewvision.heads.prompts import ClassSpec
+from fewvision.prompts import ClassSpec
 from fewvision.heads.support import Support
 from fewvision.modelfile import (
     FewVisionModel,

@@ -28,7 +28,7 @@ import pytest
 from lmm_server import ScriptedLMMServer, by_image, raw, reply, slow, status
 
 from fewvision.heads import create_head
-from fewvision.heads.prompts import ClassSpec
+from fewvision.prompts import ClassSpec
 from fewvision.heads.slac import SLAC_PROMPT
 from fewvision.heads.support import Support
 from fewvision.heads.tlac import CHOICE_PROMPT, parse_choice

@@ -6,7 +6,7 @@ from PIL import Image
 
 from fewvision.decide.review import REVIEW, apply_unknown_threshold
 from fewvision.heads import ZeroShotHead
-from fewvision.heads.prompts import (
+from fewvision.prompts import (
     ClassSpec,
     PromptError,
     load_class_file,

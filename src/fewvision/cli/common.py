@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -19,7 +20,6 @@ import typer
 
 from ..defaults import default_backbone
 from ..io.atomic import atomic_open
-from ..runtime.engines import installed
 
 # --- exit codes ---------------------------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -66,14 +66,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from ..io.datasets import DatasetError
     from ..io.images import BadImage
     from ..modelfile import ModelFileError
+    from ..prompts import PromptError
 
-    types = [UserError, DatasetError, BadImage, ModelFileError, ThresholdError, ConfigError, FileNotFoundError,
-             NotADirectoryError, IsADirectoryError, PermissionError, ValueError]
-    if installed("torch"):  # the light install (no torch) raises neither
-        from ..backbones.base import BackboneError
-        from ..heads.prompts import PromptError
-
-        types += [BackboneError, PromptError]
+    types = [UserError, DatasetError, BadImage, ModelFileError, ThresholdError, ConfigError, PromptError,
+             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError]
+    # only a loaded backbone module can have raised its error: an error met before any model was loaded (and every
+    # error on the light install, which has no torch) is reported without importing torch for this check
+    backbones = sys.modules.get(f"{__package__.rpartition('.')[0]}.backbones.base")
+    if backbones is not None:
+        types.append(backbones.BackboneError)
     return tuple(types)
 
 
@@ -304,7 +305,7 @@ def finish(n_scored: int, n_flagged: int, exit_code: bool) -> None:
 
 # --- classes and the LMM ----------------------------------------------------------------------------------------------
 def classes_from(classes: Optional[str], classes_file: Optional[Path]):
-    from ..heads.prompts import load_class_file, parse_class_names
+    from ..prompts import load_class_file, parse_class_names
 
     if classes and classes_file:
         raise UserError("give either --classes or --classes-file, not both")
@@ -319,7 +320,7 @@ def templates_from(template: Optional[str]) -> list[str] | None:
     """--template a comma list of named sets and literal templates (``\\,`` for a comma inside one), checked now."""
     if not template:
         return None
-    from ..heads.prompts import resolve_templates
+    from ..prompts import resolve_templates
 
     items = comma_list(template, "template")
     resolve_templates(items)  # a bad placeholder is reported before any model is loaded

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .prompts import ClassSpec
+from ..prompts import ClassSpec
 
 if TYPE_CHECKING:
     from .support import Support

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backbones.base import BackboneError
 from .coop import text_tower
-from .prompts import ClassSpec
+from ..prompts import ClassSpec
 from .tuned import TunedClipHead, open_clip_blocks
 
 VARIANTS = {"houlsby": (("ls_1", "ls_2"), "swish"), "pfeiffer": (("ls_2",), "relu")}

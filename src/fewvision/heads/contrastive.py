@@ -37,7 +37,7 @@ from torch import nn
 from ..backbones.base import BackboneError
 from .base import ClassifierHead
 from .coop import text_tower
-from .prompts import ClassSpec, resolve_templates
+from ..prompts import ClassSpec, resolve_templates
 from .support import Support
 from .tuned import tuned_from_state, tuned_state
 

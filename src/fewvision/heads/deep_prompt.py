@@ -25,7 +25,7 @@ from torch import nn
 
 from ..backbones.base import BackboneError
 from .coop import text_tower
-from .prompts import ClassSpec
+from ..prompts import ClassSpec
 from .support import Support
 from .tuned import TunedClipHead, open_clip_blocks
 

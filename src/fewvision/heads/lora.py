@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones.base import BackboneError
 from .coop import text_tower
-from .prompts import ClassSpec
+from ..prompts import ClassSpec
 from .tuned import TunedClipHead, open_clip_blocks
 
 TOWERS = {"vision": "visual.", "text": "transformer."}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..features.cache import open_cache
 from .base import ClassifierHead
-from .prompts import ClassSpec, resolve_templates
+from ..prompts import ClassSpec, resolve_templates
 from .support import Support
 from .textual import single_thread
 from .zeroshot import text_classifier

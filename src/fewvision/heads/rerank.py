@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import BackboneError
-from .prompts import ClassSpec
+from ..prompts import ClassSpec
 from .zeroshot import class_similarity
 
 RERANKERS = ("itm",)

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .prompts import ClassSpec
+from ..prompts import ClassSpec
 from .support import Support
 from .zeroshot import ZeroShotHead
 

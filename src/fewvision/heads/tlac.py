@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .prompts import ClassSpec
+from ..prompts import ClassSpec
 from .slac import SLAC_PROMPT, LMMDecisions, SLACHead, one_line
 
 CHOICE_PROMPT = (

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones.base import BackboneError
 from .base import ClassifierHead, _from_json, _to_json
-from .prompts import ClassSpec, resolve_templates
+from ..prompts import ClassSpec, resolve_templates
 from .support import Support
 
 

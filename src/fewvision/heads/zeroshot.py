@@ -16,7 +16,7 @@ import torch
 from ..backbones.base import BackboneError
 from ..features.cache import open_cache
 from .base import ClassifierHead
-from .prompts import ClassSpec, resolve_templates
+from ..prompts import ClassSpec, resolve_templates
 from .support import Support
 
 

@@ -151,7 +151,7 @@ class Jobs:
                 model = fit_anomaly(paths, method, bb, target_false_reject=float(target),
                                     cache_dir=self.settings.cache_dir, progress=True, **fit_params)
             else:
-                from ..heads.prompts import ClassSpec
+                from ..prompts import ClassSpec
                 from ..tasks.fewshot import fit
 
                 fit_params = {k: v for k, v in params.items()

@@ -22,7 +22,7 @@ def textile_classes_file() -> Path:
 
 
 def run_demo(out: Path, cache_dir: str | None = None, echo: Callable[[str], None] = print) -> Path:
-    from ..heads.prompts import load_class_file
+    from ..prompts import load_class_file
     from ..io.datasets import textile
     from ..metrics import save_metrics
     from ..reports.classification import write_classification_report

@@ -17,7 +17,7 @@ from ..backbones.base import Backbone
 from ..decide.review import REVIEW, decide
 from ..features.encode import Features
 from ..heads import create_head
-from ..heads.prompts import ClassSpec, check_classes, parse_class_names
+from ..prompts import ClassSpec, check_classes, parse_class_names
 from ..heads.rerank import DEFAULT_K, check_reranker, itm_rerank
 from ..heads.support import Support
 from ..io.datasets import Dataset
