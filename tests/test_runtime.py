@@ -409,11 +409,26 @@ def test_the_station_judges_with_a_packed_graph_without_torch(packs, tmp_path, a
 def test_packing_and_measuring_never_load_openvino_in_the_packing_process(packs, tmp_path):
     """OpenVINO's thread pool does not survive a fork of the process that loaded it (a DataLoader's workers, a test
     runner's): pack measures it in a fresh interpreter (runtime.measure). Checked in an interpreter of its own, since
-    this one may have run a pack on OpenVINO for another test."""
-    script = ("import sys; from pathlib import Path; from fewvision.deploy.pack import pack_model; "
-              f"pack_model(Path({str(packs['linear'][0])!r}), Path({str(tmp_path / 'again.fvz')!r})); "
-              "print('openvino loaded' if 'openvino' in sys.modules else 'openvino not loaded')")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    this one may have run a pack on OpenVINO for another test - a script as a user writes one, without
+    ``if __name__ == "__main__":``, which the fresh interpreter must not run again (multiprocessing's spawn did: the
+    script packed a second time in the child, and the parent waited forever)."""
+    script = tmp_path / "pack_line3.py"
+    script.write_text("import sys\nfrom pathlib import Path\nfrom fewvision.deploy.pack import pack_model\n"
+                      "print('the script ran', flush=True)\n"
+                      f"pack_model(Path({str(packs['linear'][0])!r}), Path({str(tmp_path / 'again.fvz')!r}))\n"
+                      "print('openvino loaded' if 'openvino' in sys.modules else 'openvino not loaded')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "again.fvz").is_file()
+    assert done.stdout.count("the script ran") == 1, done.stdout[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "openvino not loaded", done.stdout[-2000:]
+
+
+def test_a_measurement_apart_returns_its_error_and_a_child_that_dies_is_an_error_not_a_wait():
+    from fewvision.runtime.measure import apart
+
+    assert apart(os.getpid) != os.getpid()
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        apart(int, "seven")
+    with pytest.raises(RuntimeError, match=r"os._exit|_exit.*exit code 3"):
+        apart(os._exit, 3)
