@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The light install as a line PC gets it: a fresh virtual environment with `pip install .`, where torch must not be
-# importable (then the "batch" extra, for fewvision batch's Parquet); then the light-install tests run their
-# commands with that environment's python (models are fitted and packed by the full install in .venv).
+# importable (then the "batch" and "report" extras: fewvision batch's Parquet, --report's charts); then the
+# light-install tests run their commands with that environment's python (models are fitted and packed by the full
+# install in .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="$(mktemp -d)"
@@ -14,6 +15,6 @@ if "$work/light/bin/python" -c "import torch" 2>/dev/null; then
     exit 1
 fi
 echo "light install: $(du -sm "$work/light" | cut -f1) MB, torch not importable"
-"$work/light/bin/pip" install --quiet ".[batch]"
+"$work/light/bin/pip" install --quiet ".[batch,report]"
 FEWVISION_LIGHT_PYTHON="$work/light/bin/python" .venv/bin/python -m pytest -q -p no:cacheprovider \
     tests/test_runtime.py -m light

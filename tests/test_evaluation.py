@@ -131,8 +131,9 @@ def test_numpy_metrics_are_scikit_learns_on_ties_absent_classes_and_abstentions(
     """The light install evaluates without scikit-learn: the numpy AUROC, AP and classification point metrics must
     be scikit-learn's numbers (ties in scores, classes never predicted or never present, review = -1)."""
     from sklearn.metrics import (accuracy_score, average_precision_score, precision_recall_fscore_support,
-                                 roc_auc_score)
+                                 roc_auc_score, roc_curve)
 
+    from fewvision.metrics import ranking
     from fewvision.metrics.ranking import average_precision, roc_auc
 
     rng = np.random.default_rng(7)
@@ -143,6 +144,8 @@ def test_numpy_metrics_are_scikit_learns_on_ties_absent_classes_and_abstentions(
         s = np.round(rng.normal(y * rng.uniform(0, 2), 1), int(rng.integers(0, 3)))  # rounding makes ties
         assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
         assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)  # the report's ROC chart
+        assert np.allclose(np.c_[ranking.roc_curve(y, s)], np.c_[fpr, tpr], atol=1e-12), trial
         c = int(rng.integers(2, 6))
         y_true = rng.integers(0, c - 1, n)  # the last class never occurs
         y_pred = np.where(rng.random(n) < 0.15, -1, rng.integers(0, c, n))

@@ -202,12 +202,44 @@ def test_anomaly_models_score_and_evaluate_without_torch_as_with_it(packs, tmp_p
     maps = runtime.score_files(runtime.open_model(fvz, engine="onnxruntime"), [anomaly_images]).maps
     assert maps.shape == want.maps.shape and relative(maps, want.maps) <= MAP_TOLERANCE
 
-    code, _, err = light("anomaly", "eval", fvz, anomaly_images, "-o", tmp_path / "m.json")
+    # with the "report" extra (matplotlib; CI's light environment installs it): the report and its charts, the ROC
+    # curve among them, drawn without scikit-learn
+    code, _, err = light("anomaly", "eval", fvz, anomaly_images, "-o", tmp_path / "m.json", "--report",
+                         tmp_path / "report", allow=("matplotlib",))
     assert code == 0, err
     metrics = json.loads((tmp_path / "m.json").read_text())
     reference = anomaly_tasks.evaluate_anomaly(model, anomaly_images, use_cache=False).metrics
     assert metrics["image_auroc"] == pytest.approx(reference["image_auroc"], abs=1e-9)
     assert metrics["n_good"] == 8 and metrics["n_defect"] == 10
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert '" alt="ROC curve">' in page and '" alt="score histogram">' in page
+
+
+@pytest.mark.light
+def test_the_monitor_watches_a_packed_models_scores_on_the_light_install(packs, tmp_path, anomaly_images):
+    fvm, fvz = packs["patchcore"]
+    code, _, err = light("anomaly", "predict", fvz, anomaly_images, "-o", tmp_path / "scores.csv")
+    assert code in (0, 1), err
+    code, _, err = light("monitor", tmp_path / "scores.csv", "--model", fvz, "-o", tmp_path / "monitor.json",
+                         "--report", tmp_path / "report", allow=("matplotlib",))
+    assert code == 0, err
+    result = json.loads((tmp_path / "monitor.json").read_text())
+    assert len(result["series"]["score"]) == 18
+    assert [float(r["score"]) for r in read_csv(tmp_path / "scores.csv")] == result["series"]["score"]
+    assert "data:image/png" in (tmp_path / "report" / "monitor.html").read_text()
+
+
+def test_a_report_without_matplotlib_is_refused_before_any_image_is_scored(packs, tmp_path, anomaly_images):
+    """The light install alone has no matplotlib (its charts come with the "report" extra): asked for a report, a
+    command says so in one line, naming the extra, before it scores anything. Not in CI's light step, which
+    installs the extra."""
+    fvm, fvz = packs["patchcore"]
+    for command in (["anomaly", "predict", fvz, anomaly_images, "-o", tmp_path / "scores.csv"],
+                    ["anomaly", "eval", fvz, anomaly_images, "-o", tmp_path / "m.json"],
+                    ["monitor", anomaly_images / "none.csv", "--model", fvz, "-o", tmp_path / "monitor.json"]):
+        code, _, err = light(*command, "--report", tmp_path / "report")
+        assert code == 2 and err.count("\n") == 1 and "pip install 'fewvision[report]'" in err, err
+    assert not [p for p in tmp_path.iterdir()]  # nothing scored, nothing written
 
 
 @pytest.mark.light

@@ -18,6 +18,7 @@ from .common import (
     cache_dir_option,
     check_folder,
     check_output,
+    check_report,
     create,
     engine_option,
     exit_code_option,
@@ -205,7 +206,7 @@ def predict(
 
     check_output(out, (".csv", ".jsonl"))
     check_folder(heatmaps, "--heatmaps")
-    check_folder(report, "--report")
+    check_report(report)
     model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
     if model.task != "anomaly":
         raise UserError(f"{model_path}: a {model.task} model, not an anomaly model; classify images with "
@@ -335,7 +336,7 @@ def evaluate(
     from ..runtime.model import RuntimeModel
 
     check_output(out, (".json",))
-    check_folder(report, "--report")
+    check_report(report)
     model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
     if model.task != "anomaly":
         raise UserError(f"{model_path}: a classification model, not an anomaly model; use 'fewvision eval'")

@@ -16,8 +16,8 @@ from .common import (
     UserError,
     backbone_option,
     cache_dir_option,
-    check_folder,
     check_output,
+    check_report,
     classes_from,
     create,
     engine_option,
@@ -118,7 +118,7 @@ def classify(
         raise UserError(f"unknown method '{method}': expected zeroshot, slac or tlac")
     check_rerank(rerank, method)
     check_output(out, (".csv", ".jsonl"))
-    check_folder(report, "--report")
+    check_report(report)
     spec = resolve_backbone(backbone)
     check_text_tower(method, spec)
     specs = classes_from(classes, classes_file)
@@ -190,7 +190,7 @@ def evaluate(
     from ..modelfile import is_model_file
 
     check_output(out, (".json",))
-    check_folder(report, "--report")
+    check_report(report)
     if is_model_file(dataset) or Path(dataset).suffix.lower() == ".onnx":
         from .fewshot import evaluate_model_command
 

@@ -20,6 +20,7 @@ import typer
 
 from ..defaults import default_backbone
 from ..io.atomic import atomic_open
+from ..runtime.engines import installed
 
 # --- exit codes ---------------------------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -160,6 +161,16 @@ def check_folder(path: Optional[Path], option: str) -> Optional[Path]:
     """A folder to write into: not an existing file."""
     if path is not None and path.exists() and not path.is_dir():
         raise UserError(f"{path}: {option} names an existing file, not a folder")
+    return path
+
+
+def check_report(path: Optional[Path]) -> Optional[Path]:
+    """--report: a folder to write into, and matplotlib for its charts, which the light install leaves out (asked
+    before any image is scored)."""
+    check_folder(path, "--report")
+    if path is not None and not installed("matplotlib"):
+        raise UserError(f"{path}: --report draws its charts with matplotlib, which this install lacks: "
+                        "pip install 'fewvision[report]'")
     return path
 
 

@@ -19,6 +19,7 @@ from .common import (
     cache_dir_option,
     check_folder,
     check_output,
+    check_report,
     comma_list,
     engine_option,
     exit_code_option,
@@ -293,7 +294,7 @@ def predict_command(
     from ..runtime.model import RuntimeModel
 
     check_output(out, (".csv", ".jsonl"))
-    check_folder(report, "--report")
+    check_report(report)
     model = scoring_model(model_path, engine, cache_dir=cache_dir, weights=weights)
     if model.task == "anomaly":
         raise UserError(f"{model_path}: an anomaly model; score images with 'fewvision anomaly predict "

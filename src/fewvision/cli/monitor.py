@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import CONTEXT, EXIT_CODES_HELP, EXIT_FLAGGED, UserError, info
+from .common import CONTEXT, EXIT_CODES_HELP, EXIT_FLAGGED, UserError, check_report, info
 
 EXAMPLE = """
 
@@ -95,6 +95,7 @@ def monitor(
     from ..modelfile import ModelFileError, read_metadata
     from ..monitor.watch import Monitor, nonconformity, reference
 
+    check_report(report)
     try:
         meta = read_metadata(model)
     except ModelFileError as err:

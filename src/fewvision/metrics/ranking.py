@@ -3,7 +3,9 @@ line PC) evaluates models with the same numbers. Both are the textbook statistic
 tests check them against ``roc_auc_score`` / ``average_precision_score`` on tied and untied scores):
 
 * AUROC: the Mann-Whitney statistic ``P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)``, from average ranks;
-* AP: ``sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds, from the highest down.
+* AP: ``sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds, from the highest down;
+* the ROC curve (the report's chart): one point per distinct score threshold, as scikit-learn's ``roc_curve`` with
+  ``drop_intermediate=False``.
 """
 
 from __future__ import annotations
@@ -42,3 +44,14 @@ def average_precision(y, s) -> float:
     predicted = (np.flatnonzero(last) + 1).astype(np.float64)
     precision, recall = tp / predicted, tp / tp[-1]
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_curve(y, s) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates) from (0, 0), one point per distinct score, highest first."""
+    y, s = _checked(y, s)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]
+    tp = np.cumsum(y)[last].astype(np.float64)
+    fp = np.cumsum(~y)[last].astype(np.float64)
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]

@@ -27,6 +27,7 @@ import numpy as np
 from ..io.geometry import image_coordinates, input_view, resize_bilinear
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.images import BadImage, load_image
+from ..metrics.ranking import roc_curve
 from .page import _CSS, _e, _img, _kv_table, _png_data_uri
 
 GALLERY = 12
@@ -243,9 +244,8 @@ def histogram_png(scores: np.ndarray, is_defect: np.ndarray | None, threshold: f
 
 def roc_png(scores: np.ndarray, is_defect: np.ndarray, auroc: float | None) -> str:
     from matplotlib.figure import Figure
-    from sklearn.metrics import roc_curve
 
-    fpr, tpr, _ = roc_curve(is_defect, scores)
+    fpr, tpr = roc_curve(is_defect, scores)
     fig = Figure(figsize=(3.8, 3.6))
     ax = fig.add_subplot()
     ax.plot(fpr, tpr, color="#4a7fb5", label=f"AUROC {auroc:.3f}" if auroc is not None else None)
