@@ -13,7 +13,7 @@ ALLOWED = set(filter(None, __import__("os").environ.get("FEWVISION_TEST_ALLOW", 
 class _Blocker:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in FULL_ONLY - ALLOWED:
-            raise ModuleNotFoundError(f"No module named '{name}' (not on the light install)")
+            raise ModuleNotFoundError(f"No module named '{name}' (not on the light install)", name=name)
         return None
 
 

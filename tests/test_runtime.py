@@ -242,6 +242,22 @@ def test_a_report_without_matplotlib_is_refused_before_any_image_is_scored(packs
     assert not [p for p in tmp_path.iterdir()]  # nothing scored, nothing written
 
 
+@pytest.mark.parametrize("command, module, extra", [
+    (["anomaly", "fit", "{good}", "-o", "{tmp}/m.fvm"], "torch", "full"),
+    (["pack", "{fvm}", "-o", "{tmp}/m.fvz"], "torch", "full"),
+    (["serve", "--data-dir", "{tmp}/service"], "uvicorn", "full"),
+    (["batch", "{fvz}", "{good}", "-o", "{tmp}/r.parquet"], "pyarrow", "batch"),
+])
+def test_a_command_that_needs_an_extra_names_it_in_one_line(packs, tmp_path, anomaly_images, command, module, extra):
+    """On the light install (here: with the extras' libraries blocked) fitting, packing, serving, or batch without
+    pyarrow: exit 2 and the extra to install, not an internal error."""
+    fvm, fvz = packs["patchcore"]
+    args = [a.format(good=anomaly_images / "good", tmp=tmp_path, fvm=fvm, fvz=fvz) for a in command]
+    code, _, err = light(*args)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"needs {module}, which is not installed here: pip install 'fewvision[{extra}]'" in err, err
+
+
 @pytest.mark.light
 def test_batch_runs_a_packed_model_without_torch(packs, tmp_path, anomaly_images):
     import pyarrow.parquet as pq

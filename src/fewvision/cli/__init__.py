@@ -1,7 +1,8 @@
 """The ``fewvision`` command: one module per command group, registered here.
 
 Exit codes (also in every ``--help``): 0 done; 1 something flagged or sent to review (only with ``--exit-code``);
-2 usage or input error - every bad option, unreadable classes file or dataset, missing weights - printed as one line;
+2 usage or input error - every bad option, unreadable classes file or dataset, missing weights, a library of an extra
+that is not installed (naming the extra) - printed as one line;
 3 nothing could be scored; 70 an unexpected internal error (``FEWVISION_DEBUG=1`` shows the traceback); 130
 interrupted.
 """
@@ -25,6 +26,7 @@ from .common import (
     NothingScored,
     click_exception_type,
     info,
+    missing_extra,
     quiet_libraries,
     user_error_types,
 )
@@ -79,6 +81,9 @@ def main() -> None:
             raise
         if isinstance(exc, click_exception_type()):
             _usage_error(exc)
+        if isinstance(exc, ModuleNotFoundError) and missing_extra(exc):
+            info(f"error: {missing_extra(exc)}")
+            sys.exit(EXIT_USAGE)
         one_line = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, user_error_types()):
             info(f"error: {one_line}")

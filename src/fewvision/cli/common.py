@@ -79,6 +79,27 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+# The libraries an extra brings (pyproject.toml), by the name they are imported under: a command that reaches for
+# one on an install without it says which extra to install. The light install lacks every one of them.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("torch", "torchvision", "open_clip", "timm", "huggingface_hub", "sklearn", "scipy",
+                     "transformers", "diffusers", "peft", "fastapi", "starlette", "uvicorn", "multipart", "onnx",
+                     "onnxscript"), "full"),
+    "matplotlib": "report", "pyarrow": "batch", "psycopg": "postgres", "openvino": "openvino", "ray": "ray",
+    "conformal_clip_data": "demo",
+}
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The one line for a library of an extra that is not installed here (None for any other missing module: a
+    bug, reported as one)."""
+    module = (err.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return f"this command needs {module}, which is not installed here: pip install 'fewvision[{extra}]'"
+
+
 def click_exception_type() -> type[BaseException]:
     """The ClickException of the click that typer uses (typer ships its own copy, so ``click.ClickException`` is
     another class)."""
