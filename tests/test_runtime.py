@@ -258,6 +258,22 @@ def test_a_command_that_needs_an_extra_names_it_in_one_line(packs, tmp_path, ano
     assert f"needs {module}, which is not installed here: pip install 'fewvision[{extra}]'" in err, err
 
 
+def test_every_library_the_light_install_lacks_has_its_extra_named():
+    """The table behind that line covers every library the light-install tests block (tests/no_torch.py), and
+    names extras that pyproject.toml defines."""
+    import ast
+    import tomllib
+
+    from fewvision.cli.common import EXTRA_OF_MODULE
+
+    blocker = ast.parse((TESTS / "no_torch.py").read_text())
+    full_only = next(ast.literal_eval(node.value) for node in ast.walk(blocker)
+                     if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "FULL_ONLY")
+    assert len(full_only) >= 15 and full_only <= set(EXTRA_OF_MODULE), full_only - set(EXTRA_OF_MODULE)
+    extras = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(EXTRA_OF_MODULE.values()) <= set(extras), set(EXTRA_OF_MODULE.values()) - set(extras)
+
+
 @pytest.mark.light
 def test_batch_runs_a_packed_model_without_torch(packs, tmp_path, anomaly_images):
     import pyarrow.parquet as pq
