@@ -23,6 +23,14 @@ def _checked(y, s) -> tuple[np.ndarray, np.ndarray]:
     return y, s
 
 
+def _counts_by_threshold(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) above each distinct score taken as the threshold, highest first."""
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the last item of each run of equal scores: one point per threshold
+    return np.cumsum(y)[last].astype(np.float64), np.cumsum(~y)[last].astype(np.float64)
+
+
 def roc_auc(y, s) -> float:
     """Area under the ROC curve of scores ``s`` for binary labels ``y`` (ties count one half)."""
     y, s = _checked(y, s)
@@ -36,22 +44,12 @@ def roc_auc(y, s) -> float:
 
 def average_precision(y, s) -> float:
     """Average precision of scores ``s`` for binary labels ``y`` (scikit-learn's step-wise definition)."""
-    y, s = _checked(y, s)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[s[1:] != s[:-1], True]  # the last item of each run of equal scores: one point per threshold
-    tp = np.cumsum(y)[last].astype(np.float64)
-    predicted = (np.flatnonzero(last) + 1).astype(np.float64)
-    precision, recall = tp / predicted, tp / tp[-1]
+    tp, fp = _counts_by_threshold(*_checked(y, s))
+    precision, recall = tp / (tp + fp), tp / tp[-1]
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def roc_curve(y, s) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rates, true-positive rates) from (0, 0), one point per distinct score, highest first."""
-    y, s = _checked(y, s)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[s[1:] != s[:-1], True]
-    tp = np.cumsum(y)[last].astype(np.float64)
-    fp = np.cumsum(~y)[last].astype(np.float64)
+    tp, fp = _counts_by_threshold(*_checked(y, s))
     return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
